@@ -1,0 +1,234 @@
+"""The build of one plan: the pass pipeline, the shared library, and loading it back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+
+from ..errors import CompileError, ConfigError
+from ..model import LoadedModel
+from ._importer import import_qdq_model
+from ._int8_rewrite import Int8ConvRewrite
+from ._layout import choose_block_size, decide_layouts, layout_callback, make_conv_legalizer
+from ._qdq_lower import LowerQDQ
+from ._trace import PassTracer
+from ._verify import InspectLayout, LayerRow, VerifyPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Settings of the TVM build.
+
+    Parameters
+    ----------
+    target : dict, str or None
+        A TVM target as a JSON dict (or its JSON text); None detects the host CPU.
+    block_size : int or None
+        Channel block of the NCHW<b>c layout; None picks 16 or 8, whichever blocks more MACs.
+    float_blocked, int8_blocked : bool
+        Whether float / int8 convs run blocked where their shape allows.
+    threads : int
+        Cores the target may use (``num-cores``).
+    """
+
+    target: dict | str | None = None
+    block_size: int | None = None
+    float_blocked: bool = True
+    int8_blocked: bool = True
+    threads: int = 2
+
+    def __post_init__(self):
+        if self.block_size is not None and self.block_size not in (4, 8, 16, 32):
+            raise ConfigError(f"The 'block_size' parameter of compile must be one of 4, 8, 16, 32 or None; "
+                              f"got {self.block_size!r} instead.")
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ConfigError(f"The 'threads' parameter of compile must be a positive int; got {self.threads!r} "
+                              "instead.")
+
+
+def host_target(threads: int = 2) -> tvm.target.Target:
+    """The LLVM target of this CPU: without ``mcpu`` LLVM emits generic x86-64 (no AVX-512, no VNNI)."""
+    from tvm.target import codegen
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": threads})
+
+
+def resolve_target(options: CompileOptions) -> tvm.target.Target:
+    if options.target is None:
+        return host_target(options.threads)
+    spec = json.loads(options.target) if isinstance(options.target, str) else dict(options.target)
+    try:
+        return tvm.target.Target(spec)
+    except Exception as exc:
+        raise ConfigError(f"The 'target' parameter of compile is not a valid TVM target; got {spec!r} instead.") \
+            from exc
+
+
+@dataclass
+class BuiltPlan:
+    """A compiled plan: the executable plus what was built, layer by layer."""
+
+    executable: object
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    int8_layers: tuple[str, ...]
+    float_layers: tuple[str, ...]
+    rows: list[LayerRow]
+    block_size: int
+    boundary_transforms: int
+    target: str
+    build_time_s: float
+    passes_run: int
+    dump_files: list[Path] = field(default_factory=list)
+    _vm: object = None
+
+    def export_library(self, path: str | Path) -> Path:
+        """Save the compiled module as a shared library loadable with :func:`load_library`."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.executable.export_library(str(path))
+        return path
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch; outputs by ONNX output name."""
+        if self._vm is None:
+            self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
+        return _run_vm(self._vm, self.input_names, self.output_names, inputs)
+
+
+class LoadedLibrary:
+    """A shared library written by :meth:`BuiltPlan.export_library`, loaded back."""
+
+    def __init__(self, path: str | Path, input_names, output_names):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ConfigError(f"The 'library' parameter of load_library must be an existing file; "
+                              f"got {str(path)!r} instead.")
+        self.input_names = tuple(input_names)
+        self.output_names = tuple(output_names)
+        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.path)), tvm.cpu())
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return _run_vm(self._vm, self.input_names, self.output_names, inputs)
+
+
+def _run_vm(vm, input_names, output_names, inputs) -> dict[str, np.ndarray]:
+    args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[name]), tvm.cpu()) for name in input_names]
+    result = vm["main"](*args)
+    values = list(result) if not hasattr(result, "numpy") else [result]
+    return {name: value.numpy() for name, value in zip(output_names, values)}
+
+
+def build_plan(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
+               options: CompileOptions | None = None, dump_ir_dir: str | Path | None = None) -> BuiltPlan:
+    """Build one plan: import, integer rewrite, layout, legalize, fold, verify, compile.
+
+    Parameters
+    ----------
+    model : LoadedModel
+        The prepared model (layer ids, shapes).
+    qdq_model : onnx.ModelProto
+        The plan's mixed QDQ model (or the float model for an all-float plan).
+    int8_ids : iterable of str
+        Layer ids the plan runs int8; every other conv must come out float.
+    options : CompileOptions, optional
+    dump_ir_dir : path, optional
+        Write the IR after every pass there, numbered in run order.
+    """
+    options = options or CompileOptions()
+    target = resolve_target(options)
+    start = time.perf_counter()
+    layer_ids = [layer.id for layer in model.layers]
+    index_of = {layer.id: layer.index for layer in model.layers}
+    int8_indices = {index_of[layer_id] for layer_id in int8_ids}
+    float_indices = {layer.index for layer in model.layers if layer.index not in int8_indices
+                     and layer.op_type == "Conv"}
+    tracer = PassTracer(dump_ir_dir)
+
+    imported = import_qdq_model(qdq_model, model)
+    missing = sorted(int8_indices - set(imported.int8_weights))
+    if missing:
+        raise CompileError(f"the QDQ model does not quantize planned int8 layers {[layer_ids[i] for i in missing]}",
+                           pass_name="precsearch.Import", layer_id=layer_ids[missing[0]])
+    tracer.dump(imported.mod, "precsearch.Import")
+
+    block = choose_block_size(model.layers, options.block_size)
+    decisions = decide_layouts(model.layers, int8_indices, block, float_blocked=options.float_blocked,
+                               int8_blocked=options.int8_blocked)
+    notes = {index: decision.reason for index, decision in decisions.items() if decision.reason}
+    inspect = InspectLayout(layer_ids, notes)
+    verify = VerifyPlan(imported, layer_ids, int8_indices, float_indices)
+    pipeline = tvm.transform.Sequential(
+        [
+            Int8ConvRewrite(imported, layer_ids),
+            LowerQDQ(imported.params),
+            relax.transform.ConvertLayout({}, layout_callback(decisions)),
+            relax.transform.Normalize(),
+            relax.transform.DeadCodeElimination(),
+            inspect,
+            *cpu_pipeline.library_dispatch_passes(target),
+            relax.transform.LegalizeOps({"relax.nn.conv2d": make_conv_legalizer(layer_ids, decisions)}),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.BindParams("main", imported.params),
+            relax.transform.FoldConstant(),
+            relax.transform.DeadCodeElimination(),
+            verify,
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            *cpu_pipeline.dataflow_lower_passes(target),
+            *cpu_pipeline.finalize_passes(target),
+        ],
+        name="precsearch.BuildPlan",
+    )
+    try:
+        with target, tvm.transform.PassContext(opt_level=3, instruments=[tracer]):
+            executable = tvm.compile(imported.mod, target, relax_pipeline=pipeline)
+    except CompileError:
+        raise
+    except Exception as exc:
+        failed = tracer.current or "codegen"
+        raise CompileError(_one_line(exc), pass_name=failed, layer_id=_layer_in_message(str(exc), layer_ids)) \
+            from exc
+    elapsed = time.perf_counter() - start
+    logger.info("built plan with %d int8 / %d float convs in %.1f s", len(int8_indices), len(float_indices), elapsed)
+    return BuiltPlan(
+        executable=executable,
+        input_names=imported.input_names,
+        output_names=imported.output_names,
+        int8_layers=tuple(layer_ids[i] for i in sorted(int8_indices)),
+        float_layers=tuple(layer.id for layer in model.layers if layer.index not in int8_indices),
+        rows=inspect.rows,
+        block_size=block,
+        boundary_transforms=inspect.boundary_transforms,
+        target=str(target),
+        build_time_s=elapsed,
+        passes_run=tracer.count,
+        dump_files=list(tracer.files),
+    )
+
+
+def _layer_in_message(message: str, layer_ids) -> str | None:
+    # Bindings emitted by precsearch are named L<index>_...; TVM prints them in its errors.
+    import re
+
+    match = re.search(r"\bL(\d+)_[a-z]", message) or re.search(r"\bps_w(\d+)\b", message)
+    if match and int(match.group(1)) < len(layer_ids):
+        return layer_ids[int(match.group(1))]
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("File ", "Traceback", "#"))]
+    return (useful[-1] if useful else type(exc).__name__)[:400]

@@ -1,0 +1,249 @@
+"""Checks that the built graph is the plan, and the per-layer layout table.
+
+Both read the graph rather than trusting the passes that made it: the table is
+taken from the IR after ConvertLayout, and the verifier runs after legalization
+and constant folding, reading each conv kernel's name *and* its weight constant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..errors import VerificationError
+from ._importer import ImportedModel, layer_index_of_weight
+from ._layout import PRIMFUNC_PREFIX, unpack_kernel
+
+_KERNEL_NAME = re.compile(rf"^{PRIMFUNC_PREFIX}(int8|float)_(NCHW(?:\d+c)?)")
+
+# Ops a tensor may pass through between a conv and the layout transform that
+# leaves it, for the table's "transforms out" column.
+_ELEMENTWISE = {
+    "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.astype", "relax.round",
+    "relax.maximum", "relax.minimum", "relax.nn.relu", "relax.sigmoid", "relax.clip", "relax.tanh",
+}
+
+
+@dataclass
+class LayerRow:
+    """One conv as built: what the per-layer table prints."""
+
+    index: int
+    id: str
+    dtype: str  # "int8" or "float32"
+    layout: str
+    transforms_in: list[str] = field(default_factory=list)
+    transforms_out: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "id": self.id, "dtype": self.dtype, "layout": self.layout,
+                "transforms_in": self.transforms_in, "transforms_out": self.transforms_out, "note": self.note}
+
+
+def _layout_name(ndim: int, block: int | None) -> str:
+    return "NCHW" if ndim == 4 else f"NCHW{block}c"
+
+
+def _transform_text(call: relax.Call) -> str:
+    src = call.args[0].ty
+    dst = call.ty
+    src_block = int(src.shape[-1]) if src.ndim == 5 else None
+    dst_block = int(dst.shape[-1]) if dst.ndim == 5 else None
+    return f"{_layout_name(src.ndim, src_block)}→{_layout_name(dst.ndim, dst_block)}"
+
+
+def _calls(func):
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            if isinstance(binding.value, relax.Call):
+                yield binding.var, binding.value
+
+
+@tvm.transform.module_pass(opt_level=0, name="precsearch.InspectLayout")
+class InspectLayout:
+    """Record, per conv, its dtype, layout and the activation layout transforms around it.
+
+    Changes nothing; ``rows`` holds the table after the pass has run.
+    """
+
+    def __init__(self, layer_ids, notes: dict[int, str]):
+        self.layer_ids = tuple(layer_ids)
+        self.notes = notes
+        self.rows: list[LayerRow] = []
+        self.boundary_transforms = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        func = mod["main"]
+        var2val = relax.analysis.get_var2val(func)
+        users: dict = {}
+        for var, call in _calls(func):
+            for arg in call.args:
+                if isinstance(arg, relax.Var):
+                    users.setdefault(arg, []).append((var, call))
+        rows = []
+        boundary = 0
+        for var, call in _calls(func):
+            op_name = getattr(call.op, "name", "")
+            if op_name == "relax.layout_transform" and not _is_constant_path(call.args[0], var2val):
+                boundary += 1
+            if op_name != "relax.nn.conv2d":
+                continue
+            weight = call.args[1]
+            source = var2val.get(weight, weight) if isinstance(weight, relax.Var) else weight
+            if isinstance(source, relax.Call) and getattr(source.op, "name", "") == "relax.layout_transform":
+                source = source.args[0]
+            index = layer_index_of_weight(getattr(source, "name", ""))
+            if index is None:
+                continue
+            data = call.args[0]
+            transforms_in = []
+            bound = var2val.get(data) if isinstance(data, relax.Var) else None
+            if isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.layout_transform":
+                transforms_in.append(_transform_text(bound))
+            rows.append(LayerRow(
+                index=index, id=self.layer_ids[index],
+                dtype="int8" if str(data.ty.dtype) == "uint8" else str(data.ty.dtype),
+                layout=str(call.attrs.data_layout), transforms_in=transforms_in,
+                transforms_out=_transforms_after(var, users), note=self.notes.get(index, "")))
+        self.rows = sorted(rows, key=lambda row: row.index)
+        self.boundary_transforms = boundary
+        return mod
+
+
+def _is_constant_path(expr, var2val) -> bool:
+    for _ in range(8):
+        if isinstance(expr, tvm.ir.expr.Constant):
+            return True
+        if isinstance(expr, relax.Var):
+            if expr not in var2val:  # a function parameter: weights, biases, scales
+                return layer_index_of_weight(expr.name) is not None or not expr.name.startswith("input")
+            expr = var2val[expr]
+            if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.layout_transform":
+                expr = expr.args[0]
+                continue
+        return False
+    return False
+
+
+def _transforms_after(var, users) -> list[str]:
+    found: list[str] = []
+    frontier = [var]
+    seen = set()
+    while frontier:
+        current = frontier.pop()
+        for user_var, call in users.get(current, []):
+            if user_var in seen:
+                continue
+            seen.add(user_var)
+            op_name = getattr(call.op, "name", "")
+            if op_name == "relax.layout_transform":
+                found.append(_transform_text(call))
+            elif op_name in _ELEMENTWISE:
+                frontier.append(user_var)
+    return sorted(set(found))
+
+
+@tvm.transform.module_pass(opt_level=0, name="precsearch.VerifyPlan")
+class VerifyPlan:
+    """Raise unless the graph holds exactly the plan's int8 convs, each with its own weights.
+
+    Runs after legalization and FoldConstant: each conv kernel is a call_tir to a
+    prim func named ``ps_L<index>_<precision>_<layout>`` whose weight argument is
+    a constant.  The constant is unpacked and compared with the weights the QDQ
+    model holds for that layer, so identity is checked, not assumed.
+    """
+
+    def __init__(self, imported: ImportedModel, layer_ids, int8_indices, float_indices):
+        self.imported = imported
+        self.layer_ids = tuple(layer_ids)
+        self.int8_indices = set(int8_indices)
+        self.float_indices = set(float_indices)
+        self.checked: dict[int, str] = {}
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        func = mod["main"]
+        var2val = relax.analysis.get_var2val(func)
+        # Layers are found by the content of the weight constant each kernel call
+        # receives; equal weights (rare) are matched one to one.
+        unclaimed = {"int8": _by_content(self.imported.int8_weights), "float": _by_content(self.imported.float_weights)}
+        seen: dict[int, str] = {}
+        for _var, call in _calls(func):
+            op_name = getattr(call.op, "name", "")
+            if op_name == "relax.nn.conv2d":
+                raise VerificationError("a conv2d was not legalized", pass_name="precsearch.VerifyPlan")
+            if op_name != "relax.call_tir":
+                continue
+            match = _KERNEL_NAME.match(call.args[0].name_hint)
+            if not match:
+                continue
+            precision, layout = match.group(1), match.group(2)
+            args = call.args[1].fields
+            weights = self._weight_constant(args[1], var2val)
+            built = unpack_kernel(weights, layout, precision == "int8", 1)
+            candidates = unclaimed[precision].get(_content_key(built), [])
+            if not candidates:
+                other = "float" if precision == "int8" else "int8"
+                if unclaimed[other].get(_content_key(built)):
+                    index = unclaimed[other][_content_key(built)][0]
+                    raise VerificationError(f"layer was built {precision} but the QDQ model has it {other}",
+                                            pass_name="precsearch.VerifyPlan", layer_id=self.layer_ids[index])
+                raise VerificationError(f"a {precision} {layout} kernel holds weights of no layer of the model",
+                                        pass_name="precsearch.VerifyPlan")
+            index = candidates.pop(0)
+            seen[index] = precision
+            self._check_dtypes(args, call, precision, self.layer_ids[index])
+        int8_built = {i for i, p in seen.items() if p == "int8"}
+        float_built = {i for i, p in seen.items() if p == "float"}
+        problems = []
+        for label, wanted, got in (("int8", self.int8_indices, int8_built), ("float", self.float_indices, float_built)):
+            missing = sorted(wanted - got)
+            extra = sorted(got - wanted)
+            if missing:
+                problems.append(f"{label} layers missing: {[self.layer_ids[i] for i in missing]}")
+            if extra:
+                problems.append(f"unplanned {label} layers: {[self.layer_ids[i] for i in extra]}")
+        if problems:
+            first = (sorted((self.int8_indices ^ int8_built) | (self.float_indices ^ float_built)) or [None])[0]
+            raise VerificationError("built graph does not match the plan: " + "; ".join(problems),
+                                    pass_name="precsearch.VerifyPlan",
+                                    layer_id=self.layer_ids[first] if first is not None else None)
+        self.checked = seen
+        return mod
+
+    @staticmethod
+    def _weight_constant(weight, var2val) -> np.ndarray:
+        constant = weight
+        for _ in range(4):
+            if isinstance(constant, relax.Var) and constant in var2val:
+                constant = var2val[constant]
+        if not isinstance(constant, tvm.ir.expr.Constant):
+            raise VerificationError("a conv weight was not folded to a constant at build time",
+                                    pass_name="precsearch.VerifyPlan")
+        return constant.value.numpy()
+
+    def _check_dtypes(self, args, call, precision, layer_id) -> None:
+        data_dtype = str(args[0].ty.dtype)
+        weight_dtype = str(args[1].ty.dtype)
+        out_dtype = str(call.ty.dtype)
+        expected = ("uint8", "int8", "int32") if precision == "int8" else ("float32", "float32", "float32")
+        if (data_dtype, weight_dtype, out_dtype) != expected:
+            raise VerificationError(f"{precision} conv has dtypes data={data_dtype} weight={weight_dtype} "
+                                    f"out={out_dtype}, expected {expected}", pass_name="precsearch.VerifyPlan",
+                                    layer_id=layer_id)
+
+
+def _content_key(weights: np.ndarray) -> tuple:
+    return (weights.shape, str(weights.dtype), hashlib.sha256(np.ascontiguousarray(weights).tobytes()).hexdigest())
+
+
+def _by_content(weights_by_index: dict[int, np.ndarray]) -> dict[tuple, list[int]]:
+    table: dict[tuple, list[int]] = {}
+    for index in sorted(weights_by_index):
+        table.setdefault(_content_key(weights_by_index[index]), []).append(index)
+    return table

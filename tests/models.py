@@ -1,0 +1,237 @@
+"""Tiny ONNX models built in code, shared by the test modules.
+
+Every builder returns an ``onnx.ModelProto`` (opset 17, float32) whose weights
+come from a seeded generator, so two calls with the same arguments give
+byte-identical models.  Conv nodes are named ``conv0``, ``conv1``, ... so tests
+can address them by id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+# ORT 1.32 reads newer IR versions too, but IR 8 is what opset 17 shipped with and
+# keeps the files readable by older tools the lead may point at them.
+IR_VERSION = 8
+
+
+class _Builder:
+    """Accumulates nodes and initializers; weights drawn from one seeded stream."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+
+    def tensor(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.asarray(array, dtype=np.float32), name))
+        return name
+
+    def he_weight(self, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+        # He scaling keeps activations O(1) through a Relu chain, so calibration
+        # ranges (and agreement thresholds in tests) stay meaningful.
+        return self.rng.normal(0.0, np.sqrt(2.0 / fan_in), size=shape).astype(np.float32)
+
+    def conv(
+        self,
+        name: str,
+        x: str,
+        in_ch: int,
+        out_ch: int,
+        kernel: int | tuple[int, int] = 3,
+        stride: int = 1,
+        pads: tuple[int, int, int, int] | None = None,
+        groups: int = 1,
+        bias: bool = True,
+        out: str | None = None,
+    ) -> str:
+        kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+        if pads is None:
+            pads = (kh // 2, kw // 2, kh // 2, kw // 2)
+        w = self.tensor(f"{name}.weight", self.he_weight((out_ch, in_ch // groups, kh, kw), in_ch // groups * kh * kw))
+        inputs = [x, w]
+        if bias:
+            inputs.append(self.tensor(f"{name}.bias", self.rng.normal(0.0, 0.1, size=out_ch)))
+        out = out or f"{name}.out"
+        self.nodes.append(
+            helper.make_node(
+                "Conv",
+                inputs,
+                [out],
+                name=name,
+                kernel_shape=[kh, kw],
+                strides=[stride, stride],
+                pads=list(pads),
+                group=groups,
+            )
+        )
+        return out
+
+    def op(self, op_type: str, inputs: list[str], name: str, out: str | None = None, **attrs) -> str:
+        out = out or f"{name}.out"
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=name, **attrs))
+        return out
+
+    def model(self, graph_name: str, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]):
+        graph = helper.make_graph(self.nodes, graph_name, inputs, outputs, initializer=self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="precsearch-tests")
+        model.ir_version = IR_VERSION
+        onnx.checker.check_model(model)
+        return model
+
+
+def _input(channels: int, size: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, channels, size, size])
+
+
+def _output(shape: list, name: str = "output") -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def chain_model(channels: tuple[int, ...] = (8, 16, 16, 16), size: int = 16, classes: int = 10, seed: int = 0):
+    """A chain of 3x3 pad-1 Conv+Relu, then GlobalAveragePool, Flatten, Gemm ("logits")."""
+    b = _Builder(seed)
+    x = "input"
+    for i, (cin, cout) in enumerate(zip(channels[:-1], channels[1:])):
+        x = b.op("Relu", [b.conv(f"conv{i}", x, cin, cout)], f"relu{i}")
+    x = b.op("GlobalAveragePool", [x], "pool")
+    x = b.op("Flatten", [x], "flatten", axis=1)
+    w = b.tensor("fc.weight", b.he_weight((classes, channels[-1]), channels[-1]))
+    bias = b.tensor("fc.bias", b.rng.normal(0.0, 0.1, size=classes))
+    b.op("Gemm", [x, w, bias], "fc", out="logits", transB=1)
+    return b.model("chain", [_input(channels[0], size)], [_output([1, classes], "logits")])
+
+
+def residual_model(channels: int = 16, size: int = 16, seed: int = 1):
+    """conv0-relu feeds conv1-relu and conv2; Add(relu(conv1), conv2) -> Relu -> conv3.
+
+    Lets a test make conv1 int8 and conv2 float, so the Add meets one int8 and
+    one float producer.
+    """
+    b = _Builder(seed)
+    x0 = b.op("Relu", [b.conv("conv0", "input", channels, channels)], "relu0")
+    a = b.op("Relu", [b.conv("conv1", x0, channels, channels)], "relu1")
+    c = b.conv("conv2", x0, channels, channels)
+    y = b.op("Relu", [b.op("Add", [a, c], "add")], "relu2")
+    b.conv("conv3", y, channels, channels, out="output")
+    return b.model("residual", [_input(channels, size)], [_output([1, channels, size, size])])
+
+
+def bias_add_model(size: int = 16, seed: int = 2):
+    """conv0 (16->32, no bias) -> Add of a (1,32,1,1) constant -> conv1 (32->16).
+
+    The shape of the old Relay "Incompatible broadcast dims" bug under NCHWc.
+    Note that ORT's basic optimizer (ConvAddFusion) folds the Add into conv0's
+    bias, so the pattern survives only in the raw model, not in a prepared one.
+    """
+    b = _Builder(seed)
+    x = b.conv("conv0", "input", 16, 32, bias=False)
+    const = b.tensor("bias_add.const", b.rng.normal(0.0, 0.5, size=(1, 32, 1, 1)))
+    x = b.op("Add", [x, const], "bias_add")
+    b.conv("conv1", x, 32, 16, out="output")
+    return b.model("bias_add", [_input(16, size)], [_output([1, 16, size, size])])
+
+
+def kinds_model(size: int = 16, seed: int = 3):
+    """One conv of each kind the int8 path must handle.
+
+    ======  ==========================================  =====================
+    id      kind                                        in -> out, spatial
+    ======  ==========================================  =====================
+    conv0   first conv, 3 input channels, 3x3           3 -> 16, 16x16
+    conv1   stride 2, 3x3 pad 1                         16 -> 16, 8x8
+    conv2   depthwise (groups=16)                       16 -> 16, 8x8
+    conv3   grouped (groups=2), 24 channels (not 16k)   16 -> 24, 8x8
+    conv4   1x1                                         24 -> 32, 8x8
+    conv5   3x3, asymmetric pads (0, 1, 1, 2)           32 -> 16, 7x9
+    ======  ==========================================  =====================
+    """
+    b = _Builder(seed)
+    x = b.op("Relu", [b.conv("conv0", "input", 3, 16)], "relu0")
+    x = b.op("Relu", [b.conv("conv1", x, 16, 16, stride=2)], "relu1")
+    x = b.op("Relu", [b.conv("conv2", x, 16, 16, groups=16)], "relu2")
+    x = b.op("Relu", [b.conv("conv3", x, 16, 24, groups=2)], "relu3")
+    x = b.op("Relu", [b.conv("conv4", x, 24, 32, kernel=1)], "relu4")
+    b.conv("conv5", x, 32, 16, pads=(0, 1, 1, 2), out="output")
+    return b.model("kinds", [_input(3, size)], [_output([1, 16, size // 2 - 1, size // 2 + 1])])
+
+
+def constant_weights_model(size: int = 16, seed: int = 4):
+    """conv0 with Constant-node weight and bias, an unfused BatchNormalization, Relu, conv1 (Constant weight)."""
+    rng = np.random.default_rng(seed)
+    nodes = []
+
+    def constant(name: str, array: np.ndarray) -> str:
+        nodes.append(
+            helper.make_node(
+                "Constant", [], [name], name=f"{name}.const", value=numpy_helper.from_array(array.astype(np.float32))
+            )
+        )
+        return name
+
+    w0 = constant("conv0.weight", rng.normal(0, np.sqrt(2 / 72), size=(16, 8, 3, 3)))
+    b0 = constant("conv0.bias", rng.normal(0, 0.1, size=16))
+    nodes.append(helper.make_node("Conv", ["input", w0, b0], ["conv0.out"], name="conv0", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    bn = [
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "bn.scale"),
+        numpy_helper.from_array(rng.normal(0, 0.2, 16).astype(np.float32), "bn.bias"),
+        numpy_helper.from_array(rng.normal(0, 0.2, 16).astype(np.float32), "bn.mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 2.0, 16).astype(np.float32), "bn.var"),
+    ]
+    nodes.append(
+        helper.make_node(
+            "BatchNormalization",
+            ["conv0.out", "bn.scale", "bn.bias", "bn.mean", "bn.var"],
+            ["bn.out"],
+            name="bn",
+            epsilon=1e-5,
+        )
+    )
+    nodes.append(helper.make_node("Relu", ["bn.out"], ["relu.out"], name="relu"))
+    w1 = constant("conv1.weight", rng.normal(0, np.sqrt(2 / 144), size=(8, 16, 3, 3)))
+    nodes.append(helper.make_node("Conv", ["relu.out", w1], ["output"], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    graph = helper.make_graph(nodes, "constant_weights", [_input(8, size)], [_output([1, 8, size, size])], initializer=bn)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def dynamic_input_model(seed: int = 5):
+    """Input ["N", 3, "H", "W"]: conv0 (3->8) -> Relu -> conv1 (8->8)."""
+    b = _Builder(seed)
+    x = b.op("Relu", [b.conv("conv0", "input", 3, 8)], "relu0")
+    b.conv("conv1", x, 8, 8, out="output")
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])
+    return b.model("dynamic", [inp], [_output(["N", 8, "H", "W"])])
+
+
+def conv_transpose_model(size: int = 8, seed: int = 6):
+    """conv0 (8->8) -> Relu -> ConvTranspose "deconv0" (8->4, k2 s2, doubles H, W) -> conv1 (4->8)."""
+    b = _Builder(seed)
+    x = b.op("Relu", [b.conv("conv0", "input", 8, 8)], "relu0")
+    w = b.tensor("deconv0.weight", b.he_weight((8, 4, 2, 2), 8 * 4))
+    x = b.op("ConvTranspose", [x, w], "deconv0", kernel_shape=[2, 2], strides=[2, 2])
+    b.conv("conv1", x, 4, 8, out="output")
+    return b.model("conv_transpose", [_input(8, size)], [_output([1, 8, 2 * size, 2 * size])])
+
+
+def no_conv_model(seed: int = 7):
+    """MatMul -> Relu on a (1, 16) input; no conv at all."""
+    b = _Builder(seed)
+    w = b.tensor("fc.weight", b.he_weight((16, 8), 16))
+    b.op("Relu", [b.op("MatMul", ["input", w], "fc")], "relu", out="output")
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 16])
+    return b.model("no_conv", [inp], [_output([1, 8])])
+
+
+def save(model: onnx.ModelProto, tmp_path: Path, name: str) -> Path:
+    """Write ``model`` to ``tmp_path / f"{name}.onnx"`` and return the path."""
+    path = Path(tmp_path) / f"{name}.onnx"
+    onnx.save_model(model, str(path))
+    return path
