@@ -56,7 +56,8 @@ def _load_sample_images() -> tuple[tuple[str, np.ndarray], ...]:
             images.append((name, getattr(skimage.data, name)()))
         for name in ("china.jpg", "flower.jpg"):
             images.append((name.removesuffix(".jpg"), load_sample_image(name)))
-        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        name = "grace_hopper.jpg"
+        with matplotlib.cbook.get_sample_data(name) as f:
             images.append(("grace_hopper", np.asarray(Image.open(f).convert("RGB"))))
     except Exception as exc:  # a missing file in an odd install of one of the packages
         raise DataError(f"Cannot load the packaged sample image {name!r}: {exc}") from None

@@ -3,7 +3,10 @@
 Every later stage (calibration, QDQ, TVM import, the ORT reference) works on the
 *prepared* model held in :class:`LoadedModel`, never on the file: preparation
 fixes input shapes, names every node, folds Constant weights and BatchNorm into
-initializers (ONNX Runtime's basic graph optimizations) and infers every shape.
+initializers (ONNX Runtime's basic graph optimizations), raises the opset to at
+least 13 and infers every shape.  Folding renames weights (BN-folded ones become
+``ConvBnFusion_W_<name>``): take weight names from :class:`ConvLayer`, not from
+the source file.
 """
 
 from __future__ import annotations
@@ -247,8 +250,10 @@ def load_model(path: str | Path, input_shapes: dict[str, Sequence[int]] | None =
     """Load and prepare an ONNX model, and list its conv layers.
 
     Preparation: name unnamed nodes, fix input shapes, run ONNX Runtime's basic
-    graph optimizations (folds Constant nodes, Conv+BatchNormalization, shape
-    subgraphs; never the ORT-only fused ops of the higher levels), infer shapes.
+    graph optimizations (folds Constant nodes, Conv+BatchNormalization,
+    Conv+Add/Mul of constants, shape subgraphs; never the ORT-only fused ops of
+    the higher levels), raise the opset to 13 if lower (per-channel
+    DequantizeLinear needs it), infer shapes.
 
     Parameters
     ----------

@@ -21,9 +21,13 @@ uint8 asymmetric activations, int8 symmetric per-channel weights,
 * The Q/DQ pair of a tensor is shared by all its consumers (no DedicatedQDQPair).
   A tensor between two int8 convs gets one pair: the producer's output pair is
   the consumer's input pair.
-* The int8 weight and int32 bias replace the float initializers (the float
-  ones are removed when nothing else uses them); the weight scale may be
-  enlarged so that the bias scale ``x_scale*w_scale`` is not too small.
+* Names: weight ``<w>_quantized`` (int8, values in [-127, 127]) with
+  ``<w>_scale``/``<w>_zero_point`` feeds ``<w>_DequantizeLinear``; the bias
+  DQ (``<b>_quantized``, int32) outputs a tensor still called ``<b>``;
+  activation pairs are ``<t>_QuantizeLinear``/``<t>_DequantizeLinear`` with
+  scalar scale and uint8 zero point.  The float initializers of int8 convs
+  are removed.  The weight scale may be enlarged so the int32 bias cannot
+  overflow (ORT's QDQDisableWeightAdjustForInt32Bias is left False).
 * Relu/Clip following the conv are NOT removed and their ranges not used:
   they are not in ``op_types_to_quantize``, so they stay float between the
   conv's output DQ and whatever comes next; the conv's output is quantized with
@@ -215,7 +219,10 @@ def calibrate(
         Inputs as fed to an ORT session.
     method : {"minmax", "entropy", "percentile"}, default "minmax"
         ORT's defaults for each method (entropy: 128 bins; percentile: 2048
-        bins, 99.999, symmetric).
+        bins, 99.999, symmetric).  With ORT's entropy default of 128 bins and
+        128 quantized bins there is a single threshold candidate unless the
+        histogram grew, so "entropy" usually gives the min/max ranges (with
+        quantize_static too: it cannot pass num_bins).
     cache_dir : Path, optional
         Where ``calibration-<key>.json`` is read from / written to.
 
@@ -323,7 +330,11 @@ def build_qdq_model(model: LoadedModel, ranges: CalibrationRanges, plan: Plan) -
         list(QUANTIZED_OP_TYPES),
         dict(EXTRA_OPTIONS),
     )
-    qdq = quantizer.quantize_model()
+    quantizer.quantize_model()
+    # quantize_static's save step: the quantizer appends Q/DQ nodes at the end of
+    # the node list, and only save_model_to_file sorts them (the checker requires it).
+    quantizer.model.topological_sort()
+    qdq = quantizer.model.model
     try:
         onnx.checker.check_model(qdq)
     except onnx.checker.ValidationError as exc:

@@ -123,14 +123,15 @@ def residual_model(channels: int = 16, size: int = 16, seed: int = 1):
 
 
 def bias_add_model(size: int = 16, seed: int = 2):
-    """conv0 (16->32, no bias) -> Add of a (1,32,1,1) constant -> conv1 (32->16).
+    """conv0 (16->32, no bias) -> Relu -> Add of a (1,32,1,1) constant -> conv1 (32->16).
 
     The shape of the old Relay "Incompatible broadcast dims" bug under NCHWc.
-    Note that ORT's basic optimizer (ConvAddFusion) folds the Add into conv0's
-    bias, so the pattern survives only in the raw model, not in a prepared one.
+    The Relu keeps ORT's basic optimizer (ConvAddFusion) from folding the Add
+    into conv0's bias, so the broadcast add survives model preparation.
     """
     b = _Builder(seed)
     x = b.conv("conv0", "input", 16, 32, bias=False)
+    x = b.op("Relu", [x], "relu0")
     const = b.tensor("bias_add.const", b.rng.normal(0.0, 0.5, size=(1, 32, 1, 1)))
     x = b.op("Add", [x, const], "bias_add")
     b.conv("conv1", x, 32, 16, out="output")

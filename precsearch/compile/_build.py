@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
-from ..errors import CompileError, ConfigError
+from ..errors import CompileError, ConfigError, VerificationError
 from ..model import LoadedModel
 from ._importer import import_qdq_model
 from ._int8_rewrite import Int8ConvRewrite
@@ -197,6 +198,9 @@ def build_plan(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
     except CompileError:
         raise
     except Exception as exc:
+        ours = _precsearch_error(exc)
+        if ours is not None:  # raised in one of our Python passes, wrapped by TVM's FFI
+            raise ours from exc
         failed = tracer.current or "codegen"
         raise CompileError(_one_line(exc), pass_name=failed, layer_id=_layer_in_message(str(exc), layer_ids)) \
             from exc
@@ -218,10 +222,26 @@ def build_plan(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
     )
 
 
+_OUR_PREFIX = re.compile(r"\[pass '([^']+)'(?:, layer '([^']+)')?\] (.*)")
+
+
+def _precsearch_error(exc: BaseException) -> CompileError | None:
+    """Recover a CompileError raised inside a pass and re-raised by TVM as a generic error."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, CompileError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    for line in str(exc).splitlines():
+        match = _OUR_PREFIX.search(line)
+        if match:
+            error_type = VerificationError if match.group(1) == "precsearch.VerifyPlan" else CompileError
+            return error_type(match.group(3).strip(), pass_name=match.group(1), layer_id=match.group(2))
+    return None
+
+
 def _layer_in_message(message: str, layer_ids) -> str | None:
     # Bindings emitted by precsearch are named L<index>_...; TVM prints them in its errors.
-    import re
-
     match = re.search(r"\bL(\d+)_[a-z]", message) or re.search(r"\bps_w(\d+)\b", message)
     if match and int(match.group(1)) < len(layer_ids):
         return layer_ids[int(match.group(1))]

@@ -77,11 +77,33 @@ def _rename_weights(qdq: onnx.ModelProto, model: LoadedModel) -> tuple[onnx.Mode
     for init in graph.initializer:
         if init.name in renames:
             init.name = renames[init.name]
+    _inline_other_initializers(graph, set(renames.values()))
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in renames:
                 node.input[i] = renames[name]
     return qdq, int8_weights, float_weights
+
+
+def _inline_other_initializers(graph: onnx.GraphProto, keep: set[str]) -> None:
+    # With keep_params_in_input every initializer becomes a function parameter, and
+    # the importer then treats a Clip bound or a scale as a runtime tensor (Clip
+    # becomes an opaque call_tir that pins its input to NCHW).  Only conv weights
+    # need to stay parameters (they carry layer identity); the rest become Constant
+    # nodes, which import as Relax constants.
+    inline = [init for init in graph.initializer if init.name not in keep]
+    constants = [onnx.helper.make_node("Constant", [], [init.name], name=f"ps_const_{i}", value=init)
+                 for i, init in enumerate(inline)]
+    kept = [init for init in graph.initializer if init.name in keep]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    inline_names = {init.name for init in inline}
+    inputs = [value for value in graph.input if value.name not in inline_names]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(constants + nodes)
 
 
 def _explicit_pads(node: onnx.NodeProto, pads: tuple[int, ...]) -> None:

@@ -112,7 +112,7 @@ class Int8ConvRewrite:
         if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW":
             raise CompileError(f"expected an NCHW/OIHW conv before layout conversion, got "
                                f"{attrs.data_layout}/{attrs.kernel_layout}", pass_name=PASS_NAME, layer_id=layer_id)
-        x_q = mutator.visit_expr(matched[self.x_q])
+        x_q = mutator.visit_expr(mutator.as_var(matched[self.x_q]))
         if x_q.ty.dtype != "uint8":
             raise CompileError(f"activations must be uint8, got {x_q.ty.dtype}", pass_name=PASS_NAME,
                                layer_id=layer_id)
@@ -180,6 +180,14 @@ class _Rewriter(relax.PyExprMutator):
         self.rewrite = rewrite
         self.var2val = var2val
         self.rewritten: set[int] = set()
+        # The matcher may hand back a binding's value instead of its var (it jumps
+        # through var2val); re-emitting that value would duplicate the producer and
+        # keep the float conv it reads alive.
+        self._var_of = {value.__chandle__(): var for var, value in var2val.items()}
+
+    def as_var(self, expr):
+        """The var bound to ``expr`` when ``expr`` is a bound value, else ``expr``."""
+        return self._var_of.get(expr.__chandle__(), expr)
 
     def visit_var_binding_(self, binding):
         value = binding.value

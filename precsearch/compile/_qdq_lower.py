@@ -1,5 +1,9 @@
 """Lower the quantize / dequantize / clip calls left at int8↔float boundaries.
 
+Also un-hides ONNX Clip: Relax's importer emits it as two opaque ``call_tir``
+kernels (``maximum``/``minimum`` against a NaN-sanitized bound), which pin every
+hard-swish to NCHW; with constant bounds they are plain relax maximum/minimum.
+
 In TVM 0.27 these ops have no layout inference, so ConvertLayout would wrap each
 of them in transforms back to NCHW — at every boundary, twice.  Written as
 elementwise ops (which do have layout inference) a boundary costs nothing but
@@ -37,15 +41,17 @@ class LowerQDQ:
         self.params = params
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        mod["main"] = _Lowerer(self.params, mod).visit_expr(mod["main"])
+        var2val = relax.analysis.get_var2val(mod["main"])
+        mod["main"] = _Lowerer(self.params, var2val, mod).visit_expr(mod["main"])
         return relax.transform.DeadCodeElimination()(mod)
 
 
 @expr_functor.mutator
 class _Lowerer(relax.PyExprMutator):
-    def __init__(self, params, mod=None):
+    def __init__(self, params, var2val, mod=None):
         super().__init__(mod)
         self.params = params
+        self.var2val = var2val
 
     def _value(self, expr, what: str, var_name: str) -> float:
         if isinstance(expr, tvm.ir.expr.Constant):
@@ -59,8 +65,47 @@ class _Lowerer(relax.PyExprMutator):
                                "quantized per channel", pass_name=PASS_NAME)
         return array.reshape(-1)[0].item()
 
+    def _clip_bound(self, expr):
+        """The constant value of an importer clip bound ``where(isnan(c), ±inf, c)``, or None."""
+        value = self.var2val.get(expr, expr) if isinstance(expr, relax.Var) else expr
+        if isinstance(value, tvm.ir.expr.Constant):
+            array = value.value.numpy()
+            return array if array.size == 1 else None
+        if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.where":
+            fallback, bound = value.args[1], value.args[2]
+            if isinstance(fallback, tvm.ir.expr.Constant) and isinstance(bound, tvm.ir.expr.Constant):
+                array = bound.value.numpy()
+                return np.where(np.isnan(array), fallback.value.numpy(), array) if array.size == 1 else None
+        return None
+
+    def _opaque_clip(self, value):
+        """``relax.op.maximum/minimum`` for an importer ``call_tir(maximum|minimum, (x, bound))``."""
+        if getattr(value.op, "name", "") != "relax.call_tir" or len(value.args[1].fields) != 2:
+            return None
+        callee = value.args[0].name_hint
+        op = relax.op.maximum if callee.startswith("maximum") else relax.op.minimum \
+            if callee.startswith("minimum") else None
+        if op is None:
+            return None
+        data, bound = value.args[1].fields
+        bound_value = self._clip_bound(bound)
+        if bound_value is None:
+            return None
+        dtype = str(data.ty.dtype)
+        return op(self.visit_expr(data), relax.const(bound_value.reshape(()).astype(dtype), dtype))
+
     def visit_var_binding_(self, binding):
         value = binding.value
+        if isinstance(value, relax.Call) and not isinstance(value.op, tvm.ir.Op):
+            super().visit_var_binding_(binding)
+            return
+        if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.call_tir":
+            replacement = self._opaque_clip(value)
+            if replacement is None:
+                super().visit_var_binding_(binding)
+            else:
+                self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, replacement))
+            return
         if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)):
             super().visit_var_binding_(binding)
             return

@@ -1,0 +1,243 @@
+"""The ``precsearch`` command: argv → settings → the library functions.
+
+The only module that reads argv, prints tables and talks to a person; everything
+below it logs.  Bad input ends with one line on stderr and exit code 2; a failed
+build with exit code 3; a ``--check`` below ``--min-agreement`` with exit code 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .errors import CompileError, PrecsearchError
+
+EXIT_BAD_INPUT = 2
+EXIT_BUILD_FAILED = 3
+EXIT_CHECK_FAILED = 4
+
+DEFAULT_WORKDIR = Path("precsearch-work")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="precsearch",
+        description="Find which conv layers of a CNN can run int8 on this CPU; build any int8/float mix with TVM.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_model(sub):
+        sub.add_argument("model", help="an ONNX file, or a packaged model: mobilenetv3-textcls, pplcnet-orientation")
+        sub.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                         help="fix a dynamic input shape, e.g. x=1,3,48,192 (repeatable)")
+        sub.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+    layers = commands.add_parser("layers", help="list the conv layers with ids, shapes, MACs and int8 capability")
+    add_model(layers)
+
+    build = commands.add_parser("build", help="build one int8/float plan into a shared library")
+    add_model(build)
+    build.add_argument("--float", dest="float_ids", default="none", metavar="ID[,ID...]",
+                       help="conv ids that stay float; 'none' = all int8, 'all' = all float (default: none)")
+    build.add_argument("--out", required=True, type=Path, help="directory for model.so, plan.json and the QDQ model")
+    build.add_argument("--dump-ir", type=Path, metavar="DIR", help="write the IR after every pass into DIR")
+    build.add_argument("--check", action="store_true",
+                       help="run the library on real inputs against ONNX Runtime on the same QDQ model")
+    build.add_argument("--min-agreement", type=float, default=0.999,
+                       help="with --check: exit 4 below this fraction of outputs within one step (default 0.999)")
+    build.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"],
+                       help="ONNX Runtime calibrator (default minmax)")
+    build.add_argument("--calibration-batches", type=int, default=8, help="batches of packaged images to calibrate on")
+    build.add_argument("--check-batches", type=int, default=8, help="batches of other images for --check")
+    build.add_argument("--preset", default=None, help="preprocessing preset (default: the packaged model's, else imagenet)")
+    build.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache directory (default ./precsearch-work)")
+    build.add_argument("--block-size", type=int, default=None, help="NCHW<b>c block (default: 16 or 8, by MACs)")
+    build.add_argument("--float-layout", choices=["blocked", "nchw"], default="blocked",
+                       help="layout of float convs (default blocked where the shape allows)")
+    build.add_argument("--threads", type=int, default=2, help="cores for the target (default 2)")
+    return parser
+
+
+def _load(args):
+    from .model import load_model, parse_input_shapes, resolve_model
+
+    path, default_shapes, preset = resolve_model(args.model)
+    shapes = dict(default_shapes)
+    shapes.update(parse_input_shapes(args.input_shape))
+    return load_model(path, shapes or None), preset
+
+
+def _cmd_layers(args) -> int:
+    model, _ = _load(args)
+    if args.json:
+        print(json.dumps([layer.to_dict() for layer in model.layers], indent=1))
+        return 0
+    header = f"{'id':<16} {'op':<13} {'in→out':>9} {'kernel':>6} {'stride':>6} {'groups':>6} " \
+             f"{'input shape':<18} {'output shape':<18} {'MACs':>12}  int8"
+    print(header)
+    print("-" * len(header))
+    for layer in model.layers:
+        kernel = "x".join(map(str, layer.kernel))
+        stride = "x".join(map(str, layer.stride))
+        int8 = "yes" if layer.int8_capable else f"no ({layer.reason})"
+        print(f"{layer.id:<16} {layer.op_type:<13} {f'{layer.in_channels}→{layer.out_channels}':>9} {kernel:>6} "
+              f"{stride:>6} {layer.groups:>6} {str(list(layer.input_shape)):<18} {str(list(layer.output_shape)):<18} "
+              f"{layer.macs:>12,}  {int8}")
+    total = sum(layer.macs for layer in model.layers)
+    capable = sum(layer.int8_capable for layer in model.layers)
+    print(f"{len(model.layers)} conv layers, {capable} int8-capable, {total:,} MACs")
+    return 0
+
+
+def _status(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _cmd_build(args) -> int:
+    from .compile import CompileOptions, LoadedLibrary, build_plan
+    from .data import image_batches
+    from .evaluate import agreement, run_ort
+    from .plan import parse_plan
+    from .quantize import build_qdq_model, calibrate, output_steps
+
+    quiet = args.json
+    model, preset = _load(args)
+    plan = parse_plan(args.float_ids, model)
+    options = CompileOptions(block_size=args.block_size, float_blocked=args.float_layout == "blocked",
+                             threads=args.threads)
+    preset = args.preset or preset
+    out_dir = _writable_dir(args.out, "out")
+    cache_dir = _writable_dir(args.workdir / "cache", "workdir")
+
+    _status(f"calibrating ({args.calibration}, {args.calibration_batches} batches of packaged images)...", quiet)
+    calibration_batches = image_batches(model, preset, args.calibration_batches, offset=0)
+    ranges = calibrate(model, calibration_batches, args.calibration, cache_dir=cache_dir)
+    qdq = build_qdq_model(model, ranges, plan)
+    int8_ids = plan.int8_ids(model)
+    _status(f"building {len(int8_ids)} int8 / {len(model.layers) - len(int8_ids)} float convs...", quiet)
+    built = build_plan(model, qdq, int8_ids, options=options, dump_ir_dir=args.dump_ir)
+    library = built.export_library(out_dir / "model.so")
+    qdq_path = out_dir / "model.qdq.onnx"
+    qdq_path.write_bytes(qdq.SerializeToString())
+
+    summary = {
+        "model": str(model.source),
+        "plan": plan.key(),
+        "int8_layers": list(built.int8_layers),
+        "float_layers": list(built.float_layers),
+        "library": str(library),
+        "qdq_model": str(qdq_path),
+        "target": built.target,
+        "block_size": built.block_size,
+        "boundary_transforms": built.boundary_transforms,
+        "build_time_s": round(built.build_time_s, 2),
+        "layers": _table_rows(model, built),
+        "inputs": {name: list(shape) for name, shape in model.input_shapes.items()},
+        "outputs": list(built.output_names),
+    }
+    if args.dump_ir:
+        summary["dump_ir"] = {"dir": str(args.dump_ir), "files": len(built.dump_files)}
+    exit_code = 0
+    if args.check:
+        _status(f"checking against ONNX Runtime on {args.check_batches} batches of other images...", quiet)
+        check_batches = image_batches(model, preset, args.check_batches, offset=args.calibration_batches)
+        reference = run_ort(qdq, check_batches, optimized=False)
+        loaded = LoadedLibrary(library, built.input_names, built.output_names)
+        candidate = [loaded.run(batch) for batch in check_batches]
+        result = agreement(reference, candidate, output_steps(model, ranges))
+        summary.update(agreement=result.fraction, max_abs_error=result.max_abs_error,
+                       max_error_steps=result.max_error_steps, checked_elements=result.elements)
+        if result.fraction < args.min_agreement:
+            exit_code = EXIT_CHECK_FAILED
+    (out_dir / "plan.json").write_text(json.dumps(summary, indent=1))
+
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        _print_build(summary)
+    if exit_code == EXIT_CHECK_FAILED:
+        print(f"precsearch: error: agreement {summary['agreement']:.4%} is below --min-agreement "
+              f"{args.min_agreement:.4%}", file=sys.stderr)
+    return exit_code
+
+
+def _table_rows(model, built) -> list[dict]:
+    rows = {row.index: row.to_dict() for row in built.rows}
+    table = []
+    for layer in model.layers:
+        if layer.index in rows:
+            table.append(rows[layer.index])
+        else:  # not a conv2d in the graph (ConvTranspose): always float, never blocked
+            table.append({"index": layer.index, "id": layer.id, "dtype": "float32", "layout": "NCHW",
+                          "transforms_in": [], "transforms_out": [], "note": layer.reason})
+    return table
+
+
+def _print_build(summary: dict) -> None:
+    print(f"{'id':<16} {'dtype':<8} {'layout':<8} {'transforms in':<16} {'transforms out':<16} note")
+    for row in summary["layers"]:
+        print(f"{row['id']:<16} {row['dtype']:<8} {row['layout']:<8} {', '.join(row['transforms_in']) or '-':<16} "
+              f"{', '.join(row['transforms_out']) or '-':<16} {row['note']}")
+    print(f"{len(summary['int8_layers'])} int8, {len(summary['float_layers'])} float convs; block {summary['block_size']}; "
+          f"{summary['boundary_transforms']} activation layout transforms; built in {summary['build_time_s']} s")
+    print(f"library: {summary['library']}")
+    if "dump_ir" in summary:
+        print(f"IR after each pass: {summary['dump_ir']['files']} files in {summary['dump_ir']['dir']}")
+    if "agreement" in summary:
+        print(f"agreement with ONNX Runtime (same QDQ model): {summary['agreement']:.4%} of "
+              f"{summary['checked_elements']} output elements within one output quantization step; "
+              f"max abs error {summary['max_abs_error']:.3g} ({summary['max_error_steps']:.2f} steps)")
+
+
+def _writable_dir(path: Path, parameter: str) -> Path:
+    from .errors import ConfigError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".precsearch-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"The '{parameter}' directory {str(path)!r} is not writable: {exc.strerror or exc}.") \
+            from exc
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `precsearch layers m | head` must end quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    try:
+        code = {"layers": _cmd_layers, "build": _cmd_build}[args.command](args)
+    except CompileError as exc:
+        print(f"precsearch: build failed: {_first_line(exc)}", file=sys.stderr)
+        return EXIT_BUILD_FAILED
+    except (PrecsearchError, ValueError) as exc:
+        print(f"precsearch: error: {_first_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        print(f"precsearch: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("precsearch: interrupted", file=sys.stderr)
+        return 130
+    logging.getLogger(__name__).info("%s finished in %.1f s", args.command, time.perf_counter() - started)
+    return code
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
