@@ -21,7 +21,7 @@ from ._importer import import_qdq_model
 from ._int8_rewrite import Int8ConvRewrite
 from ._layout import choose_block_size, decide_layouts, layout_callback, make_conv_legalizer
 from ._qdq_lower import LowerQDQ
-from ._trace import PassTracer
+from ._trace import PassTracer, tvm_error_line
 from ._verify import InspectLayout, LayerRow, VerifyPlan
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class BuiltPlan:
     build_time_s: float
     passes_run: int
     dump_files: list[Path] = field(default_factory=list)
+    kernel_weights: dict[str, np.ndarray] = field(default_factory=dict)
     _vm: object = None
 
     def export_library(self, path: str | Path) -> Path:
@@ -167,8 +168,7 @@ def build_plan(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
     block = choose_block_size(model.layers, options.block_size)
     decisions = decide_layouts(model.layers, int8_indices, block, float_blocked=options.float_blocked,
                                int8_blocked=options.int8_blocked)
-    notes = {index: decision.reason for index, decision in decisions.items() if decision.reason}
-    inspect = InspectLayout(layer_ids, notes)
+    inspect = InspectLayout(layer_ids, decisions)
     verify = VerifyPlan(imported, layer_ids, int8_indices, float_indices)
     pipeline = tvm.transform.Sequential(
         [
@@ -202,7 +202,7 @@ def build_plan(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
         if ours is not None:  # raised in one of our Python passes, wrapped by TVM's FFI
             raise ours from exc
         failed = tracer.current or "codegen"
-        raise CompileError(_one_line(exc), pass_name=failed, layer_id=_layer_in_message(str(exc), layer_ids)) \
+        raise CompileError(tvm_error_line(exc), pass_name=failed, layer_id=_layer_in_message(str(exc), layer_ids)) \
             from exc
     elapsed = time.perf_counter() - start
     logger.info("built plan with %d int8 / %d float convs in %.1f s", len(int8_indices), len(float_indices), elapsed)
@@ -219,6 +219,7 @@ def build_plan(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
         build_time_s=elapsed,
         passes_run=tracer.count,
         dump_files=list(tracer.files),
+        kernel_weights={layer_ids[i]: weights for i, weights in verify.kernel_weights.items()},
     )
 
 
@@ -246,9 +247,3 @@ def _layer_in_message(message: str, layer_ids) -> str | None:
     if match and int(match.group(1)) < len(layer_ids):
         return layer_ids[int(match.group(1))]
     return None
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("File ", "Traceback", "#"))]
-    return (useful[-1] if useful else type(exc).__name__)[:400]

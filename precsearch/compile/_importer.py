@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from ..errors import CompileError
 from ..model import LoadedModel
+from ._trace import tvm_error_line
 
 WEIGHT_PREFIX = "ps_w"
 _WEIGHT_NAME = re.compile(rf"^{WEIGHT_PREFIX}(\d+)$")
@@ -139,7 +140,7 @@ def import_qdq_model(qdq: onnx.ModelProto, model: LoadedModel) -> ImportedModel:
     try:
         mod = from_onnx(renamed, shape_dict=shape_dict, keep_params_in_input=True)
     except Exception as exc:  # the frontend raises many types; name the pass and move on
-        raise CompileError(f"ONNX import failed: {_one_line(exc)}", pass_name=PASS_NAME) from exc
+        raise CompileError(f"ONNX import failed: {tvm_error_line(exc)}", pass_name=PASS_NAME) from exc
     mod, params = detach_params(mod)
     func = mod["main"]
     num_inputs = len(model.input_shapes)
@@ -172,10 +173,3 @@ def emit_like(builder, old_var, value):
     if isinstance(old_var, relax.DataflowVar):
         return builder.emit(value, old_var.name)
     return builder.emit_output(value, old_var.name)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    # TVM errors end with the useful line; tracebacks come first.
-    useful = [line for line in text if line.strip() and not line.startswith(("  File", "Traceback"))]
-    return (useful[-1] if useful else type(exc).__name__)[:500]

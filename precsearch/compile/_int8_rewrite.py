@@ -26,6 +26,7 @@ from tvm.relax.dpl import is_op, is_var, wildcard
 
 from ..errors import CompileError
 from ._importer import ImportedModel, emit_like, layer_index_of_weight
+from ._trace import tvm_error_line
 
 PASS_NAME = "precsearch.Int8ConvRewrite"
 
@@ -101,6 +102,16 @@ class Int8ConvRewrite:
     # The integer chain, emitted through the mutator's builder so bindings get
     # names that carry the layer index (TVM error messages print var names).
     def emit_integer_conv(self, mutator, matched: dict, quantize_out: bool):
+        index = layer_index_of_weight(matched[self.w_q].name)
+        try:
+            return self._emit_integer_conv(mutator, matched, quantize_out)
+        except CompileError:
+            raise
+        except Exception as exc:  # a shape or broadcast error while emitting: name the layer
+            layer_id = self.layer_ids[index] if index is not None else None
+            raise CompileError(tvm_error_line(exc), pass_name=PASS_NAME, layer_id=layer_id) from exc
+
+    def _emit_integer_conv(self, mutator, matched: dict, quantize_out: bool):
         params = self.imported.params
         conv = matched[self.conv]
         weight_var = matched[self.w_q]

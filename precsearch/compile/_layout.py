@@ -167,9 +167,10 @@ def depthwise_conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
 def make_conv_legalizer(layer_ids, decisions: dict[int, LayerLayout]):
     """A legalize function for ``relax.nn.conv2d`` that names each kernel after its layer.
 
-    Prim funcs are called ``ps_conv_<int8|float>_<layout>``; convs with equal
-    workloads share one (the BlockBuilder deduplicates them, and tuning records
-    should be shared too), so the verifier identifies layers by weight content.
+    Prim funcs are called ``ps_conv_L<index>_<int8|float>_<layout>`` and carry the
+    layer index as an attribute, which also keeps the BlockBuilder from merging two
+    layers with equal workloads into one function: the verifier reads identity
+    from the name and checks it against the weight constant the call receives.
     """
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call):
@@ -185,13 +186,14 @@ def make_conv_legalizer(layer_ids, decisions: dict[int, LayerLayout]):
         precision = "int8" if int8 else "float"
         declared = str(attrs.out_dtype) if attrs.out_dtype is not None else ""
         out_dtype = "int32" if int8 else (declared if declared not in ("", "void", "None") else data_dtype)
-        name = f"{PRIMFUNC_PREFIX}{precision}_{attrs.data_layout}"
+        name = f"{PRIMFUNC_PREFIX}L{index}_{precision}_{attrs.data_layout}"
+        identity = {"primfunc_attrs": {"precsearch.layer": index}}
         layout = str(attrs.data_layout)
         if layout == "NCHW":
             return bb.call_te(topi.nn.conv, inp=call.args[0], filt=call.args[1], stride=attrs.strides,
                               padding=attrs.padding, dilation=attrs.dilation, groups=attrs.groups,
                               data_layout="NCHW", kernel_layout="OIHW", out_dtype=out_dtype,
-                              primfunc_name_hint=name)
+                              primfunc_name_hint=name, **identity)
         if str(attrs.out_layout) != layout:
             raise CompileError(f"blocked conv with out layout {attrs.out_layout} != {layout}", pass_name=PASS_NAME,
                                layer_id=layer_id)
@@ -203,14 +205,14 @@ def make_conv_legalizer(layer_ids, decisions: dict[int, LayerLayout]):
                       out_layout=layout)
         if groups > 1:
             return bb.call_te(depthwise_conv2d_nchwc, call.args[0], call.args[1], attrs.strides, attrs.padding,
-                              attrs.dilation, out_dtype, primfunc_name_hint=name)
+                              attrs.dilation, out_dtype, primfunc_name_hint=name, **identity)
         if int8:
             packed = bb.emit(bb.call_te(_repack_int8_kernel, call.args[1],
                                         primfunc_name_hint=f"ps_repack_L{index}"), f"L{index}_kernel")
             return bb.call_te(topi.nn.conv2d_NCHWc_int8, call.args[0], packed, out_dtype="int32",
-                              n_elems=_INT8_LANES, primfunc_name_hint=name, **common)
+                              n_elems=_INT8_LANES, primfunc_name_hint=name, **identity, **common)
         return bb.call_te(topi.nn.conv2d_NCHWc, call.args[0], call.args[1], out_dtype=out_dtype,
-                          primfunc_name_hint=name, **common)
+                          primfunc_name_hint=name, **identity, **common)
 
     return legalize
 

@@ -67,6 +67,17 @@ class PassTracer:
         self.files.append(path)
 
 
+_OP_REPR = re.compile(r"In ir\.Op\(.*?name=\"([^\"]+)\".*?support_level=\d+\),?\s*")
+
+
+def tvm_error_line(exc: BaseException, limit: int = 400) -> str:
+    """The one informative line of a TVM error (they come with tracebacks and op reprs)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("File ", "Traceback", "#", "[bt]"))]
+    text = useful[-1] if useful else type(exc).__name__
+    return _OP_REPR.sub(lambda m: f"{m.group(1)}: ", text)[:limit]
+
+
 def _script(mod: tvm.IRModule) -> str:
     # Only the Relax function carries the graph a person wants to read; prim funcs
     # are printed too (they are the kernels) but after it.

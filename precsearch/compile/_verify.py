@@ -7,7 +7,6 @@ and constant folding, reading each conv kernel's name *and* its weight constant.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -15,11 +14,11 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..errors import VerificationError
+from ..errors import CompileError, VerificationError
 from ._importer import ImportedModel, layer_index_of_weight
 from ._layout import PRIMFUNC_PREFIX, unpack_kernel
 
-_KERNEL_NAME = re.compile(rf"^{PRIMFUNC_PREFIX}(int8|float)_(NCHW(?:\d+c)?)")
+_KERNEL_NAME = re.compile(rf"^{PRIMFUNC_PREFIX}L(\d+)_(int8|float)_(NCHW(?:\d+c)?)")
 
 # Ops a tensor may pass through between a conv and the layout transform that
 # leaves it, for the table's "transforms out" column.
@@ -72,9 +71,9 @@ class InspectLayout:
     Changes nothing; ``rows`` holds the table after the pass has run.
     """
 
-    def __init__(self, layer_ids, notes: dict[int, str]):
+    def __init__(self, layer_ids, decisions):
         self.layer_ids = tuple(layer_ids)
-        self.notes = notes
+        self.decisions = decisions
         self.rows: list[LayerRow] = []
         self.boundary_transforms = 0
 
@@ -110,7 +109,12 @@ class InspectLayout:
                 index=index, id=self.layer_ids[index],
                 dtype="int8" if str(data.ty.dtype) == "uint8" else str(data.ty.dtype),
                 layout=str(call.attrs.data_layout), transforms_in=transforms_in,
-                transforms_out=_transforms_after(var, users), note=self.notes.get(index, "")))
+                transforms_out=_transforms_after(var, users), note=self.decisions[index].reason))
+            planned = self.decisions[index].data_layout
+            if rows[-1].layout != planned:
+                # ConvertLayout silently keeps a layout it cannot apply.
+                raise CompileError(f"ConvertLayout left the conv in {rows[-1].layout}, planned {planned}",
+                                   pass_name="precsearch.InspectLayout", layer_id=self.layer_ids[index])
         self.rows = sorted(rows, key=lambda row: row.index)
         self.boundary_transforms = boundary
         return mod
@@ -165,13 +169,11 @@ class VerifyPlan:
         self.int8_indices = set(int8_indices)
         self.float_indices = set(float_indices)
         self.checked: dict[int, str] = {}
+        self.kernel_weights: dict[int, np.ndarray] = {}  # unpacked OIHW weights each built kernel received
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         func = mod["main"]
         var2val = relax.analysis.get_var2val(func)
-        # Layers are found by the content of the weight constant each kernel call
-        # receives; equal weights (rare) are matched one to one.
-        unclaimed = {"int8": _by_content(self.imported.int8_weights), "float": _by_content(self.imported.float_weights)}
         seen: dict[int, str] = {}
         for _var, call in _calls(func):
             op_name = getattr(call.op, "name", "")
@@ -182,22 +184,23 @@ class VerifyPlan:
             match = _KERNEL_NAME.match(call.args[0].name_hint)
             if not match:
                 continue
-            precision, layout = match.group(1), match.group(2)
-            args = call.args[1].fields
-            weights = self._weight_constant(args[1], var2val)
-            built = unpack_kernel(weights, layout, precision == "int8", 1)
-            candidates = unclaimed[precision].get(_content_key(built), [])
-            if not candidates:
-                other = "float" if precision == "int8" else "int8"
-                if unclaimed[other].get(_content_key(built)):
-                    index = unclaimed[other][_content_key(built)][0]
-                    raise VerificationError(f"layer was built {precision} but the QDQ model has it {other}",
-                                            pass_name="precsearch.VerifyPlan", layer_id=self.layer_ids[index])
-                raise VerificationError(f"a {precision} {layout} kernel holds weights of no layer of the model",
-                                        pass_name="precsearch.VerifyPlan")
-            index = candidates.pop(0)
+            index, precision, layout = int(match.group(1)), match.group(2), match.group(3)
+            layer_id = self.layer_ids[index]
+            if index in seen:
+                raise VerificationError("layer appears twice in the built graph", pass_name="precsearch.VerifyPlan",
+                                        layer_id=layer_id)
             seen[index] = precision
-            self._check_dtypes(args, call, precision, self.layer_ids[index])
+            args = call.args[1].fields
+            self._check_dtypes(args, call, precision, layer_id)
+            built = unpack_kernel(self._weight_constant(args[1], var2val, layer_id), layout, precision == "int8", 1)
+            reference = (self.imported.int8_weights if precision == "int8" else self.imported.float_weights).get(index)
+            if reference is None:
+                raise VerificationError(f"built {precision} but the QDQ model has no {precision} weights for it",
+                                        pass_name="precsearch.VerifyPlan", layer_id=layer_id)
+            if built.shape != reference.shape or not np.array_equal(built, reference):
+                raise VerificationError(f"the {precision} kernel built for this layer does not hold its weights",
+                                        pass_name="precsearch.VerifyPlan", layer_id=layer_id)
+            self.kernel_weights[index] = built
         int8_built = {i for i, p in seen.items() if p == "int8"}
         float_built = {i for i, p in seen.items() if p == "float"}
         problems = []
@@ -217,14 +220,14 @@ class VerifyPlan:
         return mod
 
     @staticmethod
-    def _weight_constant(weight, var2val) -> np.ndarray:
+    def _weight_constant(weight, var2val, layer_id) -> np.ndarray:
         constant = weight
         for _ in range(4):
             if isinstance(constant, relax.Var) and constant in var2val:
                 constant = var2val[constant]
         if not isinstance(constant, tvm.ir.expr.Constant):
-            raise VerificationError("a conv weight was not folded to a constant at build time",
-                                    pass_name="precsearch.VerifyPlan")
+            raise VerificationError("conv weight was not folded to a constant at build time",
+                                    pass_name="precsearch.VerifyPlan", layer_id=layer_id)
         return constant.value.numpy()
 
     def _check_dtypes(self, args, call, precision, layer_id) -> None:
@@ -236,14 +239,3 @@ class VerifyPlan:
             raise VerificationError(f"{precision} conv has dtypes data={data_dtype} weight={weight_dtype} "
                                     f"out={out_dtype}, expected {expected}", pass_name="precsearch.VerifyPlan",
                                     layer_id=layer_id)
-
-
-def _content_key(weights: np.ndarray) -> tuple:
-    return (weights.shape, str(weights.dtype), hashlib.sha256(np.ascontiguousarray(weights).tobytes()).hexdigest())
-
-
-def _by_content(weights_by_index: dict[int, np.ndarray]) -> dict[tuple, list[int]]:
-    table: dict[tuple, list[int]] = {}
-    for index in sorted(weights_by_index):
-        table.setdefault(_content_key(weights_by_index[index]), []).append(index)
-    return table
