@@ -1,0 +1,121 @@
+"""The precsearch command: JSON outputs, exit codes and one-line errors, run as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+import models
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "precsearch", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def assert_one_line_error(result, code, *fragments):
+    assert result.returncode == code, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "block_builder.cc" not in line]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def chain_path(tmp_path_factory):
+    return models.save(models.chain_model(), tmp_path_factory.mktemp("cli"), "chain")
+
+
+def test_layers_json(chain_path):
+    result = run("layers", chain_path, "--json")
+    assert result.returncode == 0, result.stderr
+    layers = json.loads(result.stdout)
+    assert [layer["id"] for layer in layers] == ["conv0", "conv1", "conv2"]
+    first = layers[0]
+    for key in ("id", "op_type", "in_channels", "out_channels", "kernel", "stride", "groups", "macs", "int8_capable"):
+        assert key in first
+    assert (first["in_channels"], first["out_channels"], first["kernel"], first["stride"], first["groups"]) == \
+        (8, 16, [3, 3], [1, 1], 1)
+    assert first["macs"] == 16 * 16 * 16 * 8 * 3 * 3
+    assert first["int8_capable"] is True
+
+
+def test_layers_table(chain_path):
+    result = run("layers", chain_path)
+    assert result.returncode == 0
+    assert "conv1" in result.stdout and "3 conv layers, 3 int8-capable" in result.stdout
+
+
+def test_build_json_with_check(chain_path, tmp_path):
+    out = tmp_path / "out"
+    result = run("build", chain_path, "--float", "conv1", "--out", out, "--check", "--json",
+                 "--workdir", tmp_path / "work")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["int8_layers"] == ["conv0", "conv2"]
+    assert summary["float_layers"] == ["conv1"]
+    assert summary["library"] == str(out / "model.so") and (out / "model.so").is_file()
+    assert summary["agreement"] >= 0.999
+    assert summary["max_error_steps"] <= 1.0 and summary["max_abs_error"] >= 0.0
+    assert json.loads((out / "plan.json").read_text())["plan"] == "float:conv1"
+    assert onnx.load(str(out / "model.qdq.onnx")).graph.node
+    rows = {row["id"]: row for row in summary["layers"]}
+    assert rows["conv1"]["dtype"] == "float32" and rows["conv0"]["dtype"] == "int8"
+
+
+@pytest.mark.parametrize("spec, n_int8", [("none", 3), ("all", 0)])
+def test_build_accepts_none_and_all(chain_path, tmp_path, spec, n_int8):
+    result = run("build", chain_path, "--float", spec, "--out", tmp_path / "out", "--json", "--workdir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["int8_layers"]) == n_int8
+
+
+def test_build_prints_per_layer_table(chain_path, tmp_path):
+    result = run("build", chain_path, "--float", "conv0", "--out", tmp_path / "out", "--workdir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith("conv")}
+    assert rows["conv0"][1:3] == ["float32", "NCHW8c"]
+    assert rows["conv1"][1:3] == ["int8", "NCHW8c"]
+    assert "2 int8, 1 float convs; block 8" in result.stdout
+
+
+def test_not_an_onnx_file(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_text("this is not a model\n")
+    assert_one_line_error(run("layers", path), 2, "notes.onnx")
+
+
+def test_missing_file(tmp_path):
+    assert_one_line_error(run("layers", tmp_path / "nowhere.onnx"), 2, "nowhere.onnx")
+
+
+def test_model_without_conv(tmp_path):
+    path = models.save(models.no_conv_model(), tmp_path, "noconv")
+    assert_one_line_error(run("layers", path), 2, "no Conv")
+
+
+def test_unknown_layer_id(chain_path, tmp_path):
+    result = run("build", chain_path, "--float", "conv1,conv_99", "--out", tmp_path / "out", "--workdir", tmp_path)
+    assert_one_line_error(result, 2, "conv_99", "conv0", "conv2")
+
+
+def test_dynamic_input_needs_a_shape(tmp_path):
+    path = models.save(models.dynamic_input_model(), tmp_path, "dyn")
+    assert_one_line_error(run("layers", path), 2, "--input-shape")
+    result = run("layers", path, "--input-shape", "input=1,3,20,20", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["input_shape"] == [1, 3, 20, 20]
+
+
+def test_bad_input_shape_text(chain_path):
+    assert_one_line_error(run("layers", chain_path, "--input-shape", "input=1,x"), 2, "input_shape", "input=1,x")
+
+
+def test_unwritable_out_directory(chain_path, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run("build", chain_path, "--out", blocker / "sub", "--workdir", tmp_path)
+    assert_one_line_error(result, 2, "out")
