@@ -5,7 +5,7 @@ a float conv), so precsearch owns it.  The integer form is::
 
     acc   = conv2d(x_u8, w_s8, out_dtype="int32")          # exact
     acc   = acc + (b_q - zx·S)                             # bias and input zero point
-    y_u8  = clip(round(acc · sx·sw[c] / sy) + zy, 0, 255)  # requantize
+    y_u8  = clip(round(acc · sx·sw[c] / sy) + zy, 0, 255)  # requantize, in float64
 
 where ``S[c, y, x]`` is the sum of the weights of channel ``c`` that touch real
 (unpadded) input at output position ``(y, x)``.  conv2d pads with a literal 0
@@ -166,21 +166,25 @@ class Int8ConvRewrite:
         if np.abs(bias_int).max(initial=0) >= 2**31:
             raise CompileError("bias correction overflows int32", pass_name=PASS_NAME, layer_id=layer_id)
         acc = mutator.builder_.emit(relax.op.add(acc, relax.const(bias_int.astype(np.int32))), f"L{index}_acc_bias")
-        acc_f = mutator.builder_.emit(relax.op.astype(acc, "float32"), f"L{index}_acc_f32")
         real_scale = (x_scale * w_scale).reshape(1, -1, 1, 1)
         mutator.rewritten.add(index)
         if not quantize_out:
+            acc_f = mutator.builder_.emit(relax.op.astype(acc, "float32"), f"L{index}_acc_f32")
             return relax.op.multiply(acc_f, relax.const(real_scale.astype(np.float32)))
         y_scale = float(_scalar(params, matched[self.y_scale], "output scale", layer_id).reshape(-1)[0])
         y_zero_arr = _scalar(params, matched[self.y_zero], "output zero point", layer_id)
         if y_zero_arr.dtype != np.uint8:
             raise CompileError(f"output must be quantized to uint8, got {y_zero_arr.dtype}", pass_name=PASS_NAME,
                                layer_id=layer_id)
-        multiplier = (real_scale / y_scale).astype(np.float32)
-        scaled = mutator.builder_.emit(relax.op.round(relax.op.multiply(acc_f, relax.const(multiplier))),
+        # float64: acc·M is then exact to ~1e-16, so rounding is the exact rounding of
+        # the real value.  In float32 a product like -18.5000011 comes out as
+        # -18.4999990 and rounds the wrong way (seen on the real MobileNetV3).
+        acc_f = mutator.builder_.emit(relax.op.astype(acc, "float64"), f"L{index}_acc_f64")
+        multiplier = real_scale / y_scale
+        scaled = mutator.builder_.emit(relax.op.round(relax.op.multiply(acc_f, relax.const(multiplier, "float64"))),
                                        f"L{index}_scaled")
-        shifted = relax.op.add(scaled, relax.const(np.float32(int(y_zero_arr.reshape(-1)[0]))))
-        clipped = relax.op.minimum(relax.op.maximum(shifted, relax.const(np.float32(0))), relax.const(np.float32(255)))
+        shifted = relax.op.add(scaled, relax.const(float(int(y_zero_arr.reshape(-1)[0])), "float64"))
+        clipped = relax.op.minimum(relax.op.maximum(shifted, relax.const(0.0, "float64")), relax.const(255.0, "float64"))
         return relax.op.astype(clipped, "uint8")
 
 

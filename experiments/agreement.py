@@ -1,0 +1,81 @@
+"""How closely TVM builds of int8/float plans follow ONNX Runtime on the same QDQ model.
+
+For each packaged model and a few plans, builds the plan with precsearch and
+reports, on the check images, the fraction of output elements within one output
+quantization step of ORT running the QDQ model with graph optimizations
+disabled (the float-emulated reference), next to the same figure for ORT's own
+int8 kernels (its optimized session).  Writes results/agreement/<model>.csv.
+
+    python experiments/agreement.py [--images 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+from precsearch.compile import build_plan
+from precsearch.data import image_batches
+from precsearch.evaluate import agreement, run_ort
+from precsearch.model import load_model, resolve_model
+from precsearch.plan import parse_plan
+from precsearch.quantize import build_qdq_model, calibrate, output_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def plans_for(model) -> dict[str, str]:
+    ids = [layer.id for layer in model.layers]
+    return {
+        "all int8": "none",
+        "first and last conv float": f"{ids[0]},{ids[-1]}",
+        "every other conv float": ",".join(ids[1::2]),
+        "every third conv float": ",".join(ids[0::3]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=24, help="check images per model (default 24)")
+    parser.add_argument("--models", nargs="+", default=["mobilenetv3-textcls", "pplcnet-orientation"])
+    args = parser.parse_args()
+    out_dir = ROOT / "results" / "agreement"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        path, shapes, preset = resolve_model(name)
+        model = load_model(path, shapes)
+        ranges = calibrate(model, image_batches(model, preset, 8), cache_dir=ROOT / "precsearch-work" / "cache")
+        check = image_batches(model, preset, args.images, offset=8)
+        steps = output_steps(model, ranges)
+        rows = []
+        for label, spec in plans_for(model).items():
+            plan = parse_plan(spec, model)
+            qdq = build_qdq_model(model, ranges, plan)
+            started = time.perf_counter()
+            built = build_plan(model, qdq, plan.int8_ids(model))
+            build_s = time.perf_counter() - started
+            reference = run_ort(qdq, check)
+            tvm = [built.run(batch) for batch in check]
+            ort_int8 = run_ort(qdq, check, optimized=True)
+            for images in sorted({8, args.images}):
+                ours = agreement(reference[:images], tvm[:images], steps)
+                theirs = agreement(reference[:images], ort_int8[:images], steps)
+                rows.append({"model": name, "plan": label, "int8_convs": len(plan.int8_ids(model)),
+                             "images": images, "tvm_agreement": round(ours.fraction, 4),
+                             "tvm_max_error_steps": round(ours.max_error_steps, 2),
+                             "ort_int8_agreement": round(theirs.fraction, 4),
+                             "ort_int8_max_error_steps": round(theirs.max_error_steps, 2),
+                             "build_s": round(build_s, 1)})
+                print(f"{name:<22} {label:<27} {images:>3} images: TVM {ours.fraction:7.2%} "
+                      f"({ours.max_error_steps:5.2f} steps)  ORT int8 {theirs.fraction:7.2%} "
+                      f"({theirs.max_error_steps:5.2f} steps)  build {build_s:5.1f} s", flush=True)
+        with open(out_dir / f"{name}.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
