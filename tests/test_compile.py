@@ -9,7 +9,6 @@ from onnx import numpy_helper
 import models
 from precsearch.compile import CompileOptions, LoadedLibrary, build_plan
 from precsearch.compile import _build, _int8_rewrite
-from precsearch.compile._importer import import_qdq_model
 from precsearch.data import image_batches
 from precsearch.errors import CompileError, VerificationError
 from precsearch.evaluate import agreement, max_relative_error, run_ort

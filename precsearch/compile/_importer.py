@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -19,6 +20,9 @@ from onnx import numpy_helper
 from ..errors import CompileError
 from ..model import LoadedModel
 from ._trace import tvm_error_line
+
+if TYPE_CHECKING:
+    import tvm
 
 WEIGHT_PREFIX = "ps_w"
 _WEIGHT_NAME = re.compile(rf"^{WEIGHT_PREFIX}(\d+)$")
@@ -30,7 +34,7 @@ PASS_NAME = "precsearch.Import"
 class ImportedModel:
     """A Relax module whose conv weights are parameters named ``ps_w<index>``."""
 
-    mod: "tvm.IRModule"  # noqa: F821 - tvm is imported lazily by callers
+    mod: "tvm.IRModule"
     params: dict[str, np.ndarray]  # every parameter of ``main`` beyond the inputs, by name
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]

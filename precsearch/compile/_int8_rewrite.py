@@ -253,11 +253,11 @@ class _Rewriter(relax.PyExprMutator):
 
 def _check_nothing_left(rewrite: Int8ConvRewrite, mod: tvm.IRModule) -> None:
     """Raise if a quantized conv survived: a silent float fallback is the worst outcome."""
+    var2val = relax.analysis.get_var2val(mod["main"])
     for binding in _bindings(mod["main"]):
         value = binding.value
         if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.nn.conv2d":
             weight = value.args[1]
-            var2val = relax.analysis.get_var2val(mod["main"])
             source = var2val.get(weight, weight)
             if isinstance(source, relax.Call) and getattr(source.op, "name", "") == "relax.dequantize":
                 name = getattr(source.args[0], "name", "?")

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import tvm
 from tvm import relax, te, topi
 
 from ..errors import CompileError
@@ -217,7 +216,7 @@ def make_conv_legalizer(layer_ids, decisions: dict[int, LayerLayout]):
     return legalize
 
 
-def unpack_kernel(kernel: np.ndarray, layout: str, int8: bool, groups: int) -> np.ndarray:
+def unpack_kernel(kernel: np.ndarray, layout: str) -> np.ndarray:
     """Undo the packing of a built kernel constant, back to OIHW (for verification)."""
     if layout == "NCHW":
         return kernel

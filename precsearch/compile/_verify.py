@@ -192,7 +192,7 @@ class VerifyPlan:
             seen[index] = precision
             args = call.args[1].fields
             self._check_dtypes(args, call, precision, layer_id)
-            built = unpack_kernel(self._weight_constant(args[1], var2val, layer_id), layout, precision == "int8", 1)
+            built = unpack_kernel(self._weight_constant(args[1], var2val, layer_id), layout)
             reference = (self.imported.int8_weights if precision == "int8" else self.imported.float_weights).get(index)
             if reference is None:
                 raise VerificationError(f"built {precision} but the QDQ model has no {precision} weights for it",
