@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--float-layout", choices=["blocked", "nchw"], default="blocked",
                        help="layout of float convs (default blocked where the shape allows)")
     build.add_argument("--threads", type=int, default=2, help="cores for the target (default 2)")
+    build.add_argument("--requant", choices=["float64", "float32"], default="float64",
+                       help="int8 requantization arithmetic: float64 rounds exactly (default), float32 is faster")
     return parser
 
 
@@ -110,7 +112,7 @@ def _cmd_build(args) -> int:
     model, preset = _load(args)
     plan = parse_plan(args.float_ids, model)
     options = CompileOptions(block_size=args.block_size, float_blocked=args.float_layout == "blocked",
-                             threads=args.threads)
+                             threads=args.threads, requant_dtype=args.requant)
     preset = args.preset or preset
     out_dir = _writable_dir(args.out, "out")
     cache_dir = _writable_dir(args.workdir / "cache", "workdir")

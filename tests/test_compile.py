@@ -247,3 +247,15 @@ def test_target_is_the_host_cpu():
     target = _build.host_target(2)
     assert target.attrs["mcpu"] not in ("", "generic")
     assert int(target.attrs["num-cores"]) == 2
+
+
+def test_float32_requantization_builds_and_agrees(chain):
+    plan, qdq, built = chain.build("conv1", options=CompileOptions(requant_dtype="float32"))
+    assert chain.agreement(qdq, built).fraction >= 0.999
+
+
+def test_bad_compile_options_are_named():
+    with pytest.raises(ValueError, match="requant_dtype"):
+        CompileOptions(requant_dtype="int16")
+    with pytest.raises(ValueError, match="block_size"):
+        CompileOptions(block_size=12)

@@ -41,6 +41,9 @@ class CompileOptions:
         Whether float / int8 convs run blocked where their shape allows.
     threads : int
         Cores the target may use (``num-cores``).
+    requant_dtype : {"float64", "float32"}
+        Arithmetic of int8 requantization: float64 rounds exactly; float32 is
+        faster but rounds some near-ties (within ~1e-6 of .5) the other way.
     """
 
     target: dict | str | None = None
@@ -48,8 +51,12 @@ class CompileOptions:
     float_blocked: bool = True
     int8_blocked: bool = True
     threads: int = 2
+    requant_dtype: str = "float64"
 
     def __post_init__(self):
+        if self.requant_dtype not in ("float64", "float32"):
+            raise ConfigError(f"The 'requant_dtype' parameter of compile must be 'float64' or 'float32'; "
+                              f"got {self.requant_dtype!r} instead.")
         if self.block_size is not None and self.block_size not in (4, 8, 16, 32):
             raise ConfigError(f"The 'block_size' parameter of compile must be one of 4, 8, 16, 32 or None; "
                               f"got {self.block_size!r} instead.")
@@ -172,7 +179,7 @@ def build_plan(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
     verify = VerifyPlan(imported, layer_ids, int8_indices, float_indices)
     pipeline = tvm.transform.Sequential(
         [
-            Int8ConvRewrite(imported, layer_ids),
+            Int8ConvRewrite(imported, layer_ids, options.requant_dtype),
             LowerQDQ(imported.params),
             relax.transform.ConvertLayout({}, layout_callback(decisions)),
             relax.transform.Normalize(),

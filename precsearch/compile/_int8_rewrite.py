@@ -5,7 +5,7 @@ a float conv), so precsearch owns it.  The integer form is::
 
     acc   = conv2d(x_u8, w_s8, out_dtype="int32")          # exact
     acc   = acc + (b_q - zx·S)                             # bias and input zero point
-    y_u8  = clip(round(acc · sx·sw[c] / sy) + zy, 0, 255)  # requantize, in float64
+    y_u8  = clip(round(acc · sx·sw[c] / sy) + zy, 0, 255)  # requantize, float64 by default
 
 where ``S[c, y, x]`` is the sum of the weights of channel ``c`` that touch real
 (unpadded) input at output position ``(y, x)``.  conv2d pads with a literal 0
@@ -72,8 +72,9 @@ class Int8ConvRewrite:
         Layer id by index, for error messages and names.
     """
 
-    def __init__(self, imported: ImportedModel, layer_ids):
+    def __init__(self, imported: ImportedModel, layer_ids, requant_dtype: str = "float64"):
         self.imported = imported
+        self.requant_dtype = requant_dtype
         self.layer_ids = tuple(layer_ids)
         self.rewritten: list[int] = []
         self.x_q, self.x_scale, self.x_zero = wildcard(), wildcard(), wildcard()
@@ -176,15 +177,17 @@ class Int8ConvRewrite:
         if y_zero_arr.dtype != np.uint8:
             raise CompileError(f"output must be quantized to uint8, got {y_zero_arr.dtype}", pass_name=PASS_NAME,
                                layer_id=layer_id)
-        # float64: acc·M is then exact to ~1e-16, so rounding is the exact rounding of
-        # the real value.  In float32 a product like -18.5000011 comes out as
-        # -18.4999990 and rounds the wrong way (seen on the real MobileNetV3).
-        acc_f = mutator.builder_.emit(relax.op.astype(acc, "float64"), f"L{index}_acc_f64")
+        # float64 (the default): acc·M is then exact to ~1e-16, so rounding is the
+        # exact rounding of the real value.  In float32 a product like -18.5000011
+        # comes out as -18.4999990 and rounds the wrong way (seen on the real
+        # MobileNetV3); float32 is offered because untuned it ran 2.3x faster.
+        dtype = self.requant_dtype
+        acc_f = mutator.builder_.emit(relax.op.astype(acc, dtype), f"L{index}_acc_{dtype}")
         multiplier = real_scale / y_scale
-        scaled = mutator.builder_.emit(relax.op.round(relax.op.multiply(acc_f, relax.const(multiplier, "float64"))),
+        scaled = mutator.builder_.emit(relax.op.round(relax.op.multiply(acc_f, relax.const(multiplier, dtype))),
                                        f"L{index}_scaled")
-        shifted = relax.op.add(scaled, relax.const(float(int(y_zero_arr.reshape(-1)[0])), "float64"))
-        clipped = relax.op.minimum(relax.op.maximum(shifted, relax.const(0.0, "float64")), relax.const(255.0, "float64"))
+        shifted = relax.op.add(scaled, relax.const(float(int(y_zero_arr.reshape(-1)[0])), dtype))
+        clipped = relax.op.minimum(relax.op.maximum(shifted, relax.const(0.0, dtype)), relax.const(255.0, dtype))
         return relax.op.astype(clipped, "uint8")
 
 
