@@ -119,3 +119,12 @@ def test_unwritable_out_directory(chain_path, tmp_path):
     blocker.write_text("")
     result = run("build", chain_path, "--out", blocker / "sub", "--workdir", tmp_path)
     assert_one_line_error(result, 2, "out")
+
+
+def test_build_dynamic_input_model_with_input_shape(tmp_path):
+    path = models.save(models.dynamic_input_model(), tmp_path, "dyn")
+    result = run("build", path, "--input-shape", "input=1,3,20,20", "--out", tmp_path / "out", "--check", "--json",
+                 "--workdir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["inputs"] == {"input": [1, 3, 20, 20]} and summary["agreement"] >= 0.999

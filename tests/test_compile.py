@@ -259,3 +259,12 @@ def test_bad_compile_options_are_named():
         CompileOptions(requant_dtype="int16")
     with pytest.raises(ValueError, match="block_size"):
         CompileOptions(block_size=12)
+
+
+def test_constant_weights_and_unfused_batchnorm_build(tmp_path):
+    case = Case(models.constant_weights_model(), tmp_path, "constant_weights")
+    for spec in ("none", "conv0"):
+        plan, qdq, built = case.build(spec)
+        assert case.agreement(qdq, built).fraction >= 0.999
+    # The BatchNorm was folded into the conv before quantization: no float BN runs between int8 convs.
+    assert "BatchNormalization" not in {node.op_type for node in case.model.proto.graph.node}
