@@ -1,0 +1,73 @@
+"""Tracing a disagreement with ONNX Runtime to a rounding near-tie or to a compiler problem."""
+
+import pytest
+
+import models
+from precsearch.compile import _int8_rewrite, build_plan
+from precsearch.crosscheck import AGREES, COMPILER_PROBLEM, cross_check, exact_conv_value
+from precsearch.data import image_batches
+from precsearch.evaluate import agreement, run_ort
+from precsearch.model import load_model
+from precsearch.plan import parse_plan
+from precsearch.quantize import build_qdq_model, calibrate, output_steps
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    model = load_model(models.save(models.chain_model(), tmp_path_factory.mktemp("x"), "chain"))
+    ranges = calibrate(model, image_batches(model, None, 8))
+    return model, ranges, image_batches(model, None, 4, offset=8)
+
+
+def _check(model, ranges, batches, spec="none"):
+    plan = parse_plan(spec, model)
+    qdq = build_qdq_model(model, ranges, plan)
+    built = build_plan(model, qdq, plan.int8_ids(model))
+    steps = output_steps(model, ranges)
+    outputs = [built.run(batch) for batch in batches]
+    result = agreement(run_ort(qdq, batches), outputs, steps)
+    return cross_check(model, qdq, plan.int8_ids(model), batches, result, outputs, steps)
+
+
+def test_a_correct_build_agrees(chain):
+    traced = _check(*chain)
+    assert traced.verdict == AGREES and traced.divergences == ()
+
+
+def test_a_wrong_requantization_scale_is_a_compiler_problem_named_at_its_conv(chain, monkeypatch):
+    original_scalar = _int8_rewrite._scalar
+
+    def wrong_output_scale(params, expr, what, layer_id):
+        value = original_scalar(params, expr, what, layer_id)
+        return value * 1.25 if (what == "output scale" and layer_id == "conv1") else value
+
+    monkeypatch.setattr(_int8_rewrite, "_scalar", wrong_output_scale)
+    traced = _check(*chain)
+    assert traced.verdict == COMPILER_PROBLEM
+    assert traced.agreement.fraction < 0.999
+    first = traced.divergences[0]
+    assert first.producer == "conv1" and first.op_type == "Conv"
+    assert first.exact is False and first.tie_distance > 0.01
+    assert "compiler problem" in traced.summary() and "conv1" in traced.summary()
+
+
+def test_exact_conv_value_matches_ort_float_conv_away_from_ties(chain):
+    model, ranges, batches = chain
+    qdq = build_qdq_model(model, ranges, parse_plan("none", model))
+    import copy
+
+    import onnx
+    from onnx import numpy_helper
+
+    probe = copy.deepcopy(qdq)
+    conv = next(node for node in probe.graph.node if node.name == "conv1")
+    producers = {out: node for node in probe.graph.node for out in node.output}
+    quantize = next(n for n in probe.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == conv.output[0])
+    for name in (producers[conv.input[0]].input[0], conv.output[0]):
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    tensors = run_ort(probe, batches[:1])[0]
+    initializers = {init.name: numpy_helper.to_array(init) for init in probe.graph.initializer}
+    y_scale = float(initializers[quantize.input[1]])
+    for element in [(0, 0, 0, 0), (0, 5, 7, 3), (0, 15, 15, 15)]:
+        exact, _ = exact_conv_value(conv, initializers, producers, tensors, element)
+        assert exact == pytest.approx(float(tensors[conv.output[0]][element]) / y_scale, abs=1e-3)
