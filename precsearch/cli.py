@@ -51,8 +51,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="run the library on real inputs against ONNX Runtime on the same QDQ model")
     build.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"],
                        help="ONNX Runtime calibrator (default minmax)")
-    build.add_argument("--calibration-batches", type=int, default=8, help="batches of packaged images to calibrate on")
-    build.add_argument("--check-batches", type=int, default=8, help="batches of other images for --check")
+    build.add_argument("--data", default="samples",
+                       help="calibration and check inputs: an image folder, a .npy/.npz file, or 'samples' "
+                            "(images that ship in packages; default)")
+    build.add_argument("--calibration-batches", type=int, default=8, help="batches to calibrate on (default 8)")
+    build.add_argument("--check-batches", type=int, default=8,
+                       help="batches for --check, never ones used for calibration (default 8)")
     build.add_argument("--preset", default=None, help="preprocessing preset (default: the packaged model's, else imagenet)")
     build.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache directory (default ./precsearch-work)")
     build.add_argument("--block-size", type=int, default=None, help="NCHW<b>c block (default: 16 or 8, by MACs)")
@@ -103,7 +107,7 @@ def _status(message: str, quiet: bool) -> None:
 def _cmd_build(args) -> int:
     from .compile import CompileOptions, LoadedLibrary, build_plan
     from .crosscheck import COMPILER_PROBLEM, cross_check
-    from .data import image_batches
+    from .data import load_batches, split_batches
     from .evaluate import agreement, run_ort
     from .plan import parse_plan
     from .quantize import build_qdq_model, calibrate, output_steps
@@ -117,8 +121,12 @@ def _cmd_build(args) -> int:
     out_dir = _writable_dir(args.out, "out")
     cache_dir = _writable_dir(args.workdir / "cache", "workdir")
 
-    _status(f"calibrating ({args.calibration}, {args.calibration_batches} batches of packaged images)...", quiet)
-    calibration_batches = image_batches(model, preset, args.calibration_batches, offset=0)
+    if args.check:
+        calibration_batches, check_batches = split_batches(model, args.data, preset, args.calibration_batches,
+                                                           args.check_batches)
+    else:
+        calibration_batches = load_batches(model, args.data, preset, count=args.calibration_batches)
+    _status(f"calibrating ({args.calibration}, {len(calibration_batches)} batches of {args.data})...", quiet)
     ranges = calibrate(model, calibration_batches, args.calibration, cache_dir=cache_dir)
     qdq = build_qdq_model(model, ranges, plan)
     int8_ids = plan.int8_ids(model)
@@ -147,8 +155,7 @@ def _cmd_build(args) -> int:
         summary["dump_ir"] = {"dir": str(args.dump_ir), "files": len(built.dump_files)}
     exit_code = 0
     if args.check:
-        _status(f"checking against ONNX Runtime on {args.check_batches} batches of other images...", quiet)
-        check_batches = image_batches(model, preset, args.check_batches, offset=args.calibration_batches)
+        _status(f"checking against ONNX Runtime on {len(check_batches)} batches not used for calibration...", quiet)
         reference = run_ort(qdq, check_batches, optimized=False)
         loaded = LoadedLibrary(library, built.input_names, built.output_names)
         candidate = [loaded.run(batch) for batch in check_batches]

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from precsearch.data import data_hash
 from precsearch.errors import DataError
+
+if TYPE_CHECKING:
+    from precsearch.model import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +75,97 @@ def run_ort(
     session = ort_session(proto, optimized=optimized)
     names = [out.name for out in session.get_outputs()]
     return [dict(zip(names, session.run(names, batch))) for batch in batches]
+
+
+# The float reference runs ORT's optimized session (ORT_ENABLE_ALL): on a float
+# model its fusions are exact rewrites up to float32 summation order, and it is
+# what a user deploying the float model would run.  Part of the cache key.
+REFERENCE_OPTIMIZED = True
+_REFERENCE_NAMES = "__output_names__"
+
+
+def reference_key(model: LoadedModel, batches: Sequence[dict[str, np.ndarray]]) -> str:
+    """Cache key of the float reference: model, data, ORT version (and session level).
+
+    Returns
+    -------
+    str
+        16 hex characters.
+    """
+    level = "optimized" if REFERENCE_OPTIMIZED else "plain"
+    text = "|".join((model.sha256, data_hash(batches), ort.__version__, level))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def reference_outputs(
+    model: LoadedModel, batches: Sequence[dict[str, np.ndarray]], cache_dir: Path | None = None
+) -> list[dict[str, np.ndarray]]:
+    """The float model's ONNX Runtime outputs on ``batches``, computed once.
+
+    The reference is the prepared float model (``model.proto``) run by ORT's
+    optimized CPU session (see :data:`REFERENCE_OPTIMIZED`).  With a
+    ``cache_dir`` the outputs are stored as ``reference-<key>.npz``
+    (:func:`reference_key`) and a later call with the same model, data and ORT
+    version loads them without creating a session.  A cache file that cannot
+    be read or does not match the batches is recomputed and rewritten, with a
+    warning.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    batches : sequence of dict
+        ``{input_name: array}`` per batch.
+    cache_dir : Path, optional
+
+    Returns
+    -------
+    list of dict
+        ``{output_name: array}`` per batch, in the model's output order.
+    """
+    if not batches:
+        raise DataError("The 'batches' parameter of reference_outputs must hold at least one batch; got none.")
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = Path(cache_dir) / f"reference-{reference_key(model, batches)}.npz"
+        if cache_path.is_file():
+            try:
+                outputs = _read_reference(cache_path, len(batches))
+                logger.info("reference: cache hit %s", cache_path)
+                return outputs
+            except Exception as exc:  # zipfile, numpy and our own checks raise various types
+                text = str(exc).strip().splitlines()
+                logger.warning(
+                    "reference: ignoring the unreadable cache file %s (%s); recomputing",
+                    cache_path,
+                    text[0] if text else type(exc).__name__,
+                )
+    logger.info("reference: running the float model on %d batches", len(batches))
+    outputs = run_ort(model.proto, batches, optimized=REFERENCE_OPTIMIZED)
+    if cache_path is not None:
+        _write_reference(cache_path, outputs)
+        logger.info("reference: wrote %s", cache_path)
+    return outputs
+
+
+def _write_reference(path: Path, outputs: list[dict[str, np.ndarray]]) -> None:
+    names = list(outputs[0])
+    arrays = {f"{b}:{i}": batch[name] for b, batch in enumerate(outputs) for i, name in enumerate(names)}
+    arrays[_REFERENCE_NAMES] = np.array(names, dtype=str)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_suffix(".tmp")
+    tmp_path.write_bytes(buffer.getvalue())
+    tmp_path.replace(path)  # atomic: a crashed run never leaves half a cache file
+
+
+def _read_reference(path: Path, batch_count: int) -> list[dict[str, np.ndarray]]:
+    with np.load(path, allow_pickle=False) as archive:
+        names = [str(n) for n in archive[_REFERENCE_NAMES]]
+        expected = {f"{b}:{i}" for b in range(batch_count) for i in range(len(names))} | {_REFERENCE_NAMES}
+        if set(archive.files) != expected:
+            raise ValueError(f"it holds {len(archive.files) - 1} arrays, not {batch_count} batches of {names}")
+        return [{name: archive[f"{b}:{i}"] for i, name in enumerate(names)} for b in range(batch_count)]
 
 
 @dataclass(frozen=True)

@@ -128,3 +128,32 @@ def test_build_dynamic_input_model_with_input_shape(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["inputs"] == {"input": [1, 3, 20, 20]} and summary["agreement"] >= 0.999
+
+
+def test_build_with_an_image_folder(tmp_path):
+    from PIL import Image
+
+    path = models.save(models.kinds_model(), tmp_path, "kinds")  # one 3-channel 16x16 image input
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = __import__("numpy").random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (24, 30, 3), dtype="uint8")).save(folder / f"img{i:02d}.png")
+    result = run("build", path, "--data", folder, "--calibration-batches", 6, "--check-batches", 4, "--check",
+                 "--json", "--out", tmp_path / "out", "--workdir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    outputs = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph.output
+    per_batch = sum(int(__import__("numpy").prod([d.dim_value for d in out.type.tensor_type.shape.dim]))
+                    for out in outputs)
+    assert summary["checked_elements"] == 4 * per_batch and summary["agreement"] >= 0.999
+    too_many = run("build", path, "--data", folder, "--calibration-batches", 8, "--check-batches", 4, "--check",
+                   "--out", tmp_path / "out", "--workdir", tmp_path)
+    assert_one_line_error(too_many, 2, "images", "10")
+
+
+def test_build_with_an_empty_data_folder(tmp_path):
+    path = models.save(models.kinds_model(), tmp_path, "kinds")
+    (tmp_path / "empty").mkdir()
+    result = run("build", path, "--data", tmp_path / "empty", "--out", tmp_path / "out", "--workdir", tmp_path)
+    assert_one_line_error(result, 2, "empty")

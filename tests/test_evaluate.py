@@ -1,10 +1,22 @@
+import logging
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 import models
+from precsearch.data import image_batches
 from precsearch.errors import DataError
-from precsearch.evaluate import Agreement, agreement, max_relative_error, ort_session, run_ort
+from precsearch.evaluate import (
+    Agreement,
+    agreement,
+    max_relative_error,
+    ort_session,
+    reference_key,
+    reference_outputs,
+    run_ort,
+)
+from precsearch.model import load_model
 
 
 def test_agreement_counts_elements_within_one_step():
@@ -51,3 +63,65 @@ def test_sessions_and_runs():
     assert len(plain) == 3 and set(plain[0]) == {"logits"} and plain[0]["logits"].shape == (1, 10)
     assert not np.array_equal(plain[0]["logits"], plain[1]["logits"])
     assert max_relative_error(plain, fast) < 1e-5
+
+
+@pytest.fixture
+def counted_sessions(monkeypatch):
+    """Counts every ORT session created from now on."""
+    created = []
+    real = ort.InferenceSession
+
+    def counting(*args, **kwargs):
+        created.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", counting)
+    return created
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    return load_model(models.save(models.chain_model(), tmp_path_factory.mktemp("m"), "chain"))
+
+
+def test_reference_outputs_are_computed_once(chain, tmp_path, counted_sessions):
+    batches = image_batches(chain, None, count=3)
+    first = reference_outputs(chain, batches, cache_dir=tmp_path)
+    assert len(counted_sessions) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [f"reference-{reference_key(chain, batches)}.npz"]
+    expected = run_ort(chain.proto, batches, optimized=True)
+    for got, want in zip(first, expected):
+        assert list(got) == ["logits"] and np.array_equal(got["logits"], want["logits"])
+    del counted_sessions[:]
+    second = reference_outputs(chain, batches, cache_dir=tmp_path)
+    assert counted_sessions == []  # loaded from the file: no session at all
+    assert all(np.array_equal(a["logits"], b["logits"]) and a["logits"].dtype == b["logits"].dtype for a, b in zip(first, second))
+    # Other data, other key, other file.
+    other = image_batches(chain, None, count=3, offset=3)
+    assert reference_key(chain, other) != reference_key(chain, batches)
+    reference_outputs(chain, other, cache_dir=tmp_path)
+    assert len(counted_sessions) == 1 and len(list(tmp_path.glob("reference-*.npz"))) == 2
+    # Without a cache directory nothing is written.
+    assert len(reference_outputs(chain, batches)) == 3
+
+
+def test_corrupt_reference_cache_is_recomputed_with_a_warning(chain, tmp_path, caplog, counted_sessions):
+    batches = image_batches(chain, None, count=2)
+    path = tmp_path / f"reference-{reference_key(chain, batches)}.npz"
+    expected = reference_outputs(chain, batches, cache_dir=tmp_path)
+    good = path.read_bytes()
+    short = {"0:0": expected[0]["logits"], "__output_names__": np.array(["logits"])}  # one batch of two
+    for corrupt in (lambda: path.write_bytes(b"not an npz"), lambda: path.write_bytes(good[: len(good) // 2]), lambda: np.savez(path, **short)):
+        corrupt()
+        del counted_sessions[:]
+        with caplog.at_level(logging.WARNING, logger="precsearch.evaluate"):
+            got = reference_outputs(chain, batches, cache_dir=tmp_path)
+        assert f"ignoring the unreadable cache file {path}" in caplog.text and len(counted_sessions) == 1
+        assert np.array_equal(got[1]["logits"], expected[1]["logits"])
+        caplog.clear()
+        # The rewritten file is good again.
+        del counted_sessions[:]
+        assert np.array_equal(reference_outputs(chain, batches, cache_dir=tmp_path)[1]["logits"], expected[1]["logits"])
+        assert counted_sessions == []
+    with pytest.raises(DataError, match="at least one batch"):
+        reference_outputs(chain, [])
