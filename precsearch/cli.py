@@ -65,6 +65,22 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--threads", type=int, default=2, help="cores for the target (default 2)")
     build.add_argument("--requant", choices=["float64", "float32"], default="float64",
                        help="int8 requantization arithmetic: float64 rounds exactly (default), float32 is faster")
+    sensitivity = commands.add_parser(
+        "sensitivity", help="rank conv layers by the fidelity they cost as int8 and the latency they save")
+    add_model(sensitivity)
+    sensitivity.add_argument("--data", default="samples", help="inputs, as for build (default: packaged samples)")
+    sensitivity.add_argument("--metric", default=None,
+                             help="ranking metric: top1, top5, cosine, sqnr_db, nmse, max_abs_error "
+                                  "(default: top1 for a classifier output, else sqnr_db)")
+    sensitivity.add_argument("--calibration-batches", type=int, default=8)
+    sensitivity.add_argument("--eval-batches", type=int, default=8, help="evaluation batches, disjoint from calibration")
+    sensitivity.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"])
+    sensitivity.add_argument("--preset", default=None)
+    sensitivity.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                             help="where sensitivity.csv and the caches go (default ./precsearch-work)")
+    sensitivity.add_argument("--no-latency", action="store_true",
+                             help="skip the 1+N TVM builds that measure the latency each layer saves")
+    sensitivity.add_argument("--threads", type=int, default=2)
     return parser
 
 
@@ -187,6 +203,46 @@ def _cmd_build(args) -> int:
     return exit_code
 
 
+def _cmd_sensitivity(args) -> int:
+    from .compile import CompileOptions
+    from .data import split_batches
+    from .evaluate import reference_outputs
+    from .metrics import default_metric, validate_metric
+    from .quantize import calibrate
+    from .sensitivity import run_sensitivity, to_frame, write_csv
+
+    quiet = args.json
+    model, preset = _load(args)
+    shapes = {out.name: [d.dim_value for d in out.type.tensor_type.shape.dim] for out in model.proto.graph.output}
+    metric = validate_metric(args.metric, next(iter(shapes.values()))) if args.metric else default_metric(shapes)
+    workdir = _writable_dir(args.workdir, "workdir")
+    calibration_batches, eval_batches = split_batches(model, args.data, args.preset or preset,
+                                                      args.calibration_batches, args.eval_batches)
+    ranges = calibrate(model, calibration_batches, args.calibration, cache_dir=workdir / "cache")
+    reference = reference_outputs(model, eval_batches, cache_dir=workdir / "cache")
+    started = time.perf_counter()
+
+    def progress(done: int, total: int, layer_id: str) -> None:
+        elapsed = time.perf_counter() - started
+        left = elapsed / done * (total - done)
+        _status(f"[{done}/{total}] {layer_id}  {elapsed:.0f} s elapsed, ~{left:.0f} s left", quiet)
+
+    rows = run_sensitivity(model, ranges, eval_batches, reference, measure_latency=not args.no_latency,
+                           options=CompileOptions(threads=args.threads), threads=args.threads, progress=progress)
+    frame = to_frame(rows, metric)
+    path = write_csv(frame, workdir)
+    if args.json:
+        print(json.dumps({"metric": metric, "csv": str(path), "layers": json.loads(frame.to_json(orient="records"))},
+                         indent=1))
+        return 0
+    columns = ["rank", "id", f"only_int8.{metric}", f"only_float.{metric}", "latency_saved_ms"]
+    if metric != "sqnr_db":
+        columns.insert(4, "only_int8.sqnr_db")
+    print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"most sensitive first, by {metric} with only that layer int8; written to {path}")
+    return 0
+
+
 def _table_rows(model, built) -> list[dict]:
     rows = {row.index: row.to_dict() for row in built.rows}
     table = []
@@ -240,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     try:
-        code = {"layers": _cmd_layers, "build": _cmd_build}[args.command](args)
+        code = {"layers": _cmd_layers, "build": _cmd_build, "sensitivity": _cmd_sensitivity}[args.command](args)
     except CompileError as exc:
         print(f"precsearch: build failed: {_first_line(exc)}", file=sys.stderr)
         return EXIT_BUILD_FAILED

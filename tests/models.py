@@ -107,6 +107,24 @@ def chain_model(channels: tuple[int, ...] = (8, 16, 16, 16), size: int = 16, cla
     return b.model("chain", [_input(channels[0], size)], [_output([1, classes], "logits")])
 
 
+def fragile_model(size: int = 16, seed: int = 8):
+    """chain_model whose conv1 breaks under int8: a huge weight on an input channel that is always 0.
+
+    conv0's output channel 0 is identically zero (zero weights and bias), so the
+    50.0 weights conv1 applies to it change nothing in float, but they set conv1's
+    per-channel weight scale to 50/127 and every ordinary weight rounds to 0 or ±0.39.
+    """
+    proto = chain_model(size=size, seed=seed)
+    arrays = {init.name: numpy_helper.to_array(init).copy() for init in proto.graph.initializer}
+    arrays["conv0.weight"][0] = 0.0
+    arrays["conv0.bias"][0] = 0.0
+    arrays["conv1.weight"][:, 0] = 50.0
+    for init in proto.graph.initializer:
+        if init.name in ("conv0.weight", "conv0.bias", "conv1.weight"):
+            init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
+    return proto
+
+
 def residual_model(channels: int = 16, size: int = 16, seed: int = 1):
     """conv0-relu feeds conv1-relu and conv2; Add(relu(conv1), conv2) -> Relu -> conv3.
 

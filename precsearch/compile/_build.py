@@ -109,11 +109,15 @@ class BuiltPlan:
         self.executable.export_library(str(path))
         return path
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch; outputs by ONNX output name."""
+    def virtual_machine(self):
+        """The Relax VM running this plan on the CPU (created once)."""
         if self._vm is None:
             self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
-        return _run_vm(self._vm, self.input_names, self.output_names, inputs)
+        return self._vm
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch; outputs by ONNX output name."""
+        return _run_vm(self.virtual_machine(), self.input_names, self.output_names, inputs)
 
 
 class LoadedLibrary:
@@ -127,6 +131,10 @@ class LoadedLibrary:
         self.input_names = tuple(input_names)
         self.output_names = tuple(output_names)
         self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.path)), tvm.cpu())
+
+    def virtual_machine(self):
+        """The Relax VM running the library on the CPU."""
+        return self._vm
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _run_vm(self._vm, self.input_names, self.output_names, inputs)

@@ -1,0 +1,63 @@
+"""Multi-fidelity evaluation: a plan that cannot reach the goal stops after the first batches."""
+
+import numpy as np
+import pytest
+
+from precsearch.errors import ConfigError
+from precsearch.fidelity import evaluate_plan
+
+
+def _batches(n, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"logits": rng.normal(size=(1, classes)).astype(np.float32)} for _ in range(n)]
+
+
+class Counting:
+    def __init__(self, outputs):
+        self.outputs = outputs
+        self.seen = 0
+
+    def __call__(self, batches):
+        start = self.seen
+        self.seen += len(batches)
+        return self.outputs[start:start + len(batches)]
+
+
+def test_identical_plan_runs_everything():
+    reference = _batches(10)
+    run = Counting(reference)
+    result = evaluate_plan(run, reference, [{"x": np.zeros((1, 1))}] * 10, "top1", goal=0.99, first_batches=4)
+    assert run.seen == 10 and not result.stopped_early and result.values["top1"] == 1.0
+
+
+def test_hopeless_plan_stops_after_the_subset():
+    reference = _batches(10)
+    wrong = [{"logits": -batch["logits"]} for batch in reference]  # top-1 flips on every sample
+    run = Counting(wrong)
+    result = evaluate_plan(run, reference, [{"x": np.zeros((1, 1))}] * 10, "top1", goal=0.99, first_batches=4)
+    assert run.seen == 4 and result.stopped_early and result.batches_used == 4
+    assert result.values["top1"] == 0.0
+
+
+def test_top1_stop_is_exact_not_a_guess():
+    # 3 of 4 agree on the subset: 9/10 is still possible, so a 0.9 goal must run everything.
+    reference = _batches(10)
+    candidate = [dict(batch) for batch in reference]
+    candidate[0] = {"logits": -reference[0]["logits"]}
+    run = Counting(candidate)
+    result = evaluate_plan(run, reference, [{"x": np.zeros((1, 1))}] * 10, "top1", goal=0.9, first_batches=4)
+    assert run.seen == 10 and not result.stopped_early and result.values["top1"] == pytest.approx(0.9)
+
+
+def test_sqnr_stops_only_beyond_its_margin():
+    reference = _batches(8, classes=16)
+    noisy = [{"logits": batch["logits"] * 1.5} for batch in reference]  # SQNR = 20*log10(1/0.5) ≈ 6.0 dB
+    stopped = evaluate_plan(Counting(noisy), reference, [{}] * 8, "sqnr_db", goal=20.0, first_batches=2)
+    assert stopped.stopped_early and stopped.values["sqnr_db"] == pytest.approx(6.02, abs=0.01)
+    kept = evaluate_plan(Counting(noisy), reference, [{}] * 8, "sqnr_db", goal=8.0, first_batches=2)
+    assert not kept.stopped_early
+
+
+def test_unknown_metric():
+    with pytest.raises(ConfigError, match="'metric'"):
+        evaluate_plan(lambda b: b, [{}], [{}], "accuracy")

@@ -1,0 +1,33 @@
+"""Latency measurement: same settings for every backend, numbers summarized the same way."""
+
+import numpy as np
+import pytest
+
+import models
+from precsearch.compile import build_plan
+from precsearch.errors import ConfigError
+from precsearch.measure import measure_library, measure_onnxruntime, summarize
+from precsearch.model import load_model
+
+
+def test_summarize_median_and_iqr():
+    latency = summarize([0.001, 0.002, 0.003, 0.004, 0.005], backend="x", warmup=2, threads=2)
+    assert latency.median_ms == pytest.approx(3.0)
+    assert latency.iqr_ms == pytest.approx(2.0)
+    assert (latency.runs, latency.threads, latency.warmup) == (5, 2, 2)
+
+
+def test_tvm_and_ort_measured_alike(tmp_path):
+    model = load_model(models.save(models.chain_model(), tmp_path, "chain"))
+    built = build_plan(model, model.proto, [])
+    inputs = {"input": np.ones((1, 8, 16, 16), dtype=np.float32)}
+    tvm_latency = measure_library(built, inputs, threads=1, warmup=2, repeats=5)
+    ort_latency = measure_onnxruntime(model.proto, inputs, threads=1, warmup=2, repeats=5)
+    for latency in (tvm_latency, ort_latency):
+        assert latency.median_ms > 0 and latency.iqr_ms >= 0 and latency.runs == 5 and latency.threads == 1
+    assert (tvm_latency.backend, ort_latency.backend) == ("tvm", "ort")
+
+
+def test_bad_settings():
+    with pytest.raises(ConfigError, match="'repeats'"):
+        measure_onnxruntime(None, {}, repeats=1)
