@@ -23,7 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from .compile import CompileOptions, build_plan
-from .evaluate import Agreement, max_relative_error, run_ort
+from .evaluate import Agreement, agreement, max_relative_error, run_ort
 from .model import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -76,33 +76,36 @@ class CrossCheck:
                 f"after {bad[0].producer} ({bad[0].op_type}), {bad[0].tie_distance:.3g} steps from a tie")
 
 
-def cross_check(model: LoadedModel, qdq: onnx.ModelProto, int8_ids, batches, agreement: Agreement,
-                candidate_outputs, steps: dict[str, float], *, options: CompileOptions | None = None,
+def cross_check(model: LoadedModel, qdq: onnx.ModelProto, int8_ids, batches, candidate_outputs,
+                steps: dict[str, float], *, reference=None, options: CompileOptions | None = None,
                 tie_window: float = 1e-3) -> CrossCheck:
-    """Explain the divergences behind ``agreement``.
+    """Agreement of a build with ORT on the same QDQ model, and what explains any divergence.
 
     Parameters
     ----------
     model, qdq, int8_ids
         The plan as built (the probe is built from the same QDQ model).
     batches : list of dict
-        The check inputs ``agreement`` was measured on.
-    agreement : Agreement
-        TVM against ORT (graph optimizations disabled) on ``batches``.
+        The check inputs.
     candidate_outputs : list of dict
-        The build's outputs on ``batches``, to find the images that diverge.
+        The build's outputs on ``batches``.
     steps : dict of str to float
         Output quantization step per output.
+    reference : list of dict, optional
+        ORT's outputs on ``batches`` (graph optimizations disabled), when the
+        caller already has them; computed otherwise.
     options : CompileOptions, optional
         As used for the build.
     tie_window : float
         How close to a .5 tie (in steps) ORT's value must be for a flip to count as rounding.
     """
-    reference = run_ort(qdq, batches)
+    if reference is None:
+        reference = run_ort(qdq, batches)
+    result = agreement(reference, candidate_outputs, steps)
     diverging = [i for i, (ref, ours) in enumerate(zip(reference, candidate_outputs))
                  if any(np.max(np.abs(ref[name] - ours[name])) > steps[name] * (1 + 1e-6) for name in ref)]
     if not diverging:
-        return CrossCheck(agreement, AGREES, ())
+        return CrossCheck(result, AGREES, ())
     probe, ort_probe, quantized = _probe_models(qdq)
     probed = dataclasses.replace(model, output_names=tuple(out.name for out in probe.graph.output))
     logger.info("tracing %d diverging image(s) through a probe build", len(diverging))
@@ -135,7 +138,7 @@ def cross_check(model: LoadedModel, qdq: onnx.ModelProto, int8_ids, batches, agr
                                       source.op_type if source is not None else "", len(elements),
                                       tie_distance < tie_window, tie_distance, exact))
     verdict = NEAR_TIES if all(d.explained for d in divergences) else COMPILER_PROBLEM
-    return CrossCheck(agreement, verdict, tuple(divergences))
+    return CrossCheck(result, verdict, tuple(divergences))
 
 
 def _probe_models(qdq: onnx.ModelProto):

@@ -96,9 +96,6 @@ class _Lowerer(relax.PyExprMutator):
 
     def visit_var_binding_(self, binding):
         value = binding.value
-        if isinstance(value, relax.Call) and not isinstance(value.op, tvm.ir.Op):
-            super().visit_var_binding_(binding)
-            return
         if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.call_tir":
             replacement = self._opaque_clip(value)
             if replacement is None:

@@ -168,7 +168,6 @@ class VerifyPlan:
         self.layer_ids = tuple(layer_ids)
         self.int8_indices = set(int8_indices)
         self.float_indices = set(float_indices)
-        self.checked: dict[int, str] = {}
         self.kernel_weights: dict[int, np.ndarray] = {}  # unpacked OIHW weights each built kernel received
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -216,7 +215,6 @@ class VerifyPlan:
             raise VerificationError("built graph does not match the plan: " + "; ".join(problems),
                                     pass_name="precsearch.VerifyPlan",
                                     layer_id=self.layer_ids[first] if first is not None else None)
-        self.checked = seen
         return mod
 
     @staticmethod
