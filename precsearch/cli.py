@@ -38,6 +38,18 @@ def _parser() -> argparse.ArgumentParser:
                          help="fix a dynamic input shape, e.g. x=1,3,48,192 (repeatable)")
         sub.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
+    def add_common(sub):
+        sub.add_argument("--data", default="samples",
+                         help="calibration and measurement inputs: an image folder, a .npy/.npz file, or 'samples'")
+        sub.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"])
+        sub.add_argument("--calibration-batches", type=int, default=8)
+        sub.add_argument("--preset", default=None, help="preprocessing preset (default: the packaged model's)")
+        sub.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                         help="caches and the tuning database (default ./precsearch-work)")
+        sub.add_argument("--threads", type=int, default=2, help="cores to build for and measure with (default 2)")
+        sub.add_argument("--requant", choices=["float64", "float32"], default="float64",
+                         help="int8 requantization arithmetic (default float64)")
+
     layers = commands.add_parser("layers", help="list the conv layers with ids, shapes, MACs and int8 capability")
     add_model(layers)
 
@@ -65,6 +77,32 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--threads", type=int, default=2, help="cores for the target (default 2)")
     build.add_argument("--requant", choices=["float64", "float32"], default="float64",
                        help="int8 requantization arithmetic: float64 rounds exactly (default), float32 is faster")
+    build.add_argument("--untuned", action="store_true",
+                       help="ignore the tuning database in --workdir (default: apply it when present)")
+
+    tune = commands.add_parser("tune", help="tune every kernel a plan of the model can contain (once per model and CPU)")
+    add_model(tune)
+    tune.add_argument("--trials", type=int, default=32,
+                      help="MetaSchedule trials per distinct kernel (default 32); a re-run tops kernels up to it")
+    tune.add_argument("--timeout", default=None, metavar="DURATION",
+                      help="stop starting new kernels after this long, e.g. 90s, 30m, 2h (records are kept)")
+    add_common(tune)
+
+    bench = commands.add_parser("bench", help="latency of ORT float/int8 and TVM float/int8/plans, from one run")
+    add_model(bench)
+    bench.add_argument("--plan", action="append", default=[], metavar="ID[,ID...]",
+                       help="float conv ids of an extra plan to measure, as build --float (repeatable)")
+    bench.add_argument("--repeats", type=int, default=100, help="timed runs per build (default 100)")
+    bench.add_argument("--warmup", type=int, default=20, help="untimed runs first (default 20)")
+    bench.add_argument("--untuned", action="store_true", help="ignore the tuning database in --workdir")
+    bench.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
+                       help="measure the TVM builds on a board through this TVM RPC tracker")
+    bench.add_argument("--rpc-key", default=None, help="device key the board's RPC server registered")
+    bench.add_argument("--target", default=None,
+                       help="TVM target as JSON for the board, e.g. '{\"kind\":\"llvm\",\"mcpu\":\"cascadelake\"}' "
+                            "(default: this CPU)")
+    add_common(bench)
+
     sensitivity = commands.add_parser(
         "sensitivity", help="rank conv layers by the fidelity they cost as int8 and the latency they save")
     add_model(sensitivity)
@@ -127,6 +165,7 @@ def _cmd_build(args) -> int:
     from .evaluate import agreement, run_ort
     from .plan import parse_plan
     from .quantize import build_qdq_model, calibrate, output_steps
+    from .tuning import open_database
 
     quiet = args.json
     model, preset = _load(args)
@@ -147,7 +186,8 @@ def _cmd_build(args) -> int:
     qdq = build_qdq_model(model, ranges, plan)
     int8_ids = plan.int8_ids(model)
     _status(f"building {len(int8_ids)} int8 / {len(model.layers) - len(int8_ids)} float convs...", quiet)
-    built = build_plan(model, qdq, int8_ids, options=options, dump_ir_dir=args.dump_ir)
+    database = None if args.untuned else open_database(args.workdir, options)
+    built = build_plan(model, qdq, int8_ids, options=options, dump_ir_dir=args.dump_ir, database=database)
     library = built.export_library(out_dir / "model.so")
     qdq_path = out_dir / "model.qdq.onnx"
     qdq_path.write_bytes(qdq.SerializeToString())
@@ -163,6 +203,7 @@ def _cmd_build(args) -> int:
         "block_size": built.block_size,
         "boundary_transforms": built.boundary_transforms,
         "build_time_s": round(built.build_time_s, 2),
+        "tuned": database is not None,
         "layers": _table_rows(model, built),
         "inputs": {name: list(shape) for name, shape in model.input_shapes.items()},
         "outputs": list(built.output_names),
@@ -210,6 +251,7 @@ def _cmd_sensitivity(args) -> int:
     from .metrics import default_metric, validate_metric
     from .quantize import calibrate
     from .sensitivity import run_sensitivity, to_frame, write_csv
+    from .tuning import open_database
 
     quiet = args.json
     model, preset = _load(args)
@@ -227,8 +269,10 @@ def _cmd_sensitivity(args) -> int:
         left = elapsed / done * (total - done)
         _status(f"[{done}/{total}] {layer_id}  {elapsed:.0f} s elapsed, ~{left:.0f} s left", quiet)
 
+    options = CompileOptions(threads=args.threads)
     rows = run_sensitivity(model, ranges, eval_batches, reference, measure_latency=not args.no_latency,
-                           options=CompileOptions(threads=args.threads), threads=args.threads, progress=progress)
+                           options=options, database=open_database(args.workdir, options), threads=args.threads,
+                           progress=progress)
     frame = to_frame(rows, metric)
     path = write_csv(frame, workdir)
     if args.json:
@@ -240,6 +284,101 @@ def _cmd_sensitivity(args) -> int:
         columns.insert(4, "only_int8.sqnr_db")
     print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"most sensitive first, by {metric} with only that layer int8; written to {path}")
+    return 0
+
+
+def _calibrated(args, model, preset):
+    from .data import load_batches
+    from .quantize import calibrate
+
+    batches = load_batches(model, args.data, args.preset or preset, count=args.calibration_batches)
+    cache_dir = _writable_dir(args.workdir / "cache", "workdir")
+    return calibrate(model, batches, args.calibration, cache_dir=cache_dir)
+
+
+def _duration_s(text: str | None) -> float | None:
+    from .errors import ConfigError
+
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    value, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(value) * units[unit]
+    except ValueError:
+        seconds = -1
+    if not seconds > 0:
+        raise ConfigError(f"The 'timeout' parameter must be a positive duration like 90s, 30m or 2h; got {text!r} "
+                          "instead.")
+    return seconds
+
+
+def _cmd_tune(args) -> int:
+    from .compile import CompileOptions
+    from .tuning import tune_model
+
+    quiet = args.json
+    timeout_s = _duration_s(args.timeout)
+    if args.trials < 1:
+        raise ValueError(f"The 'trials' parameter must be a positive int; got {args.trials} instead.")
+    model, preset = _load(args)
+    ranges = _calibrated(args, model, preset)
+    options = CompileOptions(threads=args.threads, requant_dtype=args.requant)
+    _status(f"extracting the kernels of {model.source} (all-int8, all-float and two alternating plans)...", quiet)
+
+    def progress(done: int, total: int, name: str, trials: int, elapsed_s: float) -> None:
+        left_s = elapsed_s / done * (total - done)
+        what = f"{trials} trials" if trials else "already tuned"
+        _status(f"[{done}/{total}] {name[:70]}: {what}; {elapsed_s / 60:.1f} min elapsed, ~{left_s / 60:.1f} min left",
+                quiet)
+
+    report = tune_model(model, ranges, workdir=_writable_dir(args.workdir, "workdir"), options=options,
+                        trials_per_task=args.trials, timeout_s=timeout_s, progress=progress)
+    result = {"model": str(model.source), "trials_per_kernel": args.trials, **report.to_dict()}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        state = "done" if report.finished else "stopped at the time limit; run the same command to continue"
+        print(f"{report.tasks_total} kernels: {report.tasks_tuned} tuned now, {report.tasks_skipped} already tuned; "
+              f"{report.trials_run} trials in {report.time_s / 60:.1f} min; {report.records} records in the "
+              f"database ({state})")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .bench import bench
+    from .compile import CompileOptions
+    from .data import load_batches
+    from .measure import RpcTarget, parse_tracker
+    from .plan import parse_plan
+    from .tuning import open_database
+
+    quiet = args.json
+    rpc = None
+    if args.rpc_tracker or args.rpc_key:
+        if not (args.rpc_tracker and args.rpc_key):
+            raise ValueError("--rpc-tracker and --rpc-key go together; got only one of them.")
+        host, port = parse_tracker(args.rpc_tracker)
+        rpc = RpcTarget(host=host, port=port, key=args.rpc_key)
+    model, preset = _load(args)
+    plans = [(f"plan{i}", parse_plan(spec, model)) for i, spec in enumerate(args.plan, start=1)]
+    options = CompileOptions(target=args.target, threads=args.threads, requant_dtype=args.requant)
+    ranges = _calibrated(args, model, preset)
+    inputs = load_batches(model, args.data, args.preset or preset, count=1)[0]
+    database = None if args.untuned else open_database(args.workdir, options)
+    if database is None and not args.untuned:
+        _status("no tuning database in the workdir: TVM builds run untuned kernels (run precsearch tune first)", quiet)
+    result = bench(model, ranges, inputs, plans=plans, options=options, database=database, threads=args.threads,
+                   warmup=args.warmup, repeats=args.repeats, rpc=rpc, progress=lambda m: _status(m, quiet))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+        return 0
+    frame = result.to_frame()[["name", "int8_convs", "median_ms", "iqr_ms", "vs_ort_float", "vs_ort_int8",
+                               "build_time_s"]]
+    print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    where = f"TVM builds on {result.remote} via RPC, ONNX Runtime here" if result.remote else "all on this machine"
+    print(f"batch 1, {result.threads} threads, median of {args.repeats} runs after {args.warmup} warm-up; {where}; "
+          f"{'tuned' if result.tuned else 'untuned'} TVM kernels")
     return 0
 
 
@@ -261,7 +400,8 @@ def _print_build(summary: dict) -> None:
         print(f"{row['id']:<16} {row['dtype']:<8} {row['layout']:<8} {', '.join(row['transforms_in']) or '-':<16} "
               f"{', '.join(row['transforms_out']) or '-':<16} {row['note']}")
     print(f"{len(summary['int8_layers'])} int8, {len(summary['float_layers'])} float convs; block {summary['block_size']}; "
-          f"{summary['boundary_transforms']} activation layout transforms; built in {summary['build_time_s']} s")
+          f"{summary['boundary_transforms']} activation layout transforms; built in {summary['build_time_s']} s "
+          f"({'tuned kernels' if summary['tuned'] else 'untuned: run precsearch tune for fast kernels'})")
     print(f"library: {summary['library']}")
     if "dump_ir" in summary:
         print(f"IR after each pass: {summary['dump_ir']['files']} files in {summary['dump_ir']['dir']}")
@@ -296,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     try:
-        code = {"layers": _cmd_layers, "build": _cmd_build, "sensitivity": _cmd_sensitivity}[args.command](args)
+        code = {"layers": _cmd_layers, "build": _cmd_build, "tune": _cmd_tune, "bench": _cmd_bench,
+                "sensitivity": _cmd_sensitivity}[args.command](args)
     except CompileError as exc:
         print(f"precsearch: build failed: {_first_line(exc)}", file=sys.stderr)
         return EXIT_BUILD_FAILED

@@ -47,7 +47,7 @@ class LayerSensitivity:
 
 
 def run_sensitivity(model: LoadedModel, ranges: CalibrationRanges, batches, reference, *,
-                    measure_latency: bool = True, options: CompileOptions | None = None, threads: int = 2,
+                    measure_latency: bool = True, options: CompileOptions | None = None, database=None, threads: int = 2,
                     progress: Callable[[int, int, str], None] | None = None) -> list[LayerSensitivity]:
     """Sensitivity of every int8-capable conv.
 
@@ -75,7 +75,8 @@ def run_sensitivity(model: LoadedModel, ranges: CalibrationRanges, batches, refe
 
     def latency_ms(float_ids) -> float:
         plan = Plan(frozenset(float_ids))
-        built = build_plan(model, build_qdq_model(model, ranges, plan), plan.int8_ids(model), options=options)
+        built = build_plan(model, build_qdq_model(model, ranges, plan), plan.int8_ids(model), options=options,
+                           database=database)
         return measure_library(built, batches[0], threads=threads).median_ms
 
     base_latency = latency_ms(()) if measure_latency else None

@@ -1,10 +1,13 @@
-"""Everything that touches TVM Relax: import, integer rewrite, layout, verify, build.
+"""Everything that touches TVM Relax: import, integer rewrite, layout, verify, build, tune.
 
-This subpackage is the only place that imports ``tvm.relax``; the rest of
-precsearch hands it a prepared model, a QDQ model and the ids of the int8 layers.
+This subpackage is the only place that imports TVM; the rest of precsearch hands
+it a prepared model, a QDQ model and the ids of the int8 layers.
 """
 
-from ._build import BuiltPlan, CompileOptions, LoadedLibrary, build_plan, host_target
+from ._build import BuiltPlan, CompileOptions, LoadedLibrary, build_plan, fused_module, host_target, resolve_target
+from ._tune import TuningDatabase, TuningReport, TuningTask, database_dir, extract_tuning_tasks, tune_tasks
 from ._verify import LayerRow
 
-__all__ = ["BuiltPlan", "CompileOptions", "LayerRow", "LoadedLibrary", "build_plan", "host_target"]
+__all__ = ["BuiltPlan", "CompileOptions", "LayerRow", "LoadedLibrary", "TuningDatabase", "TuningReport",
+           "TuningTask", "build_plan", "database_dir", "extract_tuning_tasks", "fused_module", "host_target",
+           "resolve_target", "tune_tasks"]

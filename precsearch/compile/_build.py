@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import tvm
+import tvm.tirx
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
@@ -100,6 +101,9 @@ class BuiltPlan:
     passes_run: int
     dump_files: list[Path] = field(default_factory=list)
     kernel_weights: dict[str, np.ndarray] = field(default_factory=dict)
+    tuned_kernels: int = 0  # kernels scheduled from the tuning database
+    total_kernels: int = 0
+    untuned_convs: tuple[str, ...] = ()  # layers whose conv kernel had no tuning record
     _vm: object = None
 
     def export_library(self, path: str | Path) -> Path:
@@ -147,9 +151,113 @@ def _run_vm(vm, input_names, output_names, inputs) -> dict[str, np.ndarray]:
     return {name: value.numpy() for name, value in zip(output_names, values)}
 
 
+@dataclass
+class _Front:
+    """The plan lowered to fused TIR kernels, before memory planning and codegen."""
+
+    imported: object
+    passes: list
+    inspect: InspectLayout
+    verify: VerifyPlan
+    block_size: int
+    int8_indices: set
+    float_indices: set
+
+
+def _front(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, options: CompileOptions,
+           target) -> _Front:
+    layer_ids = [layer.id for layer in model.layers]
+    index_of = {layer.id: layer.index for layer in model.layers}
+    int8_indices = {index_of[layer_id] for layer_id in int8_ids}
+    float_indices = {layer.index for layer in model.layers if layer.index not in int8_indices
+                     and layer.op_type == "Conv"}
+    imported = import_qdq_model(qdq_model, model)
+    missing = sorted(int8_indices - set(imported.int8_weights))
+    if missing:
+        raise CompileError(f"the QDQ model does not quantize planned int8 layers {[layer_ids[i] for i in missing]}",
+                           pass_name="precsearch.Import", layer_id=layer_ids[missing[0]])
+    block = choose_block_size(model.layers, options.block_size)
+    decisions = decide_layouts(model.layers, int8_indices, block, float_blocked=options.float_blocked,
+                               int8_blocked=options.int8_blocked)
+    inspect = InspectLayout(layer_ids, decisions)
+    verify = VerifyPlan(imported, layer_ids, int8_indices, float_indices)
+    passes = [
+        Int8ConvRewrite(imported, layer_ids, options.requant_dtype),
+        LowerQDQ(imported.params),
+        relax.transform.ConvertLayout({}, layout_callback(decisions)),
+        relax.transform.Normalize(),
+        relax.transform.DeadCodeElimination(),
+        inspect,
+        *cpu_pipeline.library_dispatch_passes(target),
+        relax.transform.LegalizeOps({"relax.nn.conv2d": make_conv_legalizer(layer_ids, decisions)}),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.BindParams("main", imported.params),
+        relax.transform.FoldConstant(),
+        relax.transform.DeadCodeElimination(),
+        verify,
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    return _Front(imported, passes, inspect, verify, block, int8_indices, float_indices)
+
+
+def _raise_compile_error(exc: Exception, tracer: PassTracer, layer_ids) -> None:
+    if isinstance(exc, CompileError):
+        raise exc
+    ours = _precsearch_error(exc)
+    if ours is not None:  # raised in one of our Python passes, wrapped by TVM's FFI
+        raise ours from exc
+    failed = tracer.current or "codegen"
+    raise CompileError(tvm_error_line(exc), pass_name=failed, layer_id=_layer_in_message(str(exc), layer_ids)) \
+        from exc
+
+
+@tvm.transform.module_pass(opt_level=0, name="precsearch.CountTuned")
+class CountTuned:
+    """Which kernels the database scheduled: ApplyDatabase marks them ``tirx.is_scheduled``."""
+
+    def __init__(self):
+        self.scheduled: dict[str, bool] = {}
+
+    def transform_module(self, mod, ctx):
+        for gvar, func in mod.functions.items():
+            if isinstance(func, tvm.tirx.PrimFunc):
+                self.scheduled[gvar.name_hint] = bool(func.attrs is not None and func.attrs.get("tirx.is_scheduled"))
+        return mod
+
+
+def _pipeline(front: _Front, target, apply_tuning: bool, count: CountTuned):
+    # Created inside the target context: MetaScheduleApplyDatabase reads the current target.
+    return tvm.transform.Sequential(
+        [
+            *front.passes,
+            *([relax.transform.MetaScheduleApplyDatabase(enable_warning=False)] if apply_tuning else []),
+            count,
+            *cpu_pipeline.dataflow_lower_passes(target),
+            *cpu_pipeline.finalize_passes(target),
+        ],
+        name="precsearch.BuildPlan",
+    )
+
+
+def fused_module(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
+                 options: CompileOptions | None = None) -> tvm.IRModule:
+    """The plan's module after fusion: the kernels MetaSchedule tunes (``extract_tasks`` needs them fused)."""
+    options = options or CompileOptions()
+    target = resolve_target(options)
+    tracer = PassTracer(None)
+    front = _front(model, qdq_model, int8_ids, options, target)
+    try:
+        with target, tvm.transform.PassContext(opt_level=3, instruments=[tracer]):
+            return tvm.transform.Sequential(front.passes, name="precsearch.Front")(front.imported.mod)
+    except Exception as exc:
+        _raise_compile_error(exc, tracer, [layer.id for layer in model.layers])
+
+
 def build_plan(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
-               options: CompileOptions | None = None, dump_ir_dir: str | Path | None = None) -> BuiltPlan:
-    """Build one plan: import, integer rewrite, layout, legalize, fold, verify, compile.
+               options: CompileOptions | None = None, dump_ir_dir: str | Path | None = None,
+               database=None) -> BuiltPlan:
+    """Build one plan: import, integer rewrite, layout, legalize, fold, verify, apply tuning, compile.
 
     Parameters
     ----------
@@ -162,80 +270,54 @@ def build_plan(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
     options : CompileOptions, optional
     dump_ir_dir : path, optional
         Write the IR after every pass there, numbered in run order.
+    database : TuningDatabase, optional
+        Tuned schedules to apply (see :func:`open_database`); kernels it has no
+        record for are compiled with TVM's default schedule (slow, but correct).
     """
     options = options or CompileOptions()
     target = resolve_target(options)
     start = time.perf_counter()
     layer_ids = [layer.id for layer in model.layers]
-    index_of = {layer.id: layer.index for layer in model.layers}
-    int8_indices = {index_of[layer_id] for layer_id in int8_ids}
-    float_indices = {layer.index for layer in model.layers if layer.index not in int8_indices
-                     and layer.op_type == "Conv"}
     tracer = PassTracer(dump_ir_dir)
-
-    imported = import_qdq_model(qdq_model, model)
-    missing = sorted(int8_indices - set(imported.int8_weights))
-    if missing:
-        raise CompileError(f"the QDQ model does not quantize planned int8 layers {[layer_ids[i] for i in missing]}",
-                           pass_name="precsearch.Import", layer_id=layer_ids[missing[0]])
-    tracer.dump(imported.mod, "precsearch.Import")
-
-    block = choose_block_size(model.layers, options.block_size)
-    decisions = decide_layouts(model.layers, int8_indices, block, float_blocked=options.float_blocked,
-                               int8_blocked=options.int8_blocked)
-    inspect = InspectLayout(layer_ids, decisions)
-    verify = VerifyPlan(imported, layer_ids, int8_indices, float_indices)
-    pipeline = tvm.transform.Sequential(
-        [
-            Int8ConvRewrite(imported, layer_ids, options.requant_dtype),
-            LowerQDQ(imported.params),
-            relax.transform.ConvertLayout({}, layout_callback(decisions)),
-            relax.transform.Normalize(),
-            relax.transform.DeadCodeElimination(),
-            inspect,
-            *cpu_pipeline.library_dispatch_passes(target),
-            relax.transform.LegalizeOps({"relax.nn.conv2d": make_conv_legalizer(layer_ids, decisions)}),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.BindParams("main", imported.params),
-            relax.transform.FoldConstant(),
-            relax.transform.DeadCodeElimination(),
-            verify,
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-            *cpu_pipeline.dataflow_lower_passes(target),
-            *cpu_pipeline.finalize_passes(target),
-        ],
-        name="precsearch.BuildPlan",
-    )
+    front = _front(model, qdq_model, int8_ids, options, target)
+    tracer.dump(front.imported.mod, "precsearch.Import")
+    count = CountTuned()
     try:
         with target, tvm.transform.PassContext(opt_level=3, instruments=[tracer]):
-            executable = tvm.compile(imported.mod, target, relax_pipeline=pipeline)
-    except CompileError:
-        raise
+            if database is None:
+                executable = tvm.compile(front.imported.mod, target, relax_pipeline=_pipeline(front, target, False, count))
+            else:
+                with database.ms_database:  # MetaScheduleApplyDatabase reads the current database
+                    executable = tvm.compile(front.imported.mod, target, relax_pipeline=_pipeline(front, target, True, count))
     except Exception as exc:
-        ours = _precsearch_error(exc)
-        if ours is not None:  # raised in one of our Python passes, wrapped by TVM's FFI
-            raise ours from exc
-        failed = tracer.current or "codegen"
-        raise CompileError(tvm_error_line(exc), pass_name=failed, layer_id=_layer_in_message(str(exc), layer_ids)) \
-            from exc
+        _raise_compile_error(exc, tracer, layer_ids)
     elapsed = time.perf_counter() - start
+    int8_indices, float_indices = front.int8_indices, front.float_indices
     logger.info("built plan with %d int8 / %d float convs in %.1f s", len(int8_indices), len(float_indices), elapsed)
     return BuiltPlan(
         executable=executable,
-        input_names=imported.input_names,
-        output_names=imported.output_names,
+        input_names=front.imported.input_names,
+        output_names=front.imported.output_names,
         int8_layers=tuple(layer_ids[i] for i in sorted(int8_indices)),
         float_layers=tuple(layer.id for layer in model.layers if layer.index not in int8_indices),
-        rows=inspect.rows,
-        block_size=block,
-        boundary_transforms=inspect.boundary_transforms,
+        rows=front.inspect.rows,
+        block_size=front.block_size,
+        boundary_transforms=front.inspect.boundary_transforms,
         target=str(target),
         build_time_s=elapsed,
         passes_run=tracer.count,
         dump_files=list(tracer.files),
-        kernel_weights={layer_ids[i]: weights for i, weights in verify.kernel_weights.items()},
+        kernel_weights={layer_ids[i]: weights for i, weights in front.verify.kernel_weights.items()},
+        tuned_kernels=sum(count.scheduled.values()),
+        total_kernels=len(count.scheduled),
+        untuned_convs=tuple(layer_ids[i] for i in sorted(_conv_indices(name) for name, tuned in count.scheduled.items()
+                                                        if not tuned and _conv_indices(name) is not None)),
     )
+
+
+def _conv_indices(kernel_name: str) -> int | None:
+    match = re.search(r"ps_conv_L(\d+)_", kernel_name)
+    return int(match.group(1)) if match else None
 
 
 _OUR_PREFIX = re.compile(r"\[pass '([^']+)'(?:, layer '([^']+)')?\] (.*)")

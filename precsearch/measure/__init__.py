@@ -1,9 +1,12 @@
 """Latency of a built plan or of an ONNX Runtime session, measured the same way for every backend.
 
-Local measurement for now; remote measurement through a TVM RPC tracker comes
-with the tuning issue.
+A plan is measured locally (:func:`measure_library`) or, as an exported library,
+on a remote device through a TVM RPC tracker (:func:`measure_remote`, with
+:func:`run_remote` to check its outputs there).
 """
 
 from ._local import Latency, measure_library, measure_onnxruntime, summarize
+from ._rpc import RpcTarget, measure_remote, parse_tracker, run_remote
 
-__all__ = ["Latency", "measure_library", "measure_onnxruntime", "summarize"]
+__all__ = ["Latency", "RpcTarget", "measure_library", "measure_onnxruntime", "measure_remote", "parse_tracker",
+           "run_remote", "summarize"]

@@ -1,0 +1,123 @@
+"""Latency of TVM builds beside ONNX Runtime, measured in one run on the same input.
+
+ONNX Runtime float (the model) and int8 (the all-int8 QDQ model, optimized
+session, so its own int8 kernels run) are the baselines every ratio is taken
+against; TVM builds the all-float plan, the all-int8 plan and any given plans.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .compile import CompileOptions, build_plan
+from .measure import Latency, RpcTarget, measure_library, measure_onnxruntime, measure_remote
+from .model import LoadedModel
+from .plan import Plan
+from .quantize import CalibrationRanges, build_qdq_model
+
+logger = logging.getLogger(__name__)
+
+ORT_FLOAT, ORT_INT8, TVM_FLOAT, TVM_INT8 = "ort_float", "ort_int8", "tvm_float", "tvm_int8"
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One measured build."""
+
+    name: str
+    backend: str
+    plan: str
+    int8_convs: int
+    median_ms: float
+    iqr_ms: float
+    runs: int
+    threads: int
+    build_time_s: float
+    vs_ort_float: float = math.nan
+    vs_ort_int8: float = math.nan
+
+
+@dataclass
+class BenchResult:
+    """Every row of one bench run, with the settings they share."""
+
+    rows: list[BenchRow]
+    threads: int
+    tuned: bool
+    remote: str | None
+
+    def row(self, name: str) -> BenchRow:
+        return next(row for row in self.rows if row.name == name)
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(row) for row in self.rows])
+
+    def to_dict(self) -> dict:
+        summary = {f"{name}_ms": self.row(name).median_ms for name in (ORT_FLOAT, ORT_INT8, TVM_FLOAT, TVM_INT8)}
+        summary.update(threads=self.threads, tuned=self.tuned, remote=self.remote,
+                       rows=json_safe(self.to_frame().to_dict(orient="records")))
+        return summary
+
+
+def json_safe(records: list[dict]) -> list[dict]:
+    """NaN → None, so the JSON is standard."""
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in records]
+
+
+def bench(model: LoadedModel, ranges: CalibrationRanges, inputs: dict[str, np.ndarray], *,
+          plans: list[tuple[str, Plan]] = (), options: CompileOptions | None = None, database=None,
+          threads: int = 2, warmup: int = 10, repeats: int = 50, rpc: RpcTarget | None = None,
+          progress=None) -> BenchResult:
+    """Measure ORT float, ORT int8, TVM float, TVM all-int8 and ``plans`` (name, plan) on ``inputs``.
+
+    Parameters
+    ----------
+    database : TuningDatabase, optional
+        Tuned kernels applied to every TVM build (untuned builds are far slower).
+    rpc : RpcTarget, optional
+        Measure the TVM builds on a remote board; ONNX Runtime runs here either way.
+    progress : callable, optional
+        ``progress(message)`` before each build or measurement.
+    """
+    options = options or CompileOptions(threads=threads)
+    say = progress or (lambda message: None)
+    all_int8 = Plan(frozenset())
+    int8_qdq = build_qdq_model(model, ranges, all_int8)
+    rows: list[BenchRow] = []
+
+    def add(name: str, latency: Latency, plan: str, int8_convs: int, build_time_s: float) -> None:
+        rows.append(BenchRow(name=name, backend=latency.backend, plan=plan, int8_convs=int8_convs,
+                             median_ms=latency.median_ms, iqr_ms=latency.iqr_ms, runs=latency.runs,
+                             threads=latency.threads, build_time_s=round(build_time_s, 2)))
+
+    say("measuring ONNX Runtime float and int8...")
+    settings = dict(threads=threads, warmup=warmup, repeats=repeats)
+    add(ORT_FLOAT, measure_onnxruntime(model.proto, inputs, backend="ort", **settings), "float", 0, 0.0)
+    add(ORT_INT8, measure_onnxruntime(int8_qdq, inputs, backend="ort", **settings), "int8", len(model.capable_ids()),
+        0.0)
+    every_float = Plan(frozenset(model.capable_ids()))
+    for name, plan in [(TVM_FLOAT, every_float), (TVM_INT8, all_int8), *plans]:
+        int8_ids = plan.int8_ids(model)
+        qdq = build_qdq_model(model, ranges, plan) if int8_ids else model.proto
+        say(f"building and measuring {name} ({len(int8_ids)} int8 convs)...")
+        built = build_plan(model, qdq, int8_ids, options=options, database=database)
+        if rpc is None:
+            latency = measure_library(built, inputs, **settings)
+        else:
+            with tempfile.TemporaryDirectory(prefix="precsearch-bench-") as scratch:
+                library = built.export_library(Path(scratch) / "model.so")
+                latency = measure_remote(library, built.input_names, inputs, rpc=rpc, **settings)
+        add(name, latency, plan.key(), len(int8_ids), built.build_time_s)
+    ort_float, ort_int8 = rows[0].median_ms, rows[1].median_ms
+    rows = [BenchRow(**{**asdict(row), "vs_ort_float": row.median_ms / ort_float,
+                        "vs_ort_int8": row.median_ms / ort_int8}) for row in rows]
+    return BenchResult(rows=rows, threads=threads, tuned=database is not None,
+                       remote=rpc.address if rpc is not None else None)
+

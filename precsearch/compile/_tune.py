@@ -1,0 +1,274 @@
+"""Kernel tuning with MetaSchedule into a persistent database shared by every plan.
+
+Tuning happens once per distinct kernel, never inside a plan's build: the tasks
+of a handful of representative plans (all-int8, all-float and the two
+alternating mixes, whose boundaries cover every int8/float transition) are
+extracted, deduplicated, and tuned task by task into MetaSchedule's JSON
+database. The database compares kernels by their anchor block (the conv), so a
+conv tuned next to an int8 requantize is found again next to a float add in a
+mixed plan; with the default structural equality most convs of a mixed plan miss.
+
+Each task is tuned by its own ``tune_tasks`` call so that a killed run keeps every
+finished task (records are appended to the JSON files as they are measured) and
+the next run skips tasks that already have their budget of records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+import tvm_ffi
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+from tvm.ir.utils import derived_object
+
+from ..errors import CompileError, ConfigError
+from . import _intrinsics
+from ._trace import tvm_error_line
+
+logger = logging.getLogger(__name__)
+
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+FINISHED_FILE = "finished_tasks.json"
+
+_INT8_CONV_BLOCK = "conv2d_NCHWc_int8"  # the compute name of topi.nn.conv2d_NCHWc_int8
+_CONV_NAME = re.compile(r"ps_conv_L(\d+)_(int8|float)_(\w+?)(?:_|$)")
+
+
+class TuningDatabase:
+    """MetaSchedule's JSON database in ``directory``, comparing kernels by anchor block.
+
+    Records are specific to a target, so keep one directory per target
+    (:func:`database_dir`).
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"The tuning database directory {str(self.directory)!r} cannot be created: "
+                              f"{exc.strerror}.") from exc
+        self.ms_database = ms.database.JSONDatabase(
+            path_workload=str(self.directory / WORKLOAD_FILE),
+            path_tuning_record=str(self.directory / RECORD_FILE),
+            allow_missing=True,
+            module_equality="anchor-block",
+        )
+
+    def __len__(self) -> int:
+        return len(self.ms_database)
+
+    def finished_budget(self, mod: tvm.IRModule) -> int:
+        """The largest trial budget a finished tuning of exactly this kernel had (0 if never finished).
+
+        Record counts alone cannot tell a finished task: small search spaces
+        (a reshape, a transpose) run out of candidates after a trial or two.
+        """
+        return int(self._finished().get(_kernel_key(mod), 0))
+
+    def mark_finished(self, mod: tvm.IRModule, trials: int) -> None:
+        finished = self._finished()
+        key = _kernel_key(mod)
+        finished[key] = max(trials, int(finished.get(key, 0)))
+        scratch = self.directory / (FINISHED_FILE + ".tmp")
+        scratch.write_text(json.dumps(finished, indent=0, sort_keys=True))
+        os.replace(scratch, self.directory / FINISHED_FILE)  # atomic: a kill never leaves half a file
+
+    def _finished(self) -> dict:
+        path = self.directory / FINISHED_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def records_for(self, mod: tvm.IRModule, limit: int) -> int:
+        """How many tuning records (at most ``limit``) the database holds for this kernel."""
+        if not self.ms_database.has_workload(mod):
+            return 0
+        return len(self.ms_database.get_top_k(self.ms_database.commit_workload(mod), limit))
+
+
+def _kernel_key(mod: tvm.IRModule) -> str:
+    return f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def database_dir(workdir: str | Path, target: tvm.target.Target) -> Path:
+    """``<workdir>/tuning/<cpu>-<cores>c``: records hold for one CPU model and core count."""
+    cpu = str(target.attrs.get("mcpu", "generic"))
+    cores = int(target.attrs.get("num-cores", 0) or 0)
+    return Path(workdir) / "tuning" / f"{cpu}-{cores}c"
+
+
+@dataclass(frozen=True)
+class TuningTask:
+    """One distinct kernel to tune."""
+
+    name: str
+    mod: tvm.IRModule
+    weight: int
+    space: str  # "vnni16", "vnni8" or "default": the search space it is tuned in
+    layer_index: int | None
+
+
+@dataclass
+class TuningReport:
+    """What a tuning run did."""
+
+    tasks_total: int
+    tasks_tuned: int
+    tasks_skipped: int
+    trials_run: int
+    records: int
+    time_s: float
+    finished: bool
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def extract_tuning_tasks(modules, target: tvm.target.Target) -> list[TuningTask]:
+    """Distinct kernels of the given fused modules, in order of first appearance."""
+    seen = ms.database.MemoryDatabase(module_equality="anchor-block")
+    tasks: list[TuningTask] = []
+    for mod in modules:
+        for extracted in ms.relax_integration.extract_tasks(mod, target, module_equality="anchor-block"):
+            kernel = extracted.dispatched[0]
+            if seen.has_workload(kernel):
+                continue
+            seen.commit_workload(kernel)
+            match = _CONV_NAME.search(extracted.task_name)
+            tasks.append(TuningTask(name=extracted.task_name, mod=kernel, weight=int(extracted.weight),
+                                    space=_space_of(kernel, target),
+                                    layer_index=int(match.group(1)) if match else None))
+    return tasks
+
+
+def _space_of(kernel: tvm.IRModule, target: tvm.target.Target) -> str:
+    """VNNI tiling for a blocked int8 conv whose output block matches an intrinsic; default otherwise."""
+    from tvm.target import codegen
+
+    schedule = tvm.s_tir.Schedule(kernel)
+    try:
+        block = schedule.get_sblock(_INT8_CONV_BLOCK)
+    except Exception:  # noqa: BLE001 — no int8 conv in this kernel
+        return "default"
+    lanes = int(schedule.get(block).writes[0].source.shape[-1])
+    with target:
+        has_vnni = bool(codegen.target_has_features("avx512vnni"))
+        has_vl = bool(codegen.target_has_features("avx512vl"))
+    if not has_vnni or lanes not in _intrinsics.VNNI_BY_LANES or (lanes == 8 and not has_vl):
+        return "default"
+    return f"vnni{lanes}"
+
+
+def _space_generator(space: str):
+    if space == "default":
+        return ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
+    intrin = _intrinsics.VNNI_BY_LANES[int(space[len("vnni"):])]
+    # TVM's LLVM rules with the multi-level tiling swapped for its tensorizing
+    # variant (what 0.2x's x86 "vnni" rule set did; 0.27 dropped it).
+    rules = [
+        ms.schedule_rule.MultiLevelTilingWithIntrin(
+            intrin, structure="SSRSRS", tile_binds=None, max_innermost_factor=64, vector_load_lens=None,
+            reuse_read=None, reuse_write=ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global"))
+        if type(rule).__name__ == "MultiLevelTiling" else rule
+        for rule in ms.schedule_rule.ScheduleRule.create("llvm")
+    ]
+    # RewriteLayout is left out: it rewrites the weight layout the intrinsic's tile reads.
+    postprocs = [
+        ms.postproc.DisallowDynamicLoop(),
+        ms.postproc.RewriteParallelVectorizeUnroll(),
+        ms.postproc.RewriteReductionBlock(),
+        ms.postproc.RewriteTensorize(vectorize_init_loop=True),
+    ]
+    return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=postprocs, mutator_probs="llvm")
+
+
+@derived_object
+class InProcessBuilder(PyBuilder):
+    """Compile candidates in this process.
+
+    MetaSchedule's LocalBuilder starts a fresh process pool for every batch, and
+    each worker re-imports all of TVM's tensor intrinsics (~12 s per batch on two
+    cores); compiling in-process costs well under a second per batch.
+    """
+
+    def build(self, build_inputs):
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+        from tvm.support.tar import tar
+
+        results = []
+        for item in build_inputs:
+            try:
+                mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(item.mod)
+                library = tvm.compile(mod, target=item.target)
+                path = os.path.join(tempfile.mkdtemp(prefix="precsearch-ms-"), "kernel." + tar.output_format)
+                library.export_library(path, fcompile=tar)
+                results.append(BuilderResult(path, None))
+            except Exception as exc:  # noqa: BLE001 — a failed candidate is MetaSchedule's to record
+                results.append(BuilderResult(None, tvm_error_line(exc)))
+        return results
+
+
+def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.target.Target, *,
+               trials_per_task: int, threads: int = 2, timeout_s: float | None = None, progress=None,
+               seed: int = 0) -> TuningReport:
+    """Tune every task that has fewer than ``trials_per_task`` records, one at a time.
+
+    Parameters
+    ----------
+    progress : callable, optional
+        Called as ``progress(done_tasks, total_tasks, task, trials_run, elapsed_s)`` after each task.
+    timeout_s : float, optional
+        Stop starting new tasks after this long; what was recorded stays.
+    """
+    if not isinstance(trials_per_task, int) or trials_per_task < 1:
+        raise ConfigError(f"The 'trials' parameter of tune must be a positive int; got {trials_per_task!r} instead.")
+    started = time.perf_counter()
+    builder = InProcessBuilder()
+    runner = ms.runner.LocalRunner(timeout_sec=30, evaluator_config=ms.runner.EvaluatorConfig(
+        number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False))
+    cost_model = ms.cost_model.XGBModel(num_tuning_cores=threads)
+    tuned = skipped = trials_run = 0
+    finished = True
+    work_dir = tempfile.mkdtemp(prefix="precsearch-tune-")
+    for done, task in enumerate(tasks, start=1):
+        existing = database.records_for(task.mod, trials_per_task)
+        if existing >= trials_per_task or database.finished_budget(task.mod) >= trials_per_task:
+            skipped += 1
+            if progress:
+                progress(done, len(tasks), task, 0, time.perf_counter() - started)
+            continue
+        if timeout_s is not None and time.perf_counter() - started > timeout_s:
+            finished = False
+            logger.info("tuning time limit reached after %d of %d tasks", done - 1, len(tasks))
+            break
+        budget = trials_per_task - existing
+        context = ms.TuneContext(
+            mod=task.mod, target=target, space_generator=_space_generator(task.space),
+            search_strategy=ms.search_strategy.EvolutionarySearch(population_size=256, init_min_unmeasured=32,
+                                                                  genetic_num_iters=3),
+            task_name=task.name, rand_state=seed + done, num_threads=threads)
+        before = len(database)
+        try:
+            ms.tune.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=budget,
+                               max_trials_per_task=budget, num_trials_per_iter=min(budget, 16), builder=builder,
+                               runner=runner, database=database.ms_database, cost_model=cost_model,
+                               task_scheduler="round-robin", module_equality="anchor-block")
+        except Exception as exc:  # noqa: BLE001 — one untunable kernel must not stop the others
+            logger.warning("tuning %s failed: %s", task.name, tvm_error_line(exc))
+        else:
+            database.mark_finished(task.mod, trials_per_task)
+        trials_run += len(database) - before
+        tuned += 1
+        if progress:
+            progress(done, len(tasks), task, len(database) - before, time.perf_counter() - started)
+    return TuningReport(tasks_total=len(tasks), tasks_tuned=tuned, tasks_skipped=skipped, trials_run=trials_run,
+                        records=len(database), time_s=time.perf_counter() - started, finished=finished)

@@ -1,0 +1,95 @@
+"""Tune every kernel any plan of a model can contain, once per model and CPU.
+
+The kernels of a plan depend on its mix only through the neighbours fused into
+each conv and the boundary kernels between precisions. Four plans cover them:
+all-int8 and all-float give every conv in both precisions, and the two
+alternating mixes (even convs float, then odd convs float) put an int8→float and
+a float→int8 boundary after every conv. The database matches kernels by their
+anchor block, so the records serve every other mix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from .compile import (CompileOptions, TuningDatabase, TuningReport, database_dir, extract_tuning_tasks,
+                      fused_module, resolve_target, tune_tasks)
+from .model import LoadedModel
+from .plan import Plan
+from .quantize import CalibrationRanges, build_qdq_model
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRIALS_PER_TASK = 32
+
+
+def representative_plans(model: LoadedModel) -> list[Plan]:
+    """All-int8, all-float and the two alternating mixes (fewer when the model has one conv)."""
+    capable = model.capable_ids()
+    plans = [Plan(frozenset()), Plan(frozenset(capable)), Plan(frozenset(capable[0::2])),
+             Plan(frozenset(capable[1::2]))]
+    unique = []
+    for plan in plans:
+        if plan not in unique:
+            unique.append(plan)
+    return unique
+
+
+def open_database(workdir: str | Path, options: CompileOptions) -> TuningDatabase | None:
+    """The tuning database of this CPU in ``workdir``, or None when nothing was tuned there yet."""
+    directory = database_dir(workdir, resolve_target(options))
+    if not (directory / "database_tuning_record.json").is_file():
+        return None
+    return TuningDatabase(directory)
+
+
+def tune_model(model: LoadedModel, ranges: CalibrationRanges, *, workdir: str | Path,
+               options: CompileOptions | None = None, trials_per_task: int = DEFAULT_TRIALS_PER_TASK,
+               timeout_s: float | None = None, progress=None) -> TuningReport:
+    """Tune the model's kernels into ``<workdir>/tuning/<cpu>-<cores>c``; resumes where a killed run stopped.
+
+    Parameters
+    ----------
+    progress : callable, optional
+        ``progress(done_tasks, total_tasks, task_name, trials_run, elapsed_s)`` after each kernel.
+    """
+    options = options or CompileOptions()
+    target = resolve_target(options)
+    database = TuningDatabase(database_dir(workdir, target))
+    started = time.perf_counter()
+    modules = []
+    for plan in representative_plans(model):
+        qdq = build_qdq_model(model, ranges, plan) if plan.int8_ids(model) else model.proto
+        modules.append(fused_module(model, qdq, plan.int8_ids(model), options=options))
+    tasks = extract_tuning_tasks(modules, target)
+    extract_s = time.perf_counter() - started
+    logger.info("%d distinct kernels in %d representative plans (%.1f s)", len(tasks), len(modules), extract_s)
+
+    def on_task(done, total, task, trials, elapsed_s):
+        if progress is not None:
+            progress(done, total, task.name, trials, elapsed_s + extract_s)
+
+    report = tune_tasks(tasks, database, target, trials_per_task=trials_per_task, threads=options.threads,
+                        timeout_s=timeout_s, progress=on_task)
+    report.time_s += extract_s
+    _write_summary(database.directory, model, report, trials_per_task, tasks)
+    return report
+
+
+def _write_summary(directory: Path, model: LoadedModel, report: TuningReport, trials_per_task: int, tasks) -> None:
+    """``<model sha>.json`` next to the database: what was tuned for this model, for reports and the README."""
+    summary = {
+        "model": Path(model.source).name,
+        "sha256": model.sha256,
+        "trials_per_task": trials_per_task,
+        "tasks": len(tasks),
+        "vnni_tasks": sum(task.space.startswith("vnni") for task in tasks),
+        **report.to_dict(),
+    }
+    path = directory / f"{model.sha256[:16]}.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    summary["time_s_total"] = previous.get("time_s_total", 0.0) + report.time_s
+    path.write_text(json.dumps(summary, indent=2))

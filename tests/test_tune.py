@@ -1,0 +1,103 @@
+"""Kernel tuning: a persistent database, resumed runs, records reused by every mix, VNNI in int8 convs."""
+
+import re
+
+import numpy as np
+import pytest
+
+import models
+from precsearch.compile import CompileOptions, build_plan, database_dir, host_target
+from precsearch.compile._tune import FINISHED_FILE
+from precsearch.data import image_batches
+from precsearch.evaluate import agreement, run_ort
+from precsearch.model import load_model
+from precsearch.plan import parse_plan
+from precsearch.quantize import build_qdq_model, calibrate, output_steps
+from precsearch.tuning import open_database, representative_plans, tune_model
+
+TRIALS = 4  # per kernel: enough to get a VNNI schedule into the database, not to make it fast
+
+
+class Tuned:
+    """A 3-conv model with 16/32 channels (block 16: the 16-lane VNNI intrinsic), tuned once."""
+
+    def __init__(self, directory):
+        self.model = load_model(models.save(models.chain_model(channels=(16, 32, 32, 32), size=8),
+                                            directory, "chain16"))
+        self.ranges = calibrate(self.model, image_batches(self.model, None, count=4))
+        self.check = image_batches(self.model, None, count=6, offset=4)
+        self.workdir = directory / "work"
+        self.progress = []
+        self.report = tune_model(self.model, self.ranges, workdir=self.workdir, trials_per_task=TRIALS,
+                                 progress=lambda *args: self.progress.append(args))
+        self.database = open_database(self.workdir, CompileOptions())
+
+    def build(self, float_spec):
+        plan = parse_plan(float_spec, self.model)
+        qdq = build_qdq_model(self.model, self.ranges, plan) if plan.int8_ids(self.model) else self.model.proto
+        return qdq, build_plan(self.model, qdq, plan.int8_ids(self.model), database=self.database)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    return Tuned(tmp_path_factory.mktemp("tune"))
+
+
+def test_representative_plans_cover_both_precisions_and_both_boundaries(tuned):
+    keys = [plan.key() for plan in representative_plans(tuned.model)]
+    assert keys == ["float:", "float:conv0,conv1,conv2", "float:conv0,conv2", "float:conv1"]
+
+
+def test_tuning_fills_a_persistent_database_with_progress(tuned):
+    report = tuned.report
+    assert report.finished and report.tasks_tuned == report.tasks_total >= 6
+    assert report.records >= report.tasks_total  # at least one measured record per kernel
+    assert [entry[:2] for entry in tuned.progress] == [(i, report.tasks_total) for i in range(1, report.tasks_total + 1)]
+    directory = database_dir(tuned.workdir, host_target())
+    assert (directory / "database_tuning_record.json").stat().st_size > 0
+    assert (directory / FINISHED_FILE).is_file()
+
+
+def test_a_second_run_resumes_instead_of_retuning(tuned):
+    again = tune_model(tuned.model, tuned.ranges, workdir=tuned.workdir, trials_per_task=TRIALS)
+    assert (again.tasks_skipped, again.tasks_tuned, again.trials_run) == (tuned.report.tasks_total, 0, 0)
+    assert again.records == tuned.report.records
+
+
+def test_every_conv_of_any_mix_finds_its_records(tuned):
+    # first+last float is none of the representative plans: its convs have other neighbours
+    for spec in ("none", "all", "conv0,conv2", "conv0", "conv2"):
+        _, built = tuned.build(spec)
+        assert built.untuned_convs == (), spec
+        assert built.tuned_kernels / built.total_kernels >= 0.75, (spec, built.tuned_kernels, built.total_kernels)
+
+
+def test_tuned_int8_build_agrees_with_ort_and_untuned_is_the_same_code_path(tuned):
+    qdq, built = tuned.build("none")
+    reference = run_ort(qdq, tuned.check, optimized=False)
+    candidate = [built.run(batch) for batch in tuned.check]
+    result = agreement(reference, candidate, output_steps(tuned.model, tuned.ranges))
+    assert result.fraction == 1.0 and result.max_error_steps <= 1.0
+    untuned = build_plan(tuned.model, qdq, parse_plan("none", tuned.model).int8_ids(tuned.model))
+    assert untuned.tuned_kernels == 0
+    np.testing.assert_array_equal(untuned.run(tuned.check[0])["logits"], built.run(tuned.check[0])["logits"])
+
+
+def _has_vnni() -> bool:
+    from tvm.target import codegen
+
+    with host_target():
+        return bool(codegen.target_has_features("avx512vnni"))
+
+
+@pytest.mark.skipif(not _has_vnni(), reason="this CPU has no AVX-512 VNNI: no vpdpbusd to look for")
+def test_tuned_int8_conv_runs_vnni_vpdpbusd(tuned):
+    _, built = tuned.build("none")
+    assembly = built.executable.mod.imports[0].inspect_source("asm")
+    # split the listing into functions; the int8 conv kernels are named after their layer
+    bodies = re.split(r"\n(?=[A-Za-z_][\w.]*:\n)", assembly)
+    conv_bodies = [body for body in bodies if re.match(r"fused_\w*ps_conv_L[12]_int8_NCHW16c", body)]
+    assert conv_bodies, "no int8 NCHW16c conv kernel found in the assembly"
+    assert all("vpdpbusd" in body for body in conv_bodies)
+    _, float_built = tuned.build("all")
+    assert "vpdpbusd" not in float_built.executable.mod.imports[0].inspect_source("asm")
