@@ -330,7 +330,7 @@ def _cmd_tune(args) -> int:
         left_s = elapsed_s / done * (total - done)
         what = f"{trials} trials" if trials else "already tuned"
         _status(f"[{done}/{total}] {name[:70]}: {what}; {elapsed_s / 60:.1f} min elapsed, ~{left_s / 60:.1f} min left",
-                quiet)
+                False)  # stderr: progress never mixes with --json on stdout
 
     report = tune_model(model, ranges, workdir=_writable_dir(args.workdir, "workdir"), options=options,
                         trials_per_task=args.trials, timeout_s=timeout_s, progress=progress)
@@ -349,7 +349,7 @@ def _cmd_bench(args) -> int:
     from .bench import bench
     from .compile import CompileOptions
     from .data import load_batches
-    from .measure import RpcTarget, parse_tracker
+    from .measure import RpcTarget, check_tracker, parse_tracker
     from .plan import parse_plan
     from .tuning import open_database
 
@@ -360,6 +360,7 @@ def _cmd_bench(args) -> int:
             raise ValueError("--rpc-tracker and --rpc-key go together; got only one of them.")
         host, port = parse_tracker(args.rpc_tracker)
         rpc = RpcTarget(host=host, port=port, key=args.rpc_key)
+        check_tracker(rpc)  # before minutes of building
     model, preset = _load(args)
     plans = [(f"plan{i}", parse_plan(spec, model)) for i, spec in enumerate(args.plan, start=1)]
     options = CompileOptions(target=args.target, threads=args.threads, requant_dtype=args.requant)

@@ -157,3 +157,59 @@ def test_build_with_an_empty_data_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run("build", path, "--data", tmp_path / "empty", "--out", tmp_path / "out", "--workdir", tmp_path)
     assert_one_line_error(result, 2, "empty")
+
+
+def test_bench_json_has_baselines_ratios_and_plans(chain_path, tmp_path):
+    result = run("bench", chain_path, "--json", "--repeats", "5", "--warmup", "1", "--plan", "conv1",
+                 "--workdir", tmp_path / "work")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    for key in ("ort_float_ms", "ort_int8_ms", "tvm_float_ms", "tvm_int8_ms"):
+        assert summary[key] > 0
+    assert summary["threads"] == 2 and summary["tuned"] is False and summary["remote"] is None
+    rows = {row["name"]: row for row in summary["rows"]}
+    assert list(rows) == ["ort_float", "ort_int8", "tvm_float", "tvm_int8", "plan1"]
+    assert rows["ort_float"]["vs_ort_float"] == 1.0 and rows["ort_int8"]["vs_ort_int8"] == 1.0
+    assert rows["tvm_int8"]["vs_ort_float"] == pytest.approx(summary["tvm_int8_ms"] / summary["ort_float_ms"])
+    assert (rows["tvm_float"]["int8_convs"], rows["tvm_int8"]["int8_convs"], rows["plan1"]["int8_convs"]) == (0, 3, 2)
+    assert rows["plan1"]["plan"] == "float:conv1" and rows["plan1"]["runs"] == 5
+
+
+def test_bench_bad_input(chain_path, tmp_path):
+    assert_one_line_error(run("bench", chain_path, "--rpc-tracker", "127.0.0.1:9"), 2, "--rpc-key")
+    assert_one_line_error(run("bench", chain_path, "--rpc-tracker", "nonsense", "--rpc-key", "k"), 2, "HOST:PORT")
+    assert_one_line_error(run("bench", chain_path, "--plan", "conv7", "--workdir", tmp_path), 2, "conv7")
+    assert_one_line_error(run("tune", chain_path, "--timeout", "soon", "--workdir", tmp_path), 2, "timeout")
+
+
+def test_tune_killed_keeps_its_records_and_the_same_command_continues(tmp_path):
+    import os
+    import signal
+    import time
+
+    path = models.save(models.chain_model(channels=(8, 16), size=8), tmp_path, "one_conv")
+    command = [sys.executable, "-m", "precsearch", "tune", str(path), "--trials", "2", "--workdir",
+               str(tmp_path / "work")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finished = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        found = list((tmp_path / "work" / "tuning").glob("*/finished_tasks.json"))
+        if found and len(json.loads(found[0].read_text())) >= 2:
+            finished = len(json.loads(found[0].read_text()))
+            os.kill(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    process.wait(timeout=60)
+    assert finished is not None, "tuning ended before it could be killed"
+    result = run("tune", path, "--trials", "2", "--workdir", tmp_path / "work", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["tasks_skipped"] >= finished and report["finished"]
+    assert report["tasks_skipped"] + report["tasks_tuned"] == report["tasks_total"]
+    assert "[1/" in result.stderr and "min left" in result.stderr  # progress lines
+    again = json.loads(run("tune", path, "--trials", "2", "--workdir", tmp_path / "work", "--json").stdout)
+    assert (again["tasks_skipped"], again["trials_run"]) == (again["tasks_total"], 0)
+    # builds in the same workdir now apply the records
+    built = json.loads(run("build", path, "--out", tmp_path / "out", "--workdir", tmp_path / "work", "--json").stdout)
+    assert built["tuned"] is True

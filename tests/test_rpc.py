@@ -201,3 +201,36 @@ def test_rpc_target():
     ]:
         with pytest.raises(ConfigError, match=f"'{parameter}'"):
             RpcTarget(host, port, key, timeout_s)
+
+
+def test_bench_cli_measures_tvm_builds_through_the_tracker(tracker, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = models.save(models.chain_model(), tmp_path, "chain")
+    result = subprocess.run([sys.executable, "-m", "precsearch", "bench", str(path), "--json", "--repeats", "5",
+                             "--warmup", "1", "--rpc-tracker", f"{tracker.host}:{tracker.port}", "--rpc-key",
+                             tracker.key, "--workdir", str(tmp_path / "work")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["remote"] == tracker.address
+    backends = {row["name"]: row["backend"] for row in summary["rows"]}
+    assert backends == {"ort_float": "ort", "ort_int8": "ort", "tvm_float": "tvm-rpc", "tvm_int8": "tvm-rpc"}
+    assert summary["tvm_int8_ms"] > 0
+
+
+def test_bench_cli_unreachable_tracker_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    port = _free_port()
+    path = models.save(models.chain_model(), tmp_path, "chain")
+    result = subprocess.run([sys.executable, "-m", "precsearch", "bench", str(path), "--rpc-tracker",
+                             f"127.0.0.1:{port}", "--rpc-key", KEY, "--workdir", str(tmp_path / "work"),
+                             "--repeats", "3", "--warmup", "0"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("building",
+                                                                                                   "measuring"))]
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "Traceback" not in result.stderr

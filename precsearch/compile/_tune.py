@@ -15,10 +15,12 @@ the next run skips tasks that already have their budget of records.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 FINISHED_FILE = "finished_tasks.json"
+LOG_FILE = "tuning.log"
 
 _INT8_CONV_BLOCK = "conv2d_NCHWc_int8"  # the compute name of topi.nn.conv2d_NCHWc_int8
 _CONV_NAME = re.compile(r"ps_conv_L(\d+)_(int8|float)_(\w+?)(?:_|$)")
@@ -217,6 +220,26 @@ class InProcessBuilder(PyBuilder):
         return results
 
 
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """Send file descriptor 2 to ``path`` while MetaSchedule runs.
+
+    Its C++ side writes thousands of warnings straight to stderr ("Tensorize
+    failed" for every candidate whose tiles miss the intrinsic, "Unknown schedule
+    rule" for topi's conv annotation), which would bury the progress lines.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.target.Target, *,
                trials_per_task: int, threads: int = 2, timeout_s: float | None = None, progress=None,
                seed: int = 0) -> TuningReport:
@@ -258,10 +281,11 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
             task_name=task.name, rand_state=seed + done, num_threads=threads)
         before = len(database)
         try:
-            ms.tune.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=budget,
-                               max_trials_per_task=budget, num_trials_per_iter=min(budget, 16), builder=builder,
-                               runner=runner, database=database.ms_database, cost_model=cost_model,
-                               task_scheduler="round-robin", module_equality="anchor-block")
+            with _stderr_to(database.directory / LOG_FILE):
+                ms.tune.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=budget,
+                                   max_trials_per_task=budget, num_trials_per_iter=min(budget, 16), builder=builder,
+                                   runner=runner, database=database.ms_database, cost_model=cost_model,
+                                   task_scheduler="round-robin", module_equality="anchor-block")
         except Exception as exc:  # noqa: BLE001 — one untunable kernel must not stop the others
             logger.warning("tuning %s failed: %s", task.name, tvm_error_line(exc))
         else:

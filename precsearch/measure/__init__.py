@@ -6,7 +6,7 @@ on a remote device through a TVM RPC tracker (:func:`measure_remote`, with
 """
 
 from ._local import Latency, measure_library, measure_onnxruntime, summarize
-from ._rpc import RpcTarget, measure_remote, parse_tracker, run_remote
+from ._rpc import RpcTarget, check_tracker, measure_remote, parse_tracker, run_remote
 
-__all__ = ["Latency", "RpcTarget", "measure_library", "measure_onnxruntime", "measure_remote", "parse_tracker",
+__all__ = ["Latency", "RpcTarget", "check_tracker", "measure_library", "measure_onnxruntime", "measure_remote", "parse_tracker",
            "run_remote", "summarize"]

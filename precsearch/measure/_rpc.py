@@ -156,6 +156,25 @@ def _check_call(caller: str, library_path, input_names, inputs, rpc) -> Path:
     return path
 
 
+def check_tracker(rpc: RpcTarget) -> None:
+    """Fail now, with one line, if the tracker is unreachable or has no server for ``rpc.key``.
+
+    Meant for the start of a long job, before anything is built.
+    """
+    import tvm
+
+    _probe_tracker(rpc)
+    try:
+        tracker = tvm.rpc.connect_tracker(rpc.host, rpc.port)
+    except Exception as exc:  # noqa: BLE001 - gone since the probe
+        raise ConfigError(f"cannot reach the RPC tracker at {rpc.address}: {_one_line(exc)}") from exc
+    try:
+        tracker._sock.settimeout(rpc.timeout_s)
+        _require_server(tracker, rpc)
+    finally:
+        tracker.close()
+
+
 def _open_session(rpc: RpcTarget):
     """A fresh RPC session on a free server of ``rpc.key``."""
     import tvm
