@@ -328,7 +328,7 @@ def _cmd_tune(args) -> int:
 
     def progress(done: int, total: int, name: str, trials: int, elapsed_s: float) -> None:
         left_s = elapsed_s / done * (total - done)
-        what = f"{trials} trials" if trials else "already tuned"
+        what = f"{trials} trials" if trials else "no tuning needed"
         _status(f"[{done}/{total}] {name[:70]}: {what}; {elapsed_s / 60:.1f} min elapsed, ~{left_s / 60:.1f} min left",
                 False)  # stderr: progress never mixes with --json on stdout
 
@@ -339,7 +339,8 @@ def _cmd_tune(args) -> int:
         print(json.dumps(result, indent=1))
     else:
         state = "done" if report.finished else "stopped at the time limit; run the same command to continue"
-        print(f"{report.tasks_total} kernels: {report.tasks_tuned} tuned now, {report.tasks_skipped} already tuned; "
+        print(f"{report.tasks_total} kernels: {report.tasks_tuned} tuned now, {report.tasks_skipped} already tuned, "
+              f"{report.tasks_covered} served by a kernel with the same conv; "
               f"{report.trials_run} trials in {report.time_s / 60:.1f} min; {report.records} records in the "
               f"database ({state})")
     return 0

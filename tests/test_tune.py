@@ -50,8 +50,9 @@ def test_representative_plans_cover_both_precisions_and_both_boundaries(tuned):
 
 def test_tuning_fills_a_persistent_database_with_progress(tuned):
     report = tuned.report
-    assert report.finished and report.tasks_tuned == report.tasks_total >= 6
-    assert report.records >= report.tasks_total  # at least one measured record per kernel
+    assert report.finished and report.tasks_skipped == 0 and report.tasks_total >= 6
+    assert report.tasks_tuned + report.tasks_covered == report.tasks_total and report.tasks_covered >= 1
+    assert report.records >= report.tasks_tuned  # at least one measured record per tuned kernel
     assert [entry[:2] for entry in tuned.progress] == [(i, report.tasks_total) for i in range(1, report.tasks_total + 1)]
     directory = database_dir(tuned.workdir, host_target())
     assert (directory / "database_tuning_record.json").stat().st_size > 0
@@ -60,7 +61,8 @@ def test_tuning_fills_a_persistent_database_with_progress(tuned):
 
 def test_a_second_run_resumes_instead_of_retuning(tuned):
     again = tune_model(tuned.model, tuned.ranges, workdir=tuned.workdir, trials_per_task=TRIALS)
-    assert (again.tasks_skipped, again.tasks_tuned, again.trials_run) == (tuned.report.tasks_total, 0, 0)
+    assert (again.tasks_tuned, again.trials_run) == (0, 0)
+    assert again.tasks_skipped + again.tasks_covered == tuned.report.tasks_total
     assert again.records == tuned.report.records
 
 
@@ -72,7 +74,7 @@ def test_every_conv_of_any_mix_finds_its_records(tuned):
         assert built.tuned_kernels / built.total_kernels >= 0.75, (spec, built.tuned_kernels, built.total_kernels)
 
 
-def test_tuned_int8_build_agrees_with_ort_and_untuned_is_the_same_code_path(tuned):
+def test_tuned_int8_build_agrees_with_ort_and_with_the_untuned_build(tuned):
     qdq, built = tuned.build("none")
     reference = run_ort(qdq, tuned.check, optimized=False)
     candidate = [built.run(batch) for batch in tuned.check]
@@ -80,7 +82,9 @@ def test_tuned_int8_build_agrees_with_ort_and_untuned_is_the_same_code_path(tune
     assert result.fraction == 1.0 and result.max_error_steps <= 1.0
     untuned = build_plan(tuned.model, qdq, parse_plan("none", tuned.model).int8_ids(tuned.model))
     assert untuned.tuned_kernels == 0
-    np.testing.assert_array_equal(untuned.run(tuned.check[0])["logits"], built.run(tuned.check[0])["logits"])
+    # int8 convs are exact either way; the float classifier head may sum in another order once tuned
+    np.testing.assert_allclose(untuned.run(tuned.check[0])["logits"], built.run(tuned.check[0])["logits"],
+                               rtol=1e-5, atol=1e-6)
 
 
 def _has_vnni() -> bool:

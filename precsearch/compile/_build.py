@@ -23,6 +23,7 @@ from ._int8_rewrite import Int8ConvRewrite
 from ._layout import choose_block_size, decide_layouts, layout_callback, make_conv_legalizer
 from ._qdq_lower import LowerQDQ
 from ._trace import PassTracer, tvm_error_line
+from ._tune import ApplyTuning
 from ._verify import InspectLayout, LayerRow, VerifyPlan
 
 logger = logging.getLogger(__name__)
@@ -212,27 +213,11 @@ def _raise_compile_error(exc: Exception, tracer: PassTracer, layer_ids) -> None:
         from exc
 
 
-@tvm.transform.module_pass(opt_level=0, name="precsearch.CountTuned")
-class CountTuned:
-    """Which kernels the database scheduled: ApplyDatabase marks them ``tirx.is_scheduled``."""
-
-    def __init__(self):
-        self.scheduled: dict[str, bool] = {}
-
-    def transform_module(self, mod, ctx):
-        for gvar, func in mod.functions.items():
-            if isinstance(func, tvm.tirx.PrimFunc):
-                self.scheduled[gvar.name_hint] = bool(func.attrs is not None and func.attrs.get("tirx.is_scheduled"))
-        return mod
-
-
-def _pipeline(front: _Front, target, apply_tuning: bool, count: CountTuned):
-    # Created inside the target context: MetaScheduleApplyDatabase reads the current target.
+def _pipeline(front: _Front, target, apply_tuning: ApplyTuning):
     return tvm.transform.Sequential(
         [
             *front.passes,
-            *([relax.transform.MetaScheduleApplyDatabase(enable_warning=False)] if apply_tuning else []),
-            count,
+            apply_tuning,
             *cpu_pipeline.dataflow_lower_passes(target),
             *cpu_pipeline.finalize_passes(target),
         ],
@@ -281,14 +266,10 @@ def build_plan(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
     tracer = PassTracer(dump_ir_dir)
     front = _front(model, qdq_model, int8_ids, options, target)
     tracer.dump(front.imported.mod, "precsearch.Import")
-    count = CountTuned()
+    apply_tuning = ApplyTuning(database, target)
     try:
         with target, tvm.transform.PassContext(opt_level=3, instruments=[tracer]):
-            if database is None:
-                executable = tvm.compile(front.imported.mod, target, relax_pipeline=_pipeline(front, target, False, count))
-            else:
-                with database.ms_database:  # MetaScheduleApplyDatabase reads the current database
-                    executable = tvm.compile(front.imported.mod, target, relax_pipeline=_pipeline(front, target, True, count))
+            executable = tvm.compile(front.imported.mod, target, relax_pipeline=_pipeline(front, target, apply_tuning))
     except Exception as exc:
         _raise_compile_error(exc, tracer, layer_ids)
     elapsed = time.perf_counter() - start
@@ -308,9 +289,9 @@ def build_plan(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
         passes_run=tracer.count,
         dump_files=list(tracer.files),
         kernel_weights={layer_ids[i]: weights for i, weights in front.verify.kernel_weights.items()},
-        tuned_kernels=sum(count.scheduled.values()),
-        total_kernels=len(count.scheduled),
-        untuned_convs=tuple(layer_ids[i] for i in sorted(_conv_indices(name) for name, tuned in count.scheduled.items()
+        tuned_kernels=sum(apply_tuning.scheduled.values()),
+        total_kernels=len(apply_tuning.scheduled),
+        untuned_convs=tuple(layer_ids[i] for i in sorted(_conv_indices(name) for name, tuned in apply_tuning.scheduled.items()
                                                         if not tuned and _conv_indices(name) is not None)),
     )
 

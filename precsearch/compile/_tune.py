@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
+import tvm.tirx
 import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
@@ -118,6 +119,7 @@ class TuningTask:
     weight: int
     space: str  # "vnni16", "vnni8" or "default": the search space it is tuned in
     layer_index: int | None
+    primary: bool = True  # first kernel of its anchor block; others reuse its records when they replay
 
 
 @dataclass
@@ -126,7 +128,8 @@ class TuningReport:
 
     tasks_total: int
     tasks_tuned: int
-    tasks_skipped: int
+    tasks_skipped: int  # already tuned by an earlier run
+    tasks_covered: int  # served by records of another kernel with the same anchor block
     trials_run: int
     records: int
     time_s: float
@@ -137,20 +140,28 @@ class TuningReport:
 
 
 def extract_tuning_tasks(modules, target: tvm.target.Target) -> list[TuningTask]:
-    """Distinct kernels of the given fused modules, in order of first appearance."""
-    seen = ms.database.MemoryDatabase(module_equality="anchor-block")
+    """Structurally distinct kernels of the given fused modules; the first of each anchor block is primary.
+
+    Primary kernels come first. The others share a conv (or other anchor block)
+    with a primary one and are tuned only when none of its records replays on
+    them (see :func:`tune_tasks`).
+    """
+    exact = ms.database.MemoryDatabase(module_equality="structural")
+    anchors = ms.database.MemoryDatabase(module_equality="anchor-block")
     tasks: list[TuningTask] = []
     for mod in modules:
-        for extracted in ms.relax_integration.extract_tasks(mod, target, module_equality="anchor-block"):
+        for extracted in ms.relax_integration.extract_tasks(mod, target, module_equality="structural"):
             kernel = extracted.dispatched[0]
-            if seen.has_workload(kernel):
+            if exact.has_workload(kernel):
                 continue
-            seen.commit_workload(kernel)
+            exact.commit_workload(kernel)
+            primary = not anchors.has_workload(kernel)
+            anchors.commit_workload(kernel)
             match = _CONV_NAME.search(extracted.task_name)
             tasks.append(TuningTask(name=extracted.task_name, mod=kernel, weight=int(extracted.weight),
-                                    space=_space_of(kernel, target),
+                                    space=_space_of(kernel, target), primary=primary,
                                     layer_index=int(match.group(1)) if match else None))
-    return tasks
+    return sorted(tasks, key=lambda task: not task.primary)
 
 
 def _space_of(kernel: tvm.IRModule, target: tvm.target.Target) -> str:
@@ -243,7 +254,8 @@ def _stderr_to(path: Path):
 def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.target.Target, *,
                trials_per_task: int, threads: int = 2, timeout_s: float | None = None, progress=None,
                seed: int = 0) -> TuningReport:
-    """Tune every task that has fewer than ``trials_per_task`` records, one at a time.
+    """Tune, one at a time, every primary kernel with fewer than ``trials_per_task`` records, then every
+    other kernel that none of its anchor block's records replays on.
 
     Parameters
     ----------
@@ -259,13 +271,16 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
     runner = ms.runner.LocalRunner(timeout_sec=30, evaluator_config=ms.runner.EvaluatorConfig(
         number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False))
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=threads)
-    tuned = skipped = trials_run = 0
+    tuned = skipped = covered_count = trials_run = 0
     finished = True
     work_dir = tempfile.mkdtemp(prefix="precsearch-tune-")
     for done, task in enumerate(tasks, start=1):
-        existing = database.records_for(task.mod, trials_per_task)
-        if existing >= trials_per_task or database.finished_budget(task.mod) >= trials_per_task:
-            skipped += 1
+        # Records are filed by anchor block, so only a primary kernel can count them as its own.
+        existing = database.records_for(task.mod, trials_per_task) if task.primary else 0
+        covered = not task.primary and best_schedule(database, task.mod, target)[0] is not None
+        if covered or existing >= trials_per_task or database.finished_budget(task.mod) >= trials_per_task:
+            covered_count += covered
+            skipped += not covered
             if progress:
                 progress(done, len(tasks), task, 0, time.perf_counter() - started)
             continue
@@ -294,5 +309,82 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
         tuned += 1
         if progress:
             progress(done, len(tasks), task, len(database) - before, time.perf_counter() - started)
-    return TuningReport(tasks_total=len(tasks), tasks_tuned=tuned, tasks_skipped=skipped, trials_run=trials_run,
+    return TuningReport(tasks_total=len(tasks), tasks_tuned=tuned, tasks_skipped=skipped,
+                        tasks_covered=covered_count, trials_run=trials_run,
                         records=len(database), time_s=time.perf_counter() - started, finished=finished)
+
+
+@tvm.transform.module_pass(opt_level=0, name="precsearch.ApplyTuning")
+class ApplyTuning:
+    """Schedule every kernel the database has a record for; count what it scheduled.
+
+    What TVM's ``MetaScheduleApplyDatabase`` does, one kernel at a time: a
+    record found by anchor-block equality is replayed with MetaSchedule's
+    anchor-trace replay, which can fail on a kernel whose fused neighbours differ
+    from the tuned one (a check in the trace replay fires). TVM's pass then fails
+    the whole build; here other records are tried (:func:`best_schedule`), and a
+    kernel no record applies to keeps TVM's default schedule and is reported.
+
+    Parameters
+    ----------
+    database : TuningDatabase or None
+        None schedules nothing and only counts kernels.
+    """
+
+    def __init__(self, database: TuningDatabase | None, target: tvm.target.Target):
+        self.database = database
+        self.target = target
+        self.scheduled: dict[str, bool] = {}
+        self.not_applied: dict[str, str] = {}  # kernel → why no record applied
+
+    def transform_module(self, mod, ctx):
+        for gvar, func in list(mod.functions.items()):
+            if not isinstance(func, tvm.tirx.PrimFunc):
+                continue
+            tuned = self._schedule(gvar.name_hint, func) if self.database is not None else None
+            self.scheduled[gvar.name_hint] = tuned is not None
+            if tuned is not None:
+                mod[gvar] = tuned
+        return mod
+
+    def _schedule(self, name: str, func):
+        from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+        body, failure = best_schedule(self.database, _normalize_mod(func), self.target)
+        if body is None:
+            if failure:
+                self.not_applied[name] = failure
+                logger.warning("no tuning record applies to %s (%s); it keeps the default schedule", name, failure)
+            return None
+        # keep the original attributes (global symbol, precsearch.layer), as TVM's pass does
+        return tvm.tirx.PrimFunc(body.params, body.body, body.ret_type, func.attrs).with_attr(
+            "tirx.is_scheduled", True)
+
+
+def best_schedule(database: TuningDatabase, kernel: tvm.IRModule, target, top_k: int = 16):
+    """The fastest record of ``kernel``'s anchor block that replays on it: (scheduled PrimFunc, "") or (None, why).
+
+    A record tuned on this very kernel replays its trace; one tuned on another
+    kernel with the same anchor block is replayed with MetaSchedule's anchor-trace
+    replay, which fails for some pairs (a reduction fused differently), so up to
+    ``top_k`` records are tried, fastest first.
+    """
+    from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
+
+    ms_database = database.ms_database
+    if not ms_database.has_workload(kernel):
+        return None, ""
+    records = ms_database.get_top_k(ms_database.commit_workload(kernel), top_k)
+    failure = ""
+    for record in records:
+        try:
+            if tvm_ffi.structural_equal(kernel, record.workload.mod):
+                schedule = tvm.s_tir.Schedule(record.workload.mod)
+                record.trace.apply_to_schedule(schedule, remove_postproc=False)
+            else:
+                schedule = tvm.s_tir.Schedule(kernel)
+                schedule_using_anchor_trace(schedule, record.trace, target)
+            return schedule.mod["main"], ""
+        except Exception as exc:  # noqa: BLE001 — try the next record
+            failure = tvm_error_line(exc)
+    return None, failure or "no records"

@@ -6,7 +6,8 @@ on a remote device through a TVM RPC tracker (:func:`measure_remote`, with
 """
 
 from ._local import Latency, measure_library, measure_onnxruntime, summarize
+from ._profile import KernelTime, profile_kernels
 from ._rpc import RpcTarget, check_tracker, measure_remote, parse_tracker, run_remote
 
-__all__ = ["Latency", "RpcTarget", "check_tracker", "measure_library", "measure_onnxruntime", "measure_remote", "parse_tracker",
+__all__ = ["KernelTime", "Latency", "profile_kernels", "RpcTarget", "check_tracker", "measure_library", "measure_onnxruntime", "measure_remote", "parse_tracker",
            "run_remote", "summarize"]
