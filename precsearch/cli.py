@@ -204,7 +204,10 @@ def _cmd_build(args) -> int:
         "boundary_transforms": built.boundary_transforms,
         "build_time_s": round(built.build_time_s, 2),
         "tuned": database is not None,
-        "layers": _table_rows(model, built),
+        "tuned_kernels": built.tuned_kernels,
+        "total_kernels": built.total_kernels,
+        "untuned_convs": list(built.untuned_convs) if database is not None else [],
+        "layers": _table_rows(model, built, tuned=database is not None),
         "inputs": {name: list(shape) for name, shape in model.input_shapes.items()},
         "outputs": list(built.output_names),
     }
@@ -384,26 +387,27 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-def _table_rows(model, built) -> list[dict]:
-    rows = {row.index: row.to_dict() for row in built.rows}
+def _table_rows(model, built, tuned: bool = False) -> list[dict]:
+    rows = {row.index: {**row.to_dict(), "kernel": "untuned" if not tuned or row.id in built.untuned_convs
+                        else "tuned"} for row in built.rows}
     table = []
     for layer in model.layers:
         if layer.index in rows:
             table.append(rows[layer.index])
         else:  # not a conv2d in the graph (ConvTranspose): always float, never blocked
             table.append({"index": layer.index, "id": layer.id, "dtype": "float32", "layout": "NCHW",
-                          "transforms_in": [], "transforms_out": [], "note": layer.reason})
+                          "transforms_in": [], "transforms_out": [], "note": layer.reason, "kernel": "-"})
     return table
 
 
 def _print_build(summary: dict) -> None:
-    print(f"{'id':<16} {'dtype':<8} {'layout':<8} {'transforms in':<16} {'transforms out':<16} note")
+    print(f"{'id':<16} {'dtype':<8} {'layout':<8} {'kernel':<8} {'transforms in':<16} {'transforms out':<16} note")
     for row in summary["layers"]:
-        print(f"{row['id']:<16} {row['dtype']:<8} {row['layout']:<8} {', '.join(row['transforms_in']) or '-':<16} "
-              f"{', '.join(row['transforms_out']) or '-':<16} {row['note']}")
+        print(f"{row['id']:<16} {row['dtype']:<8} {row['layout']:<8} {row['kernel']:<8} "
+              f"{', '.join(row['transforms_in']) or '-':<16} {', '.join(row['transforms_out']) or '-':<16} {row['note']}")
     print(f"{len(summary['int8_layers'])} int8, {len(summary['float_layers'])} float convs; block {summary['block_size']}; "
-          f"{summary['boundary_transforms']} activation layout transforms; built in {summary['build_time_s']} s "
-          f"({'tuned kernels' if summary['tuned'] else 'untuned: run precsearch tune for fast kernels'})")
+          f"{summary['boundary_transforms']} activation layout transforms; built in {summary['build_time_s']} s ("
+          f"{_tuning_state(summary)})")
     print(f"library: {summary['library']}")
     if "dump_ir" in summary:
         print(f"IR after each pass: {summary['dump_ir']['files']} files in {summary['dump_ir']['dir']}")
@@ -414,6 +418,12 @@ def _print_build(summary: dict) -> None:
         print(f"  for comparison, ONNX Runtime's own int8 kernels: {summary['ort_int8_agreement']:.4%} "
               f"(max {summary['ort_int8_max_error_steps']:.2f} steps)")
         print(f"  divergences: {summary['divergence_summary']}")
+
+
+def _tuning_state(summary: dict) -> str:
+    if not summary["tuned"]:
+        return "untuned kernels: run precsearch tune once for fast ones"
+    return f"{summary['tuned_kernels']} of {summary['total_kernels']} kernels tuned"
 
 
 def _writable_dir(path: Path, parameter: str) -> Path:

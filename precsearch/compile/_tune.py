@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
+EXACT_WORKLOAD_FILE = "exact_workload.json"
+EXACT_RECORD_FILE = "exact_tuning_record.json"
 FINISHED_FILE = "finished_tasks.json"
 LOG_FILE = "tuning.log"
 
@@ -68,9 +70,18 @@ class TuningDatabase:
             allow_missing=True,
             module_equality="anchor-block",
         )
+        # Kernels tuned in their own form go to a second database with exact
+        # equality: filed under an anchor-block workload, their traces name blocks
+        # that workload lacks, and the JSON database then refuses to load at all.
+        self.exact_database = ms.database.JSONDatabase(
+            path_workload=str(self.directory / EXACT_WORKLOAD_FILE),
+            path_tuning_record=str(self.directory / EXACT_RECORD_FILE),
+            allow_missing=True,
+            module_equality="structural",
+        )
 
     def __len__(self) -> int:
-        return len(self.ms_database)
+        return len(self.ms_database) + len(self.exact_database)
 
     def finished_budget(self, mod: tvm.IRModule) -> int:
         """The largest trial budget a finished tuning of exactly this kernel had (0 if never finished).
@@ -299,8 +310,10 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
             with _stderr_to(database.directory / LOG_FILE):
                 ms.tune.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=budget,
                                    max_trials_per_task=budget, num_trials_per_iter=min(budget, 16), builder=builder,
-                                   runner=runner, database=database.ms_database, cost_model=cost_model,
-                                   task_scheduler="round-robin", module_equality="anchor-block")
+                                   runner=runner,
+                                   database=database.ms_database if task.primary else database.exact_database,
+                                   cost_model=cost_model, task_scheduler="round-robin",
+                                   module_equality="anchor-block" if task.primary else "structural")
         except Exception as exc:  # noqa: BLE001 — one untunable kernel must not stop the others
             logger.warning("tuning %s failed: %s", task.name, tvm_error_line(exc))
         else:
@@ -364,17 +377,19 @@ class ApplyTuning:
 def best_schedule(database: TuningDatabase, kernel: tvm.IRModule, target, top_k: int = 16):
     """The fastest record of ``kernel``'s anchor block that replays on it: (scheduled PrimFunc, "") or (None, why).
 
-    A record tuned on this very kernel replays its trace; one tuned on another
-    kernel with the same anchor block is replayed with MetaSchedule's anchor-trace
-    replay, which fails for some pairs (a reduction fused differently), so up to
-    ``top_k`` records are tried, fastest first.
+    Records of this very kernel (in the exact database) come first and replay
+    their trace; then records of its anchor block, tuned on another kernel, are
+    replayed with MetaSchedule's anchor-trace replay, which fails for some pairs
+    (a reduction fused differently), so up to ``top_k`` of them are tried.
     """
     from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
 
-    ms_database = database.ms_database
-    if not ms_database.has_workload(kernel):
+    records = []
+    for ms_database in (database.exact_database, database.ms_database):
+        if ms_database.has_workload(kernel):
+            records += ms_database.get_top_k(ms_database.commit_workload(kernel), top_k)
+    if not records:
         return None, ""
-    records = ms_database.get_top_k(ms_database.commit_workload(kernel), top_k)
     failure = ""
     for record in records:
         try:
