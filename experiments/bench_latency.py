@@ -10,6 +10,8 @@ Writes results/latency/<model>.csv (one row per build, with the tuning budget an
 time) and results/latency/<model>-kernels.csv, and prints a markdown table.
 
     python experiments/bench_latency.py [--models mobilenetv3-textcls pplcnet-orientation] [--trials 32]
+    python experiments/export_efficientnet_lite0.py precsearch-work/models/efficientnet_lite0.onnx  # needs torch
+    python experiments/bench_latency.py --models efficientnet-lite0=precsearch-work/models/efficientnet_lite0.onnx
 """
 
 from __future__ import annotations
@@ -65,17 +67,23 @@ def kernel_table(model, built, inputs, precision: str) -> pd.DataFrame:
     return frame
 
 
-def run_model(name: str, trials: int, workdir: Path, repeats: int, tune: bool) -> pd.DataFrame:
-    path, shapes, preset = resolve_model(name)
+def run_model(spec: str, trials: int, workdir: Path, repeats: int, tune: bool,
+              tune_timeout_s: float | None = None) -> pd.DataFrame:
+    # "NAME=PATH" benchmarks an ONNX file under a label (ImageNet preprocessing), e.g. the exported EfficientNet-Lite0
+    name, _, file = spec.partition("=")
+    path, shapes, preset = resolve_model(file or name)
+    preset = preset or "imagenet"
     model = load_model(path, shapes)
     ranges = calibrate(model, image_batches(model, preset, count=8), "minmax", cache_dir=workdir / "cache")
     options = CompileOptions(threads=THREADS)
     if tune:
         started = time.perf_counter()
         report = tune_model(model, ranges, workdir=workdir, options=options, trials_per_task=trials,
+                            timeout_s=tune_timeout_s,
                             progress=lambda done, total, task, n, elapsed_s: print(
                                 f"  [{done}/{total}] {task[:60]} {n} trials, {elapsed_s / 60:.1f} min", flush=True))
-        print(f"{name}: tuning run took {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+        print(f"{name}: tuning run took {(time.perf_counter() - started) / 60:.1f} min "
+              f"({'finished' if report.finished else 'stopped at --tune-timeout'})", flush=True)
     database = open_database(workdir, options)
     summary = json.loads((database.directory / f"{model.sha256[:16]}.json").read_text())
     inputs = image_batches(model, preset, count=1, offset=8)[0]
@@ -111,9 +119,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "precsearch-work")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--no-tune", action="store_true", help="use the database as it is")
+    parser.add_argument("--tune-timeout-min", type=float, default=None,
+                        help="stop starting new kernels after this many minutes (the rest run untuned)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    frames = [run_model(name, args.trials, args.workdir, args.repeats, not args.no_tune) for name in args.models]
+    timeout_s = args.tune_timeout_min * 60 if args.tune_timeout_min else None
+    frames = [run_model(name, args.trials, args.workdir, args.repeats, not args.no_tune, timeout_s)
+              for name in args.models]
     table = pd.concat(frames)[["model", "name", "int8_convs", "median_ms", "iqr_ms", "vs_ort_float", "vs_ort_int8",
                                "build_time_s", "trials_per_kernel", "tuning_min"]]
     print()

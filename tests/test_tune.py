@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import models
-from precsearch.compile import CompileOptions, build_plan, database_dir, host_target
+from precsearch.compile import CompileOptions, TuningDatabase, build_plan, database_dir, host_target
 from precsearch.compile._tune import FINISHED_FILE
 from precsearch.data import image_batches
 from precsearch.evaluate import agreement, run_ort
@@ -60,6 +60,9 @@ def test_tuning_fills_a_persistent_database_with_progress(tuned):
 
 
 def test_a_second_run_resumes_instead_of_retuning(tuned):
+    # the JSON databases reload (a trace filed under the wrong workload makes MetaSchedule refuse the whole file)
+    reopened = TuningDatabase(database_dir(tuned.workdir, host_target()))
+    assert len(reopened) == tuned.report.records
     again = tune_model(tuned.model, tuned.ranges, workdir=tuned.workdir, trials_per_task=TRIALS)
     assert (again.tasks_tuned, again.trials_run) == (0, 0)
     assert again.tasks_skipped + again.tasks_covered == tuned.report.tasks_total
