@@ -287,11 +287,14 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
     work_dir = tempfile.mkdtemp(prefix="precsearch-tune-")
     for done, task in enumerate(tasks, start=1):
         # Records are filed by anchor block, so only a primary kernel can count them as its own.
-        existing = database.records_for(task.mod, trials_per_task) if task.primary else 0
-        covered = not task.primary and best_schedule(database, task.mod, target)[0] is not None
-        if covered or existing >= trials_per_task or database.finished_budget(task.mod) >= trials_per_task:
+        done_before = database.finished_budget(task.mod) >= trials_per_task or (
+            task.primary and database.records_for(task.mod, trials_per_task) >= trials_per_task)
+        covered = not done_before and not task.primary and pin_anchor_record(database, task.mod, target)
+        if done_before or covered:
+            if covered:
+                database.mark_finished(task.mod, trials_per_task)
             covered_count += covered
-            skipped += not covered
+            skipped += done_before
             if progress:
                 progress(done, len(tasks), task, 0, time.perf_counter() - started)
             continue
@@ -299,6 +302,7 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
             finished = False
             logger.info("tuning time limit reached after %d of %d tasks", done - 1, len(tasks))
             break
+        existing = database.records_for(task.mod, trials_per_task) if task.primary else 0
         budget = trials_per_task - existing
         context = ms.TuneContext(
             mod=task.mod, target=target, space_generator=_space_generator(task.space),
@@ -382,8 +386,6 @@ def best_schedule(database: TuningDatabase, kernel: tvm.IRModule, target, top_k:
     replayed with MetaSchedule's anchor-trace replay, which fails for some pairs
     (a reduction fused differently), so up to ``top_k`` of them are tried.
     """
-    from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
-
     records = []
     for ms_database in (database.exact_database, database.ms_database):
         if ms_database.has_workload(kernel):
@@ -393,13 +395,44 @@ def best_schedule(database: TuningDatabase, kernel: tvm.IRModule, target, top_k:
     failure = ""
     for record in records:
         try:
-            if tvm_ffi.structural_equal(kernel, record.workload.mod):
-                schedule = tvm.s_tir.Schedule(record.workload.mod)
-                record.trace.apply_to_schedule(schedule, remove_postproc=False)
-            else:
-                schedule = tvm.s_tir.Schedule(kernel)
-                schedule_using_anchor_trace(schedule, record.trace, target)
+            schedule = replay(record, kernel, target)
             return schedule.mod["main"], ""
         except Exception as exc:  # noqa: BLE001 — try the next record
             failure = tvm_error_line(exc)
     return None, failure or "no records"
+
+
+def replay(record, kernel: tvm.IRModule, target):
+    """``record``'s schedule on ``kernel``: its own trace, or the anchor-trace replay for another kernel."""
+    from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
+
+    if tvm_ffi.structural_equal(kernel, record.workload.mod):
+        schedule = tvm.s_tir.Schedule(record.workload.mod)
+        record.trace.apply_to_schedule(schedule, remove_postproc=False)
+    else:
+        schedule = tvm.s_tir.Schedule(kernel)
+        schedule_using_anchor_trace(schedule, record.trace, target)
+    return schedule
+
+
+def pin_anchor_record(database: TuningDatabase, kernel: tvm.IRModule, target, top_k: int = 16) -> bool:
+    """File, in the exact database, the replayed schedule of the fastest anchor record that works on ``kernel``.
+
+    Whether an anchor record replays can change as faster records of other
+    kernels join the anchor workload and push it out of the top k; pinning the
+    replayed trace under this very kernel keeps it found.
+    """
+    ms_database = database.ms_database
+    if not ms_database.has_workload(kernel):
+        return False
+    for record in ms_database.get_top_k(ms_database.commit_workload(kernel), top_k):
+        try:
+            schedule = replay(record, kernel, target)
+        except Exception:  # noqa: BLE001 — try the next record
+            continue
+        exact = database.exact_database
+        exact.commit_tuning_record(ms.database.TuningRecord(
+            trace=schedule.trace, workload=exact.commit_workload(kernel), run_secs=record.run_secs, target=target,
+            args_info=ms.arg_info.ArgInfo.from_prim_func(kernel["main"])))
+        return True
+    return False
