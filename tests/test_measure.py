@@ -31,3 +31,15 @@ def test_tvm_and_ort_measured_alike(tmp_path):
 def test_bad_settings():
     with pytest.raises(ConfigError, match="'repeats'"):
         measure_onnxruntime(None, {}, repeats=1)
+
+
+def test_tvm_measurement_leaves_this_threads_cpu_affinity_alone(tmp_path):
+    # TVM's thread pool pins the calling thread to one core; ONNX Runtime sessions made
+    # afterwards inherited that and ran 4x slower until the affinity was restored.
+    import os
+
+    model = load_model(models.save(models.chain_model(), tmp_path, "chain"))
+    built = build_plan(model, model.proto, [])
+    before = os.sched_getaffinity(0)
+    measure_library(built, {"input": np.ones((1, 8, 16, 16), dtype=np.float32)}, threads=2, warmup=1, repeats=3)
+    assert os.sched_getaffinity(0) == before

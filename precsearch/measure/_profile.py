@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._local import tvm_threads
+
 
 @dataclass(frozen=True)
 class KernelTime:
@@ -28,10 +30,14 @@ def profile_kernels(library, inputs: dict[str, np.ndarray], *, threads: int = 2,
     Python timestamps add a few microseconds per call; use it to rank kernels,
     and the VM's ``time_evaluator`` (:func:`measure_library`) for end-to-end latency.
     """
+    with tvm_threads(threads):
+        return _profile(library, inputs, runs)
+
+
+def _profile(library, inputs, runs: int) -> list[KernelTime]:
     import tvm
     from tvm import relax
 
-    tvm.get_global_func("runtime.config_threadpool")(1, threads)
     executable = getattr(library, "executable", None)
     vm = relax.VirtualMachine(executable, tvm.cpu()) if executable is not None else library.virtual_machine()
     args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[name]), tvm.cpu()) for name in library.input_names]
