@@ -33,7 +33,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
 from tvm.ir.utils import derived_object
 
-from ..errors import CompileError, ConfigError
+from ..errors import ConfigError
 from . import _intrinsics
 from ._trace import tvm_error_line
 
