@@ -322,8 +322,6 @@ def _cmd_tune(args) -> int:
 
     quiet = args.json
     timeout_s = _duration_s(args.timeout)
-    if args.trials < 1:
-        raise ValueError(f"The 'trials' parameter must be a positive int; got {args.trials} instead.")
     model, preset = _load(args)
     ranges = _calibrated(args, model, preset)
     options = CompileOptions(threads=args.threads, requant_dtype=args.requant)

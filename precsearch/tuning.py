@@ -15,8 +15,8 @@ import logging
 import time
 from pathlib import Path
 
-from .compile import (CompileOptions, TuningDatabase, TuningReport, database_dir, extract_tuning_tasks,
-                      fused_module, resolve_target, tune_tasks)
+from .compile import (CompileOptions, TuningDatabase, TuningReport, check_trials, database_dir,
+                      extract_tuning_tasks, fused_module, resolve_target, tune_tasks)
 from .model import LoadedModel
 from .plan import Plan
 from .quantize import CalibrationRanges, build_qdq_model
@@ -56,6 +56,7 @@ def tune_model(model: LoadedModel, ranges: CalibrationRanges, *, workdir: str | 
     progress : callable, optional
         ``progress(done_tasks, total_tasks, task_name, trials_run, elapsed_s)`` after each kernel.
     """
+    check_trials(trials_per_task)  # before a minute of task extraction
     options = options or CompileOptions()
     target = resolve_target(options)
     database = TuningDatabase(database_dir(workdir, target))

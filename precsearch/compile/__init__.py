@@ -5,9 +5,9 @@ it a prepared model, a QDQ model and the ids of the int8 layers.
 """
 
 from ._build import BuiltPlan, CompileOptions, LoadedLibrary, build_plan, fused_module, host_target, resolve_target
-from ._tune import TuningDatabase, TuningReport, TuningTask, database_dir, extract_tuning_tasks, tune_tasks
+from ._tune import TuningDatabase, TuningReport, TuningTask, check_trials, database_dir, extract_tuning_tasks, tune_tasks
 from ._verify import LayerRow
 
 __all__ = ["BuiltPlan", "CompileOptions", "LayerRow", "LoadedLibrary", "TuningDatabase", "TuningReport",
-           "TuningTask", "build_plan", "database_dir", "extract_tuning_tasks", "fused_module", "host_target",
+           "TuningTask", "build_plan", "check_trials", "database_dir", "extract_tuning_tasks", "fused_module", "host_target",
            "resolve_target", "tune_tasks"]

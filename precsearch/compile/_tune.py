@@ -242,6 +242,11 @@ class InProcessBuilder(PyBuilder):
         return results
 
 
+def check_trials(trials_per_task) -> None:
+    if not isinstance(trials_per_task, int) or trials_per_task < 1:
+        raise ConfigError(f"The 'trials' parameter of tune must be a positive int; got {trials_per_task!r} instead.")
+
+
 @contextlib.contextmanager
 def _stderr_to(path: Path):
     """Send file descriptor 2 to ``path`` while MetaSchedule runs.
@@ -275,8 +280,7 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
     timeout_s : float, optional
         Stop starting new tasks after this long; what was recorded stays.
     """
-    if not isinstance(trials_per_task, int) or trials_per_task < 1:
-        raise ConfigError(f"The 'trials' parameter of tune must be a positive int; got {trials_per_task!r} instead.")
+    check_trials(trials_per_task)
     started = time.perf_counter()
     builder = InProcessBuilder()
     runner = ms.runner.LocalRunner(timeout_sec=30, evaluator_config=ms.runner.EvaluatorConfig(
@@ -287,8 +291,8 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
     work_dir = tempfile.mkdtemp(prefix="precsearch-tune-")
     for done, task in enumerate(tasks, start=1):
         # Records are filed by anchor block, so only a primary kernel can count them as its own.
-        done_before = database.finished_budget(task.mod) >= trials_per_task or (
-            task.primary and database.records_for(task.mod, trials_per_task) >= trials_per_task)
+        existing = database.records_for(task.mod, trials_per_task) if task.primary else 0
+        done_before = database.finished_budget(task.mod) >= trials_per_task or existing >= trials_per_task
         covered = not done_before and not task.primary and pin_anchor_record(database, task.mod, target)
         if done_before or covered:
             if covered:
@@ -302,7 +306,6 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
             finished = False
             logger.info("tuning time limit reached after %d of %d tasks", done - 1, len(tasks))
             break
-        existing = database.records_for(task.mod, trials_per_task) if task.primary else 0
         budget = trials_per_task - existing
         context = ms.TuneContext(
             mod=task.mod, target=target, space_generator=_space_generator(task.space),

@@ -11,6 +11,7 @@ not load remotely) comes out as one-line :class:`~precsearch.errors.ConfigError`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import socket
@@ -161,22 +162,19 @@ def check_tracker(rpc: RpcTarget) -> None:
 
     Meant for the start of a long job, before anything is built.
     """
-    import tvm
-
-    _probe_tracker(rpc)
-    try:
-        tracker = tvm.rpc.connect_tracker(rpc.host, rpc.port)
-    except Exception as exc:  # noqa: BLE001 - gone since the probe
-        raise ConfigError(f"cannot reach the RPC tracker at {rpc.address}: {_one_line(exc)}") from exc
-    try:
-        tracker._sock.settimeout(rpc.timeout_s)
-        _require_server(tracker, rpc)
-    finally:
-        tracker.close()
+    with _tracker_with_server(rpc):
+        pass
 
 
 def _open_session(rpc: RpcTarget):
     """A fresh RPC session on a free server of ``rpc.key``."""
+    with _tracker_with_server(rpc) as tracker:
+        return _request(tracker, rpc)
+
+
+@contextlib.contextmanager
+def _tracker_with_server(rpc: RpcTarget):
+    """A tracker connection, once a server of ``rpc.key`` is known to it; closed on exit."""
     import tvm
 
     _probe_tracker(rpc)
@@ -189,7 +187,7 @@ def _open_session(rpc: RpcTarget):
         # servers are all busy blocks in recv forever, so bound its socket.
         tracker._sock.settimeout(rpc.timeout_s)
         _require_server(tracker, rpc)
-        return _request(tracker, rpc)
+        yield tracker
     finally:
         tracker.close()
 
