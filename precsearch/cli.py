@@ -119,6 +119,56 @@ def _parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("--no-latency", action="store_true",
                              help="skip the 1+N TVM builds that measure the latency each layer saves")
     sensitivity.add_argument("--threads", type=int, default=2)
+
+    search = commands.add_parser(
+        "search", help="search which convs stay float: an Optuna study of latency against fidelity")
+    add_model(search)
+    search.add_argument("--data", default="samples", help="inputs, as for build (default: packaged samples)")
+    search.add_argument("--preset", default=None)
+    search.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"])
+    search.add_argument("--calibration-batches", type=int, default=8)
+    search.add_argument("--eval-batches", type=int, default=32,
+                        help="fidelity batches, disjoint from calibration (default 32)")
+    search.add_argument("--metric", default=None,
+                        help="fidelity objective: top1, top5, cosine, sqnr_db, nmse, max_abs_error "
+                             "(default: top1 for a classifier output, else sqnr_db)")
+    search.add_argument("--max-drop", type=float, default=None,
+                        help="allowed fidelity drop relative to float (top1/top5/cosine), e.g. 0.01; a constraint")
+    search.add_argument("--goal", type=float, default=None,
+                        help="least acceptable metric value (greatest for nmse/max_abs_error); a constraint")
+    search.add_argument("--trials", type=int, default=None,
+                        help="distinct plans to evaluate (default: every plan when the space is <= 1024, else 200)")
+    search.add_argument("--timeout", default=None, metavar="DURATION",
+                        help="stop starting new trials after this long, e.g. 90s, 30m, 8h")
+    search.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                        help="caches, tuning database, sensitivity.csv and the SQLite study (default ./precsearch-work)")
+    search.add_argument("--storage", default=None,
+                        help="Optuna storage URL (default sqlite:///WORKDIR/study.db); postgresql://... for many "
+                             "machines (also read from $PRECSEARCH_STORAGE)")
+    search.add_argument("--study", default=None, help="study name (default: precsearch-<model>-<metric>)")
+    search.add_argument("--sampler", default=None,
+                        help="tpe, nsga2, gp, random or exhaustive (default: exhaustive up to 1024 plans, else tpe)")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--workers", type=int, default=1,
+                        help="worker processes on this machine: they compile in parallel and measure one at a time")
+    search.add_argument("--sensitivity-k", type=int, default=4,
+                        help="seed plans with the 1..K most sensitive layers float (needs sensitivity.csv)")
+    search.add_argument("--threads", type=int, default=2)
+    search.add_argument("--requant", choices=["float64", "float32"], default="float64")
+    search.add_argument("--repeats", type=int, default=50, help="timed runs per plan (default 50)")
+    search.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    search.add_argument("--untuned", action="store_true", help="ignore the tuning database in --workdir")
+    search.add_argument("--heartbeat-interval", type=int, default=15, metavar="S",
+                        help="seconds between a running trial's heartbeats (default 15)")
+    search.add_argument("--grace-period", type=int, default=120, metavar="S",
+                        help="a trial without a heartbeat for this long is failed and re-run (default 120)")
+
+    worker = commands.add_parser("worker", help="join a search started elsewhere (same storage and study)")
+    worker.add_argument("--storage", default=None, help="the study's storage URL (or $PRECSEARCH_STORAGE)")
+    worker.add_argument("--study", required=True, help="the study name")
+    worker.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="this machine's caches")
+    worker.add_argument("--index", type=int, default=1, help="offsets the sampler seed (default 1)")
+    worker.add_argument("--json", action="store_true")
     return parser
 
 
@@ -385,6 +435,144 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _storage_url(args, workdir: Path) -> str:
+    import os
+
+    from .storage import default_storage_url
+
+    return args.storage or os.environ.get("PRECSEARCH_STORAGE") or default_storage_url(workdir)
+
+
+def _progress_line(progress) -> str:
+    line = f"[{progress.done}/{progress.budget} plans] {progress.failed} failed, {progress.running} running; " \
+           f"front {progress.front_size}"
+    best = progress.fastest_feasible
+    if best is not None:
+        line += f"; fastest feasible {best.latency_ms:.3f} ms ({progress.metric} {best.fidelity:.4g}, " \
+                f"{len(best.float_layers)} float, trial {best.trial})"
+    line += f"; {progress.elapsed_s / 60:.1f} min elapsed"
+    if progress.left_s is not None:
+        line += f", ~{progress.left_s / 60:.1f} min left"
+    return line
+
+
+def _cmd_search(args) -> int:
+    import os
+    import subprocess
+
+    from .config import SearchConfig
+    from .evaluator import TvmEvaluator
+    from .metrics import default_metric, validate_metric
+    from .search import open_study, run_worker, seed_plans
+    from .sensitivity import CSV_NAME, most_sensitive
+    from .storage import open_storage, redact_url
+
+    quiet = args.json
+    timeout_s = _duration_s(args.timeout)
+    workdir = _writable_dir(args.workdir, "workdir").resolve()
+    model_spec = args.model if not Path(args.model).is_file() else str(Path(args.model).resolve())
+    shapes = {name: list(shape) for name, shape in _parse_shapes(args).items()}
+    config = SearchConfig(model=model_spec, input_shapes=shapes, data=args.data, preset=args.preset,
+                          calibration=args.calibration, calibration_batches=args.calibration_batches,
+                          eval_batches=args.eval_batches, metric=args.metric, max_drop=args.max_drop, goal=args.goal,
+                          sampler=args.sampler, trials=args.trials, timeout_s=timeout_s, seed=args.seed,
+                          sensitivity_k=args.sensitivity_k, workers=args.workers, threads=args.threads,
+                          requant=args.requant, warmup=args.warmup, repeats=args.repeats, untuned=args.untuned,
+                          heartbeat_interval_s=args.heartbeat_interval, grace_period_s=args.grace_period)
+    storage_url = _storage_url(args, workdir)
+    storage = open_storage(storage_url, heartbeat_interval_s=config.heartbeat_interval_s,
+                           grace_period_s=config.grace_period_s, max_retry=config.max_retry)
+    model, preset = _load(args)
+    output_shape = next(iter(_output_shapes(model).values()))
+    metric = validate_metric(args.metric, output_shape) if args.metric else default_metric(_output_shapes(model))
+    config = config.replace(metric=metric)  # validates max_drop against the resolved metric
+    study_name = args.study or f"precsearch-{Path(args.model).stem}-{metric}"
+    handle = open_study(config, model, storage, storage_url, study_name, metric)
+    sensitive = most_sensitive(workdir, model, config.sensitivity_k) if (workdir / CSV_NAME).is_file() else []
+    seeds = seed_plans(model, sensitive, config.sensitivity_k)
+    _status(f"study {study_name!r} in {redact_url(storage_url)}; preparing calibration, inputs and the float "
+            f"reference...", quiet)
+    evaluator = TvmEvaluator.from_config(config, model, workdir, preset, metric)
+    children = []
+    env = dict(os.environ, PRECSEARCH_STORAGE=storage_url)  # not on the command line, where ps shows it
+    for index in range(1, config.workers):
+        log_path = workdir / f"worker-{index}.log"
+        with open(log_path, "w") as log:
+            children.append(subprocess.Popen(
+                [sys.executable, "-m", "precsearch", "worker", "--study", study_name, "--workdir", str(workdir),
+                 "--index", str(index)], env=env, stdout=subprocess.DEVNULL, stderr=log))
+        _status(f"started worker {index} (pid {children[-1].pid}, log {log_path})", quiet)
+    try:
+        summary = run_worker(handle, model, evaluator, seeds=seeds,
+                             progress=lambda p: _status(_progress_line(p), False))
+    finally:
+        for child in children:
+            child.wait()
+    return _print_search(summary, args.json, handle)
+
+
+def _cmd_worker(args) -> int:
+    import optuna
+
+    from .config import SearchConfig
+    from .evaluator import TvmEvaluator
+    from .model import load_model, resolve_model
+    from .search import CONFIG_ATTR, open_study, run_worker
+    from .storage import StorageError, open_storage, redact_url
+
+    workdir = _writable_dir(args.workdir, "workdir").resolve()
+    storage_url = _storage_url(args, workdir)
+    storage = open_storage(storage_url)
+    try:
+        stored = optuna.load_study(study_name=args.study, storage=storage).user_attrs.get(CONFIG_ATTR)
+    except KeyError:
+        raise StorageError(f"The study {args.study!r} does not exist in {redact_url(storage_url)}.") from None
+    if stored is None:
+        raise StorageError(f"The study {args.study!r} in {redact_url(storage_url)} was not made by precsearch.")
+    config = SearchConfig.from_dict(stored)
+    storage = open_storage(storage_url, heartbeat_interval_s=config.heartbeat_interval_s,
+                           grace_period_s=config.grace_period_s, max_retry=config.max_retry)
+    path, default_shapes, preset = resolve_model(config.model)
+    model = load_model(path, {**default_shapes, **{k: tuple(v) for k, v in config.input_shapes.items()}} or None)
+    handle = open_study(config, model, storage, storage_url, args.study, config.metric, create=False)
+    evaluator = TvmEvaluator.from_config(config, model, workdir, preset, config.metric)
+    summary = run_worker(handle, model, evaluator, worker_index=args.index,
+                         progress=lambda p: _status(_progress_line(p), False))
+    return _print_search(summary, args.json, handle)
+
+
+def _print_search(summary, as_json: bool, handle) -> int:
+    front = [{"trial": p.trial, "latency_ms": p.latency_ms, summary.metric: p.fidelity,
+              "float_layers": list(p.float_layers)} for p in summary.front]
+    if as_json:
+        print(json.dumps({"study": summary.study_name, "storage": summary.storage, "metric": summary.metric,
+                          "budget": summary.budget, "completed": summary.completed, "failed": summary.failed,
+                          "duplicates": summary.duplicates, "elapsed_s": round(summary.elapsed_s, 1),
+                          "stopped_by": summary.stopped_by, "front": front}, indent=1))
+        return 0
+    goal = handle.config.fidelity_goal(summary.metric)
+    print(f"{'trial':>5} {'latency ms':>10} {summary.metric:>10} {'float':>5}  float layers")
+    for point in summary.front:
+        layers = ",".join(point.float_layers) or "-"
+        print(f"{point.trial:>5} {point.latency_ms:>10.3f} {point.fidelity:>10.4g} {len(point.float_layers):>5}  "
+              f"{layers if len(layers) <= 60 else layers[:57] + '...'}")
+    constraint = f" with {summary.metric} >= {goal:g}" if goal is not None else ""
+    print(f"front: {len(summary.front)} plans{constraint}; {summary.completed} plans completed, {summary.failed} "
+          f"failed, {summary.duplicates} repeats served from storage; {summary.elapsed_s / 60:.1f} min "
+          f"(stopped by {summary.stopped_by}); study {summary.study_name!r} in {summary.storage}")
+    return 0
+
+
+def _output_shapes(model) -> dict:
+    return {out.name: [d.dim_value for d in out.type.tensor_type.shape.dim] for out in model.proto.graph.output}
+
+
+def _parse_shapes(args) -> dict:
+    from .model import parse_input_shapes
+
+    return parse_input_shapes(args.input_shape)
+
+
 def _table_rows(model, built, tuned: bool = False) -> list[dict]:
     rows = {row.index: {**row.to_dict(), "kernel": "untuned" if not tuned or row.id in built.untuned_convs
                         else "tuned"} for row in built.rows}
@@ -447,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         code = {"layers": _cmd_layers, "build": _cmd_build, "tune": _cmd_tune, "bench": _cmd_bench,
-                "sensitivity": _cmd_sensitivity}[args.command](args)
+                "sensitivity": _cmd_sensitivity, "search": _cmd_search, "worker": _cmd_worker}[args.command](args)
     except CompileError as exc:
         print(f"precsearch: build failed: {_first_line(exc)}", file=sys.stderr)
         return EXIT_BUILD_FAILED

@@ -5,9 +5,10 @@ on a remote device through a TVM RPC tracker (:func:`measure_remote`, with
 :func:`run_remote` to check its outputs there).
 """
 
+from ._lock import CpuLock
 from ._local import Latency, measure_library, measure_onnxruntime, summarize
 from ._profile import KernelTime, profile_kernels
 from ._rpc import RpcTarget, check_tracker, measure_remote, parse_tracker, run_remote
 
-__all__ = ["KernelTime", "Latency", "profile_kernels", "RpcTarget", "check_tracker", "measure_library", "measure_onnxruntime", "measure_remote", "parse_tracker",
+__all__ = ["CpuLock", "KernelTime", "Latency", "profile_kernels", "RpcTarget", "check_tracker", "measure_library", "measure_onnxruntime", "measure_remote", "parse_tracker",
            "run_remote", "summarize"]

@@ -1,0 +1,95 @@
+"""The search's real backend: build a plan with TVM, score its outputs, time it.
+
+Everything that does not depend on the plan (calibration ranges, evaluation
+inputs, the float reference, the tuning database) is prepared once per worker
+from cached files; :meth:`TvmEvaluator.evaluate` then costs one build, one pass
+over the evaluation inputs and one latency measurement.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .compile import CompileOptions, build_plan
+from .config import SearchConfig
+from .data import split_batches
+from .evaluate import reference_outputs
+from .fidelity import evaluate_plan
+from .measure import CpuLock, measure_library
+from .model import LoadedModel
+from .plan import Plan
+from .quantize import CalibrationRanges, build_qdq_model, calibrate
+from .scoring import PlanResult
+from .tuning import open_database
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TvmEvaluator:
+    """Scores plans of one model: TVM build, fidelity against the ORT float reference, latency.
+
+    The fidelity is the built library's outputs on the evaluation batches
+    against ONNX Runtime running the float model.  Plans that cannot reach the
+    goal stop after the first batches (:func:`precsearch.fidelity.evaluate_plan`).
+    Builds and fidelity runs hold the machine's :class:`CpuLock` shared, the
+    latency measurement holds it exclusive.
+    """
+
+    model: LoadedModel
+    ranges: CalibrationRanges
+    batches: list
+    reference: list
+    metric: str
+    goal: float | None
+    options: CompileOptions
+    database: object = None
+    warmup: int = 10
+    repeats: int = 50
+    lock: CpuLock | None = None
+
+    @classmethod
+    def from_config(cls, config: SearchConfig, model: LoadedModel, workdir: str | Path, preset: str | None,
+                    metric: str) -> TvmEvaluator:
+        """Calibrate (cached), load the evaluation inputs and the reference (cached), open the tuning database."""
+        workdir = Path(workdir)
+        calibration_batches, eval_batches = split_batches(model, config.data, config.preset or preset,
+                                                          config.calibration_batches, config.eval_batches)
+        cache_dir = workdir / "cache"
+        ranges = calibrate(model, calibration_batches, config.calibration, cache_dir=cache_dir)
+        reference = reference_outputs(model, eval_batches, cache_dir=cache_dir)
+        options = CompileOptions(block_size=config.block_size, float_blocked=config.float_layout == "blocked",
+                                 threads=config.threads, requant_dtype=config.requant)
+        database = None if config.untuned else open_database(workdir, options)
+        if database is None and not config.untuned:
+            logger.warning("no tuning database in %s: plans run untuned kernels, so latencies are far from what a "
+                           "tuned build reaches (run 'precsearch tune' first)", workdir)
+        return cls(model=model, ranges=ranges, batches=eval_batches, reference=reference, metric=metric,
+                   goal=config.fidelity_goal(metric), options=options, database=database, warmup=config.warmup,
+                   repeats=config.repeats, lock=CpuLock())
+
+    def evaluate(self, plan: Plan) -> PlanResult:
+        lock = self.lock or CpuLock()
+        int8_ids = plan.int8_ids(self.model)
+        with lock.shared():
+            started = time.perf_counter()
+            qdq = build_qdq_model(self.model, self.ranges, plan) if int8_ids else self.model.proto
+            built = build_plan(self.model, qdq, int8_ids, options=self.options, database=self.database)
+            build_time_s = time.perf_counter() - started
+            fidelity = evaluate_plan(lambda batches: [built.run(batch) for batch in batches], self.reference,
+                                     self.batches, self.metric, self.goal)
+        started = time.perf_counter()
+        with lock.exclusive():
+            latency = measure_library(built, self.batches[0], threads=self.options.threads, warmup=self.warmup,
+                                      repeats=self.repeats)
+        measure_time_s = time.perf_counter() - started
+        return PlanResult(latency_ms=latency.median_ms, latency_iqr_ms=latency.iqr_ms,
+                          metrics={k: v for k, v in fidelity.values.items() if "/" not in k},
+                          build_time_s=round(build_time_s, 3), eval_time_s=round(fidelity.time_s, 3),
+                          measure_time_s=round(measure_time_s, 3), fidelity_batches=fidelity.batches_used,
+                          stopped_early=fidelity.stopped_early,
+                          details={"tuned_kernels": built.tuned_kernels, "total_kernels": built.total_kernels,
+                                   "boundary_transforms": built.boundary_transforms})

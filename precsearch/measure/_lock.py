@@ -1,0 +1,72 @@
+"""One machine, one measurement at a time, and no compile beside it.
+
+Workers of a search (``--workers N``, or ``precsearch worker`` started twice on
+one machine) compile in parallel but must not time a plan while a neighbour
+compiles or times another.  A reader-writer lock over files in the temp folder
+does it across processes: compiling holds it shared, measuring exclusive.  The
+turnstile file keeps a stream of compiles from starving a waiting measurement
+(``flock`` itself promises no fairness).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+
+def default_lock_dir() -> Path:
+    return Path(tempfile.gettempdir())
+
+
+class CpuLock:
+    """A cross-process reader-writer lock: :meth:`shared` to compile, :meth:`exclusive` to measure.
+
+    Parameters
+    ----------
+    directory : path, optional
+        Where the two lock files live (default: the temp folder, so every
+        precsearch process of this user on this machine shares them).
+    """
+
+    def __init__(self, directory: str | Path | None = None):
+        folder = Path(directory) if directory is not None else default_lock_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        uid = os.getuid() if hasattr(os, "getuid") else 0
+        self.rw_path = folder / f"precsearch-{uid}-cpu.lock"
+        self.turnstile_path = folder / f"precsearch-{uid}-cpu.turnstile"
+
+    @contextlib.contextmanager
+    def _flock(self, path: Path, mode: int):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._flock(self.turnstile_path, fcntl.LOCK_EX):
+            fd = os.open(self.rw_path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        # Holding the turnstile while waiting stops new readers from slipping in.
+        with self._flock(self.turnstile_path, fcntl.LOCK_EX):
+            fd = os.open(self.rw_path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)

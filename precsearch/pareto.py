@@ -1,0 +1,92 @@
+"""The Pareto front of latency against fidelity, and its hypervolume.
+
+Computed once into small values (compute, then draw): the search's progress
+line, its final table and the reports all read these.  Dominance and
+hypervolume are Optuna's own (``Study.best_trials`` honours the trials'
+constraints; ``optuna._hypervolume`` is the WFG algorithm the samplers use).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Objective values are clipped to this magnitude: SQNR of an exact plan is
+#: +inf and a broken one -inf, and neither samplers nor hypervolume take infinities.
+FINITE_LIMIT = 1e6
+
+
+def finite_objective(value: float) -> float:
+    """``value`` clipped to ±:data:`FINITE_LIMIT` (NaN becomes the worst, -limit)."""
+    if math.isnan(value):
+        return -FINITE_LIMIT
+    return float(min(max(value, -FINITE_LIMIT), FINITE_LIMIT))
+
+
+@dataclass(frozen=True)
+class FrontPoint:
+    """One plan on the front."""
+
+    trial: int
+    plan: str
+    latency_ms: float
+    fidelity: float
+    float_layers: tuple[str, ...]
+
+
+def front_points(trials, *, feasible_only: bool = True, higher_is_better: bool = True) -> list[FrontPoint]:
+    """The non-dominated completed trials, one per plan, fastest first.
+
+    Parameters
+    ----------
+    trials : sequence of optuna.trial.FrozenTrial
+        Values ``(latency_ms, fidelity)``; user attribute ``plan``.
+    feasible_only : bool
+        Drop trials whose constraints are not all ``<= 0`` first.
+    higher_is_better : bool
+        Direction of the fidelity metric.
+    """
+    from optuna.trial import TrialState
+
+    seen: dict[str, object] = {}
+    for trial in trials:
+        if trial.state != TrialState.COMPLETE or trial.values is None:
+            continue
+        if feasible_only and any(value > 0 for value in trial.constraints.values()):
+            continue
+        seen.setdefault(trial.user_attrs.get("plan", str(trial.number)), trial)  # duplicates share values
+    unique = list(seen.values())
+    if not unique:
+        return []
+    losses = np.array([[t.values[0], -t.values[1] if higher_is_better else t.values[1]] for t in unique])
+    on_front = _non_dominated(losses)
+    points = [FrontPoint(trial=t.number, plan=t.user_attrs.get("plan", ""), latency_ms=t.values[0],
+                         fidelity=t.values[1], float_layers=tuple(t.user_attrs.get("float_layers", ())))
+              for t, keep in zip(unique, on_front) if keep]
+    return sorted(points, key=lambda p: (p.latency_ms, p.trial))
+
+
+def _non_dominated(losses: np.ndarray) -> np.ndarray:
+    from optuna.study._multi_objective import _is_pareto_front
+
+    return _is_pareto_front(losses, assume_unique_lexsorted=False)
+
+
+def hypervolume(points: Sequence[tuple[float, float]], reference: tuple[float, float], *,
+                higher_is_better: bool = True) -> float:
+    """Area dominated by ``(latency_ms, fidelity)`` points up to ``reference`` (a worst latency and fidelity).
+
+    Points that do not improve on the reference in both objectives add nothing.
+    """
+    from optuna._hypervolume import compute_hypervolume
+
+    sign = -1.0 if higher_is_better else 1.0
+    ref = np.array([reference[0], sign * reference[1]], dtype=np.float64)
+    losses = np.array([[lat, sign * fid] for lat, fid in points], dtype=np.float64).reshape(-1, 2)
+    losses = losses[np.all(losses < ref, axis=1)]
+    if len(losses) == 0:
+        return 0.0
+    return float(compute_hypervolume(losses, ref))
