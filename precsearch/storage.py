@@ -10,9 +10,11 @@ PostgreSQL alike.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,16 @@ def scrub(text: str, url: str) -> str:
     return text.replace(str(password), "***") if password else text
 
 
+@contextlib.contextmanager
+def quiet_experimental():
+    """Optuna flags heartbeats, the brute-force sampler and metric names as experimental on every use."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def open_storage(url: str, *, heartbeat_interval_s: int | None = None, grace_period_s: int | None = None,
                  max_retry: int = 2):
     """An Optuna ``RDBStorage`` with heartbeats, reached once before it is returned.
@@ -90,10 +102,12 @@ def open_storage(url: str, *, heartbeat_interval_s: int | None = None, grace_per
         engine_kwargs["pool_pre_ping"] = True
         if parsed.get_backend_name() == "postgresql":
             engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry) if heartbeat_interval_s else None
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval_s,
-                                          grace_period=grace_period_s, heartbeat_stale_trial_callback=retry)
+        with quiet_experimental():
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry) \
+                if heartbeat_interval_s else None
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval_s,
+                                              grace_period=grace_period_s, heartbeat_stale_trial_callback=retry)
     except Exception as exc:  # SQLAlchemy, the DB driver and Optuna each raise their own types
         raise StorageError(f"cannot open the storage {redact_url(url)}: {scrub(_first_line(exc), url)}") from None
 

@@ -1,0 +1,196 @@
+"""The search loop on tiny models: the exhaustive front, hypervolume of a sampled search, failures, duplicates.
+
+Fidelity here is real (ONNX Runtime running each plan's QDQ model against the
+float reference); latency comes from a deterministic stand-in measurer, in this
+file only, so the front does not move with machine noise.
+"""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+import models
+from precsearch.config import SearchConfig
+from precsearch.data import image_batches
+from precsearch.errors import CompileError, ConfigError
+from precsearch.evaluate import run_ort
+from precsearch.metrics import compute_metrics
+from precsearch.model import load_model
+from precsearch.pareto import front_points, hypervolume
+from precsearch.plan import Plan
+from precsearch.quantize import build_qdq_model, calibrate
+from precsearch.search import PlanSpace, make_sampler, open_study, run_worker, seed_plans
+from precsearch.scoring import PlanResult
+from precsearch.storage import default_storage_url, open_storage
+
+
+class StandInEvaluator:
+    """Real ORT fidelity, deterministic latency: int8 convs cost a quarter of float, boundaries cost extra."""
+
+    def __init__(self, model, ranges, batches, reference, fail_plans=()):
+        self.model, self.ranges, self.batches, self.reference = model, ranges, batches, reference
+        self.fail_plans = {plan.key() for plan in fail_plans}
+        self.calls: list[str] = []
+        self._fidelity: dict[str, dict] = {}
+
+    def latency_ms(self, plan: Plan) -> float:
+        ids = self.model.capable_ids()
+        cost = sum(self.model.layer(i).macs * (1.0 if i in plan.float_ids else 0.25) for i in ids) * 1e-6
+        boundaries = sum((a in plan.float_ids) != (b in plan.float_ids) for a, b in zip(ids, ids[1:]))
+        return cost + 0.05 * boundaries
+
+    def fidelity(self, plan: Plan) -> dict:
+        if plan.key() not in self._fidelity:
+            qdq = build_qdq_model(self.model, self.ranges, plan) if plan.int8_ids(self.model) else self.model.proto
+            metrics = compute_metrics(self.reference, run_ort(qdq, self.batches)).values
+            self._fidelity[plan.key()] = {k: v for k, v in metrics.items() if "/" not in k}
+        return self._fidelity[plan.key()]
+
+    def evaluate(self, plan: Plan) -> PlanResult:
+        self.calls.append(plan.key())
+        if plan.key() in self.fail_plans:
+            raise CompileError("relax.add: shapes [1,2,8,8,4] and [1,16,1,1] are not broadcastable",
+                               pass_name="ConvertLayout", layer_id="conv1")
+        return PlanResult(latency_ms=self.latency_ms(plan), latency_iqr_ms=0.0, metrics=self.fidelity(plan))
+
+
+@pytest.fixture(scope="module")
+def eight_convs(tmp_path_factory):
+    path = models.save(models.chain_model(channels=(8, 16, 16, 16, 16, 16, 16, 16, 16), size=8, seed=11),
+                       tmp_path_factory.mktemp("eight"), "eight")
+    model = load_model(path)
+    ranges = calibrate(model, image_batches(model, None, 8))
+    batches = image_batches(model, None, 8, offset=8)
+    return model, ranges, batches, run_ort(model.proto, batches)
+
+
+def _search(tmp_path, prepared, evaluator=None, *, sampler, trials=None, metric="sqnr_db", study="s", **settings):
+    model = prepared[0]
+    evaluator = evaluator or StandInEvaluator(*prepared)
+    config = SearchConfig(model=str(model.source), metric=metric, sampler=sampler, trials=trials, **settings)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    url = default_storage_url(tmp_path)
+    storage = open_storage(url, heartbeat_interval_s=config.heartbeat_interval_s,
+                           grace_period_s=config.grace_period_s)
+    handle = open_study(config, model, storage, url, study, metric)
+    summary = run_worker(handle, model, evaluator, seeds=seed_plans(model))
+    return summary, handle, evaluator
+
+
+def _points(trials):
+    return [(t.values[0], t.values[1]) for t in trials if t.values is not None]
+
+
+def test_exhaustive_front_and_a_quarter_budget_reaches_95_percent_of_its_hypervolume(eight_convs, tmp_path):
+    model = eight_convs[0]
+    assert len(model.capable_ids()) == 8
+    shared = StandInEvaluator(*eight_convs)  # fidelity computed once per plan for all three searches
+    exhaustive, handle, _ = _search(tmp_path / "exhaustive", eight_convs, shared, sampler="exhaustive")
+    trials = handle.study.get_trials()
+    assert exhaustive.completed == 256 and exhaustive.failed == 0
+    assert len({t.user_attrs["plan"] for t in trials if t.user_attrs.get("duplicate_of") is None
+                and t.state.name == "COMPLETE"}) == 256
+    # The front is exactly the non-dominated set of all 256 plans, computed here by brute force.
+    values = {t.user_attrs["plan"]: t.values for t in trials if t.state.name == "COMPLETE"}
+    brute = {key for key, (lat, fid) in values.items()
+             if not any(l2 <= lat and f2 >= fid and (l2 < lat or f2 > fid) for l2, f2 in values.values())}
+    assert {p.plan for p in exhaustive.front} == brute
+    assert exhaustive.front[0].plan == "float:"  # all int8 is the fastest under the stand-in latency
+    all_points = list(values.values())
+    reference = (max(v[0] for v in all_points), min(v[1] for v in all_points))
+    best_hv = hypervolume([(p.latency_ms, p.fidelity) for p in exhaustive.front], reference)
+    assert best_hv > 0
+    ratios = {}
+    for sampler in ("tpe", "nsga2"):
+        summary, h, _ = _search(tmp_path / sampler, eight_convs, shared, sampler=sampler, trials=64)
+        assert summary.completed == 64
+        ratios[sampler] = hypervolume(_points(h.study.get_trials()), reference) / best_hv
+    # TPE (precsearch's default for large spaces) at the default seed 0; NSGA-II needs more
+    # generations than 64 trials give it (0.80-0.95 over seeds), so it is only run, not held to 95 %.
+    assert ratios["tpe"] >= 0.95, ratios
+
+
+def test_a_plan_whose_build_raises_is_a_failed_trial_with_its_message(eight_convs, tmp_path):
+    model = eight_convs[0]
+    broken = Plan(frozenset({"conv0", "conv7"}))  # the first-and-last seed
+    evaluator = StandInEvaluator(*eight_convs, fail_plans=[broken])
+    summary, handle, _ = _search(tmp_path, eight_convs, evaluator, sampler="random", trials=10)
+    failed = [t for t in handle.study.get_trials() if t.state.name == "FAIL"]
+    assert len(failed) == 1 and failed[0].user_attrs["plan"] == broken.key()
+    reason = failed[0].user_attrs["fail_reason"]
+    assert reason.startswith("CompileError: [pass 'ConvertLayout', layer 'conv1'] relax.add")
+    assert summary.failed == 1 and summary.completed == 9  # the study went on to its budget of 10 plans
+    assert all(not math.isnan(v) for t in handle.study.get_trials() if t.values for v in t.values)
+    assert model is not None
+
+
+def test_identical_plans_are_evaluated_once(tmp_path):
+    path = models.save(models.chain_model(), tmp_path, "three")  # 3 convs: 8 plans
+    model = load_model(path)
+    ranges = calibrate(model, image_batches(model, None, 4))
+    batches = image_batches(model, None, 4, offset=4)
+    evaluator = StandInEvaluator(model, ranges, batches, run_ort(model.proto, batches))
+    summary, handle, _ = _search(tmp_path, (model, ranges, batches, evaluator.reference), evaluator,
+                                 sampler="random", trials=8, metric="top1")
+    assert sorted(evaluator.calls) == sorted(set(evaluator.calls)) and len(evaluator.calls) == 8
+    trials = handle.study.get_trials()
+    repeats = [t for t in trials if t.user_attrs.get("duplicate_of") is not None]
+    assert summary.duplicates == len(repeats) > 0  # random sampling of 8 plans repeats itself
+    for trial in repeats:
+        assert trial.values == trials[trial.user_attrs["duplicate_of"]].values
+
+
+def test_max_drop_is_a_constraint_and_the_front_is_feasible_only(eight_convs, tmp_path):
+    summary, handle, evaluator = _search(tmp_path, eight_convs, sampler="random", trials=24, metric="cosine",
+                                         max_drop=1e-5)
+    trials = [t for t in handle.study.get_trials() if t.state.name == "COMPLETE"]
+    infeasible = [t for t in trials if t.values[1] < 1 - 1e-5]
+    assert infeasible, "the goal should exclude some plans of this model"
+    assert all(t.constraints["fidelity_goal"] > 0 for t in infeasible)
+    assert summary.front and all(p.fidelity >= 1 - 1e-5 for p in summary.front)
+    # Optuna's own constrained front agrees.
+    assert {t.user_attrs["plan"] for t in handle.study.best_trials} == {p.plan for p in summary.front}
+
+
+def test_seed_plans_with_sensitivity():
+    model = load_model(models.save(models.chain_model(), __import__("tempfile").mkdtemp(), "m"))
+    seeds = seed_plans(model, ["conv1", "conv2", "conv0"], k=2)
+    assert [name for name, _ in seeds] == ["all-int8", "all-float", "first-and-last-float", "sensitive-top-1",
+                                           "sensitive-top-2"]
+    assert seeds[4][1].float_ids == {"conv1", "conv2"}
+    assert seeds[2][1].float_ids == {"conv0", "conv2"}
+
+
+def test_plan_space_round_trip(eight_convs):
+    space = PlanSpace(eight_convs[0])
+    assert space.size == 256
+    for float_ids in itertools.islice(itertools.combinations(space.layer_ids, 3), 5):
+        plan = Plan(frozenset(float_ids))
+        assert space.plan_of(space.params(plan)) == plan
+
+
+def test_sampler_and_config_errors_name_the_parameter():
+    with pytest.raises(ConfigError, match="'sampler' parameter of search must be one of"):
+        SearchConfig(model="m", sampler="annealing")
+    with pytest.raises(ConfigError, match=r"'max_drop' parameter of search must be a float in \[0, 1\); got 1.5"):
+        SearchConfig(model="m", max_drop=1.5)
+    with pytest.raises(ConfigError, match="give --goal instead"):
+        SearchConfig(model="m", metric="sqnr_db", max_drop=0.1)
+    with pytest.raises(ConfigError, match="'exhaustive' only up to 1024 plans"):
+        make_sampler("exhaustive", 0, 2 ** 53)
+
+
+def test_hypervolume_of_known_points():
+    # Two points (latency 1, fidelity 3) and (2, 4) against reference (4, 0): 3*3 + 2*1 = 11.
+    assert hypervolume([(1.0, 3.0), (2.0, 4.0)], (4.0, 0.0)) == pytest.approx(11.0)
+    assert hypervolume([(5.0, 3.0)], (4.0, 0.0)) == 0.0
+    assert np.isfinite(hypervolume([], (1.0, 1.0)))
+
+
+def test_front_points_keep_one_trial_per_plan(eight_convs, tmp_path):
+    _, handle, _ = _search(tmp_path, eight_convs, sampler="random", trials=6)
+    points = front_points(handle.study.get_trials())
+    assert len({p.plan for p in points}) == len(points)
+    assert [p.latency_ms for p in points] == sorted(p.latency_ms for p in points)
