@@ -91,6 +91,10 @@ def open_storage(url: str, *, heartbeat_interval_s: int | None = None, grace_per
                            f"sqlite:///study.db or postgresql://user@host/db; got {redact_url(url)!r} instead.") \
             from None
     engine_kwargs = {}
+    driver_url = url
+    if parsed.drivername == "postgresql":
+        # The driver precsearch installs (psycopg 3); SQLAlchemy 2.0 would look for psycopg2.
+        driver_url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database:
             folder = Path(parsed.database).parent
@@ -106,7 +110,7 @@ def open_storage(url: str, *, heartbeat_interval_s: int | None = None, grace_per
         with quiet_experimental():
             retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry) \
                 if heartbeat_interval_s else None
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval_s,
+            return optuna.storages.RDBStorage(driver_url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval_s,
                                               grace_period=grace_period_s, heartbeat_stale_trial_callback=retry)
     except Exception as exc:  # SQLAlchemy, the DB driver and Optuna each raise their own types
         raise StorageError(f"cannot open the storage {redact_url(url)}: {scrub(_first_line(exc), url)}") from None
@@ -115,7 +119,7 @@ def open_storage(url: str, *, heartbeat_interval_s: int | None = None, grace_per
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
-    return line.removeprefix("(psycopg2.OperationalError) ").removeprefix("(sqlite3.OperationalError) ")
+    return line.removeprefix("(psycopg.OperationalError) ").removeprefix("(sqlite3.OperationalError) ")
 
 
 @dataclass(frozen=True)
