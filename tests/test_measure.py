@@ -43,3 +43,30 @@ def test_tvm_measurement_leaves_this_threads_cpu_affinity_alone(tmp_path):
     before = os.sched_getaffinity(0)
     measure_library(built, {"input": np.ones((1, 8, 16, 16), dtype=np.float32)}, threads=2, warmup=1, repeats=3)
     assert os.sched_getaffinity(0) == before
+
+
+def test_cpu_lock_measures_alone(tmp_path):
+    """A measurement waits for every compile holding the lock shared, and compiles wait for it."""
+    import multiprocessing
+    import time
+
+    from precsearch.measure import CpuLock
+
+    def hold_shared(directory, seconds, started):
+        with CpuLock(directory).shared():
+            started.set()
+            time.sleep(seconds)
+
+    context = multiprocessing.get_context("fork")
+    started = context.Event()
+    compiler = context.Process(target=hold_shared, args=(tmp_path, 1.0, started))
+    compiler.start()
+    assert started.wait(10)
+    lock = CpuLock(tmp_path)
+    with lock.shared():  # a second compile runs beside the first
+        pass
+    t0 = time.monotonic()
+    with lock.exclusive():
+        waited_s = time.monotonic() - t0  # the compile held the lock for 1 s after it started
+    compiler.join()
+    assert waited_s > 0.5

@@ -39,34 +39,27 @@ class CpuLock:
         self.turnstile_path = folder / f"precsearch-{uid}-cpu.turnstile"
 
     @contextlib.contextmanager
-    def _flock(self, path: Path, mode: int):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    def _hold(self, mode: int):
+        # Taking the turnstile first, and holding it while waiting, stops new
+        # readers from slipping in ahead of a waiting writer.
+        turnstile = os.open(self.turnstile_path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(self.rw_path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, mode)
+            fcntl.flock(turnstile, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, mode)
+            finally:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+            os.close(turnstile)
 
-    @contextlib.contextmanager
     def shared(self):
-        with self._flock(self.turnstile_path, fcntl.LOCK_EX):
-            fd = os.open(self.rw_path, os.O_RDWR | os.O_CREAT, 0o666)
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        """Held while compiling or evaluating: any number at once."""
+        return self._hold(fcntl.LOCK_SH)
 
-    @contextlib.contextmanager
     def exclusive(self):
-        # Holding the turnstile while waiting stops new readers from slipping in.
-        with self._flock(self.turnstile_path, fcntl.LOCK_EX):
-            fd = os.open(self.rw_path, os.O_RDWR | os.O_CREAT, 0o666)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        """Held while timing: alone on the machine."""
+        return self._hold(fcntl.LOCK_EX)
