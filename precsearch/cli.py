@@ -9,6 +9,7 @@ anything but a rounding near-tie (a compiler problem) with exit code 4.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 import signal
@@ -162,6 +163,23 @@ def _parser() -> argparse.ArgumentParser:
                         help="seconds between a running trial's heartbeats (default 15)")
     search.add_argument("--grace-period", type=int, default=120, metavar="S",
                         help="a trial without a heartbeat for this long is failed and re-run (default 120)")
+
+    search.add_argument("--remeasure-repeats", type=int, default=None, metavar="N",
+                        help="timed runs when re-measuring the front before the final report (default 4 x --repeats)")
+
+    report = commands.add_parser("report", help="regenerate <workdir>/report from the study alone")
+    report.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    report.add_argument("--storage", default=None, help="storage URL (default the workdir's SQLite study)")
+    report.add_argument("--study", default=None, help="study name (default: the storage's only study)")
+    report.add_argument("--out", type=Path, default=None, help="report folder (default <workdir>/report)")
+
+    export = commands.add_parser("export", help="a trial's library, QDQ model and float layers for other quantizers")
+    export.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    export.add_argument("--storage", default=None)
+    export.add_argument("--study", default=None)
+    export.add_argument("--trial", type=int, required=True, help="the trial number (see pareto.csv)")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--json", action="store_true")
 
     worker = commands.add_parser("worker", help="join a search started elsewhere (same storage and study)")
     worker.add_argument("--storage", default=None, help="the study's storage URL (or $PRECSEARCH_STORAGE)")
@@ -463,7 +481,7 @@ def _cmd_search(args) -> int:
     from .config import SearchConfig
     from .evaluator import TvmEvaluator
     from .metrics import default_metric, validate_metric
-    from .search import open_study, run_worker, seed_plans
+    from .search import measure_baselines, open_study, remeasure_front, run_worker, seed_plans, summarize_study
     from .sensitivity import CSV_NAME, most_sensitive
     from .storage import open_storage, redact_url
 
@@ -493,6 +511,15 @@ def _cmd_search(args) -> int:
     _status(f"study {study_name!r} in {redact_url(storage_url)}; preparing calibration, inputs and the float "
             f"reference...", quiet)
     evaluator = TvmEvaluator.from_config(config, model, workdir, preset, metric)
+    if not handle.study.user_attrs.get("baselines"):
+        _status("measuring ONNX Runtime float and int8 (the report's baselines)...", quiet)
+    measure_baselines(handle, evaluator)
+    report_dir = workdir / "report"
+
+    def on_trial(progress) -> None:
+        _status(_progress_line(progress), False)
+        _write_report(handle.study, workdir, report_dir)
+
     children = []
     env = dict(os.environ, PRECSEARCH_STORAGE=storage_url)  # not on the command line, where ps shows it
     for index in range(1, config.workers):
@@ -503,12 +530,69 @@ def _cmd_search(args) -> int:
                  "--index", str(index)], env=env, stdout=subprocess.DEVNULL, stderr=log))
         _status(f"started worker {index} (pid {children[-1].pid}, log {log_path})", quiet)
     try:
-        summary = run_worker(handle, model, evaluator, seeds=seeds,
-                             progress=lambda p: _status(_progress_line(p), False))
+        summary = run_worker(handle, model, evaluator, seeds=seeds, progress=on_trial)
     finally:
         for child in children:
             child.wait()
-    return _print_search(summary, args.json, handle)
+    remeasure_front(handle, evaluator, repeats=args.remeasure_repeats or 4 * config.repeats,
+                    progress=lambda m: _status(m, quiet))
+    _write_report(handle.study, workdir, report_dir)
+    summary = summarize_study(handle, summary)
+    code = _print_search(summary, args.json, handle)
+    _status(f"report: {report_dir / 'report.html'}", quiet)
+    return code
+
+
+def _write_report(study, workdir: Path, out_dir: Path) -> None:
+    from .report import collect, write_report
+
+    write_report(collect(study, workdir=workdir), out_dir)
+
+
+def _open_named_study(args):
+    import optuna
+
+    from .storage import StorageError, open_storage, quiet_experimental, redact_url
+
+    workdir = args.workdir.resolve()
+    storage_url = _storage_url(args, workdir)
+    if not args.storage and not (workdir / "study.db").is_file() and "PRECSEARCH_STORAGE" not in os.environ:
+        raise StorageError(f"There is no study in {str(workdir)!r} (no study.db); give --workdir or --storage.")
+    storage = open_storage(storage_url)
+    names = [s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
+    name = args.study
+    if name is None:
+        if len(names) != 1:
+            raise StorageError(f"The storage {redact_url(storage_url)} holds {len(names)} studies {names[:10]}; "
+                               "name one with --study.")
+        name = names[0]
+    if name not in names:
+        raise StorageError(f"The study {name!r} does not exist in {redact_url(storage_url)}; it has {names[:10]}.")
+    with quiet_experimental():
+        return optuna.load_study(study_name=name, storage=storage), workdir
+
+
+def _cmd_report(args) -> int:
+    study, workdir = _open_named_study(args)
+    out_dir = _writable_dir(args.out or workdir / "report", "out")
+    _write_report(study, workdir, out_dir)
+    print(f"report of study {study.study_name!r} ({len(study.trials)} trials): {out_dir / 'report.html'}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_trial
+
+    study, workdir = _open_named_study(args)
+    out_dir = _writable_dir(args.out, "out")
+    summary = export_trial(study, args.trial, out_dir, workdir)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"trial {args.trial}: {len(summary['float_layers'])} float / {len(summary['int8_layers'])} int8 convs; "
+              f"wrote {out_dir}/model.so, model.qdq.onnx, plan.json, onnxruntime_quantize.py, nncf_ignored_scope.py, "
+              "inc_op_name_dict.py")
+    return 0
 
 
 def _cmd_worker(args) -> int:
@@ -516,7 +600,7 @@ def _cmd_worker(args) -> int:
 
     from .config import SearchConfig
     from .evaluator import TvmEvaluator
-    from .model import load_model, resolve_model
+    from .export import load_study_model
     from .search import CONFIG_ATTR, open_study, run_worker
     from .storage import StorageError, open_storage, redact_url
 
@@ -532,8 +616,7 @@ def _cmd_worker(args) -> int:
     config = SearchConfig.from_dict(stored)
     storage = open_storage(storage_url, heartbeat_interval_s=config.heartbeat_interval_s,
                            grace_period_s=config.grace_period_s, max_retry=config.max_retry)
-    path, default_shapes, preset = resolve_model(config.model)
-    model = load_model(path, {**default_shapes, **{k: tuple(v) for k, v in config.input_shapes.items()}} or None)
+    model, preset = load_study_model(config)
     handle = open_study(config, model, storage, storage_url, args.study, config.metric, create=False)
     evaluator = TvmEvaluator.from_config(config, model, workdir, preset, config.metric)
     summary = run_worker(handle, model, evaluator, worker_index=args.index,
@@ -635,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         code = {"layers": _cmd_layers, "build": _cmd_build, "tune": _cmd_tune, "bench": _cmd_bench,
-                "sensitivity": _cmd_sensitivity, "search": _cmd_search, "worker": _cmd_worker}[args.command](args)
+                "sensitivity": _cmd_sensitivity, "search": _cmd_search, "worker": _cmd_worker,
+                "report": _cmd_report, "export": _cmd_export}[args.command](args)
     except CompileError as exc:
         print(f"precsearch: build failed: {_first_line(exc)}", file=sys.stderr)
         return EXIT_BUILD_FAILED

@@ -18,7 +18,9 @@ from .config import SearchConfig
 from .data import split_batches
 from .evaluate import reference_outputs
 from .fidelity import evaluate_plan
-from .measure import CpuLock, measure_library
+from .evaluate import run_ort
+from .measure import CpuLock, Latency, measure_library, measure_onnxruntime
+from .metrics import compute_metrics
 from .model import LoadedModel
 from .plan import Plan
 from .quantize import CalibrationRanges, build_qdq_model, calibrate
@@ -73,11 +75,9 @@ class TvmEvaluator:
 
     def evaluate(self, plan: Plan) -> PlanResult:
         lock = self.lock or CpuLock()
-        int8_ids = plan.int8_ids(self.model)
         with lock.shared():
             started = time.perf_counter()
-            qdq = build_qdq_model(self.model, self.ranges, plan) if int8_ids else self.model.proto
-            built = build_plan(self.model, qdq, int8_ids, options=self.options, database=self.database)
+            built = self._build(plan)
             build_time_s = time.perf_counter() - started
             fidelity = evaluate_plan(lambda batches: [built.run(batch) for batch in batches], self.reference,
                                      self.batches, self.metric, self.goal)
@@ -93,3 +93,31 @@ class TvmEvaluator:
                           stopped_early=fidelity.stopped_early,
                           details={"tuned_kernels": built.tuned_kernels, "total_kernels": built.total_kernels,
                                    "boundary_transforms": built.boundary_transforms})
+
+    def _build(self, plan: Plan):
+        int8_ids = plan.int8_ids(self.model)
+        qdq = build_qdq_model(self.model, self.ranges, plan) if int8_ids else self.model.proto
+        return build_plan(self.model, qdq, int8_ids, options=self.options, database=self.database)
+
+    def remeasure(self, plan: Plan, repeats: int) -> Latency:
+        """Build ``plan`` again and time it with ``repeats`` runs (the front is re-checked before the final report)."""
+        lock = self.lock or CpuLock()
+        with lock.shared():
+            built = self._build(plan)
+        with lock.exclusive():
+            return measure_library(built, self.batches[0], threads=self.options.threads, warmup=self.warmup,
+                                   repeats=repeats)
+
+    def measure_baselines(self) -> dict:
+        """ONNX Runtime float and int8 (the all-int8 QDQ model, optimized session) latency, and ORT int8's fidelity."""
+        lock = self.lock or CpuLock()
+        int8_qdq = build_qdq_model(self.model, self.ranges, Plan(frozenset()))
+        settings = dict(threads=self.options.threads, warmup=self.warmup, repeats=self.repeats)
+        with lock.exclusive():
+            ort_float = measure_onnxruntime(self.model.proto, self.batches[0], **settings)
+            ort_int8 = measure_onnxruntime(int8_qdq, self.batches[0], **settings)
+        with lock.shared():
+            int8_metrics = compute_metrics(self.reference, run_ort(int8_qdq, self.batches, optimized=True)).values
+        return {"ort_float_ms": ort_float.median_ms, "ort_float_iqr_ms": ort_float.iqr_ms,
+                "ort_int8_ms": ort_int8.median_ms, "ort_int8_iqr_ms": ort_int8.iqr_ms,
+                f"ort_int8_{self.metric}": int8_metrics[self.metric]}

@@ -19,6 +19,7 @@ What the loop adds to Optuna:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -208,6 +209,7 @@ def open_study(config: SearchConfig, model: LoadedModel, storage, storage_url: s
     if metric not in METRICS:
         raise ConfigError(f"The 'metric' parameter of search must be one of {sorted(METRICS)}; got {metric!r} instead.")
     higher_is_better = METRICS[metric][1]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created" on every start
     directions = ["minimize", "maximize" if higher_is_better else "minimize"]
     stored_names = {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
     if study_name not in stored_names and not create:
@@ -223,6 +225,7 @@ def open_study(config: SearchConfig, model: LoadedModel, storage, storage_url: s
             study.set_metric_names(["latency_ms", metric])
         study.set_user_attr(CONFIG_ATTR, config.replace(study_name=study_name).to_dict())
         study.set_user_attr(MODEL_ATTR, model.sha256)
+        study.set_user_attr("layer_ids", list(model.capable_ids()))
         study.set_user_attr("storage", redact_url(storage_url))
     else:
         previous = SearchConfig.from_dict(stored)
@@ -234,6 +237,9 @@ def open_study(config: SearchConfig, model: LoadedModel, storage, storage_url: s
         if changed:
             raise ConfigError(f"The study {study_name!r} was made with other settings ({'; '.join(changed)}); "
                               "use the same settings to resume it, or another --study.")
+        if create and config.replace(study_name=study_name) != previous:
+            # The budget, sampler or timeout of the latest run: what the report's "reproduce" command shows.
+            study.set_user_attr(CONFIG_ATTR, config.replace(study_name=study_name).to_dict())
     claims = PlanClaims(storage.engine, study_name)
     return StudyHandle(study=study, claims=claims, config=config, storage_url=storage_url, metric=metric,
                        higher_is_better=higher_is_better)
@@ -522,7 +528,6 @@ def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator
         Offsets the sampler's seed, so parallel workers do not propose the same sequence.
     """
     import optuna
-    from optuna.trial import TrialState
 
     space = PlanSpace(model)
     config = handle.config
@@ -539,15 +544,60 @@ def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator
                 redact_url(handle.storage_url), sampler_name, budget)
     with quiet_experimental():
         stopped_by = worker.run()
+    summary = SearchSummary(study_name=handle.study.study_name, storage=redact_url(handle.storage_url),
+                            metric=handle.metric, budget=budget, completed=0, failed=0, duplicates=worker.duplicates,
+                            front=[], elapsed_s=time.perf_counter() - worker.started, stopped_by=stopped_by)
+    return summarize_study(handle, summary)
+
+
+def summarize_study(handle: StudyHandle, summary: SearchSummary) -> SearchSummary:
+    """``summary`` with the counts and front of the whole study (after every worker has ended)."""
+    from optuna.trial import TrialState
+
     trials = handle.study.get_trials(deepcopy=False)
     completed = {t.user_attrs.get("plan") for t in trials if t.state == TrialState.COMPLETE}
     failed = {t.user_attrs.get("plan") for t in trials if t.state == TrialState.FAIL
               and t.user_attrs.get("fail_reason") not in (None, INTERRUPTED)}
-    return SearchSummary(study_name=handle.study.study_name, storage=redact_url(handle.storage_url),
-                         metric=handle.metric, budget=budget, completed=len(completed), failed=len(failed - completed),
-                         duplicates=worker.duplicates,
-                         front=front_points(trials, higher_is_better=handle.higher_is_better),
-                         elapsed_s=time.perf_counter() - worker.started, stopped_by=stopped_by)
+    return dataclasses.replace(summary, completed=len(completed), failed=len(failed - completed),
+                               front=front_points(trials, higher_is_better=handle.higher_is_better))
+
+
+def measure_baselines(handle: StudyHandle, evaluator) -> dict | None:
+    """ONNX Runtime's float and int8 latency, measured once per study by a backend that can."""
+    from .report import BASELINES_ATTR
+
+    stored = handle.study.user_attrs.get(BASELINES_ATTR)
+    if stored is not None or not hasattr(evaluator, "measure_baselines"):
+        return stored
+    baselines = evaluator.measure_baselines()
+    handle.study.set_user_attr(BASELINES_ATTR, baselines)
+    logger.info("baselines: %s", baselines)
+    return baselines
+
+
+def remeasure_front(handle: StudyHandle, evaluator, *, repeats: int, progress: Callable[[str], None] | None = None
+                    ) -> dict[int, dict]:
+    """Build and time every front plan again with ``repeats`` runs; stored in the study's ``remeasured`` attribute.
+
+    A front picked from single measurements favours plans that were timed on a
+    lucky run; the report shows these figures (median and IQR) beside the
+    search's own.  Plans already re-measured with as many runs are skipped.
+    """
+    from .report import REMEASURED_ATTR
+
+    space_ids = tuple(handle.study.user_attrs.get("layer_ids", ()))
+    stored = {int(k): v for k, v in handle.study.user_attrs.get(REMEASURED_ATTR, {}).items()}
+    points = front_points(handle.study.get_trials(deepcopy=False), higher_is_better=handle.higher_is_better)
+    for done, point in enumerate(points, start=1):
+        if stored.get(point.trial, {}).get("runs", 0) >= repeats:
+            continue
+        if progress is not None:
+            progress(f"re-measuring front plan {done}/{len(points)} (trial {point.trial}, {repeats} runs)")
+        plan = Plan(frozenset(i for i in point.float_layers if not space_ids or i in space_ids))
+        latency = evaluator.remeasure(plan, repeats)
+        stored[point.trial] = {"median_ms": latency.median_ms, "iqr_ms": latency.iqr_ms, "runs": latency.runs}
+        handle.study.set_user_attr(REMEASURED_ATTR, {str(k): v for k, v in stored.items()})
+    return stored
 
 
 def _one_line(exc: BaseException) -> str:

@@ -14,46 +14,15 @@ import pytest
 import models
 from precsearch.config import SearchConfig
 from precsearch.data import image_batches
-from precsearch.errors import CompileError, ConfigError
+from precsearch.errors import ConfigError
 from precsearch.evaluate import run_ort
-from precsearch.metrics import compute_metrics
 from precsearch.model import load_model
 from precsearch.pareto import front_points, hypervolume
 from precsearch.plan import Plan
-from precsearch.quantize import build_qdq_model, calibrate
+from precsearch.quantize import calibrate
 from precsearch.search import PlanSpace, make_sampler, open_study, run_worker, seed_plans
-from precsearch.scoring import PlanResult
 from precsearch.storage import default_storage_url, open_storage
-
-
-class StandInEvaluator:
-    """Real ORT fidelity, deterministic latency: int8 convs cost a quarter of float, boundaries cost extra."""
-
-    def __init__(self, model, ranges, batches, reference, fail_plans=()):
-        self.model, self.ranges, self.batches, self.reference = model, ranges, batches, reference
-        self.fail_plans = {plan.key() for plan in fail_plans}
-        self.calls: list[str] = []
-        self._fidelity: dict[str, dict] = {}
-
-    def latency_ms(self, plan: Plan) -> float:
-        ids = self.model.capable_ids()
-        cost = sum(self.model.layer(i).macs * (1.0 if i in plan.float_ids else 0.25) for i in ids) * 1e-6
-        boundaries = sum((a in plan.float_ids) != (b in plan.float_ids) for a, b in zip(ids, ids[1:]))
-        return cost + 0.05 * boundaries
-
-    def fidelity(self, plan: Plan) -> dict:
-        if plan.key() not in self._fidelity:
-            qdq = build_qdq_model(self.model, self.ranges, plan) if plan.int8_ids(self.model) else self.model.proto
-            metrics = compute_metrics(self.reference, run_ort(qdq, self.batches)).values
-            self._fidelity[plan.key()] = {k: v for k, v in metrics.items() if "/" not in k}
-        return self._fidelity[plan.key()]
-
-    def evaluate(self, plan: Plan) -> PlanResult:
-        self.calls.append(plan.key())
-        if plan.key() in self.fail_plans:
-            raise CompileError("relax.add: shapes [1,2,8,8,4] and [1,16,1,1] are not broadcastable",
-                               pass_name="ConvertLayout", layer_id="conv1")
-        return PlanResult(latency_ms=self.latency_ms(plan), latency_iqr_ms=0.0, metrics=self.fidelity(plan))
+from standin import StandInEvaluator
 
 
 @pytest.fixture(scope="module")

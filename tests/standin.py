@@ -1,0 +1,38 @@
+"""A search backend for tests: real ONNX Runtime fidelity, deterministic stand-in latency."""
+
+from precsearch.errors import CompileError
+from precsearch.evaluate import run_ort
+from precsearch.metrics import compute_metrics
+from precsearch.plan import Plan
+from precsearch.quantize import build_qdq_model
+from precsearch.scoring import PlanResult
+
+
+class StandInEvaluator:
+    """Real ORT fidelity, deterministic latency: int8 convs cost a quarter of float, boundaries cost extra."""
+
+    def __init__(self, model, ranges, batches, reference, fail_plans=()):
+        self.model, self.ranges, self.batches, self.reference = model, ranges, batches, reference
+        self.fail_plans = {plan.key() for plan in fail_plans}
+        self.calls: list[str] = []
+        self._fidelity: dict[str, dict] = {}
+
+    def latency_ms(self, plan: Plan) -> float:
+        ids = self.model.capable_ids()
+        cost = sum(self.model.layer(i).macs * (1.0 if i in plan.float_ids else 0.25) for i in ids) * 1e-6
+        boundaries = sum((a in plan.float_ids) != (b in plan.float_ids) for a, b in zip(ids, ids[1:]))
+        return cost + 0.05 * boundaries
+
+    def fidelity(self, plan: Plan) -> dict:
+        if plan.key() not in self._fidelity:
+            qdq = build_qdq_model(self.model, self.ranges, plan) if plan.int8_ids(self.model) else self.model.proto
+            metrics = compute_metrics(self.reference, run_ort(qdq, self.batches)).values
+            self._fidelity[plan.key()] = {k: v for k, v in metrics.items() if "/" not in k}
+        return self._fidelity[plan.key()]
+
+    def evaluate(self, plan: Plan) -> PlanResult:
+        self.calls.append(plan.key())
+        if plan.key() in self.fail_plans:
+            raise CompileError("relax.add: shapes [1,2,8,8,4] and [1,16,1,1] are not broadcastable",
+                               pass_name="ConvertLayout", layer_id="conv1")
+        return PlanResult(latency_ms=self.latency_ms(plan), latency_iqr_ms=0.0, metrics=self.fidelity(plan))
