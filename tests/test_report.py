@@ -56,7 +56,11 @@ def stored_study(tmp_path_factory):
 def test_report_from_storage_alone_holds_exactly_the_feasible_front(stored_study, tmp_path):
     folder, url = stored_study
     study = optuna.load_study(study_name="six", storage=url)  # a fresh handle: storage is all there is
-    files = write_report(collect(study, workdir=folder), tmp_path / "report")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    pd.DataFrame({"rank": [1, 2], "id": ["conv3", "conv0"], "only_int8.cosine": [0.99, 0.999]}).to_csv(
+        workdir / "sensitivity.csv", index=False)
+    files = write_report(collect(study, workdir=workdir), tmp_path / "report")
     assert sorted(p.name for p in files.values()) == ["pareto.csv", "pareto.html", "pareto.png", "report.html",
                                                       "trials.csv"]
     trials = pd.read_csv(files["trials.csv"])
@@ -81,6 +85,8 @@ def test_report_from_storage_alone_holds_exactly_the_feasible_front(stored_study
     report = files["report.html"].read_text()
     assert "Ship trial" in report and "precsearch export" in report and "precsearch search" in report
     assert report.count("<script") >= 2 and "data:image/png;base64," in report
+    assert "sensitivity: cosine with only that layer int8" in report
+    assert "which layers stay float" in report and "hypervolume of the feasible front" in report
 
 
 def test_knee_point():
