@@ -13,8 +13,10 @@ import os
 import json
 import logging
 import signal
+import socket
 import sys
 import time
+import zlib
 from pathlib import Path
 
 from .errors import CompileError, PrecsearchError
@@ -185,7 +187,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--storage", default=None, help="the study's storage URL (or $PRECSEARCH_STORAGE)")
     worker.add_argument("--study", required=True, help="the study name")
     worker.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="this machine's caches")
-    worker.add_argument("--index", type=int, default=1, help="offsets the sampler seed (default 1)")
+    worker.add_argument("--index", type=int, default=None,
+                        help="offsets the sampler seed (default: from this host and process, so workers differ)")
     worker.add_argument("--json", action="store_true")
     return parser
 
@@ -531,6 +534,10 @@ def _cmd_search(args) -> int:
         _status(f"started worker {index} (pid {children[-1].pid}, log {log_path})", quiet)
     try:
         summary = run_worker(handle, model, evaluator, seeds=seeds, progress=on_trial)
+    except KeyboardInterrupt:
+        # The trial in flight is already failed as "interrupted"; the report shows it so.
+        _write_report(handle.study, workdir, report_dir)
+        raise
     finally:
         for child in children:
             child.wait()
@@ -619,7 +626,8 @@ def _cmd_worker(args) -> int:
     model, preset = load_study_model(config)
     handle = open_study(config, model, storage, storage_url, args.study, config.metric, create=False)
     evaluator = TvmEvaluator.from_config(config, model, workdir, preset, config.metric)
-    summary = run_worker(handle, model, evaluator, worker_index=args.index,
+    index = args.index if args.index is not None else zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 9973 + 1
+    summary = run_worker(handle, model, evaluator, worker_index=index,
                          progress=lambda p: _status(_progress_line(p), False))
     return _print_search(summary, args.json, handle)
 

@@ -163,3 +163,31 @@ def test_front_points_keep_one_trial_per_plan(eight_convs, tmp_path):
     points = front_points(handle.study.get_trials())
     assert len({p.plan for p in points}) == len(points)
     assert [p.latency_ms for p in points] == sorted(p.latency_ms for p in points)
+
+
+class _CtrlC(StandInEvaluator):
+    """Raises KeyboardInterrupt in the middle of its ``at``-th evaluation, as Ctrl-C does."""
+
+    def __init__(self, *args, at: int):
+        super().__init__(*args)
+        self.at = at
+
+    def evaluate(self, plan):
+        if len(self.calls) + 1 == self.at:
+            self.calls.append(plan.key())
+            raise KeyboardInterrupt
+        return super().evaluate(plan)
+
+
+def test_an_interrupted_trial_is_failed_as_interrupted_and_rerun_on_resume(eight_convs, tmp_path):
+    evaluator = _CtrlC(*eight_convs, at=4)
+    with pytest.raises(KeyboardInterrupt):
+        _search(tmp_path, eight_convs, evaluator, sampler="random", trials=8)
+    evaluator.at = 0
+    summary, handle, _ = _search(tmp_path, eight_convs, evaluator, sampler="random", trials=8)
+    trials = handle.study.get_trials()
+    interrupted = [t for t in trials if t.user_attrs.get("fail_reason") == "interrupted"]
+    assert len(interrupted) == 1 and interrupted[0].state.name == "FAIL"
+    rerun = [t for t in trials if t.state.name == "COMPLETE" and t.user_attrs.get("plan") == interrupted[0].user_attrs["plan"]]
+    assert rerun and rerun[0].number > interrupted[0].number and rerun[0].user_attrs.get("reruns") == interrupted[0].number
+    assert summary.completed == 8 and summary.failed == 0

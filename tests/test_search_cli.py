@@ -27,10 +27,16 @@ def run(*args, timeout=600, env=None):
                           timeout=timeout, env=env)
 
 
+def _default_sigint():
+    # A CI job started in the background inherits SIGINT ignored, and Python then
+    # keeps ignoring it; a person's terminal has the default, which this restores.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args, log: Path):
     with open(log, "w") as stream:
         return subprocess.Popen([sys.executable, "-m", "precsearch", *map(str, args)], stdout=stream,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
 
 
 def assert_one_line_error(result, *fragments, code=2):
@@ -92,7 +98,10 @@ def test_a_stopped_search_resumes_with_the_same_command(four_convs, tmp_path, ho
         assert code == 130, (tmp_path / "first.log").read_text()
         assert "Traceback" not in (tmp_path / "first.log").read_text()
         stopped = _trials(url, "s")[in_flight]
-        assert stopped.state.name == "FAIL" and stopped.user_attrs["fail_reason"] == "interrupted"
+        # Ctrl-C either abandons the trial in flight or, when it lands as the trial ends, lets it finish.
+        assert (stopped.state.name, stopped.user_attrs.get("fail_reason")) in (("FAIL", "interrupted"),
+                                                                               ("COMPLETE", None))
+        assert not [t for t in _trials(url, "s") if t.state.name == "RUNNING"]
     else:
         time.sleep(4)  # past the grace period: the killed trial's heartbeat is stale
     result = run(*command, "--json")
@@ -101,11 +110,12 @@ def test_a_stopped_search_resumes_with_the_same_command(four_convs, tmp_path, ho
     for number, values in completed_before.items():  # every finished trial is kept as it was
         assert trials[number].state.name == "COMPLETE" and trials[number].values == values
     stopped = trials[in_flight]
-    assert stopped.state.name == "FAIL"
     plans = _completed_plans(trials)
     assert len(plans) == 8, sorted(plans)  # the budget is 8 distinct plans, no more, no less
-    assert stopped.user_attrs["plan"] in plans  # the stopped trial's plan was re-run ...
-    assert plans[stopped.user_attrs["plan"]] > in_flight  # ... by a later trial
+    assert stopped.user_attrs["plan"] in plans
+    if how == "kill -9" or stopped.state.name == "FAIL":
+        assert stopped.state.name == "FAIL"
+        assert plans[stopped.user_attrs["plan"]] > in_flight  # the stopped trial's plan was re-run by a later trial
     summary = json.loads(result.stdout)
     assert summary["completed"] == 8 and summary["front"]
 
