@@ -258,6 +258,12 @@ def pareto_figure(data: ReportData):
         fig.add_trace(go.Scatter(x=data.front["latency_ms"], y=data.front[data.metric], mode="lines+markers",
                                  name="Pareto front", customdata=custom(data.front), hovertemplate=hover,
                                  error_x=dict(type="data", array=(_spread_ms(data.front) / 2).tolist())))
+    for seed, symbol in (("all-float", "square"), ("all-int8", "diamond")):
+        rows = done[done["seed"] == seed] if len(done) and "seed" in done else done.iloc[:0]
+        if len(rows):
+            fig.add_trace(go.Scatter(x=rows["latency_ms"], y=rows["fidelity"], mode="markers", name=f"TVM {seed}",
+                                     marker=dict(symbol=symbol, size=12, color="darkorange"),
+                                     customdata=custom(rows), hovertemplate=hover))
     if data.recommended is not None:
         rec = pd.DataFrame([data.recommended])
         fig.add_trace(go.Scatter(x=rec["latency_ms"], y=rec[data.metric], mode="markers", name="recommended",

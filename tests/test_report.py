@@ -82,6 +82,7 @@ def test_report_from_storage_alone_holds_exactly_the_feasible_front(stored_study
     # The plotly page carries each point's plan for its hover text.
     page = files["pareto.html"].read_text()
     assert json.loads(pareto.iloc[-1]["float_layers"])[0] in page and "hovertemplate" in page
+    assert "TVM all-int8" in page and "TVM all-float" in page and "ORT float" in page
     report = files["report.html"].read_text()
     assert "Ship trial" in report and "precsearch export" in report and "precsearch search" in report
     assert report.count("<script") >= 2 and "data:image/png;base64," in report
