@@ -19,7 +19,7 @@ import time
 import zlib
 from pathlib import Path
 
-from .errors import CompileError, PrecsearchError
+from .errors import CompileError, PrecsearchError, first_line
 
 EXIT_BAD_INPUT = 2
 EXIT_BUILD_FAILED = 3
@@ -329,7 +329,7 @@ def _cmd_sensitivity(args) -> int:
 
     quiet = args.json
     model, preset = _load(args)
-    shapes = {out.name: [d.dim_value for d in out.type.tensor_type.shape.dim] for out in model.proto.graph.output}
+    shapes = _output_shapes(model)
     metric = validate_metric(args.metric, next(iter(shapes.values()))) if args.metric else default_metric(shapes)
     workdir = _writable_dir(args.workdir, "workdir")
     calibration_batches, eval_batches = split_batches(model, args.data, args.preset or preset,
@@ -504,8 +504,9 @@ def _cmd_search(args) -> int:
     storage = open_storage(storage_url, heartbeat_interval_s=config.heartbeat_interval_s,
                            grace_period_s=config.grace_period_s, max_retry=config.max_retry)
     model, preset = _load(args)
-    output_shape = next(iter(_output_shapes(model).values()))
-    metric = validate_metric(args.metric, output_shape) if args.metric else default_metric(_output_shapes(model))
+    output_shapes = _output_shapes(model)
+    metric = validate_metric(args.metric, next(iter(output_shapes.values()))) if args.metric \
+        else default_metric(output_shapes)
     config = config.replace(metric=metric)  # validates max_drop against the resolved metric
     study_name = args.study or f"precsearch-{Path(args.model).stem}-{metric}"
     handle = open_study(config, model, storage, storage_url, study_name, metric)
@@ -729,10 +730,10 @@ def main(argv: list[str] | None = None) -> int:
                 "sensitivity": _cmd_sensitivity, "search": _cmd_search, "worker": _cmd_worker,
                 "report": _cmd_report, "export": _cmd_export}[args.command](args)
     except CompileError as exc:
-        print(f"precsearch: build failed: {_first_line(exc)}", file=sys.stderr)
+        print(f"precsearch: build failed: {first_line(exc)}", file=sys.stderr)
         return EXIT_BUILD_FAILED
     except (PrecsearchError, ValueError) as exc:
-        print(f"precsearch: error: {_first_line(exc)}", file=sys.stderr)
+        print(f"precsearch: error: {first_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:
         print(f"precsearch: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
@@ -743,10 +744,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(__name__).info("%s finished in %.1f s", args.command, time.perf_counter() - started)
     return code
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ parameter, layer or pass involved and the offending value.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none (for one-line errors)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class PrecsearchError(Exception):
     """Base class of every error precsearch raises on purpose."""
 

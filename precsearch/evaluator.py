@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .compile import CompileOptions, build_plan
@@ -51,7 +51,7 @@ class TvmEvaluator:
     database: object = None
     warmup: int = 10
     repeats: int = 50
-    lock: CpuLock | None = None
+    lock: CpuLock = field(default_factory=CpuLock)
 
     @classmethod
     def from_config(cls, config: SearchConfig, model: LoadedModel, workdir: str | Path, preset: str | None,
@@ -71,20 +71,17 @@ class TvmEvaluator:
                            "tuned build reaches (run 'precsearch tune' first)", workdir)
         return cls(model=model, ranges=ranges, batches=eval_batches, reference=reference, metric=metric,
                    goal=config.fidelity_goal(metric), options=options, database=database, warmup=config.warmup,
-                   repeats=config.repeats, lock=CpuLock())
+                   repeats=config.repeats)
 
     def evaluate(self, plan: Plan) -> PlanResult:
-        lock = self.lock or CpuLock()
-        with lock.shared():
+        with self.lock.shared():
             started = time.perf_counter()
-            built = self._build(plan)
+            _, built = self.build(plan)
             build_time_s = time.perf_counter() - started
             fidelity = evaluate_plan(lambda batches: [built.run(batch) for batch in batches], self.reference,
                                      self.batches, self.metric, self.goal)
         started = time.perf_counter()
-        with lock.exclusive():
-            latency = measure_library(built, self.batches[0], threads=self.options.threads, warmup=self.warmup,
-                                      repeats=self.repeats)
+        latency = self._time(built, self.repeats)
         measure_time_s = time.perf_counter() - started
         return PlanResult(latency_ms=latency.median_ms, latency_iqr_ms=latency.iqr_ms,
                           metrics={k: v for k, v in fidelity.values.items() if "/" not in k},
@@ -94,29 +91,31 @@ class TvmEvaluator:
                           details={"tuned_kernels": built.tuned_kernels, "total_kernels": built.total_kernels,
                                    "boundary_transforms": built.boundary_transforms})
 
-    def _build(self, plan: Plan):
+    def build(self, plan: Plan):
+        """The plan's QDQ model (the float model when every conv is float) and its TVM build."""
         int8_ids = plan.int8_ids(self.model)
         qdq = build_qdq_model(self.model, self.ranges, plan) if int8_ids else self.model.proto
-        return build_plan(self.model, qdq, int8_ids, options=self.options, database=self.database)
+        return qdq, build_plan(self.model, qdq, int8_ids, options=self.options, database=self.database)
 
-    def remeasure(self, plan: Plan, repeats: int) -> Latency:
-        """Build ``plan`` again and time it with ``repeats`` runs (the front is re-checked before the final report)."""
-        lock = self.lock or CpuLock()
-        with lock.shared():
-            built = self._build(plan)
-        with lock.exclusive():
+    def _time(self, built, repeats: int) -> Latency:
+        with self.lock.exclusive():
             return measure_library(built, self.batches[0], threads=self.options.threads, warmup=self.warmup,
                                    repeats=repeats)
 
+    def remeasure(self, plan: Plan, repeats: int) -> Latency:
+        """Build ``plan`` again and time it with ``repeats`` runs (the front is re-checked before the final report)."""
+        with self.lock.shared():
+            _, built = self.build(plan)
+        return self._time(built, repeats)
+
     def measure_baselines(self) -> dict:
         """ONNX Runtime float and int8 (the all-int8 QDQ model, optimized session) latency, and ORT int8's fidelity."""
-        lock = self.lock or CpuLock()
         int8_qdq = build_qdq_model(self.model, self.ranges, Plan(frozenset()))
         settings = dict(threads=self.options.threads, warmup=self.warmup, repeats=self.repeats)
-        with lock.exclusive():
+        with self.lock.exclusive():
             ort_float = measure_onnxruntime(self.model.proto, self.batches[0], **settings)
             ort_int8 = measure_onnxruntime(int8_qdq, self.batches[0], **settings)
-        with lock.shared():
+        with self.lock.shared():
             int8_metrics = compute_metrics(self.reference, run_ort(int8_qdq, self.batches, optimized=True)).values
         return {"ort_float_ms": ort_float.median_ms, "ort_float_iqr_ms": ort_float.iqr_ms,
                 "ort_int8_ms": ort_int8.median_ms, "ort_int8_iqr_ms": ort_int8.iqr_ms,

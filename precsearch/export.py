@@ -1,8 +1,8 @@
 """Export a trial of a study: the compiled library, the mixed QDQ model, and the float layers for other tools.
 
-The plan is rebuilt from the study's stored settings with the same cached
-calibration and tuning database, so the library computes what the trial
-measured.  The float layer list is written in the forms three quantizers take:
+The plan is rebuilt by the search's own backend from the study's stored
+settings, with the same cached calibration and tuning database, so the library
+computes what the trial measured.  The float layer list is written in the forms three quantizers take:
 ONNX Runtime's ``nodes_to_exclude``, NNCF's ``IgnoredScope(names=...)`` and
 Intel Neural Compressor's ``op_name_dict``.
 """
@@ -13,14 +13,11 @@ import json
 import logging
 from pathlib import Path
 
-from .compile import CompileOptions, build_plan
 from .config import SearchConfig
-from .data import split_batches
 from .errors import ConfigError
+from .evaluator import TvmEvaluator
 from .model import LoadedModel, load_model, resolve_model
 from .plan import Plan
-from .quantize import build_qdq_model, calibrate
-from .tuning import open_database
 
 logger = logging.getLogger(__name__)
 
@@ -82,18 +79,11 @@ def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | P
         raise ConfigError(f"The model {config.model!r} is not the one study {study.study_name!r} was made for.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    workdir = Path(workdir)
-    calibration_batches, _ = split_batches(model, config.data, config.preset or preset, config.calibration_batches,
-                                           config.eval_batches)
-    ranges = calibrate(model, calibration_batches, config.calibration, cache_dir=workdir / "cache")
-    float_layers = list(trial.user_attrs.get("float_layers", []))
-    plan = Plan(frozenset(float_layers) & frozenset(model.capable_ids()))
+    # The search's own backend, from the same cached calibration and tuning database: the same build.
+    evaluator = TvmEvaluator.from_config(config, model, workdir, preset, config.metric)
+    plan = Plan(frozenset(trial.user_attrs.get("float_layers", [])))
     int8_ids = plan.int8_ids(model)
-    qdq = build_qdq_model(model, ranges, plan)
-    options = CompileOptions(block_size=config.block_size, float_blocked=config.float_layout == "blocked",
-                             threads=config.threads, requant_dtype=config.requant)
-    database = None if config.untuned else open_database(workdir, options)
-    built = build_plan(model, qdq, int8_ids, options=options, database=database)
+    qdq, built = evaluator.build(plan)
     library = built.export_library(out / "model.so")
     (out / "model.qdq.onnx").write_bytes(qdq.SerializeToString())
     every_float = list(plan.float_layer_ids(model))  # the plan's float convs and those that cannot run int8

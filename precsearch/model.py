@@ -27,7 +27,7 @@ import onnx.version_converter
 import onnxruntime as ort
 from onnx import helper
 
-from precsearch.errors import ConfigError, ModelError, PlanError
+from precsearch.errors import ConfigError, ModelError, PlanError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def load_model(path: str | Path, input_shapes: dict[str, Sequence[int]] | None =
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, data_prop=True)
     except Exception as exc:  # onnx raises several unrelated types here
-        raise ModelError(f"Shape inference failed on the model {str(path)!r}: {_first_line(exc)}") from None
+        raise ModelError(f"Shape inference failed on the model {str(path)!r}: {first_line(exc)}") from None
 
     layers = _inventory(proto, path)
     initializer_names = {init.name for init in proto.graph.initializer}
@@ -318,10 +318,6 @@ def load_model(path: str | Path, input_shapes: dict[str, Sequence[int]] | None =
 # --------------------------------------------------------------------------- preparation steps
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 def _read(path: Path) -> onnx.ModelProto:
     if not path.exists():
@@ -331,7 +327,7 @@ def _read(path: Path) -> onnx.ModelProto:
     try:
         proto = onnx.load(str(path))
     except Exception as exc:  # protobuf DecodeError, external-data errors, ...
-        raise ModelError(f"The file {str(path)!r} is not a parsable ONNX model: {_first_line(exc)}") from None
+        raise ModelError(f"The file {str(path)!r} is not a parsable ONNX model: {first_line(exc)}") from None
     # Protobuf happily parses many byte strings into an almost empty message.
     if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.graph.node:
         raise ModelError(f"The file {str(path)!r} is not an ONNX model (no graph or no IR version).")
@@ -434,7 +430,7 @@ def _optimize_basic(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         try:
             ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-            raise ModelError(f"ONNX Runtime cannot load the model {str(path)!r}: {_first_line(exc)}") from None
+            raise ModelError(f"ONNX Runtime cannot load the model {str(path)!r}: {first_line(exc)}") from None
         return onnx.load(options.optimized_model_filepath)
 
 
@@ -452,7 +448,7 @@ def _upgrade_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     try:
         upgraded = onnx.version_converter.convert_version(proto, MIN_OPSET)
     except Exception as exc:  # the converter raises RuntimeError or ValidationError
-        raise ModelError(f"Cannot convert the model {str(path)!r} from opset {version} to {MIN_OPSET}: {_first_line(exc)}") from None
+        raise ModelError(f"Cannot convert the model {str(path)!r} from opset {version} to {MIN_OPSET}: {first_line(exc)}") from None
     logger.info("converted %s from opset %d to %d", path.name, version, MIN_OPSET)
     return upgraded
 

@@ -51,7 +51,7 @@ class ReportData:
     commands: dict[str, str]
 
 
-def _trial_row(trial, layer_ids) -> dict:
+def _trial_row(trial) -> dict:
     attrs = trial.user_attrs
     row = {"trial": trial.number, "state": trial.state.name, "plan": attrs.get("plan"),
            "float_count": len(attrs.get("float_layers", ())) if "plan" in attrs else None,
@@ -114,7 +114,7 @@ def collect(study, *, workdir: str | Path | None = None, layer_ids=(), command_p
     higher_is_better = METRICS[metric][1]
     trials = study.get_trials(deepcopy=False)
     layer_ids = tuple(layer_ids) or tuple(study.user_attrs.get("layer_ids", ()))
-    frame = pd.DataFrame([_trial_row(t, layer_ids) for t in trials])
+    frame = pd.DataFrame([_trial_row(t) for t in trials])
     baselines = dict(study.user_attrs.get(BASELINES_ATTR, {}))
     remeasured = {int(k): v for k, v in study.user_attrs.get(REMEASURED_ATTR, {}).items()}
     points = front_points(trials, higher_is_better=higher_is_better)

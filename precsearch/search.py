@@ -30,8 +30,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .config import EXHAUSTIVE_MAX_PLANS, SearchConfig
-from .errors import ConfigError, PrecsearchError
+from .config import EXHAUSTIVE_MAX_PLANS, SAMPLERS, SearchConfig
+from .errors import ConfigError, PrecsearchError, first_line
 from .metrics import METRICS
 from .model import LoadedModel
 from .pareto import FrontPoint, finite_objective, front_points
@@ -131,8 +131,7 @@ def make_sampler(name: str, seed: int, plan_count: int):
             raise ConfigError("The 'gp' sampler needs PyTorch, which is not installed; "
                               "pip install torch (the CPU build is enough).") from None
         return optuna.samplers.GPSampler(seed=seed)
-    raise ConfigError(f"The 'sampler' parameter of search must be one of tpe, nsga2, gp, random, exhaustive; "
-                      f"got {name!r} instead.")
+    raise ConfigError(f"The 'sampler' parameter of search must be one of {list(SAMPLERS)}; got {name!r} instead.")
 
 
 def default_sampler(plan_count: int) -> str:
@@ -264,6 +263,16 @@ def _trial_plan_key(trial, space: PlanSpace) -> str | None:
     params = trial.params or trial.system_attrs.get("fixed_params") or {}
     plan = space.plan_of(params)
     return plan.key() if plan is not None else None
+
+
+def _plan_outcomes(trials) -> tuple[set[str], set[str]]:
+    """Plan keys with a completed trial, and those that failed for a reason (not interrupted, not killed)."""
+    from optuna.trial import TrialState
+
+    completed = {t.user_attrs.get("plan") for t in trials if t.state == TrialState.COMPLETE}
+    failed = {t.user_attrs.get("plan") for t in trials if t.state == TrialState.FAIL
+              and t.user_attrs.get("fail_reason") not in (None, INTERRUPTED)}
+    return completed - {None}, failed - completed - {None}
 
 
 def _retries_exhausted(trial, max_retry: int) -> bool:
@@ -426,10 +435,6 @@ class _Worker:
                     trial.set_user_attr("duplicate_of", None)
                     return None
                 return None  # someone else took it over first: claim again to find the new owner
-            if other.state == TrialState.PRUNED:
-                if self.handle.claims.take_over(key, owner, trial.number):
-                    trial.set_user_attr("duplicate_of", None)
-                return None
             # RUNNING or WAITING: wait for it; a dead owner turns stale and fails.
             time.sleep(POLL_S)
             waited_s += POLL_S
@@ -441,31 +446,21 @@ class _Worker:
     def after_trial(self, study, trial) -> None:
         if self.interrupt.raised:
             raise KeyboardInterrupt  # swallowed somewhere below: stop now, the trial is recorded
-        finished = self.finished_plans()
-        if finished >= self.budget or self.handle.claims.count() >= self.space.size:
+        trials = self.study.get_trials(deepcopy=False)
+        if self.finished_plans(trials) >= self.budget or self.handle.claims.count() >= self.space.size:
             study.stop()
         if self.progress is not None:
-            self.progress(self.snapshot())
+            self.progress(self.snapshot(trials))
 
-    def finished_plans(self) -> int:
+    def finished_plans(self, trials=None) -> int:
+        completed, failed = _plan_outcomes(self.study.get_trials(deepcopy=False) if trials is None else trials)
+        return len(completed) + len(failed)
+
+    def snapshot(self, trials) -> SearchProgress:
         from optuna.trial import TrialState
 
-        keys = set()
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-            if trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") in (None, INTERRUPTED):
-                continue
-            key = trial.user_attrs.get("plan")
-            if key is not None:
-                keys.add(key)
-        return len(keys)
-
-    def snapshot(self) -> SearchProgress:
-        from optuna.trial import TrialState
-
-        trials = self.study.get_trials(deepcopy=False)
-        done = self.finished_plans()
-        failed_keys = {t.user_attrs.get("plan") for t in trials if t.state == TrialState.FAIL
-                       and t.user_attrs.get("fail_reason") not in (None, INTERRUPTED)}
+        completed, failed = _plan_outcomes(trials)
+        done = len(completed) + len(failed)
         running = sum(t.state == TrialState.RUNNING for t in trials)
         front = front_points(trials, feasible_only=True, higher_is_better=self.handle.higher_is_better)
         elapsed_s = time.perf_counter() - self.started
@@ -477,7 +472,7 @@ class _Worker:
         if timeout_s is not None:
             time_left_s = max(0.0, timeout_s - elapsed_s)
             left_s = time_left_s if left_s is None else min(left_s, time_left_s)
-        return SearchProgress(done=done, budget=self.budget, failed=len(failed_keys), running=running,
+        return SearchProgress(done=done, budget=self.budget, failed=len(failed), running=running,
                               elapsed_s=elapsed_s, left_s=left_s, front_size=len(front),
                               fastest_feasible=front[0] if front else None, metric=self.handle.metric)
 
@@ -516,7 +511,6 @@ class _Worker:
             time.sleep(POLL_S)
 
     def run(self) -> str:
-
         timeout_s = self.handle.config.timeout_s
         self.settle(wait_for_running=False)
         catch = (TrialFailed,)
@@ -585,13 +579,9 @@ def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator
 
 def summarize_study(handle: StudyHandle, summary: SearchSummary) -> SearchSummary:
     """``summary`` with the counts and front of the whole study (after every worker has ended)."""
-    from optuna.trial import TrialState
-
     trials = handle.study.get_trials(deepcopy=False)
-    completed = {t.user_attrs.get("plan") for t in trials if t.state == TrialState.COMPLETE}
-    failed = {t.user_attrs.get("plan") for t in trials if t.state == TrialState.FAIL
-              and t.user_attrs.get("fail_reason") not in (None, INTERRUPTED)}
-    return dataclasses.replace(summary, completed=len(completed), failed=len(failed - completed),
+    completed, failed = _plan_outcomes(trials)
+    return dataclasses.replace(summary, completed=len(completed), failed=len(failed),
                                front=front_points(trials, higher_is_better=handle.higher_is_better))
 
 
@@ -618,7 +608,6 @@ def remeasure_front(handle: StudyHandle, evaluator, *, repeats: int, progress: C
     """
     from .report import REMEASURED_ATTR
 
-    space_ids = tuple(handle.study.user_attrs.get("layer_ids", ()))
     stored = {int(k): v for k, v in handle.study.user_attrs.get(REMEASURED_ATTR, {}).items()}
     points = front_points(handle.study.get_trials(deepcopy=False), higher_is_better=handle.higher_is_better)
     for done, point in enumerate(points, start=1):
@@ -626,14 +615,12 @@ def remeasure_front(handle: StudyHandle, evaluator, *, repeats: int, progress: C
             continue
         if progress is not None:
             progress(f"re-measuring front plan {done}/{len(points)} (trial {point.trial}, {repeats} runs)")
-        plan = Plan(frozenset(i for i in point.float_layers if not space_ids or i in space_ids))
-        latency = evaluator.remeasure(plan, repeats)
+        latency = evaluator.remeasure(Plan(frozenset(point.float_layers)), repeats)
         stored[point.trial] = {"median_ms": latency.median_ms, "iqr_ms": latency.iqr_ms, "runs": latency.runs}
         handle.study.set_user_attr(REMEASURED_ATTR, {str(k): v for k, v in stored.items()})
     return stored
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    """The failure reason recorded on a trial: the exception's type and first line."""
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__

@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +117,8 @@ def open_storage(url: str, *, heartbeat_interval_s: int | None = None, grace_per
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line.removeprefix("(psycopg.OperationalError) ").removeprefix("(sqlite3.OperationalError) ")
+    # SQLAlchemy prefixes the driver's message with the exception class.
+    return first_line(exc).removeprefix("(psycopg.OperationalError) ").removeprefix("(sqlite3.OperationalError) ")
 
 
 @dataclass(frozen=True)
