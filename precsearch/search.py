@@ -539,7 +539,8 @@ class _Worker:
 
 def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator, *,
                progress: Callable[[SearchProgress], None] | None = None,
-               seeds: list[tuple[str, Plan]] | None = None, worker_index: int = 0) -> SearchSummary:
+               seeds: list[tuple[str, Plan]] | None = None, worker_index: int = 0,
+               sampler=None) -> SearchSummary:
     """Run one worker on an opened study until the budget, the timeout or the space is spent.
 
     Parameters
@@ -553,6 +554,8 @@ def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator
         Queued first, once per study (:func:`seed_plans`).
     worker_index : int
         Offsets the sampler's seed, so parallel workers do not propose the same sequence.
+    sampler : optuna.samplers.BaseSampler, optional
+        Used instead of the configured one (experiments compare sampler settings the CLI does not offer).
     """
     import optuna
 
@@ -561,7 +564,7 @@ def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator
     budget = trial_budget(config, space.size)
     sampler_name = config.sampler or default_sampler(space.size)
     with quiet_experimental():
-        handle.study.sampler = make_sampler(sampler_name, config.seed + worker_index, space.size)
+        handle.study.sampler = sampler or make_sampler(sampler_name, config.seed + worker_index, space.size)
     if seeds:
         enqueue_seeds(handle, space, seeds)
     # Optuna logs every failed trial with a traceback; the search logs its own one line.

@@ -35,7 +35,8 @@ def eight_convs(tmp_path_factory):
     return model, ranges, batches, run_ort(model.proto, batches)
 
 
-def _search(tmp_path, prepared, evaluator=None, *, sampler, trials=None, metric="sqnr_db", study="s", **settings):
+def _search(tmp_path, prepared, evaluator=None, *, sampler, trials=None, metric="sqnr_db", study="s",
+            sampler_object=None, **settings):
     model = prepared[0]
     evaluator = evaluator or StandInEvaluator(*prepared)
     config = SearchConfig(model=str(model.source), metric=metric, sampler=sampler, trials=trials, **settings)
@@ -44,7 +45,7 @@ def _search(tmp_path, prepared, evaluator=None, *, sampler, trials=None, metric=
     storage = open_storage(url, heartbeat_interval_s=config.heartbeat_interval_s,
                            grace_period_s=config.grace_period_s)
     handle = open_study(config, model, storage, url, study, metric)
-    summary = run_worker(handle, model, evaluator, seeds=seed_plans(model))
+    summary = run_worker(handle, model, evaluator, seeds=seed_plans(model), sampler=sampler_object)
     return summary, handle, evaluator
 
 
@@ -109,6 +110,19 @@ def test_identical_plans_are_evaluated_once(tmp_path):
     assert summary.duplicates == len(repeats) > 0  # random sampling of 8 plans repeats itself
     for trial in repeats:
         assert trial.values == trials[trial.user_attrs["duplicate_of"]].values
+
+
+def test_a_given_sampler_replaces_the_configured_one(eight_convs, tmp_path):
+    import optuna
+
+    nsga = optuna.samplers.NSGAIISampler(seed=3, population_size=4)
+    summary, handle, evaluator = _search(tmp_path, eight_convs, sampler="tpe", trials=10, sampler_object=nsga)
+    assert handle.study.sampler is nsga
+    assert summary.completed == 10 == len(set(evaluator.calls))
+    # With a population of 4, the plans after the seeds and the first generation come from NSGA-II's
+    # generations: the study records them.
+    generations = {t.system_attrs.get("NSGAIISampler:generation") for t in handle.study.get_trials()}
+    assert {0, 1} <= generations
 
 
 def test_max_drop_is_a_constraint_and_the_front_is_feasible_only(eight_convs, tmp_path):
