@@ -377,6 +377,24 @@ def collect_steps(workdir: Path) -> pd.DataFrame:
     return pd.concat([pd.DataFrame(tpe), *frames], ignore_index=True)
 
 
+def side_by_side(spec: ModelSpec, workdir: Path, plans: list[str]) -> dict:
+    """``precsearch bench`` with ``plans`` (plan keys): ORT float and int8, TVM float and all-int8 and the plans,
+    measured in one run with 200 runs each, once per workdir.
+
+    The search's own baselines are timed once at its start, and its plans one at a time over hours; the
+    headline's ratios come from this run, where every number was measured under the same conditions.
+    """
+    path = workdir / "side-by-side.json"
+    if not path.is_file():
+        command = [sys.executable, "-m", "precsearch", "bench", spec.model, *spec.cli_extra, "--workdir", str(workdir),
+                   "--repeats", "200", "--json"]
+        for key in plans:
+            command += ["--plan", key.removeprefix("float:")]
+        logger.info("$ %s", " ".join(command[1:]))
+        path.write_text(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+    return json.loads(path.read_text())
+
+
 def headline(spec: ModelSpec, workdir: Path, goal: float, bound: dict) -> dict:
     """The README row: baselines, TVM all-int8, the fastest front plan meeting the goal, cost of the search."""
     from precsearch.report import BASELINES_ATTR, REMEASURED_ATTR
@@ -384,36 +402,50 @@ def headline(spec: ModelSpec, workdir: Path, goal: float, bound: dict) -> dict:
 
     study = _search_study(workdir)
     trials = _distinct_trials(study)
+    convs = len(study.user_attrs["layer_ids"])
     baselines = study.user_attrs[BASELINES_ATTR]
     remeasured = {int(k): v for k, v in study.user_attrs.get(REMEASURED_ATTR, {}).items()}
     pareto = pd.read_csv(workdir / "report" / "pareto.csv")
     meeting = pareto[pareto[METRIC] >= goal].sort_values("latency_ms")
     by_plan = {t.user_attrs["plan"]: t for t in trials}
-    all_int8 = by_plan.get("float:")
     starts = [t.datetime_start for t in trials]
     ends = [t.datetime_complete for t in trials]
-    best = None
-    if len(meeting):
-        row = meeting.iloc[0]
-        latency = remeasured.get(int(row["trial"]), {}).get("median_ms", row["latency_ms"])
-        best = {"trial": int(row["trial"]), "latency_ms": round(float(latency), 4), METRIC: float(row[METRIC]),
-                "float_convs": int(row["float_count"]), "int8_convs": len(study.user_attrs["layer_ids"])
-                - int(row["float_count"]),
-                "speedup_vs_ort_float": round(baselines["ort_float_ms"] / latency, 3),
-                "speedup_vs_ort_int8": round(baselines["ort_int8_ms"] / latency, 3)}
-    return {"model": spec.name, "convs": len(study.user_attrs["layer_ids"]), "goal_top1": goal,
-            "ort_float_ms": round(baselines["ort_float_ms"], 4), "ort_int8_ms": round(baselines["ort_int8_ms"], 4),
+    candidates = pd.concat([meeting[:1], pareto.sort_values("latency_ms")[:1]])
+    headline_plans = list(dict.fromkeys(candidates.loc[(candidates["float_count"] > 0)
+                                                       & (candidates["float_count"] < convs), "plan"]))
+    bench = side_by_side(spec, workdir, headline_plans)
+    rows = {row["name"]: row for row in bench["rows"]}
+    by_key = {row["plan"]: row for row in bench["rows"] if row["name"] not in ("ort_float", "ort_int8")}
+    ort_float, ort_int8 = rows["ort_float"]["median_ms"], rows["ort_int8"]["median_ms"]
+
+    def plan_entry(row) -> dict:
+        key = row["plan"]
+        measured = by_key.get(key) or (rows["tvm_float"] if int(row["float_count"]) == convs else rows["tvm_int8"])
+        return {"trial": int(row["trial"]), "plan": key, "latency_ms": round(measured["median_ms"], 4),
+                "latency_iqr_ms": round(measured["iqr_ms"], 4),
+                "search_latency_ms": round(float(remeasured.get(int(row["trial"]), {}).get("median_ms",
+                                                                                             row["latency_ms"])), 4),
+                METRIC: float(row[METRIC]), "float_convs": int(row["float_count"]),
+                "speedup_vs_ort_float": round(ort_float / measured["median_ms"], 3),
+                "speedup_vs_ort_int8": round(ort_int8 / measured["median_ms"], 3)}
+
+    all_int8 = by_plan.get("float:")
+    return {"model": spec.name, "convs": convs, "goal_top1": goal,
+            "ort_float_ms": round(ort_float, 4), "ort_int8_ms": round(ort_int8, 4),
             "ort_int8_top1": baselines.get(f"ort_int8_{METRIC}"),
-            "tvm_all_int8_ms": round(all_int8.user_attrs["latency_ms"], 4) if all_int8 else None,
+            "tvm_all_int8_ms": round(rows["tvm_int8"]["median_ms"], 4),
             "tvm_all_int8_top1": all_int8.user_attrs.get("metric.top1") if all_int8 else None,
-            "fastest_meeting_goal": best, "search_trials": len(trials),
+            "tvm_all_float_ms": round(rows["tvm_float"]["median_ms"], 4),
+            "fastest_meeting_goal": plan_entry(meeting.iloc[0]) if len(meeting) else None,
+            "fastest_on_front": plan_entry(pareto.sort_values("latency_ms").iloc[0]),
             "front": [{"trial": int(r["trial"]), "latency_ms": round(float(remeasured.get(int(r["trial"]), {}).get(
                 "median_ms", r["latency_ms"])), 4), METRIC: float(r[METRIC]), "float_convs": int(r["float_count"])}
                       for _, r in pareto.iterrows()],
-            "search_wall_min": round((max(ends) - min(starts)).total_seconds() / 60, 1),
+            "search_trials": len(trials), "search_wall_min": round((max(ends) - min(starts)).total_seconds() / 60, 1),
+            "search_baselines": {k: round(v, 4) for k, v in baselines.items()},
             "search_settings": {k: study.user_attrs[CONFIG_ATTR][k] for k in ("sampler", "seed", "trials", "eval_batches",
                                                                            "repeats")},
-            "kernel_bound": bound}
+            "side_by_side_runs": rows["ort_float"]["runs"], "tuned": bench["tuned"], "kernel_bound": bound}
 
 
 def copy_report(workdir: Path, out: Path) -> None:
@@ -441,7 +473,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--analyze-only", action="store_true",
-                        help="rewrite results/<name>/ from the workdir without building or timing anything")
+                        help="rewrite results/<name>/ from the workdir; no search or strategy runs (the side-by-side "
+                             "bench and the bound are measured only if the workdir has none)")
     parser.add_argument("--run-strategies", help=argparse.SUPPRESS)  # internal: one side-by-side process
     args = parser.parse_args()
     for name, value in MODEL_DEFAULTS[args.model].items():
