@@ -454,6 +454,9 @@ def copy_report(workdir: Path, out: Path) -> None:
         shutil.copy2(workdir / "report" / name, out / name)
     if (workdir / "sensitivity.csv").is_file():
         shutil.copy2(workdir / "sensitivity.csv", out / "sensitivity.csv")
+    for name in ("side-by-side.json", "kernel-bound.json"):  # the raw figures behind headline.json
+        if (workdir / name).is_file():
+            shutil.copy2(workdir / name, out.parent / name)
 
 
 # --------------------------------------------------------------------------- main
