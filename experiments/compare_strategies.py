@@ -192,7 +192,7 @@ def run_ranked(strategy: str, ranking: list[str], evaluator: CachingEvaluator, b
     return rows
 
 
-def run_optuna(strategy: str, sampler, spec: ModelSpec, model, config, evaluator: CachingEvaluator, budget: int,
+def run_optuna(strategy: str, sampler, model, config, evaluator: CachingEvaluator, budget: int,
                workdir: Path) -> list[dict]:
     from precsearch.plan import Plan
     from precsearch.search import open_study, run_worker, seed_plans
@@ -225,27 +225,31 @@ def _distinct_trials(study) -> list:
     return trials
 
 
-def run_strategies(spec: ModelSpec, names: list[str], workdir: Path, budget: int, goal: float) -> None:
-    import optuna
-
+def search_evaluator(spec: ModelSpec, workdir: Path):
+    """The model, the full search's settings and a TvmEvaluator made from them, as the search's own trials used."""
     from precsearch.config import SearchConfig
     from precsearch.evaluator import TvmEvaluator
     from precsearch.model import load_model, resolve_model
     from precsearch.search import CONFIG_ATTR
 
-    search = _search_study(workdir)
-    config = SearchConfig.from_dict(search.user_attrs[CONFIG_ATTR])
+    config = SearchConfig.from_dict(_search_study(workdir).user_attrs[CONFIG_ATTR])
     path, shapes, preset = resolve_model(spec.model)
     model = load_model(path, config.input_shapes or shapes)
-    evaluator = CachingEvaluator(TvmEvaluator.from_config(config, model, workdir, spec.preset or preset, METRIC),
-                                 workdir / "plan-cache")
+    return model, config, TvmEvaluator.from_config(config, model, workdir, spec.preset or preset, METRIC)
+
+
+def run_strategies(spec: ModelSpec, names: list[str], workdir: Path, budget: int, goal: float) -> None:
+    import optuna
+
+    model, config, tvm_evaluator = search_evaluator(spec, workdir)
+    evaluator = CachingEvaluator(tvm_evaluator, workdir / "plan-cache")
     for name in names:
         started = time.perf_counter()
         if name == "nsga2":
-            rows = run_optuna(name, optuna.samplers.NSGAIISampler(seed=config.seed, population_size=8), spec, model,
+            rows = run_optuna(name, optuna.samplers.NSGAIISampler(seed=config.seed, population_size=8), model,
                               config, evaluator, budget, workdir)
         elif name == "random":
-            rows = run_optuna(name, optuna.samplers.RandomSampler(seed=config.seed), spec, model, config, evaluator,
+            rows = run_optuna(name, optuna.samplers.RandomSampler(seed=config.seed), model, config, evaluator,
                               budget, workdir)
         elif name == "greedy-revert":
             rows = run_ranked(name, _ranking(workdir, "only_float", ascending=False), evaluator, budget, goal)
@@ -262,18 +266,10 @@ def run_strategies(spec: ModelSpec, names: list[str], workdir: Path, budget: int
 
 def kernel_bound_ms(spec: ModelSpec, workdir: Path) -> dict:
     """Additive kernel estimate of the fastest any plan can be (see the module docstring)."""
-    from precsearch.config import SearchConfig
-    from precsearch.evaluator import TvmEvaluator
     from precsearch.measure import measure_library, profile_kernels
-    from precsearch.model import load_model, resolve_model
     from precsearch.plan import Plan
-    from precsearch.search import CONFIG_ATTR
 
-    search = _search_study(workdir)
-    config = SearchConfig.from_dict(search.user_attrs[CONFIG_ATTR])
-    path, shapes, preset = resolve_model(spec.model)
-    model = load_model(path, config.input_shapes or shapes)
-    evaluator = TvmEvaluator.from_config(config, model, workdir, spec.preset or preset, METRIC)
+    model, config, evaluator = search_evaluator(spec, workdir)
     per_build = {}
     for precision, plan in (("int8", Plan(frozenset())), ("float", Plan(frozenset(model.capable_ids())))):
         with evaluator.lock.shared():
