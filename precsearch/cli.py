@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_model(sub):
-        sub.add_argument("model", help="an ONNX file, or a packaged model: mobilenetv3-textcls, pplcnet-orientation")
+        sub.add_argument("model", help="an ONNX file, or a packaged model: mobilenetv3-textcls, pplcnet-orientation, "
+                                          "ddddocr-det, ddddocr-rec")
         sub.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                          help="fix a dynamic input shape, e.g. x=1,3,48,192 (repeatable)")
         sub.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
@@ -82,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="int8 requantization arithmetic: float64 rounds exactly (default), float32 is faster")
     build.add_argument("--untuned", action="store_true",
                        help="ignore the tuning database in --workdir (default: apply it when present)")
+
+    doctor = commands.add_parser(
+        "doctor", help="run first: build all-float and all-int8 untuned and say per layer how each built")
+    add_model(doctor)
+    doctor.add_argument("--data", default="samples", help="inputs, as for build (default: packaged samples)")
+    doctor.add_argument("--preset", default=None, help="preprocessing preset (default: the packaged model's)")
+    doctor.add_argument("--block-size", type=int, default=None, help="NCHW<b>c block (default: 16 or 8, by MACs)")
+    doctor.add_argument("--threads", type=int, default=2, help="cores for the target (default 2)")
 
     tune = commands.add_parser("tune", help="tune every kernel a plan of the model can contain (once per model and CPU)")
     add_model(tune)
@@ -203,7 +212,13 @@ def _load(args):
 
 
 def _cmd_layers(args) -> int:
+    from .compile import unsupported_operators
+
     model, _ = _load(args)
+    # Named before any build: a node no build can import makes every plan fail.
+    for node, op_type in unsupported_operators(model.proto):
+        print(f"precsearch: warning: node {node!r} ({op_type}) cannot be imported by TVM's ONNX frontend; "
+              "no plan of this model builds", file=sys.stderr)
     if args.json:
         print(json.dumps([layer.to_dict() for layer in model.layers], indent=1))
         return 0
@@ -222,6 +237,54 @@ def _cmd_layers(args) -> int:
     capable = sum(layer.int8_capable for layer in model.layers)
     print(f"{len(model.layers)} conv layers, {capable} int8-capable, {total:,} MACs")
     return 0
+
+
+def _cmd_doctor(args) -> int:
+    from .compile import CompileOptions
+    from .doctor import diagnose
+
+    model, preset = _load(args)
+    options = CompileOptions(block_size=args.block_size, threads=args.threads)
+    diagnosis = diagnose(model, args.preset or preset, data=args.data, options=options,
+                         progress=lambda line: _status(line, args.json))
+    if args.json:
+        print(json.dumps(diagnosis.to_dict(), indent=1))
+        return 0 if diagnosis.healthy else EXIT_BUILD_FAILED
+    for node, op_type in diagnosis.unsupported:
+        print(f"cannot import: node {node!r} ({op_type}): TVM's ONNX frontend has no converter for it")
+    if diagnosis.plans:
+        names = [plan.plan for plan in diagnosis.plans]
+        print(f"{'id':<24} " + " ".join(f"{name:<34}" for name in names))
+        for layer in model.layers:
+            cells = []
+            for plan in diagnosis.plans:
+                outcome, detail = plan.layers[layer.id]
+                cells.append(f"{outcome}: {detail}"[:34])
+            print(f"{layer.id:<24} " + " ".join(f"{cell:<34}" for cell in cells))
+    for plan in diagnosis.plans:
+        if not plan.built:
+            print(f"{plan.plan}: FAILED in pass {plan.failed_pass!r}"
+                  f"{f' at layer {plan.failed_layer!r}' if plan.failed_layer else ''}: {plan.error}")
+            continue
+        print(f"{plan.plan}: built in {plan.build_time_s:.1f} s, {plan.boundary_transforms} layout transforms; "
+              f"{plan.check}{'' if plan.check_ok else '  <-- NOT OK'}")
+        _print_operators(plan.operator_notes, plan.operator_layouts, plan.layout_fallback)
+    print("healthy: every plan can build" if diagnosis.healthy else "NOT healthy: see above")
+    return 0 if diagnosis.healthy else EXIT_BUILD_FAILED
+
+
+def _print_operators(notes: list[dict], layouts: list[dict], fallback: str) -> None:
+    if fallback:
+        print(f"  every conv kept NCHW: the blocked graph failed: {fallback}")
+    for note in notes:
+        print(f"  {note['action']}: {note['op_type']} {note['node']!r}: {note['detail']}")
+    fell_back = [row for row in layouts if row["nchw_fallback"]]
+    if fell_back:
+        print("  operators run in NCHW beside blocked tensors (layout transforms around them): "
+              + ", ".join(f"{row['op']} ×{row['nchw_fallback']}" for row in fell_back))
+    blocked = [row for row in layouts if row["blocked"]]
+    if blocked:
+        print("  operators run blocked: " + ", ".join(f"{row['op']} ×{row['blocked']}" for row in blocked))
 
 
 def _status(message: str, quiet: bool) -> None:
@@ -279,6 +342,9 @@ def _cmd_build(args) -> int:
         "total_kernels": built.total_kernels,
         "untuned_convs": list(built.untuned_convs) if database is not None else [],
         "layers": _table_rows(model, built, tuned=database is not None),
+        "operators": {"rewritten": [note.to_dict() for note in built.operator_notes],
+                      "layouts": built.operator_layouts},
+        "layout_fallback": built.layout_fallback,
         "inputs": {name: list(shape) for name, shape in model.input_shapes.items()},
         "outputs": list(built.output_names),
     }
@@ -686,6 +752,7 @@ def _print_build(summary: dict) -> None:
     print(f"{len(summary['int8_layers'])} int8, {len(summary['float_layers'])} float convs; block {summary['block_size']}; "
           f"{summary['boundary_transforms']} activation layout transforms; built in {summary['build_time_s']} s ("
           f"{_tuning_state(summary)})")
+    _print_operators(summary["operators"]["rewritten"], summary["operators"]["layouts"], summary["layout_fallback"])
     print(f"library: {summary['library']}")
     if "dump_ir" in summary:
         print(f"IR after each pass: {summary['dump_ir']['files']} files in {summary['dump_ir']['dir']}")
@@ -726,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     try:
-        code = {"layers": _cmd_layers, "build": _cmd_build, "tune": _cmd_tune, "bench": _cmd_bench,
+        code = {"layers": _cmd_layers, "doctor": _cmd_doctor, "build": _cmd_build, "tune": _cmd_tune, "bench": _cmd_bench,
                 "sensitivity": _cmd_sensitivity, "search": _cmd_search, "worker": _cmd_worker,
                 "report": _cmd_report, "export": _cmd_export}[args.command](args)
     except CompileError as exc:

@@ -101,6 +101,10 @@ class Preprocess:
     ``channel_order``.  With ``keep_aspect_pad`` the image is resized to
     ``height`` keeping its aspect (at most ``width`` wide) and the normalized
     tensor is zero-padded on the right, as PaddleOCR's text classifier does.
+    With ``letterbox`` the image is resized to fit inside ``height x width``
+    keeping its aspect, placed top-left, and the rest filled with the pixel
+    value ``pad_pixel`` before normalization (YOLOX's preprocessing).
+    ``channel_order="GRAY"`` gives one channel (PIL's ``L`` conversion).
     Otherwise it is resized so that a centred ``height x width`` crop covers
     ``crop_fraction`` of it (ImageNet style: 224 from 256).
 
@@ -116,8 +120,10 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     scale: float = 1 / 255
-    channel_order: Literal["RGB", "BGR"] = "RGB"
+    channel_order: Literal["RGB", "BGR", "GRAY"] = "RGB"
     keep_aspect_pad: bool = False
+    letterbox: bool = False
+    pad_pixel: int = 0
     crop_fraction: float = 0.875
     resample: Literal["bilinear", "lanczos"] = "bilinear"
     layout: Literal["NCHW", "NHWC"] = "NCHW"
@@ -127,7 +133,7 @@ class Preprocess:
         for name, allowed in (
             ("layout", _LAYOUTS),
             ("dtype", _DTYPES),
-            ("channel_order", ("RGB", "BGR")),
+            ("channel_order", ("RGB", "BGR", "GRAY")),
             ("resample", ("bilinear", "lanczos")),
         ):
             if getattr(self, name) not in allowed:
@@ -159,6 +165,17 @@ PRESETS: dict[str, Preprocess] = {
         crop_fraction=224 / 256,
         resample="lanczos",
     ),
+    # ddddocr/core/detection_engine.py: cv2 BGR pixels letterboxed into 416x416
+    # (bilinear, top-left, padded with 114), float32 with no scaling.
+    "ddddocr-det": Preprocess(
+        height=416, width=416, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), scale=1.0, channel_order="BGR",
+        letterbox=True, pad_pixel=114,
+    ),
+    # ddddocr/core/ocr_engine.py: resize to height 64 (width by aspect), PIL 'L'
+    # grayscale, x/255; the fixed 160 width is filled by resizing, not padding.
+    "ddddocr-rec": Preprocess(
+        height=64, width=160, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), channel_order="GRAY", crop_fraction=1.0,
+    ),
     "imagenet": Preprocess(height=224, width=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
 }
 
@@ -186,24 +203,35 @@ def preprocess(image: np.ndarray, spec: Preprocess) -> np.ndarray:
     pil = Image.fromarray(np.asarray(image, dtype=np.uint8))
     src_w, src_h = pil.size
     resample = _RESAMPLE[spec.resample]
+    if spec.channel_order == "GRAY":
+        pil = pil.convert("L")
     if spec.keep_aspect_pad:
         resized_w = min(spec.width, max(1, math.ceil(spec.height * src_w / src_h)))
         pixels = np.asarray(pil.resize((resized_w, spec.height), resample))
+    elif spec.letterbox:
+        ratio = min(spec.height / src_h, spec.width / src_w)
+        new_w, new_h = max(1, int(src_w * ratio)), max(1, int(src_h * ratio))
+        resized = np.asarray(pil.resize((new_w, new_h), resample))
+        pixels = np.full((spec.height, spec.width) + resized.shape[2:], spec.pad_pixel, dtype=np.uint8)
+        pixels[:new_h, :new_w] = resized
     else:
         factor = max(spec.height / (src_h * spec.crop_fraction), spec.width / (src_w * spec.crop_fraction))
         new_w, new_h = max(spec.width, round(src_w * factor)), max(spec.height, round(src_h * factor))
         pixels = np.asarray(pil.resize((new_w, new_h), resample))
         top, left = (new_h - spec.height) // 2, (new_w - spec.width) // 2
         pixels = pixels[top : top + spec.height, left : left + spec.width]
-    if spec.channel_order == "BGR":
+    if spec.channel_order == "GRAY":
+        pixels = pixels[:, :, None]
+    elif spec.channel_order == "BGR":
         pixels = pixels[:, :, ::-1]
     if spec.dtype == "uint8":
         values = pixels
     else:
-        mean = np.asarray(spec.mean, dtype=np.float32)
-        std = np.asarray(spec.std, dtype=np.float32)
+        channels = pixels.shape[2]
+        mean = np.asarray(spec.mean[:channels], dtype=np.float32)
+        std = np.asarray(spec.std[:channels], dtype=np.float32)
         values = (pixels.astype(np.float32) * np.float32(spec.scale) - mean) / std
-    out = np.zeros((spec.height, spec.width, 3), dtype=np.dtype(spec.dtype))
+    out = np.zeros((spec.height, spec.width, pixels.shape[2]), dtype=np.dtype(spec.dtype))
     out[:, : values.shape[1], :] = values
     if spec.layout == "NCHW":
         return np.ascontiguousarray(out.transpose(2, 0, 1))
@@ -239,15 +267,15 @@ class _ImageInput:
         return (self.shape[2], self.shape[3]) if self.layout == "NCHW" else (self.shape[1], self.shape[2])
 
 
-def _image_input(model: LoadedModel, preferred_layout: str = "NCHW") -> _ImageInput | None:
-    """The model's one 3-channel image input (NCHW or NHWC, float or uint8), or None."""
+def _image_input(model: LoadedModel, preferred_layout: str = "NCHW", channels: int = 3) -> _ImageInput | None:
+    """The model's one ``channels``-channel image input (NCHW or NHWC, float or uint8), or None."""
     if len(model.input_shapes) != 1:
         return None
     (name, shape), = model.input_shapes.items()
     dtype = np.dtype(model.input_dtypes[name])
     if len(shape) != 4 or not (np.issubdtype(dtype, np.floating) or dtype == np.uint8):
         return None
-    layouts = [layout for layout, axis in (("NCHW", 1), ("NHWC", 3)) if shape[axis] == 3]
+    layouts = [layout for layout, axis in (("NCHW", 1), ("NHWC", 3)) if shape[axis] == channels]
     if not layouts:
         return None
     layout = preferred_layout if preferred_layout in layouts else layouts[0]
@@ -321,7 +349,7 @@ def image_batches(
         raise ConfigError(f"The 'offset' parameter of image_batches must be an int >= 0; got {offset!r} instead.")
     _, base = _base_spec(preset)
 
-    image_input = _image_input(model, base.layout)
+    image_input = _image_input(model, base.layout, 1 if base.channel_order == "GRAY" else 3)
     if image_input is None:
         return _random_batches(model, count, offset, seed)
 
@@ -505,7 +533,7 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def _folder_items(source: DataSource, model: LoadedModel, preset) -> _Items:
     _, base = _base_spec(preset)
-    image_input = _image_input(model, base.layout)
+    image_input = _image_input(model, base.layout, 1 if base.channel_order == "GRAY" else 3)
     if image_input is None:
         dtypes = ", ".join(str(d) for d in model.input_dtypes.values())
         raise DataError(

@@ -53,6 +53,22 @@ PACKAGED_MODELS: dict[str, tuple[str, str, dict[str, tuple[int, ...]], str]] = {
         {"x": (1, 3, 224, 224)},
         "pplcnet-orientation",
     ),
+    # ddddocr's YOLOX-style text detector (Focus stem, CSP blocks, SPP, FPN with
+    # Resize and Concat); ddddocr letterboxes BGR pixels into 416x416, no scaling.
+    "ddddocr-det": (
+        "ddddocr",
+        "ddddocr/common_det.onnx",
+        {"images": (1, 3, 416, 416)},
+        "ddddocr-det",
+    ),
+    # ddddocr's conv + LSTM + CTC text recogniser: grayscale, height 64, any width
+    # (fixed here to 160, a typical captcha width).
+    "ddddocr-rec": (
+        "ddddocr",
+        "ddddocr/common.onnx",
+        {"input1": (1, 1, 64, 160)},
+        "ddddocr-rec",
+    ),
 }
 
 

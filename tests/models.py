@@ -254,3 +254,176 @@ def save(model: onnx.ModelProto, tmp_path: Path, name: str) -> Path:
     path = Path(tmp_path) / f"{name}.onnx"
     onnx.save_model(model, str(path))
     return path
+
+
+# --------------------------------------------------------------------------- operators around blocked convs
+#
+# One tiny model per operator pattern that real detectors put between convs
+# (YOLOv5/v8/X, OCR heads).  Each keeps its convs' channels multiples of 16 where
+# the pattern allows, so every conv can be blocked in NCHW8c and NCHW16c and the
+# operator in between meets blocked tensors.
+
+
+def _const(b: _Builder, name: str, values, dtype=np.int64) -> str:
+    b.initializers.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+    return name
+
+
+def split_model(parts: tuple[int, ...] = (16, 16), size: int = 8, seed: int = 10):
+    """YOLOv8's C2f: conv0 -> Split along channels into ``parts`` -> a conv on each part -> Concat -> conv_out."""
+    b = _Builder(seed)
+    total = sum(parts)
+    x = b.op("Relu", [b.conv("conv0", "input", 16, total, kernel=1)], "relu0")
+    pieces = [f"split.out{i}" for i in range(len(parts))]
+    b.nodes.append(helper.make_node("Split", [x, _const(b, "split.sizes", parts)], pieces, name="split", axis=1))
+    branches = [b.op("Relu", [b.conv(f"conv{i + 1}", piece, part, 16)], f"relu{i + 1}")
+                for i, (piece, part) in enumerate(zip(pieces, parts))]
+    y = b.op("Concat", branches + [x], "concat", axis=1)
+    b.conv("conv_out", y, 16 * len(parts) + total, 16, kernel=1, out="output")
+    return b.model("split", [_input(16, size)], [_output([1, 16, size, size])])
+
+
+def concat_model(size: int = 8, seed: int = 11):
+    """Concat of a blockable conv (16 channels) and an unblockable one (6 channels), then a conv."""
+    b = _Builder(seed)
+    x = b.op("Relu", [b.conv("conv0", "input", 16, 16)], "relu0")
+    a = b.op("Relu", [b.conv("conv1", x, 16, 16)], "relu1")
+    c = b.op("Relu", [b.conv("conv2", x, 16, 6)], "relu2")
+    y = b.op("Concat", [a, c], "concat", axis=1)
+    b.conv("conv3", y, 22, 16, out="output")
+    return b.model("concat", [_input(16, size)], [_output([1, 16, size, size])])
+
+
+def focus_model(size: int = 16, seed: int = 12):
+    """YOLOX's Focus stem (four strided H/W slices of the input, Concat) and a Slice on C after a blocked conv."""
+    b = _Builder(seed)
+    slices = []
+    for i, (top, left) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+        slices.append(b.op("Slice", ["input", _const(b, f"focus{i}.starts", [top, left]),
+                                     _const(b, f"focus{i}.ends", [size, size]), _const(b, f"focus{i}.axes", [2, 3]),
+                                     _const(b, f"focus{i}.steps", [2, 2])], f"focus{i}"))
+    x = b.op("Concat", slices, "focus_concat", axis=1)
+    x = b.op("Relu", [b.conv("conv0", x, 16, 32)], "relu0")
+    # Channels 8..24 of a blocked tensor: a C slice that does not start on a 16-block.
+    c = b.op("Slice", [x, _const(b, "cslice.starts", [8]), _const(b, "cslice.ends", [24]),
+                       _const(b, "cslice.axes", [1])], "cslice")
+    y = b.op("Relu", [b.conv("conv1", c, 16, 16)], "relu1")
+    # And a strided slice on H/W of a blocked tensor.
+    s = b.op("Slice", [y, _const(b, "hw.starts", [1, 0]), _const(b, "hw.ends", [size // 2, size // 2]),
+                       _const(b, "hw.axes", [2, 3]), _const(b, "hw.steps", [2, 2])], "hwslice")
+    b.conv("conv2", s, 16, 16, out="output")
+    out = size // 2
+    return b.model("focus", [_input(4, size)], [_output([1, 16, (out - 1 + 1) // 2, (out + 1) // 2])])
+
+
+def resize_model(mode: str = "nearest", size: int = 8, seed: int = 13):
+    """An FPN step: a stride-2 conv, Resize x2 (``mode``), Concat with the full-resolution conv, conv."""
+    b = _Builder(seed)
+    x = b.op("Relu", [b.conv("conv0", "input", 16, 16)], "relu0")
+    low = b.op("Relu", [b.conv("conv1", x, 16, 32, stride=2)], "relu1")
+    attrs = {"mode": mode}
+    if mode == "linear":
+        attrs["coordinate_transformation_mode"] = "half_pixel"
+    else:
+        attrs.update(coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    up = b.op("Resize", [low, "", _const(b, "resize.scales", [1, 1, 2, 2], np.float32)], "resize", **attrs)
+    y = b.op("Concat", [up, x], "concat", axis=1)
+    b.conv("conv2", y, 48, 16, out="output")
+    return b.model("resize", [_input(16, size)], [_output([1, 16, size, size])])
+
+
+def sppf_model(size: int = 8, seed: int = 14):
+    """YOLOv5/v8's SPPF: conv, three chained MaxPool 5x5 s1 p2, Concat of all four, conv."""
+    b = _Builder(seed)
+    x = b.op("Relu", [b.conv("conv0", "input", 16, 16, kernel=1)], "relu0")
+    pools = [x]
+    for i in range(3):
+        pools.append(b.op("MaxPool", [pools[-1]], f"pool{i}", kernel_shape=[5, 5], strides=[1, 1], pads=[2, 2, 2, 2]))
+    y = b.op("Concat", pools, "concat", axis=1)
+    b.conv("conv1", y, 64, 16, kernel=1, out="output")
+    return b.model("sppf", [_input(16, size)], [_output([1, 16, size, size])])
+
+
+def activations_model(size: int = 8, seed: int = 15):
+    """SiLU (x * Sigmoid(x)), HardSigmoid and HardSwish between convs."""
+    b = _Builder(seed)
+    x = b.conv("conv0", "input", 16, 16)
+    x = b.op("Mul", [x, b.op("Sigmoid", [x], "sigmoid0")], "silu0")
+    x = b.conv("conv1", x, 16, 16)
+    x = b.op("HardSigmoid", [x], "hardsigmoid1", alpha=0.2, beta=0.5)
+    x = b.conv("conv2", x, 16, 16)
+    x = b.op("HardSwish", [x], "hardswish2")
+    b.conv("conv3", x, 16, 16, out="output")
+    return b.model("activations", [_input(16, size)], [_output([1, 16, size, size])])
+
+
+def dfl_model(size: int = 4, bins: int = 16, seed: int = 16):
+    """YOLOv8's DFL head: conv to 4*bins channels, Reshape (1,4,bins,HW), Transpose, Softmax, 1x1 conv, Reshape."""
+    b = _Builder(seed)
+    x = b.op("Relu", [b.conv("conv0", "input", 16, 16)], "relu0")
+    x = b.conv("conv1", x, 16, 4 * bins, kernel=1)
+    x = b.op("Reshape", [x, _const(b, "dfl.shape", [1, 4, bins, size * size])], "dfl_reshape")
+    x = b.op("Transpose", [x], "dfl_transpose", perm=[0, 2, 1, 3])
+    x = b.op("Softmax", [x], "dfl_softmax", axis=1)
+    w = b.tensor("dfl.weight", np.arange(bins, dtype=np.float32).reshape(1, bins, 1, 1))
+    b.nodes.append(helper.make_node("Conv", [x, w], ["dfl.out"], name="dfl_conv", kernel_shape=[1, 1]))
+    b.op("Reshape", ["dfl.out", _const(b, "dfl.out_shape", [1, 4, size * size])], "dfl_out", out="output")
+    return b.model("dfl", [_input(16, size)], [_output([1, 4, size * size])])
+
+
+def nhwc_input_model(size: int = 8, seed: int = 17):
+    """An NHWC image input transposed to NCHW before the first conv (TF-exported models)."""
+    b = _Builder(seed)
+    x = b.op("Transpose", ["input"], "to_nchw", perm=[0, 3, 1, 2])
+    x = b.op("Relu", [b.conv("conv0", x, 3, 16)], "relu0")
+    b.conv("conv1", x, 16, 16, out="output")
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, size, size, 3])
+    return b.model("nhwc", [inp], [_output([1, 16, size, size])])
+
+
+def grouped_model(size: int = 8, seed: int = 18):
+    """Grouped convs that are not depthwise: groups 2 (16->32) and groups 4 (32->32)."""
+    b = _Builder(seed)
+    x = b.op("Relu", [b.conv("conv0", "input", 16, 16)], "relu0")
+    x = b.op("Relu", [b.conv("conv1", x, 16, 32, groups=2)], "relu1")
+    x = b.op("Relu", [b.conv("conv2", x, 32, 32, groups=4)], "relu2")
+    b.conv("conv3", x, 32, 16, kernel=1, out="output")
+    return b.model("grouped", [_input(16, size)], [_output([1, 16, size, size])])
+
+
+def recurrent_tail_model(cell: str = "LSTM", width: int = 8, hidden: int = 8, seed: int = 19):
+    """A CRNN: convs over a 1x16x4xW map, Reshape to a (W, 1, 64) sequence, LSTM or GRU, MatMul to logits.
+
+    The recurrent layer is bidirectional, as OCR recognisers use it.
+    """
+    b = _Builder(seed)
+    x = b.op("Relu", [b.conv("conv0", "input", 16, 16)], "relu0")
+    x = b.op("Relu", [b.conv("conv1", x, 16, 16)], "relu1")
+    x = b.op("Transpose", [x], "to_seq", perm=[3, 0, 1, 2])  # (W, 1, 16, 4)
+    x = b.op("Reshape", [x, _const(b, "seq.shape", [width, 1, 64])], "seq_reshape")
+    gates = 4 if cell == "LSTM" else 3
+    w = b.tensor("rnn.W", b.rng.normal(0, 0.2, size=(2, gates * hidden, 64)))
+    r = b.tensor("rnn.R", b.rng.normal(0, 0.2, size=(2, gates * hidden, hidden)))
+    bias = b.tensor("rnn.B", b.rng.normal(0, 0.1, size=(2, 2 * gates * hidden)))
+    b.nodes.append(helper.make_node(cell, [x, w, r, bias], ["rnn.y"], name="rnn", hidden_size=hidden,
+                                    direction="bidirectional"))
+    y = b.op("Transpose", ["rnn.y"], "rnn_transpose", perm=[0, 2, 1, 3])  # (W, 1, 2, hidden)
+    y = b.op("Reshape", [y, _const(b, "fc.shape", [width, 2 * hidden])], "fc_reshape")
+    fc = b.tensor("fc.weight", b.he_weight((2 * hidden, 10), 2 * hidden))
+    b.op("MatMul", [y, fc], "fc", out="output")
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 16, 4, width])
+    return b.model("recurrent", [inp], [_output([width, 10])])
+
+
+def gemm_tail_model(size: int = 8, seed: int = 20):
+    """Convs, Flatten, Gemm, Relu, MatMul: the classifier tail stays float."""
+    b = _Builder(seed)
+    x = b.op("Relu", [b.conv("conv0", "input", 16, 16)], "relu0")
+    x = b.op("Relu", [b.conv("conv1", x, 16, 16, stride=2)], "relu1")
+    x = b.op("Flatten", [x], "flatten", axis=1)
+    features = 16 * (size // 2) ** 2
+    w = b.tensor("fc0.weight", b.he_weight((32, features), features))
+    x = b.op("Relu", [b.op("Gemm", [x, w], "fc0", transB=1)], "relu2")
+    w1 = b.tensor("fc1.weight", b.he_weight((32, 10), 32))
+    b.op("MatMul", [x, w1], "fc1", out="output")
+    return b.model("gemm_tail", [_input(16, size)], [_output([1, 10])])

@@ -189,14 +189,27 @@ def test_broadcast_error_names_layer_and_pass(chain, monkeypatch):
     assert "\n" not in message
 
 
-def test_failure_inside_a_tvm_pass_names_the_pass(tmp_path, monkeypatch):
+def test_a_convert_layout_failure_falls_back_to_nchw_and_says_so(tmp_path, monkeypatch):
     case = Case(models.conv_transpose_model(), tmp_path, "deconv")
     # Without being told NCHW, conv2d_transpose tries to adopt its blocked input's layout and ConvertLayout fails.
     monkeypatch.setattr(_build, "layout_callback",
                         lambda decisions: lambda call: {"relax.nn.conv2d": [decisions[0].data_layout,
                                                                             decisions[0].kernel_layout]})
-    with pytest.raises(CompileError, match=r"\[pass 'ConvertLayout'"):
-        case.build("none")
+    plan, qdq, built = case.build("none")
+    assert built.layout_fallback.startswith("[pass 'ConvertLayout'] ")
+    assert "Layouts must have the same size" in built.layout_fallback
+    assert [row.layout for row in built.rows] == ["NCHW", "NCHW"]
+    assert all(row.note == "kept NCHW: the blocked graph failed ConvertLayout" for row in built.rows)
+    assert case.agreement(qdq, built).fraction >= 0.999
+
+
+def test_failure_inside_a_tvm_pass_names_the_pass(tmp_path, monkeypatch):
+    case = Case(models.conv_transpose_model(), tmp_path, "deconv")
+    # Every conv told NCHW8c: with blocking off there is no fallback left, so the failure is the error.
+    monkeypatch.setattr(_build, "layout_callback",
+                        lambda decisions: lambda call: {"relax.nn.conv2d": ["NCHW8c", "OIHW8i8o"]})
+    with pytest.raises(CompileError, match=r"^\[pass '(ConvertLayout|precsearch.InspectLayout)'"):
+        case.build("none", options=CompileOptions(float_blocked=False, int8_blocked=False))
 
 
 def test_layout_that_convert_layout_cannot_apply_is_an_error(chain, monkeypatch):

@@ -6,8 +6,9 @@ it a prepared model, a QDQ model and the ids of the int8 layers.
 
 from ._build import BuiltPlan, CompileOptions, LoadedLibrary, build_plan, fused_module, host_target, resolve_target
 from ._tune import TuningDatabase, TuningReport, TuningTask, check_trials, database_dir, extract_tuning_tasks, tune_tasks
+from ._onnx_rewrite import OperatorNote, unsupported_operators
 from ._verify import LayerRow
 
-__all__ = ["BuiltPlan", "CompileOptions", "LayerRow", "LoadedLibrary", "TuningDatabase", "TuningReport",
+__all__ = ["BuiltPlan", "CompileOptions", "LayerRow", "LoadedLibrary", "OperatorNote", "TuningDatabase", "TuningReport",
            "TuningTask", "build_plan", "check_trials", "database_dir", "extract_tuning_tasks", "fused_module", "host_target",
-           "resolve_target", "tune_tasks"]
+           "resolve_target", "tune_tasks", "unsupported_operators"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -105,6 +106,9 @@ class BuiltPlan:
     tuned_kernels: int = 0  # kernels scheduled from the tuning database
     total_kernels: int = 0
     untuned_convs: tuple[str, ...] = ()  # layers whose conv kernel had no tuning record
+    operator_notes: tuple = ()  # OperatorNote: ONNX nodes rewritten before import
+    operator_layouts: list[dict] = field(default_factory=list)  # per Relax op: blocked / NCHW fallback counts
+    layout_fallback: str = ""  # why every conv was built NCHW (the blocked graph failed ConvertLayout)
     _vm: object = None
 
     def export_library(self, path: str | Path) -> Path:
@@ -225,10 +229,33 @@ def _pipeline(front: _Front, target, apply_tuning: ApplyTuning):
     )
 
 
+# Passes whose failure on a blocked graph is a layout-inference gap, not a broken plan:
+# the plan is rebuilt with every conv in NCHW rather than failed.
+_LAYOUT_PASSES = ("ConvertLayout", "precsearch.InspectLayout")
+
+
+def _layout_failure(exc: CompileError, options: CompileOptions) -> bool:
+    return exc.pass_name in _LAYOUT_PASSES and (options.float_blocked or options.int8_blocked)
+
+
+def _nchw_options(options: CompileOptions, exc: CompileError) -> CompileOptions:
+    logger.warning("the blocked graph failed %s (%s); building every conv in NCHW instead", exc.pass_name, exc)
+    return dataclasses.replace(options, float_blocked=False, int8_blocked=False)
+
+
 def fused_module(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
                  options: CompileOptions | None = None) -> tvm.IRModule:
     """The plan's module after fusion: the kernels MetaSchedule tunes (``extract_tasks`` needs them fused)."""
     options = options or CompileOptions()
+    try:
+        return _fused_module(model, qdq_model, int8_ids, options)
+    except CompileError as exc:
+        if not _layout_failure(exc, options):
+            raise
+        return _fused_module(model, qdq_model, int8_ids, _nchw_options(options, exc))
+
+
+def _fused_module(model, qdq_model, int8_ids, options: CompileOptions) -> tvm.IRModule:
     target = resolve_target(options)
     tracer = PassTracer(None)
     front = _front(model, qdq_model, int8_ids, options, target)
@@ -260,8 +287,21 @@ def build_plan(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
         record for are compiled with TVM's default schedule (slow, but correct).
     """
     options = options or CompileOptions()
-    target = resolve_target(options)
     start = time.perf_counter()
+    try:
+        return _build_plan(model, qdq_model, int8_ids, options, dump_ir_dir, database, start)
+    except CompileError as exc:
+        if not _layout_failure(exc, options):
+            raise
+        built = _build_plan(model, qdq_model, int8_ids, _nchw_options(options, exc), dump_ir_dir, database, start)
+        built.layout_fallback = f"{exc}"
+        for row in built.rows:
+            row.note = f"kept NCHW: the blocked graph failed {exc.pass_name}"
+        return built
+
+
+def _build_plan(model, qdq_model, int8_ids, options: CompileOptions, dump_ir_dir, database, start) -> BuiltPlan:
+    target = resolve_target(options)
     layer_ids = [layer.id for layer in model.layers]
     tracer = PassTracer(dump_ir_dir)
     front = _front(model, qdq_model, int8_ids, options, target)
@@ -291,6 +331,8 @@ def build_plan(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
         kernel_weights={layer_ids[i]: weights for i, weights in front.verify.kernel_weights.items()},
         tuned_kernels=sum(apply_tuning.scheduled.values()),
         total_kernels=len(apply_tuning.scheduled),
+        operator_notes=front.imported.operator_notes,
+        operator_layouts=front.inspect.operators.rows(),
         untuned_convs=tuple(layer_ids[i] for i in sorted(_conv_indices(name) for name, tuned in apply_tuning.scheduled.items()
                                                         if not tuned and _conv_indices(name) is not None)),
     )

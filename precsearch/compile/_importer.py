@@ -19,6 +19,7 @@ from onnx import numpy_helper
 
 from ..errors import CompileError
 from ..model import LoadedModel
+from ._onnx_rewrite import OperatorNote, rewrite_for_tvm, unsupported_operators
 from ._trace import tvm_error_line
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class ImportedModel:
     output_names: tuple[str, ...]
     int8_weights: dict[int, np.ndarray]  # layer index → int8 OIHW weights the QDQ model holds
     float_weights: dict[int, np.ndarray]  # layer index → float OIHW weights of float convs
+    operator_notes: tuple[OperatorNote, ...] = ()  # ONNX nodes rewritten before import
 
 
 def layer_index_of_weight(name: str) -> int | None:
@@ -139,7 +141,13 @@ def import_qdq_model(qdq: onnx.ModelProto, model: LoadedModel) -> ImportedModel:
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.onnx import from_onnx
 
-    renamed, int8_weights, float_weights = _rename_weights(qdq, model)
+    unsupported = unsupported_operators(qdq)
+    if unsupported:
+        names = ", ".join(f"{node!r} ({op_type})" for node, op_type in unsupported[:5])
+        raise CompileError(f"TVM's ONNX frontend cannot import {len(unsupported)} node(s): {names}",
+                           pass_name=PASS_NAME, layer_id=unsupported[0][0])
+    rewritten, notes = rewrite_for_tvm(qdq)
+    renamed, int8_weights, float_weights = _rename_weights(rewritten, model)
     shape_dict = {name: list(shape) for name, shape in model.input_shapes.items()}
     try:
         mod = from_onnx(renamed, shape_dict=shape_dict, keep_params_in_input=True)
@@ -163,6 +171,7 @@ def import_qdq_model(qdq: onnx.ModelProto, model: LoadedModel) -> ImportedModel:
         output_names=tuple(model.output_names),
         int8_weights=int8_weights,
         float_weights=float_weights,
+        operator_notes=tuple(notes),
     )
 
 

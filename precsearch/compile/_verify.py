@@ -64,6 +64,50 @@ def _calls(func):
                 yield binding.var, binding.value
 
 
+@dataclass
+class OperatorLayouts:
+    """How the non-conv operators of the graph ran: per Relax op, how many blocked and how many fell back.
+
+    An op *fell back* when ConvertLayout had no blocked rule for it and wrapped it
+    in layout transforms back to NCHW while a neighbour was blocked.
+    """
+
+    blocked: dict[str, int] = field(default_factory=dict)
+    fell_back: dict[str, int] = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        ops = sorted(set(self.blocked) | set(self.fell_back))
+        return [{"op": op, "blocked": self.blocked.get(op, 0), "nchw_fallback": self.fell_back.get(op, 0)}
+                for op in ops]
+
+
+def _operator_layouts(func, var2val) -> OperatorLayouts:
+    result = OperatorLayouts()
+    for var, call in _calls(func):
+        op_name = getattr(call.op, "name", "")
+        if not op_name or op_name in ("relax.layout_transform", "relax.nn.conv2d") or not hasattr(var.ty, "ndim"):
+            continue
+        short = op_name.removeprefix("relax.")
+        if var.ty.ndim == 5:
+            result.blocked[short] = result.blocked.get(short, 0) + 1
+            continue
+        for arg in _tensor_args(call):
+            bound = var2val.get(arg) if isinstance(arg, relax.Var) else None
+            if (isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.layout_transform"
+                    and bound.args[0].ty.ndim == 5 and not _is_constant_path(arg, var2val)):
+                result.fell_back[short] = result.fell_back.get(short, 0) + 1
+                break
+    return result
+
+
+def _tensor_args(call):
+    for arg in call.args:
+        if isinstance(arg, relax.Tuple):
+            yield from arg.fields
+        else:
+            yield arg
+
+
 @tvm.transform.module_pass(opt_level=0, name="precsearch.InspectLayout")
 class InspectLayout:
     """Record, per conv, its dtype, layout and the activation layout transforms around it.
@@ -76,6 +120,7 @@ class InspectLayout:
         self.decisions = decisions
         self.rows: list[LayerRow] = []
         self.boundary_transforms = 0
+        self.operators = OperatorLayouts()
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         func = mod["main"]
@@ -117,6 +162,7 @@ class InspectLayout:
                                    pass_name="precsearch.InspectLayout", layer_id=self.layer_ids[index])
         self.rows = sorted(rows, key=lambda row: row.index)
         self.boundary_transforms = boundary
+        self.operators = _operator_layouts(func, var2val)
         return mod
 
 

@@ -1,0 +1,148 @@
+"""Triage a model before a search: does every plan build, and where does it leave the blocked layout?
+
+A model owner runs ``precsearch doctor MODEL`` first.  It names the operators no
+build can import, then builds the two extreme plans untuned (all-float, the
+float model itself, and all-int8) and reports per conv whether it built blocked,
+was kept in NCHW (and why), or the build failed (with the pass and the layer),
+plus what precsearch rewrote and which operators ran outside the blocked layout.
+One inference of each build is checked against ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from .errors import CompileError, first_line
+from .model import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+BLOCKED, NCHW, FAILED = "blocked", "nchw", "failed"
+
+
+@dataclass
+class PlanDiagnosis:
+    """One extreme plan's build: per-layer outcomes, operator notes, and its check against ORT."""
+
+    plan: str  # "all-float" or "all-int8"
+    built: bool
+    error: str = ""
+    failed_pass: str | None = None
+    failed_layer: str | None = None
+    build_time_s: float = 0.0
+    layers: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (outcome, layout or reason)
+    operator_notes: list[dict] = field(default_factory=list)
+    operator_layouts: list[dict] = field(default_factory=list)
+    layout_fallback: str = ""
+    boundary_transforms: int = 0
+    check: str = ""  # a one-line comparison with ONNX Runtime
+    check_ok: bool | None = None
+
+    def to_dict(self) -> dict:
+        return {"plan": self.plan, "built": self.built, "error": self.error, "failed_pass": self.failed_pass,
+                "failed_layer": self.failed_layer, "build_time_s": round(self.build_time_s, 2),
+                "layers": {k: {"outcome": v[0], "detail": v[1]} for k, v in self.layers.items()},
+                "operator_notes": self.operator_notes, "operator_layouts": self.operator_layouts,
+                "layout_fallback": self.layout_fallback, "boundary_transforms": self.boundary_transforms,
+                "check": self.check, "check_ok": self.check_ok}
+
+
+@dataclass
+class Diagnosis:
+    """What ``doctor`` found: unsupported operators and the two extreme builds."""
+
+    model: str
+    unsupported: list[tuple[str, str]]
+    plans: list[PlanDiagnosis]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.unsupported and all(plan.built and plan.check_ok is not False for plan in self.plans)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "healthy": self.healthy,
+                "unsupported_operators": [{"node": n, "op_type": o} for n, o in self.unsupported],
+                "plans": [plan.to_dict() for plan in self.plans]}
+
+
+def _diagnose(name: str, model: LoadedModel, qdq, int8_ids, options, check_batches, ranges) -> PlanDiagnosis:
+    from .compile import build_plan
+    from .evaluate import agreement, max_relative_error, run_ort
+    from .quantize import output_steps
+
+    started = time.perf_counter()
+    try:
+        built = build_plan(model, qdq, int8_ids, options=options)
+    except CompileError as exc:
+        layers = {layer.id: (FAILED, exc.pass_name or "") for layer in model.layers}
+        return PlanDiagnosis(name, False, error=first_line(exc), failed_pass=exc.pass_name,
+                             failed_layer=exc.layer_id, build_time_s=time.perf_counter() - started, layers=layers)
+    rows = {row.id: row for row in built.rows}
+    layers = {}
+    for layer in model.layers:
+        row = rows.get(layer.id)
+        if row is None:  # ConvTranspose: never in the int8 graph, float in NCHW
+            layers[layer.id] = (NCHW, layer.reason or "not a conv2d kernel")
+        elif row.layout != "NCHW":
+            layers[layer.id] = (BLOCKED, f"{row.dtype} {row.layout}")
+        else:
+            layers[layer.id] = (NCHW, f"{row.dtype}: {row.note or 'NCHW'}")
+    diagnosis = PlanDiagnosis(name, True, build_time_s=built.build_time_s, layers=layers,
+                              operator_notes=[note.to_dict() for note in built.operator_notes],
+                              operator_layouts=built.operator_layouts, layout_fallback=built.layout_fallback,
+                              boundary_transforms=built.boundary_transforms)
+    candidate = [built.run(batch) for batch in check_batches]
+    if not int8_ids:
+        error = max_relative_error(run_ort(model.proto, check_batches), candidate)
+        diagnosis.check_ok = error <= 1e-4
+        diagnosis.check = f"max relative error against ONNX Runtime float {error:.2e} (tolerance 1e-4)"
+    else:
+        result = agreement(run_ort(qdq, check_batches), candidate, output_steps(model, ranges))
+        yardstick = agreement(run_ort(qdq, check_batches), run_ort(qdq, check_batches, optimized=True),
+                              output_steps(model, ranges))
+        # Exact integer arithmetic may round near-ties differently from ORT's float
+        # emulation; ORT's own int8 kernels show how much that moves the outputs.
+        diagnosis.check_ok = result.fraction >= yardstick.fraction - 0.01
+        diagnosis.check = (f"{result.fraction:.4f} of outputs within one step of ONNX Runtime on the same QDQ model "
+                           f"(ORT's own int8 kernels: {yardstick.fraction:.4f})")
+    return diagnosis
+
+
+def diagnose(model: LoadedModel, preset: str | None, *, data="samples", options=None,
+             calibration_batches: int = 2, check_batches: int = 1, progress=None) -> Diagnosis:
+    """Name unimportable operators, then build and check the all-float and all-int8 plans untuned.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    preset : str or None
+        Preprocessing preset for the packaged sample inputs.
+    data : str, default "samples"
+        Calibration and check inputs, as ``build --data``.
+    options : CompileOptions, optional
+    calibration_batches, check_batches : int
+        Small by default: the doctor answers "does it build", not "how accurate".
+    progress : callable, optional
+        Called with one status line per phase.
+    """
+    from .compile import CompileOptions, unsupported_operators
+    from .data import split_batches
+    from .plan import Plan
+    from .quantize import build_qdq_model, calibrate
+
+    say = progress or (lambda line: None)
+    unsupported = unsupported_operators(model.proto)
+    if unsupported:
+        return Diagnosis(model.source, unsupported, [])
+    options = options or CompileOptions()
+    calibration, check = split_batches(model, data, preset, calibration_batches, check_batches)
+    say(f"building all-float ({len(model.layers)} convs, untuned)...")
+    plans = [_diagnose("all-float", model, model.proto, [], options, check, None)]
+    say(f"calibrating on {len(calibration)} batch(es), building all-int8 (untuned)...")
+    ranges = calibrate(model, calibration)
+    int8 = Plan(frozenset())
+    qdq = build_qdq_model(model, ranges, int8)
+    plans.append(_diagnose("all-int8", model, qdq, int8.int8_ids(model), options, check, ranges))
+    return Diagnosis(model.source, unsupported, plans)
