@@ -294,9 +294,8 @@ def _status(message: str, quiet: bool) -> None:
 
 def _cmd_build(args) -> int:
     from .compile import CompileOptions, LoadedLibrary, build_plan
-    from .crosscheck import COMPILER_PROBLEM, cross_check
+    from .crosscheck import COMPILER_PROBLEM, check_build
     from .data import load_batches, split_batches
-    from .evaluate import agreement, run_ort
     from .plan import parse_plan
     from .quantize import build_qdq_model, calibrate, output_steps
     from .tuning import open_database
@@ -309,16 +308,20 @@ def _cmd_build(args) -> int:
     preset = args.preset or preset
     out_dir = _writable_dir(args.out, "out")
     cache_dir = _writable_dir(args.workdir / "cache", "workdir")
+    int8_ids = plan.int8_ids(model)
 
     if args.check:
         calibration_batches, check_batches = split_batches(model, args.data, preset, args.calibration_batches,
                                                            args.check_batches)
-    else:
+    elif int8_ids:
         calibration_batches = load_batches(model, args.data, preset, count=args.calibration_batches)
-    _status(f"calibrating ({args.calibration}, {len(calibration_batches)} batches of {args.data})...", quiet)
-    ranges = calibrate(model, calibration_batches, args.calibration, cache_dir=cache_dir)
-    qdq = build_qdq_model(model, ranges, plan)
-    int8_ids = plan.int8_ids(model)
+    ranges = steps = None
+    if int8_ids:
+        _status(f"calibrating ({args.calibration}, {len(calibration_batches)} batches of {args.data})...", quiet)
+        ranges = calibrate(model, calibration_batches, args.calibration, cache_dir=cache_dir)
+        steps = output_steps(model, ranges)
+    # The all-float plan builds the float model itself, as the search does.
+    qdq = build_qdq_model(model, ranges, plan) if int8_ids else model.proto
     _status(f"building {len(int8_ids)} int8 / {len(model.layers) - len(int8_ids)} float convs...", quiet)
     database = None if args.untuned else open_database(args.workdir, options)
     built = build_plan(model, qdq, int8_ids, options=options, dump_ir_dir=args.dump_ir, database=database)
@@ -352,26 +355,14 @@ def _cmd_build(args) -> int:
         summary["dump_ir"] = {"dir": str(args.dump_ir), "files": len(built.dump_files)}
     exit_code = 0
     if args.check:
-        _status(f"checking against ONNX Runtime on {len(check_batches)} batches not used for calibration "
+        against = "the same QDQ model" if int8_ids else "the float model"
+        _status(f"checking against ONNX Runtime on {against}, {len(check_batches)} batches not used for calibration "
                 "(an output off by more than one step is traced with a probe build)...", quiet)
-        reference = run_ort(qdq, check_batches, optimized=False)
         loaded = LoadedLibrary(library, built.input_names, built.output_names)
         candidate = [loaded.run(batch) for batch in check_batches]
-        steps = output_steps(model, ranges)
-        # A yardstick: how closely ONNX Runtime's own int8 kernels (its optimized
-        # session) follow the same float-emulated reference.  Exact integer
-        # arithmetic and float emulation part ways on near-ties, and deep nets can
-        # amplify one such flip into several output steps.
-        yardstick = agreement(reference, run_ort(qdq, check_batches, optimized=True), steps)
-        traced = cross_check(model, qdq, int8_ids, check_batches, candidate, steps, reference=reference,
-                             options=options)
-        result = traced.agreement
-        summary.update(agreement=result.fraction, max_abs_error=result.max_abs_error,
-                       max_error_steps=result.max_error_steps, checked_elements=result.elements,
-                       ort_int8_agreement=yardstick.fraction, ort_int8_max_error_steps=yardstick.max_error_steps,
-                       divergence_verdict=traced.verdict, divergence_summary=traced.summary(),
-                       divergences=[d.to_dict() for d in traced.divergences])
-        if traced.verdict == COMPILER_PROBLEM:
+        checked = check_build(model, qdq, int8_ids, check_batches, candidate, steps, options=options)
+        summary.update(checked.to_dict())
+        if checked.verdict == COMPILER_PROBLEM:
             exit_code = EXIT_CHECK_FAILED
     (out_dir / "plan.json").write_text(json.dumps(summary, indent=1))
 
@@ -756,6 +747,8 @@ def _print_build(summary: dict) -> None:
     print(f"library: {summary['library']}")
     if "dump_ir" in summary:
         print(f"IR after each pass: {summary['dump_ir']['files']} files in {summary['dump_ir']['dir']}")
+    if "max_relative_error" in summary:
+        print(f"check: {summary['divergence_summary']}")
     if "agreement" in summary:
         print(f"agreement with ONNX Runtime (same QDQ model): {summary['agreement']:.4%} of "
               f"{summary['checked_elements']} output elements within one output quantization step; "

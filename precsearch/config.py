@@ -23,7 +23,7 @@ DROP_METRICS = ("top1", "top5", "cosine")
 # worker must use the same ones, or its trials would not be comparable.
 OBJECTIVE_FIELDS = ("model", "input_shapes", "data", "preset", "calibration", "calibration_batches", "eval_batches",
                     "metric", "max_drop", "goal", "threads", "requant", "block_size", "float_layout", "warmup",
-                    "repeats", "untuned")
+                    "repeats", "untuned", "check_batches")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,11 @@ class SearchConfig:
     goal : float or None
         The least acceptable metric value (greatest for ``nmse``,
         ``max_abs_error``), for any metric; exclusive with ``max_drop``.
+    check_batches : int
+        Evaluation batches on which every trial's build is cross-checked with
+        ONNX Runtime on the same QDQ model, as ``build --check`` does; a
+        compiler problem fails the trial.  Studies stored before this setting
+        existed load with the default, 1.
     """
 
     model: str
@@ -75,6 +80,7 @@ class SearchConfig:
     heartbeat_interval_s: int = 15
     grace_period_s: int = 120
     max_retry: int = 2
+    check_batches: int = 1
 
     def __post_init__(self):
         def check_int(name, low, allow_none=False):
@@ -86,7 +92,7 @@ class SearchConfig:
 
         for name, low in (("calibration_batches", 1), ("eval_batches", 1), ("sensitivity_k", 0), ("workers", 1),
                           ("threads", 1), ("warmup", 0), ("repeats", 3), ("heartbeat_interval_s", 1),
-                          ("grace_period_s", 1), ("max_retry", 0), ("seed", 0)):
+                          ("grace_period_s", 1), ("max_retry", 0), ("seed", 0), ("check_batches", 1)):
             check_int(name, low)
         check_int("trials", 1, allow_none=True)
         if self.sampler is not None and self.sampler not in SAMPLERS:

@@ -191,3 +191,56 @@ def exact_conv_value(node: onnx.NodeProto, initializers, producers, tensors, ele
 def _tvm_holds_exact_rounding(node, initializers, producers, tensors, ours, element) -> bool:
     exact, zero = exact_conv_value(node, initializers, producers, tensors, element)
     return int(ours[element]) == int(np.clip(np.round(exact) + zero, 0, 255))
+
+
+@dataclass(frozen=True)
+class BuildCheck:
+    """A build checked against ONNX Runtime, as ``build --check`` and the zoo report it.
+
+    All-float builds are held to ORT float (``max_relative_error`` within
+    FLOAT_TAIL_RTOL); plans with int8 convs to ORT on the same QDQ model with
+    graph optimizations disabled, with any divergence traced by :func:`cross_check`,
+    and ORT's own int8 kernels (its optimized session) as a yardstick.
+    """
+
+    verdict: str
+    summary: str
+    agreement: Agreement | None = None
+    ort_int8_agreement: Agreement | None = None
+    traced: CrossCheck | None = None
+    max_relative_error: float | None = None
+
+    def to_dict(self) -> dict:
+        out = {"divergence_verdict": self.verdict, "divergence_summary": self.summary}
+        if self.max_relative_error is not None:
+            out["max_relative_error"] = self.max_relative_error
+        if self.agreement is not None:
+            out.update(agreement=self.agreement.fraction, max_abs_error=self.agreement.max_abs_error,
+                       max_error_steps=self.agreement.max_error_steps, checked_elements=self.agreement.elements,
+                       ort_int8_agreement=self.ort_int8_agreement.fraction,
+                       ort_int8_max_error_steps=self.ort_int8_agreement.max_error_steps,
+                       divergences=[d.to_dict() for d in self.traced.divergences])
+        return out
+
+
+def check_build(model: LoadedModel, qdq: onnx.ModelProto, int8_ids, batches, candidate_outputs,
+                steps: dict[str, float] | None, *, options: CompileOptions | None = None) -> BuildCheck:
+    """Check a build's outputs on ``batches`` against ONNX Runtime (see :class:`BuildCheck`).
+
+    ``qdq`` is ignored for an all-float plan (``int8_ids`` empty), which is
+    compared with the float model itself.
+    """
+    if not int8_ids:
+        error = max_relative_error(run_ort(model.proto, batches), candidate_outputs)
+        verdict = AGREES if error <= FLOAT_TAIL_RTOL else COMPILER_PROBLEM
+        return BuildCheck(verdict, f"max relative error against ONNX Runtime float {error:.2e} "
+                                   f"(tolerance {FLOAT_TAIL_RTOL:g})", max_relative_error=error)
+    reference = run_ort(qdq, batches, optimized=False)
+    # A yardstick: how closely ONNX Runtime's own int8 kernels (its optimized
+    # session) follow the same float-emulated reference.  Exact integer
+    # arithmetic and float emulation part ways on near-ties, and deep nets can
+    # amplify one such flip into several output steps.
+    yardstick = agreement(reference, run_ort(qdq, batches, optimized=True), steps)
+    traced = cross_check(model, qdq, int8_ids, batches, candidate_outputs, steps, reference=reference,
+                         options=options)
+    return BuildCheck(traced.verdict, traced.summary(), traced.agreement, yardstick, traced)

@@ -146,3 +146,61 @@ def diagnose(model: LoadedModel, preset: str | None, *, data="samples", options=
     qdq = build_qdq_model(model, ranges, int8)
     plans.append(_diagnose("all-int8", model, qdq, int8.int8_ids(model), options, check, ranges))
     return Diagnosis(model.source, unsupported, plans)
+
+
+def check_standard_plans(name: str, check_batches: int = 2, calibration_batches: int = 8, plans=None,
+                         progress=None) -> list[dict]:
+    """Build and check :func:`precsearch.plan.standard_plans` of one model, untuned; one dict per plan.
+
+    Parameters
+    ----------
+    name : str
+        A packaged model name or an ONNX path.
+    check_batches, calibration_batches : int
+        Packaged-image batches for the check and for calibration (disjoint).
+    plans : collection of str, optional
+        Only these plan names.
+    progress : callable, optional
+        Called with one line per plan.
+    """
+    from .compile import build_plan
+    from .crosscheck import check_build
+    from .data import split_batches
+    from .model import load_model, resolve_model
+    from .plan import standard_plans
+    from .quantize import build_qdq_model, calibrate, output_steps
+
+    path, shapes, preset = resolve_model(name)
+    model = load_model(path, shapes)
+    calibration, check = split_batches(model, "samples", preset, calibration_batches, check_batches)
+    ranges = calibrate(model, calibration)
+    steps = output_steps(model, ranges)
+    rows = []
+    for plan_name, plan in standard_plans(model).items():
+        if plans is not None and plan_name not in plans:
+            continue
+        int8_ids = plan.int8_ids(model)
+        qdq = build_qdq_model(model, ranges, plan) if int8_ids else model.proto
+        started = time.perf_counter()
+        built = build_plan(model, qdq, int8_ids)
+        build_time_s = time.perf_counter() - started
+        outputs = [built.run(batch) for batch in check]
+        checked = check_build(model, qdq, int8_ids, check, outputs, steps)
+        row = {
+            "model": name, "plan": plan_name, "int8_convs": len(int8_ids),
+            "float_convs": len(model.layers) - len(int8_ids), "build_time_s": round(build_time_s, 1),
+            "boundary_transforms": built.boundary_transforms,
+            "blocked_convs": sum(row.layout != "NCHW" for row in built.rows),
+            "rewritten": "; ".join(f"{n.op_type} {n.node} {n.action}" for n in built.operator_notes),
+            "nchw_fallback_ops": "; ".join(f"{r['op']}×{r['nchw_fallback']}" for r in built.operator_layouts
+                                           if r["nchw_fallback"]),
+            "layout_fallback": built.layout_fallback,
+            "max_relative_error": checked.max_relative_error,
+            "agreement": checked.agreement.fraction if checked.agreement else None,
+            "ort_int8_agreement": checked.ort_int8_agreement.fraction if checked.ort_int8_agreement else None,
+            "verdict": checked.verdict, "summary": checked.summary,
+        }
+        (progress or logger.info)(f"{name} {plan_name}: built in {build_time_s:.1f} s, {row['boundary_transforms']} transforms, "
+                 f"{checked.verdict} ({checked.summary})")
+        rows.append(row)
+    return rows

@@ -3,28 +3,32 @@
 Everything that does not depend on the plan (calibration ranges, evaluation
 inputs, the float reference, the tuning database) is prepared once per worker
 from cached files; :meth:`TvmEvaluator.evaluate` then costs one build, one pass
-over the evaluation inputs and one latency measurement.
+over the evaluation inputs, one ONNX Runtime run of the plan's QDQ model on the
+check batches and one latency measurement.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .compile import CompileOptions, build_plan
 from .config import SearchConfig
+from .crosscheck import FLOAT_TAIL_RTOL, cross_check
 from .data import split_batches
-from .evaluate import reference_outputs
+from .evaluate import max_relative_error, reference_outputs
 from .fidelity import evaluate_plan
 from .evaluate import run_ort
 from .measure import CpuLock, Latency, measure_library, measure_onnxruntime
 from .metrics import compute_metrics
 from .model import LoadedModel
 from .plan import Plan
-from .quantize import CalibrationRanges, build_qdq_model, calibrate
-from .scoring import PlanResult
+from .quantize import CalibrationRanges, build_qdq_model, calibrate, output_steps
+from .scoring import AGREES, COMPILER_PROBLEM, PlanRejected, PlanResult
 from .tuning import open_database
 
 logger = logging.getLogger(__name__)
@@ -37,8 +41,16 @@ class TvmEvaluator:
     The fidelity is the built library's outputs on the evaluation batches
     against ONNX Runtime running the float model.  Plans that cannot reach the
     goal stop after the first batches (:func:`precsearch.fidelity.evaluate_plan`).
-    Builds and fidelity runs hold the machine's :class:`CpuLock` shared, the
-    latency measurement holds it exclusive.
+
+    Every build is then checked as ``build --check`` checks one (:meth:`check`):
+    its outputs on the first ``check_batches`` evaluation batches, kept from the
+    fidelity run, are compared with ONNX Runtime on the same QDQ model, and a
+    divergence is traced to a rounding near-tie or a compiler problem.  A
+    compiler problem raises :class:`~precsearch.scoring.PlanRejected` before
+    the latency is measured, so the search fails the trial.
+
+    Builds, fidelity runs and checks hold the machine's :class:`CpuLock`
+    shared, the latency measurement holds it exclusive.
     """
 
     model: LoadedModel
@@ -51,6 +63,7 @@ class TvmEvaluator:
     database: object = None
     warmup: int = 10
     repeats: int = 50
+    check_batches: int = 1
     lock: CpuLock = field(default_factory=CpuLock)
 
     @classmethod
@@ -71,25 +84,59 @@ class TvmEvaluator:
                            "tuned build reaches (run 'precsearch tune' first)", workdir)
         return cls(model=model, ranges=ranges, batches=eval_batches, reference=reference, metric=metric,
                    goal=config.fidelity_goal(metric), options=options, database=database, warmup=config.warmup,
-                   repeats=config.repeats)
+                   repeats=config.repeats, check_batches=config.check_batches)
 
     def evaluate(self, plan: Plan) -> PlanResult:
+        """Build, score and check ``plan``, then time it; raises :class:`PlanRejected` on a compiler problem."""
         with self.lock.shared():
             started = time.perf_counter()
-            _, built = self.build(plan)
+            qdq, built = self.build(plan)
             build_time_s = time.perf_counter() - started
             fidelity = evaluate_plan(lambda batches: [built.run(batch) for batch in batches], self.reference,
-                                     self.batches, self.metric, self.goal)
+                                     self.batches, self.metric, self.goal, keep=self.check_batches)
+            started = time.perf_counter()
+            verdict, verdict_detail = self.check(plan, qdq, fidelity.outputs)
+            check_time_s = time.perf_counter() - started
+        result = PlanResult(latency_ms=math.nan, latency_iqr_ms=math.nan,
+                            metrics={k: v for k, v in fidelity.values.items() if "/" not in k},
+                            build_time_s=round(build_time_s, 3), eval_time_s=round(fidelity.time_s, 3),
+                            fidelity_batches=fidelity.batches_used, stopped_early=fidelity.stopped_early,
+                            details={"tuned_kernels": built.tuned_kernels, "total_kernels": built.total_kernels,
+                                     "boundary_transforms": built.boundary_transforms,
+                                     "check_time_s": round(check_time_s, 3)},
+                            verdict=verdict, verdict_detail=verdict_detail)
+        if verdict == COMPILER_PROBLEM:
+            raise PlanRejected(result)  # a wrong library: not worth timing, never on the front
         started = time.perf_counter()
         latency = self._time(built, self.repeats)
         measure_time_s = time.perf_counter() - started
-        return PlanResult(latency_ms=latency.median_ms, latency_iqr_ms=latency.iqr_ms,
-                          metrics={k: v for k, v in fidelity.values.items() if "/" not in k},
-                          build_time_s=round(build_time_s, 3), eval_time_s=round(fidelity.time_s, 3),
-                          measure_time_s=round(measure_time_s, 3), fidelity_batches=fidelity.batches_used,
-                          stopped_early=fidelity.stopped_early,
-                          details={"tuned_kernels": built.tuned_kernels, "total_kernels": built.total_kernels,
-                                   "boundary_transforms": built.boundary_transforms})
+        return dataclasses.replace(result, latency_ms=latency.median_ms, latency_iqr_ms=latency.iqr_ms,
+                                   measure_time_s=round(measure_time_s, 3))
+
+    def check(self, plan: Plan, qdq, outputs) -> tuple[str, str]:
+        """The verdict on a build's ``outputs`` for the first ``len(outputs)`` evaluation batches, and its summary.
+
+        A plan with int8 layers is cross-checked as ``build --check`` does
+        (:func:`precsearch.crosscheck.cross_check`, against ONNX Runtime on the
+        same QDQ model, graph optimizations off); only a divergence beyond one
+        output step costs a probe build.  The all-float plan has no QDQ model:
+        its outputs are held to ONNX Runtime float (the fidelity reference, so
+        no extra run) within :data:`~precsearch.crosscheck.FLOAT_TAIL_RTOL`
+        relative error, what cross_check allows float arithmetic in another
+        order; beyond that it is a compiler problem.
+        """
+        outputs = list(outputs)
+        int8_ids = plan.int8_ids(self.model)
+        if not int8_ids:
+            error = max_relative_error(self.reference[:len(outputs)], outputs)
+            if error <= FLOAT_TAIL_RTOL:
+                return AGREES, (f"no int8 layers: max relative error {error:.2g} from ONNX Runtime float, "
+                                f"within {FLOAT_TAIL_RTOL:g}")
+            return COMPILER_PROBLEM, (f"compiler problem: the all-float build differs from ONNX Runtime float by "
+                                      f"{error:.3g} relative (tolerance {FLOAT_TAIL_RTOL:g})")
+        traced = cross_check(self.model, qdq, int8_ids, self.batches[:len(outputs)], outputs,
+                             output_steps(self.model, self.ranges), options=self.options)
+        return traced.verdict, traced.summary()
 
     def build(self, plan: Plan):
         """The plan's QDQ model (the float model when every conv is float) and its TVM build."""

@@ -33,6 +33,7 @@ class Fidelity:
     batches_total: int
     stopped_early: bool
     time_s: float
+    outputs: tuple[dict, ...] = ()  # the candidate's outputs on the first ``keep`` batches, when asked to keep them
 
     @property
     def values(self) -> dict[str, float]:
@@ -52,7 +53,7 @@ def _cannot_reach(metric: str, subset_value: float, goal: float, used: int, tota
 
 
 def evaluate_plan(run: Callable[[Sequence[dict]], list[dict]], reference: Sequence[dict], batches: Sequence[dict],
-                  metric: str, goal: float | None = None, first_batches: int = 4) -> Fidelity:
+                  metric: str, goal: float | None = None, first_batches: int = 4, keep: int = 0) -> Fidelity:
     """Score a plan, stopping after ``first_batches`` when it cannot reach ``goal``.
 
     Parameters
@@ -67,6 +68,10 @@ def evaluate_plan(run: Callable[[Sequence[dict]], list[dict]], reference: Sequen
         The least acceptable value; None evaluates every batch.
     first_batches : int
         Size of the first stage.
+    keep : int
+        Keep the candidate's outputs on the first ``keep`` batches in
+        :attr:`Fidelity.outputs` (fewer when the plan stopped early before
+        them), so a caller can check them further without running them again.
     """
     if metric not in METRICS:
         raise ConfigError(f"The 'metric' parameter of evaluate_plan must be one of {sorted(METRICS)}; "
@@ -87,7 +92,8 @@ def evaluate_plan(run: Callable[[Sequence[dict]], list[dict]], reference: Sequen
         if _cannot_reach(metric, value, goal, used_samples, total_samples):
             logger.info("fidelity: %s = %.4g on %d/%d batches cannot reach %.4g; stopping", metric, value, first,
                         total, goal)
-            return Fidelity(subset, first, total, True, time.perf_counter() - started)
+            return Fidelity(subset, first, total, True, time.perf_counter() - started, tuple(outputs[:keep]))
     if first < total:
         outputs += list(run(batches[first:]))
-    return Fidelity(compute_metrics(reference, outputs), total, total, False, time.perf_counter() - started)
+    return Fidelity(compute_metrics(reference, outputs), total, total, False, time.perf_counter() - started,
+                    tuple(outputs[:keep]))

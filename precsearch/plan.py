@@ -94,3 +94,24 @@ def parse_plan(spec: str, model: LoadedModel) -> Plan:
     if incapable:
         logger.debug("plan names layers that are float anyway: %s", incapable)
     return Plan(frozenset(set(items) & capable))
+
+
+def standard_plans(model: LoadedModel, seed: int = 0) -> dict[str, Plan]:
+    """Five plans that together exercise every int8/float boundary a model can have.
+
+    all-float, all-int8, alternating (every second int8-capable conv float),
+    first+last float (the usual hand-made choice), and a random mix (each conv
+    float with probability 1/2, drawn with ``seed``).  The zoo tests and
+    ``experiments/zoo.py`` build each of them on every packaged model.
+    """
+    import numpy as np
+
+    capable = model.capable_ids()
+    rng = np.random.default_rng(seed)
+    return {
+        "all-float": Plan(frozenset(capable)),
+        "all-int8": Plan(frozenset()),
+        "alternating": Plan(frozenset(capable[1::2])),
+        "first+last float": Plan(frozenset({capable[0], capable[-1]}) if capable else frozenset()),
+        "random": Plan(frozenset(layer_id for layer_id in capable if rng.random() < 0.5)),
+    }

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .pareto import front_points, hypervolume
+from .scoring import AGREES, COMPILER_PROBLEM, NEAR_TIES
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,9 @@ def _trial_row(trial) -> dict:
     for name, value in attrs.items():
         if name.startswith("metric."):
             row[name.removeprefix("metric.")] = float(value)
-    for name in ("build_time_s", "eval_time_s", "measure_time_s", "fidelity_batches", "int8_convs", "tuned_kernels",
-                 "duplicate_of", "reruns", "seed", "worker", "fail_reason", "skipped"):
+    for name in ("build_time_s", "eval_time_s", "measure_time_s", "check_time_s", "fidelity_batches", "int8_convs",
+                 "tuned_kernels", "verdict", "verdict_detail", "duplicate_of", "reruns", "seed", "worker",
+                 "fail_reason", "skipped"):
         row[name] = attrs.get(name)
     row["started"] = trial.datetime_start
     row["finished"] = trial.datetime_complete
@@ -126,6 +128,8 @@ def collect(study, *, workdir: str | Path | None = None, layer_ids=(), command_p
                "float_count": len(point.float_layers), "latency_ms": point.latency_ms,
                "latency_iqr_ms": attrs.get("latency_iqr_ms"), metric: point.fidelity}
         row.update({k.removeprefix("metric."): float(v) for k, v in attrs.items() if k.startswith("metric.")})
+        row["verdict"] = attrs.get("verdict")
+        row["verdict_detail"] = attrs.get("verdict_detail")
         again = remeasured.get(point.trial)
         row["remeasured_median_ms"] = again["median_ms"] if again else None
         row["remeasured_iqr_ms"] = again["iqr_ms"] if again else None
@@ -319,6 +323,16 @@ def _table(frame: pd.DataFrame, columns) -> str:
                                   classes="table")
 
 
+def _verdict_counts(trials: pd.DataFrame) -> str:
+    """One sentence: how the evaluated plans' builds compared with ONNX Runtime on their own QDQ models."""
+    counts = trials[trials["duplicate_of"].isna()]["verdict"].value_counts() if len(trials) else {}
+    parts = [f"{int(counts[v])} {v}" for v in (AGREES, NEAR_TIES, COMPILER_PROBLEM) if v in counts]
+    if not parts:
+        return "Cross-check with ONNX Runtime: no trial was checked."
+    return (f"Cross-check of each trial's build with ONNX Runtime on the same QDQ model: {', '.join(parts)} "
+            "(a compiler problem fails its trial).")
+
+
 def report_html(data: ReportData, png: bytes) -> str:
     figures = [pareto_figure(data), _history_figure(data)]
     if len(data.front):
@@ -354,9 +368,10 @@ def report_html(data: ReportData, png: bytes) -> str:
         baselines += f" (ORT int8 {data.metric} {ort_int8_fidelity:.4g})"
     metric_columns = [c for c in ("top1", "top5", "cosine", "sqnr_db", "nmse", "max_abs_error") if c in data.front]
     table = _table(data.front, ["trial", "latency_ms", "latency_iqr_ms", "remeasured_median_ms", "remeasured_iqr_ms",
-                                *metric_columns, "speedup_vs_ort_float", "speedup_vs_ort_int8", "float_count",
-                                "float_layers"]) if len(data.front) else "<p>empty</p>"
-    failures = _table(failed, ["trial", "plan", "fail_reason"]) if len(failed) else "<p>none</p>"
+                                *metric_columns, "speedup_vs_ort_float", "speedup_vs_ort_int8", "verdict",
+                                "float_count", "float_layers"]) if len(data.front) else "<p>empty</p>"
+    failures = _table(failed, ["trial", "plan", "verdict", "fail_reason"]) if len(failed) else "<p>none</p>"
+    checked = _verdict_counts(data.trials)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>precsearch: {html.escape(data.study_name)}</title>
 <style>body{{font-family:sans-serif;margin:24px;max-width:1200px}} .rec{{font-size:1.15em;background:#eef6ee;
@@ -367,6 +382,7 @@ padding:10px}} code{{background:#f4f4f4;padding:2px 4px}} .table{{border-collaps
 <p>model <code>{html.escape(data.model)}</code>; fidelity metric <b>{html.escape(data.metric)}</b> against ONNX
 Runtime float; {len(done)} completed trials ({done['plan'].nunique() if len(done) else 0} distinct plans),
 {len(failed)} failed; baselines: {html.escape(baselines)}.</p>
+<p>{html.escape(checked)}</p>
 {summary}
 <h2>Commands</h2><dl>{commands}</dl>
 <h2>Latency against fidelity</h2>

@@ -9,7 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .errors import PrecsearchError
 from .plan import Plan
+
+# Verdicts of the cross-check of a build with ONNX Runtime on the same QDQ model: the strings of
+# precsearch.crosscheck (a test holds them equal), repeated so the search loop need not import TVM.
+AGREES, NEAR_TIES, COMPILER_PROBLEM = "agrees", "near-ties", "compiler problem"
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,22 @@ class PlanResult:
     fidelity_batches: int = 0
     stopped_early: bool = False
     details: dict = field(default_factory=dict)
+    # The cross-check of the build with ONNX Runtime (AGREES, NEAR_TIES or COMPILER_PROBLEM)
+    # and its one-line summary; None when the backend does not check (a stand-in).
+    verdict: str | None = None
+    verdict_detail: str = ""
+
+
+class PlanRejected(PrecsearchError, RuntimeError):
+    """The plan built and ran, but its cross-check found a compiler problem: the trial fails with that reason.
+
+    ``result`` holds what was measured before the check rejected it (the
+    fidelity metrics, the verdict and its summary; no latency).
+    """
+
+    def __init__(self, result: PlanResult):
+        super().__init__(result.verdict_detail or COMPILER_PROBLEM)
+        self.result = result
 
 
 class PlanEvaluator(Protocol):

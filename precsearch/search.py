@@ -12,7 +12,9 @@ What the loop adds to Optuna:
   study's database (:class:`~precsearch.storage.PlanClaims`); a trial that
   proposes a claimed plan waits for its owner and copies its values.
 * ``trials`` counts distinct plans, across every worker, exactly.
-* A failing plan is a failed trial with its reason; the study goes on.
+* A failing plan is a failed trial with its reason; the study goes on.  So is a
+  plan whose build the evaluator's cross-check with ONNX Runtime calls a
+  compiler problem: it never reaches the front.
 * A killed worker's trial goes stale (heartbeats) and is re-queued; an
   interrupted one (Ctrl-C) is re-queued when a worker next starts or settles.
 """
@@ -36,7 +38,7 @@ from .metrics import METRICS
 from .model import LoadedModel
 from .pareto import FrontPoint, finite_objective, front_points
 from .plan import Plan
-from .scoring import PlanEvaluator, PlanResult  # noqa: F401  (PlanResult re-exported)
+from .scoring import COMPILER_PROBLEM, PlanEvaluator, PlanRejected, PlanResult  # noqa: F401  (PlanResult re-exported)
 from .storage import PlanClaims, quiet_experimental, redact_url
 
 logger = logging.getLogger(__name__)
@@ -365,6 +367,8 @@ class _Worker:
     def _evaluate(self, trial, plan: Plan):
         try:
             result = self.evaluator.evaluate(plan)
+        except PlanRejected as exc:  # raised or returned, a compiler problem fails the trial below
+            result = exc.result
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # any failure of one plan: recorded, and the study goes on
@@ -374,6 +378,17 @@ class _Worker:
             trial.set_user_attr("fail_reason", reason)
             logger.warning("trial %d failed (%d float layers): %s", trial.number, len(plan.float_ids), reason)
             raise TrialFailed(reason) from None
+        if result.verdict is not None:
+            trial.set_user_attr("verdict", result.verdict)
+            trial.set_user_attr("verdict_detail", result.verdict_detail)
+        if result.verdict == COMPILER_PROBLEM:
+            detail = result.verdict_detail or "the build disagrees with ONNX Runtime"
+            reason = detail if detail.startswith(COMPILER_PROBLEM) else f"{COMPILER_PROBLEM}: {detail}"
+            for name, value in result.metrics.items():  # what the wrong library scored, for the record
+                trial.set_user_attr(f"metric.{name}", value if math.isfinite(value) else str(value))
+            trial.set_user_attr("fail_reason", reason)
+            logger.warning("trial %d failed (%d float layers): %s", trial.number, len(plan.float_ids), reason)
+            raise TrialFailed(reason)
         if self.handle.metric not in result.metrics:
             reason = f"the evaluator returned no {self.handle.metric!r} metric (it has {sorted(result.metrics)})"
             trial.set_user_attr("fail_reason", reason)

@@ -5,15 +5,22 @@ from precsearch.evaluate import run_ort
 from precsearch.metrics import compute_metrics
 from precsearch.plan import Plan
 from precsearch.quantize import build_qdq_model
-from precsearch.scoring import PlanResult
+from precsearch.scoring import COMPILER_PROBLEM, PlanResult
+
+MISCOMPILED = "compiler problem: image 0 diverges at conv1.out_q after conv1 (Conv), 0.25 steps from a tie"
 
 
 class StandInEvaluator:
-    """Real ORT fidelity, deterministic latency: int8 convs cost a quarter of float, boundaries cost extra."""
+    """Real ORT fidelity, deterministic latency: int8 convs cost a quarter of float, boundaries cost extra.
 
-    def __init__(self, model, ranges, batches, reference, fail_plans=()):
+    Builds nothing, so checks nothing (verdict None), except that ``miscompiled_plans``
+    come back with a compiler-problem verdict, as a TVM build that fails its cross-check.
+    """
+
+    def __init__(self, model, ranges, batches, reference, fail_plans=(), miscompiled_plans=()):
         self.model, self.ranges, self.batches, self.reference = model, ranges, batches, reference
         self.fail_plans = {plan.key() for plan in fail_plans}
+        self.miscompiled_plans = {plan.key() for plan in miscompiled_plans}
         self.calls: list[str] = []
         self._fidelity: dict[str, dict] = {}
 
@@ -35,4 +42,7 @@ class StandInEvaluator:
         if plan.key() in self.fail_plans:
             raise CompileError("relax.add: shapes [1,2,8,8,4] and [1,16,1,1] are not broadcastable",
                                pass_name="ConvertLayout", layer_id="conv1")
+        if plan.key() in self.miscompiled_plans:
+            return PlanResult(latency_ms=self.latency_ms(plan), latency_iqr_ms=0.0, metrics=self.fidelity(plan),
+                              verdict=COMPILER_PROBLEM, verdict_detail=MISCOMPILED)
         return PlanResult(latency_ms=self.latency_ms(plan), latency_iqr_ms=0.0, metrics=self.fidelity(plan))

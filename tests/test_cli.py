@@ -213,3 +213,49 @@ def test_tune_killed_keeps_its_records_and_the_same_command_continues(tmp_path):
     # builds in the same workdir now apply the records
     built = json.loads(run("build", path, "--out", tmp_path / "out", "--workdir", tmp_path / "work", "--json").stdout)
     assert built["tuned"] is True
+
+
+def _celu_chain(tmp_path):
+    proto = models.chain_model()
+    relu = next(node for node in proto.graph.node if node.name == "relu1")
+    relu.op_type = "Celu"  # ONNX Runtime runs it; TVM 0.27's ONNX frontend has no converter
+    return models.save(proto, tmp_path, "celu")
+
+
+def test_layers_names_an_operator_tvm_cannot_import(tmp_path):
+    result = run("layers", _celu_chain(tmp_path))
+    assert result.returncode == 0 and "3 conv layers" in result.stdout
+    assert "node 'relu1' (Celu) cannot be imported by TVM's ONNX frontend; no plan of this model builds" \
+        in result.stderr
+
+
+def test_build_of_a_model_with_an_unimportable_operator_is_one_line(tmp_path):
+    result = run("build", _celu_chain(tmp_path), "--float", "all", "--out", tmp_path / "out",
+                 "--workdir", tmp_path / "work", "--json")
+    assert_one_line_error(result, 3, "[pass 'precsearch.Import', layer 'relu1']", "'relu1' (Celu)")
+
+
+def test_doctor_reports_each_layer_and_the_rewritten_split(tmp_path):
+    path = models.save(models.split_model((8, 24)), tmp_path, "split")
+    result = run("doctor", path, "--json", "--block-size", "16")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["healthy"] is True and report["unsupported_operators"] == []
+    float_plan, int8_plan = report["plans"]
+    assert (float_plan["plan"], int8_plan["plan"]) == ("all-float", "all-int8")
+    assert float_plan["layers"]["conv0"] == {"outcome": "blocked", "detail": "float32 NCHW16c"}
+    assert int8_plan["layers"]["conv1"] == {"outcome": "nchw",
+                                            "detail": "int8: channels 8→16 not divisible by block 16"}
+    assert int8_plan["layers"]["conv2"]["outcome"] == "nchw"  # 24 channels
+    assert int8_plan["layers"]["conv_out"] == {"outcome": "blocked", "detail": "int8 NCHW16c"}
+    assert [note["node"] for note in int8_plan["operator_notes"]] == ["split"]
+    assert float_plan["check_ok"] is True and int8_plan["check_ok"] is True
+    text = run("doctor", path, "--block-size", "16")
+    assert text.returncode == 0 and "rewritten: Split 'split': channel split [8, 24]" in text.stdout
+    assert "healthy: every plan can build" in text.stdout
+
+
+def test_doctor_names_an_unimportable_operator_and_fails(tmp_path):
+    result = run("doctor", _celu_chain(tmp_path))
+    assert result.returncode == 3
+    assert "cannot import: node 'relu1' (Celu)" in result.stdout and "NOT healthy" in result.stdout

@@ -61,3 +61,15 @@ def test_sqnr_stops_only_beyond_its_margin():
 def test_unknown_metric():
     with pytest.raises(ConfigError, match="'metric'"):
         evaluate_plan(lambda b: b, [{}], [{}], "accuracy")
+
+
+def test_outputs_of_the_first_batches_are_kept_for_the_cross_check():
+    reference = _batches(10)
+    run = Counting(reference)
+    kept = evaluate_plan(run, reference, [{"x": np.zeros((1, 1))}] * 10, "top1", goal=0.99, first_batches=4, keep=2)
+    assert run.seen == 10 and len(kept.outputs) == 2  # kept from the one pass, not run again
+    assert all(got is want for got, want in zip(kept.outputs, reference[:2]))
+    wrong = [{"logits": -batch["logits"]} for batch in reference]
+    stopped = evaluate_plan(Counting(wrong), reference, [{}] * 10, "top1", goal=0.99, first_batches=4, keep=6)
+    assert stopped.stopped_early and len(stopped.outputs) == 4  # no more than were run
+    assert evaluate_plan(Counting(reference), reference, [{}] * 10, "top1").outputs == ()

@@ -20,9 +20,11 @@ from precsearch.model import load_model
 from precsearch.pareto import front_points, hypervolume
 from precsearch.plan import Plan
 from precsearch.quantize import calibrate
+from precsearch.report import collect, write_report
+from precsearch.scoring import COMPILER_PROBLEM, PlanRejected
 from precsearch.search import PlanSpace, make_sampler, open_study, run_worker, seed_plans
 from precsearch.storage import default_storage_url, open_storage
-from standin import StandInEvaluator
+from standin import MISCOMPILED, StandInEvaluator
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +96,56 @@ def test_a_plan_whose_build_raises_is_a_failed_trial_with_its_message(eight_conv
     assert summary.failed == 1 and summary.completed == 9  # the study went on to its budget of 10 plans
     assert all(not math.isnan(v) for t in handle.study.get_trials() if t.values for v in t.values)
     assert model is not None
+
+
+class _RaisesRejection(StandInEvaluator):
+    """Raises the compiler problem, as TvmEvaluator does, instead of returning it."""
+
+    def evaluate(self, plan):
+        result = super().evaluate(plan)
+        if result.verdict == COMPILER_PROBLEM:
+            raise PlanRejected(result)
+        return result
+
+
+@pytest.mark.parametrize("how", ["returned", "raised"])
+def test_a_compiler_problem_verdict_fails_the_trial_and_keeps_it_off_the_front(eight_convs, tmp_path, how):
+    import pandas as pd
+
+    all_int8 = Plan(frozenset())  # the fastest plan: on the front unless its build is wrong
+    cls = StandInEvaluator if how == "returned" else _RaisesRejection
+    evaluator = cls(*eight_convs, miscompiled_plans=[all_int8])
+    summary, handle, _ = _search(tmp_path, eight_convs, evaluator, sampler="random", trials=10)
+    trials = handle.study.get_trials()
+    rejected = [t for t in trials if t.user_attrs.get("plan") == all_int8.key() and "duplicate_of" not in t.user_attrs]
+    assert len(rejected) == 1 and rejected[0].state.name == "FAIL" and rejected[0].values is None
+    attrs = rejected[0].user_attrs
+    assert attrs["fail_reason"] == MISCOMPILED and attrs["fail_reason"].startswith("compiler problem: ")
+    assert attrs["verdict"] == COMPILER_PROBLEM and attrs["verdict_detail"] == MISCOMPILED
+    assert "latency_ms" not in attrs and "metric.sqnr_db" in attrs  # what it scored is kept, it was never timed
+    assert summary.failed == 1 and summary.completed == 9  # the search went on to its budget
+    completed = [t for t in trials if t.state.name == "COMPLETE"]
+    assert evaluator.latency_ms(all_int8) < min(t.values[0] for t in completed)  # it would have led the front
+    assert all_int8.key() not in {p.plan for p in summary.front}
+    assert all_int8.key() not in {p.plan for p in front_points(trials)}
+    assert all_int8.key() not in {t.user_attrs["plan"] for t in handle.study.best_trials}
+    files = write_report(collect(handle.study), tmp_path / "report")
+    table = pd.read_csv(files["trials.csv"])
+    row = table[table["trial"] == rejected[0].number].iloc[0]
+    assert row["state"] == "FAIL" and row["verdict"] == COMPILER_PROBLEM and row["fail_reason"] == MISCOMPILED
+    assert all_int8.key() not in set(pd.read_csv(files["pareto.csv"])["plan"])
+    page = files["report.html"].read_text()
+    assert "1 compiler problem" in page and "conv1.out_q after conv1" in page
+
+
+def test_check_batches_setting_and_studies_stored_before_it():
+    stored = SearchConfig(model="m", metric="top1").to_dict()
+    del stored["check_batches"]  # a study made before every trial was cross-checked
+    old = SearchConfig.from_dict(stored)
+    assert old.check_batches == 1 and SearchConfig(model="m", metric="top1").differences(old) == []
+    assert SearchConfig(model="m", metric="top1", check_batches=2).differences(old) == ["check_batches: 2 != 1"]
+    with pytest.raises(ConfigError, match="'check_batches' parameter of search must be an int >= 1; got 0"):
+        SearchConfig(model="m", check_batches=0)
 
 
 def test_identical_plans_are_evaluated_once(tmp_path):

