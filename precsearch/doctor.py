@@ -69,7 +69,7 @@ class Diagnosis:
 
 def _diagnose(name: str, model: LoadedModel, qdq, int8_ids, options, check_batches, ranges) -> PlanDiagnosis:
     from .compile import build_plan
-    from .evaluate import agreement, max_relative_error, run_ort
+    from .crosscheck import COMPILER_PROBLEM, check_build
     from .quantize import output_steps
 
     started = time.perf_counter()
@@ -94,19 +94,13 @@ def _diagnose(name: str, model: LoadedModel, qdq, int8_ids, options, check_batch
                               operator_layouts=built.operator_layouts, layout_fallback=built.layout_fallback,
                               boundary_transforms=built.boundary_transforms)
     candidate = [built.run(batch) for batch in check_batches]
-    if not int8_ids:
-        error = max_relative_error(run_ort(model.proto, check_batches), candidate)
-        diagnosis.check_ok = error <= 1e-4
-        diagnosis.check = f"max relative error against ONNX Runtime float {error:.2e} (tolerance 1e-4)"
-    else:
-        result = agreement(run_ort(qdq, check_batches), candidate, output_steps(model, ranges))
-        yardstick = agreement(run_ort(qdq, check_batches), run_ort(qdq, check_batches, optimized=True),
-                              output_steps(model, ranges))
-        # Exact integer arithmetic may round near-ties differently from ORT's float
-        # emulation; ORT's own int8 kernels show how much that moves the outputs.
-        diagnosis.check_ok = result.fraction >= yardstick.fraction - 0.01
-        diagnosis.check = (f"{result.fraction:.4f} of outputs within one step of ONNX Runtime on the same QDQ model "
-                           f"(ORT's own int8 kernels: {yardstick.fraction:.4f})")
+    steps = output_steps(model, ranges) if int8_ids else None
+    checked = check_build(model, qdq, int8_ids, check_batches, candidate, steps, options=options)
+    diagnosis.check_ok = checked.verdict != COMPILER_PROBLEM
+    diagnosis.check = f"{checked.verdict}: {checked.summary}"
+    if checked.agreement is not None:
+        diagnosis.check += (f" ({checked.agreement.fraction:.4f} of outputs within one step of ONNX Runtime on the "
+                            f"same QDQ model; ORT's own int8 kernels {checked.ort_int8_agreement.fraction:.4f})")
     return diagnosis
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from .compile import CompileOptions, build_plan
 from .config import SearchConfig
-from .crosscheck import FLOAT_TAIL_RTOL, cross_check
+from .crosscheck import check_build
 from .data import split_batches
-from .evaluate import max_relative_error, reference_outputs
+from .evaluate import reference_outputs
 from .fidelity import evaluate_plan
 from .evaluate import run_ort
 from .measure import CpuLock, Latency, measure_library, measure_onnxruntime
@@ -28,7 +28,7 @@ from .metrics import compute_metrics
 from .model import LoadedModel
 from .plan import Plan
 from .quantize import CalibrationRanges, build_qdq_model, calibrate, output_steps
-from .scoring import AGREES, COMPILER_PROBLEM, PlanRejected, PlanResult
+from .scoring import COMPILER_PROBLEM, PlanRejected, PlanResult
 from .tuning import open_database
 
 logger = logging.getLogger(__name__)
@@ -126,17 +126,10 @@ class TvmEvaluator:
         order; beyond that it is a compiler problem.
         """
         outputs = list(outputs)
-        int8_ids = plan.int8_ids(self.model)
-        if not int8_ids:
-            error = max_relative_error(self.reference[:len(outputs)], outputs)
-            if error <= FLOAT_TAIL_RTOL:
-                return AGREES, (f"no int8 layers: max relative error {error:.2g} from ONNX Runtime float, "
-                                f"within {FLOAT_TAIL_RTOL:g}")
-            return COMPILER_PROBLEM, (f"compiler problem: the all-float build differs from ONNX Runtime float by "
-                                      f"{error:.3g} relative (tolerance {FLOAT_TAIL_RTOL:g})")
-        traced = cross_check(self.model, qdq, int8_ids, self.batches[:len(outputs)], outputs,
-                             output_steps(self.model, self.ranges), options=self.options)
-        return traced.verdict, traced.summary()
+        steps = output_steps(self.model, self.ranges)
+        checked = check_build(self.model, qdq, plan.int8_ids(self.model), self.batches[:len(outputs)], outputs, steps,
+                              options=self.options, float_reference=self.reference[:len(outputs)], yardstick=False)
+        return checked.verdict, checked.summary
 
     def build(self, plan: Plan):
         """The plan's QDQ model (the float model when every conv is float) and its TVM build."""
