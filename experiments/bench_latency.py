@@ -31,7 +31,7 @@ from precsearch.data import image_batches
 from precsearch.measure import profile_kernels
 from precsearch.model import load_model, resolve_model
 from precsearch.plan import Plan, parse_plan
-from precsearch.quantize import build_qdq_model, calibrate
+from precsearch.quantize import build_qdq_model, calibrate, user_int8_model
 from precsearch.tuning import open_database, tune_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +74,9 @@ def run_model(spec: str, trials: int, workdir: Path, repeats: int, tune: bool,
     path, shapes, preset = resolve_model(file or name)
     preset = preset or "imagenet"
     model = load_model(path, shapes)
-    ranges = calibrate(model, image_batches(model, preset, count=8), "minmax", cache_dir=workdir / "cache")
+    calibration = image_batches(model, preset, count=8)
+    ranges = calibrate(model, calibration, "minmax", cache_dir=workdir / "cache")
+    ort_int8_model = user_int8_model(model, calibration, cache_dir=workdir / "cache")
     options = CompileOptions(threads=THREADS)
     if tune:
         started = time.perf_counter()
@@ -87,7 +89,7 @@ def run_model(spec: str, trials: int, workdir: Path, repeats: int, tune: bool,
     database = open_database(workdir, options)
     summary = json.loads((database.directory / f"{model.sha256[:16]}.json").read_text())
     inputs = image_batches(model, preset, count=1, offset=8)[0]
-    result = bench(model, ranges, inputs, plans=plans_for(model), options=options, database=database,
+    result = bench(model, ranges, inputs, ort_int8_model=ort_int8_model, plans=plans_for(model), options=options, database=database,
                    threads=THREADS, warmup=20, repeats=repeats, progress=lambda m: print(" ", m, flush=True))
     frame = result.to_frame()
     frame.insert(0, "model", name)

@@ -1,8 +1,11 @@
 """Latency of TVM builds beside ONNX Runtime, measured in one run on the same input.
 
-ONNX Runtime float (the model) and int8 (the all-int8 QDQ model, optimized
-session, so its own int8 kernels run) are the baselines every ratio is taken
-against; TVM builds the all-float plan, the all-int8 plan and any given plans.
+ONNX Runtime float (the model) and ONNX Runtime int8 as a user makes it
+(``quantize_static`` with its defaults, per channel: every op ORT quantizes,
+optimized session) are the baselines every ratio is taken against.  ORT running
+precsearch's own Conv-only QDQ model is a second, informative row
+(``ort_int8_conv_only``).  TVM builds the all-float plan, the all-int8 plan and
+any given plans.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pandas as pd
 
 from .compile import CompileOptions, build_plan
@@ -25,6 +29,7 @@ from .quantize import CalibrationRanges, build_qdq_model
 logger = logging.getLogger(__name__)
 
 ORT_FLOAT, ORT_INT8, TVM_FLOAT, TVM_INT8 = "ort_float", "ort_int8", "tvm_float", "tvm_int8"
+ORT_INT8_CONV_ONLY = "ort_int8_conv_only"
 
 
 @dataclass(frozen=True)
@@ -72,13 +77,15 @@ def json_safe(records: list[dict]) -> list[dict]:
 
 
 def bench(model: LoadedModel, ranges: CalibrationRanges, inputs: dict[str, np.ndarray], *,
-          plans: list[tuple[str, Plan]] = (), options: CompileOptions | None = None, database=None,
+          ort_int8_model: onnx.ModelProto, plans: list[tuple[str, Plan]] = (), options: CompileOptions | None = None, database=None,
           threads: int = 2, warmup: int = 10, repeats: int = 50, rpc: RpcTarget | None = None,
           progress=None) -> BenchResult:
     """Measure ORT float, ORT int8, TVM float, TVM all-int8 and ``plans`` (name, plan) on ``inputs``.
 
     Parameters
     ----------
+    ort_int8_model : onnx.ModelProto
+        The user's ORT int8 model (:func:`precsearch.quantize.user_int8_model`).
     database : TuningDatabase, optional
         Tuned kernels applied to every TVM build (untuned builds are far slower).
     rpc : RpcTarget, optional
@@ -100,8 +107,10 @@ def bench(model: LoadedModel, ranges: CalibrationRanges, inputs: dict[str, np.nd
     say("measuring ONNX Runtime float and int8...")
     settings = dict(threads=threads, warmup=warmup, repeats=repeats)
     add(ORT_FLOAT, measure_onnxruntime(model.proto, inputs, backend="ort", **settings), "float", 0, 0.0)
-    add(ORT_INT8, measure_onnxruntime(int8_qdq, inputs, backend="ort", **settings), "int8", len(model.capable_ids()),
-        0.0)
+    add(ORT_INT8, measure_onnxruntime(ort_int8_model, inputs, backend="ort", **settings), "quantize_static",
+        len(model.capable_ids()), 0.0)
+    add(ORT_INT8_CONV_ONLY, measure_onnxruntime(int8_qdq, inputs, backend="ort", **settings), "int8 (Conv only)",
+        len(model.capable_ids()), 0.0)
     every_float = Plan(frozenset(model.capable_ids()))
     for name, plan in [(TVM_FLOAT, every_float), (TVM_INT8, all_int8), *plans]:
         int8_ids = plan.int8_ids(model)
@@ -115,7 +124,7 @@ def bench(model: LoadedModel, ranges: CalibrationRanges, inputs: dict[str, np.nd
                 library = built.export_library(Path(scratch) / "model.so")
                 latency = measure_remote(library, built.input_names, inputs, rpc=rpc, **settings)
         add(name, latency, plan.key(), len(int8_ids), built.build_time_s)
-    ort_float, ort_int8 = rows[0].median_ms, rows[1].median_ms
+    ort_float, ort_int8 = rows[0].median_ms, rows[1].median_ms  # ORT float, the user's ORT int8
     rows = [BenchRow(**{**asdict(row), "vs_ort_float": row.median_ms / ort_float,
                         "vs_ort_int8": row.median_ms / ort_int8}) for row in rows]
     return BenchResult(rows=rows, threads=threads, tuned=database is not None,

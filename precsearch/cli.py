@@ -481,6 +481,7 @@ def _cmd_bench(args) -> int:
     from .data import load_batches
     from .measure import RpcTarget, check_tracker, parse_tracker
     from .plan import parse_plan
+    from .quantize import user_int8_model
     from .tuning import open_database
 
     quiet = args.json
@@ -495,11 +496,14 @@ def _cmd_bench(args) -> int:
     plans = [(f"plan{i}", parse_plan(spec, model)) for i, spec in enumerate(args.plan, start=1)]
     options = CompileOptions(target=args.target, threads=args.threads, requant_dtype=args.requant)
     ranges = _calibrated(args, model, preset)
+    calibration = load_batches(model, args.data, args.preset or preset, count=args.calibration_batches)
+    _status("quantizing the ORT int8 baseline (quantize_static, defaults, per channel)...", quiet)
+    ort_int8_model = user_int8_model(model, calibration, cache_dir=_writable_dir(args.workdir / "cache", "workdir"))
     inputs = load_batches(model, args.data, args.preset or preset, count=1)[0]
     database = None if args.untuned else open_database(args.workdir, options)
     if database is None and not args.untuned:
         _status("no tuning database in the workdir: TVM builds run untuned kernels (run precsearch tune first)", quiet)
-    result = bench(model, ranges, inputs, plans=plans, options=options, database=database, threads=args.threads,
+    result = bench(model, ranges, inputs, ort_int8_model=ort_int8_model, plans=plans, options=options, database=database, threads=args.threads,
                    warmup=args.warmup, repeats=args.repeats, rpc=rpc, progress=lambda m: _status(m, quiet))
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))

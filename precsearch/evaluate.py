@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from precsearch.data import data_hash
 from precsearch.errors import DataError
+from .files import atomic_write
 
 if TYPE_CHECKING:
     from precsearch.model import LoadedModel
@@ -153,10 +154,7 @@ def _write_reference(path: Path, outputs: list[dict[str, np.ndarray]]) -> None:
     arrays[_REFERENCE_NAMES] = np.array(names, dtype=str)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(".tmp")
-    tmp_path.write_bytes(buffer.getvalue())
-    tmp_path.replace(path)  # atomic: a crashed run never leaves half a cache file
+    atomic_write(path, buffer.getvalue())
 
 
 def _read_reference(path: Path, batch_count: int) -> list[dict[str, np.ndarray]]:

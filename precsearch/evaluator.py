@@ -27,7 +27,7 @@ from .measure import CpuLock, Latency, measure_library, measure_onnxruntime
 from .metrics import compute_metrics
 from .model import LoadedModel
 from .plan import Plan
-from .quantize import CalibrationRanges, build_qdq_model, calibrate, output_steps
+from .quantize import CalibrationRanges, build_qdq_model, calibrate, output_steps, user_int8_model
 from .scoring import COMPILER_PROBLEM, PlanRejected, PlanResult
 from .tuning import open_database
 
@@ -64,6 +64,7 @@ class TvmEvaluator:
     warmup: int = 10
     repeats: int = 50
     check_batches: int = 1
+    ort_int8_model: object = None  # the user's ORT int8 model (quantize_static defaults): the int8 baseline
     lock: CpuLock = field(default_factory=CpuLock)
 
     @classmethod
@@ -76,6 +77,7 @@ class TvmEvaluator:
         cache_dir = workdir / "cache"
         ranges = calibrate(model, calibration_batches, config.calibration, cache_dir=cache_dir)
         reference = reference_outputs(model, eval_batches, cache_dir=cache_dir)
+        ort_int8_model = user_int8_model(model, calibration_batches, cache_dir=cache_dir)
         options = CompileOptions(block_size=config.block_size, float_blocked=config.float_layout == "blocked",
                                  threads=config.threads, requant_dtype=config.requant)
         database = None if config.untuned else open_database(workdir, options)
@@ -84,7 +86,7 @@ class TvmEvaluator:
                            "tuned build reaches (run 'precsearch tune' first)", workdir)
         return cls(model=model, ranges=ranges, batches=eval_batches, reference=reference, metric=metric,
                    goal=config.fidelity_goal(metric), options=options, database=database, warmup=config.warmup,
-                   repeats=config.repeats, check_batches=config.check_batches)
+                   repeats=config.repeats, check_batches=config.check_batches, ort_int8_model=ort_int8_model)
 
     def evaluate(self, plan: Plan) -> PlanResult:
         """Build, score and check ``plan``, then time it; raises :class:`PlanRejected` on a compiler problem."""
@@ -149,14 +151,26 @@ class TvmEvaluator:
         return self._time(built, repeats)
 
     def measure_baselines(self) -> dict:
-        """ONNX Runtime float and int8 (the all-int8 QDQ model, optimized session) latency, and ORT int8's fidelity."""
-        int8_qdq = build_qdq_model(self.model, self.ranges, Plan(frozenset()))
+        """ONNX Runtime float and int8 latency, and ORT int8's fidelity.
+
+        ORT int8 is the user's model (``quantize_static`` defaults, per channel,
+        optimized session); ORT running precsearch's Conv-only all-int8 QDQ model
+        is kept beside it as ``ort_int8_conv_*``.  Without a user model (an
+        evaluator built by hand) the Conv-only model stands in, and
+        ``ort_int8_kind`` says so.
+        """
+        conv_only = build_qdq_model(self.model, self.ranges, Plan(frozenset()))
+        user = self.ort_int8_model if self.ort_int8_model is not None else conv_only
         settings = dict(threads=self.options.threads, warmup=self.warmup, repeats=self.repeats)
         with self.lock.exclusive():
             ort_float = measure_onnxruntime(self.model.proto, self.batches[0], **settings)
-            ort_int8 = measure_onnxruntime(int8_qdq, self.batches[0], **settings)
+            ort_int8 = measure_onnxruntime(user, self.batches[0], **settings)
+            ort_conv = measure_onnxruntime(conv_only, self.batches[0], **settings)
         with self.lock.shared():
-            int8_metrics = compute_metrics(self.reference, run_ort(int8_qdq, self.batches, optimized=True)).values
+            int8_metrics = compute_metrics(self.reference, run_ort(user, self.batches, optimized=True)).values
+            conv_metrics = compute_metrics(self.reference, run_ort(conv_only, self.batches, optimized=True)).values
         return {"ort_float_ms": ort_float.median_ms, "ort_float_iqr_ms": ort_float.iqr_ms,
                 "ort_int8_ms": ort_int8.median_ms, "ort_int8_iqr_ms": ort_int8.iqr_ms,
-                f"ort_int8_{self.metric}": int8_metrics[self.metric]}
+                f"ort_int8_{self.metric}": int8_metrics[self.metric],
+                "ort_int8_kind": "quantize_static" if self.ort_int8_model is not None else "conv-only QDQ",
+                "ort_int8_conv_ms": ort_conv.median_ms, f"ort_int8_conv_{self.metric}": conv_metrics[self.metric]}

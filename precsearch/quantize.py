@@ -70,6 +70,7 @@ from precsearch.data import data_hash
 from precsearch.errors import ConfigError, DataError, ModelError
 from precsearch.model import LoadedModel
 from precsearch.plan import Plan
+from precsearch.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -277,10 +278,7 @@ def calibrate(
         tensor_data[name] = {attr: _freeze(getattr(td, attr)) for attr in td._attrs}
     ranges = CalibrationRanges._from_tensor_data(method, tensor_data)
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = cache_path.with_suffix(".tmp")
-        tmp_path.write_text(json.dumps(ranges.to_json()))
-        tmp_path.replace(cache_path)  # atomic: a crashed run never leaves half a cache file
+        atomic_write(cache_path, json.dumps(ranges.to_json()))
         logger.info("calibration: wrote %s", cache_path)
     return ranges
 
@@ -382,3 +380,43 @@ def output_steps(model: LoadedModel, ranges: CalibrationRanges) -> dict[str, flo
         lo, hi = ranges.ranges[name]
         steps[name] = max((max(hi, 0.0) - min(lo, 0.0)) / 255.0, MIN_OUTPUT_STEP)
     return steps
+
+
+def user_int8_model(model: LoadedModel, batches: Sequence[dict[str, np.ndarray]], *,
+                    nodes_to_exclude: Sequence[str] = (), cache_dir: Path | None = None) -> onnx.ModelProto:
+    """The int8 model a user of ONNX Runtime would make: ``quantize_static`` with its defaults, per channel.
+
+    This is the "ORT int8" baseline: QDQ format, every op type ORT quantizes by
+    default (Conv, Add, Mul, pooling, MatMul, ...), which lets ORT's optimizer fuse
+    and stay int8 between ops, int8 activations and weights, MinMax calibration,
+    per-channel weights.  precsearch's own QDQ model quantizes Conv only and is a
+    different (usually slower in ORT) model.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    batches : sequence of dict
+        Calibration inputs (the same batches the plan builds calibrate on).
+    nodes_to_exclude : sequence of str
+        Node names ``quantize_static`` keeps float (the ONNX Runtime backend's plans).
+    cache_dir : Path, optional
+        Where ``ort-int8-<key>.onnx`` is read from / written to.
+    """
+    from onnxruntime.quantization import quantize_static
+
+    excluded = sorted(nodes_to_exclude)
+    key = hashlib.sha256("|".join([calibration_key(model, batches, "minmax"), *excluded]).encode()).hexdigest()[:16]
+    cache_path = Path(cache_dir) / f"ort-int8-{key}.onnx" if cache_dir is not None else None
+    if cache_path is not None and cache_path.is_file():
+        return onnx.load(str(cache_path))
+    with tempfile.TemporaryDirectory(prefix="precsearch-ort-int8-") as tmp:
+        source, target = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
+        onnx.save_model(model.proto, str(source))
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
+            quantize_static(str(source), str(target), _ListReader(batches), quant_format=QuantFormat.QDQ,
+                            per_channel=True, nodes_to_exclude=excluded)
+        quantized = onnx.load(str(target))
+    if cache_path is not None:
+        atomic_write(cache_path, quantized.SerializeToString())
+    return quantized

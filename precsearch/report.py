@@ -15,7 +15,6 @@ import html
 import io
 import json
 import logging
-import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,11 @@ import pandas as pd
 
 from .pareto import front_points, hypervolume
 from .scoring import AGREES, COMPILER_PROBLEM, NEAR_TIES
+from .files import atomic_write
 
 logger = logging.getLogger(__name__)
+# ORT int8 is the user's model (quantize_static defaults, per channel), not precsearch's Conv-only QDQ.
+_BASELINE_LABELS = {"ort_float": "ORT float", "ort_int8": "ORT int8 (quantize_static)"}
 
 REPORT_DIR = "report"
 BASELINES_ATTR = "baselines"
@@ -182,12 +184,6 @@ def _commands(config, study_name: str, workdir, recommended, prefix: str) -> dic
 # --------------------------------------------------------------------------- drawing
 
 
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def _spread_ms(front: pd.DataFrame) -> pd.Series:
     """Latency IQR of each front plan: the re-measurement's where there is one (more runs), else the trial's."""
     spread = front["latency_iqr_ms"].astype(float)
@@ -221,7 +217,7 @@ def pareto_png(data: ReportData) -> bytes:
     for name, style in (("ort_float", "--"), ("ort_int8", ":")):
         if f"{name}_ms" in data.baselines:
             ax.axvline(data.baselines[f"{name}_ms"], color="tab:green", linestyle=style,
-                       label=f"ONNX Runtime {name.split('_')[1]} ({data.baselines[f'{name}_ms']:.3f} ms)")
+                       label=f"{_BASELINE_LABELS[name]} ({data.baselines[f'{name}_ms']:.3f} ms)")
     for seed, marker in (("all-float", "s"), ("all-int8", "D")):
         rows = done[done["seed"] == seed] if len(done) and "seed" in done else []
         if len(rows):
@@ -276,7 +272,7 @@ def pareto_figure(data: ReportData):
     for name, dash, where in (("ort_float", "dash", "top right"), ("ort_int8", "dot", "bottom right")):
         if f"{name}_ms" in data.baselines:
             fig.add_vline(x=data.baselines[f"{name}_ms"], line_dash=dash, line_color="green",
-                          annotation_text=f"ORT {name.split('_')[1]}", annotation_position=where)
+                          annotation_text=_BASELINE_LABELS[name], annotation_position=where)
     fig.update_layout(title=f"{data.study_name}: latency against {data.metric}", xaxis_title="latency, median ms",
                       yaxis_title=data.metric, template="plotly_white", height=520)
     return fig
@@ -399,11 +395,11 @@ def write_report(data: ReportData, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {name: out / name for name in ("trials.csv", "pareto.csv", "pareto.png", "pareto.html", "report.html")}
-    _atomic_write(files["trials.csv"], data.trials.to_csv(index=False))
-    _atomic_write(files["pareto.csv"], data.front.to_csv(index=False))
+    atomic_write(files["trials.csv"], data.trials.to_csv(index=False))
+    atomic_write(files["pareto.csv"], data.front.to_csv(index=False))
     png = pareto_png(data)
-    _atomic_write(files["pareto.png"], png)
-    _atomic_write(files["pareto.html"], pareto_figure(data).to_html(include_plotlyjs=True, full_html=True))
-    _atomic_write(files["report.html"], report_html(data, png))
+    atomic_write(files["pareto.png"], png)
+    atomic_write(files["pareto.html"], pareto_figure(data).to_html(include_plotlyjs=True, full_html=True))
+    atomic_write(files["report.html"], report_html(data, png))
     logger.info("report: %d trials, %d on the front, written to %s", len(data.trials), len(data.front), out)
     return files

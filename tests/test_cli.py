@@ -168,7 +168,9 @@ def test_bench_json_has_baselines_ratios_and_plans(chain_path, tmp_path):
         assert summary[key] > 0
     assert summary["threads"] == 2 and summary["tuned"] is False and summary["remote"] is None
     rows = {row["name"]: row for row in summary["rows"]}
-    assert list(rows) == ["ort_float", "ort_int8", "tvm_float", "tvm_int8", "plan1"]
+    assert list(rows) == ["ort_float", "ort_int8", "ort_int8_conv_only", "tvm_float", "tvm_int8", "plan1"]
+    # ORT int8 is the model quantize_static makes for a user; precsearch's Conv-only QDQ model is a second row.
+    assert rows["ort_int8"]["plan"] == "quantize_static" and rows["ort_int8_conv_only"]["plan"] == "int8 (Conv only)"
     assert rows["ort_float"]["vs_ort_float"] == 1.0 and rows["ort_int8"]["vs_ort_int8"] == 1.0
     assert rows["tvm_int8"]["vs_ort_float"] == pytest.approx(summary["tvm_int8_ms"] / summary["ort_float_ms"])
     assert (rows["tvm_float"]["int8_convs"], rows["tvm_int8"]["int8_convs"], rows["plan1"]["int8_convs"]) == (0, 3, 2)

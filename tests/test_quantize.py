@@ -13,7 +13,7 @@ from precsearch.errors import ConfigError, DataError
 from precsearch.evaluate import run_ort
 from precsearch.model import load_model, resolve_model
 from precsearch.plan import parse_plan
-from precsearch.quantize import build_qdq_model, calibrate, calibration_key, output_steps
+from precsearch.quantize import build_qdq_model, calibrate, calibration_key, output_steps, user_int8_model
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +186,30 @@ def test_real_model_qdq_is_valid():
     probabilities = outputs[0][model.output_names[0]]
     assert probabilities.shape == (1, 2) and probabilities.sum() == pytest.approx(1.0, abs=1e-5)
     assert 0 < output_steps(model, ranges)[model.output_names[0]] <= 1 / 255 + 1e-9
+
+
+def test_user_int8_model_is_quantize_static_with_its_defaults(chain, tmp_path, monkeypatch):
+    model, batches, _ = chain
+    user = user_int8_model(model, batches, cache_dir=tmp_path)
+    ops = [node.op_type for node in user.graph.node]
+    # Not only Conv: the Gemm and the pooling are quantized too, int8 activations, per-channel weights.
+    gemm = next(node for node in user.graph.node if node.op_type == "Gemm")
+    assert _producers(user)[gemm.input[0]].op_type == "DequantizeLinear"
+    assert ops.count("QuantizeLinear") > [n.op_type for n in
+                                          build_qdq_model(model, calibrate(model, batches), parse_plan("none", model))
+                                          .graph.node].count("QuantizeLinear")
+    zero_points = {init.name: init for init in user.graph.initializer if init.name.endswith("zero_point")}
+    assert {init.data_type for init in zero_points.values()} >= {onnx.TensorProto.INT8}
+    kind, dq, weight = _weight_source(user, "conv1")
+    assert kind == "dq" and len(numpy_helper.to_array(next(i for i in user.graph.initializer
+                                                           if i.name == dq.input[1]))) == 16
+    # Cached: the second call quantizes nothing.
+    monkeypatch.setattr("onnxruntime.quantization.quantize_static",
+                        lambda *a, **k: pytest.fail("quantize_static ran again"))
+    assert user_int8_model(model, batches, cache_dir=tmp_path).SerializeToString() == user.SerializeToString()
+
+
+def test_user_int8_model_excludes_nodes(chain):
+    model, batches, _ = chain
+    user = user_int8_model(model, batches, nodes_to_exclude=["conv1"])
+    assert _weight_source(user, "conv1")[0] == "float" and _weight_source(user, "conv0")[0] == "dq"

@@ -108,3 +108,16 @@ def test_tuned_int8_conv_runs_vnni_vpdpbusd(tuned):
     assert all("vpdpbusd" in body for body in conv_bodies)
     _, float_built = tuned.build("all")
     assert "vpdpbusd" not in float_built.executable.mod.imports[0].inspect_source("asm")
+
+
+def test_the_tuning_runner_times_kernels_on_the_deployed_thread_count(monkeypatch):
+    from tvm.s_tir import meta_schedule as ms
+
+    from precsearch.compile._tune import local_runner, runtime_threads
+
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    # A stock LocalRunner's fresh worker sizes its pool as hardware threads / 2: 1 here.
+    stock = ms.runner.LocalRunner(timeout_sec=30)
+    assert stock.pool.submit(runtime_threads).result() == max(1, __import__("os").cpu_count() // 2)
+    for threads in (1, 2):
+        assert local_runner(threads).pool.submit(runtime_threads).result() == threads

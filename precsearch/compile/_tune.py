@@ -36,6 +36,7 @@ from tvm.ir.utils import derived_object
 from ..errors import ConfigError
 from . import _intrinsics
 from ._trace import tvm_error_line
+from ..files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +96,7 @@ class TuningDatabase:
         finished = self._finished()
         key = _kernel_key(mod)
         finished[key] = max(trials, int(finished.get(key, 0)))
-        scratch = self.directory / (FINISHED_FILE + ".tmp")
-        scratch.write_text(json.dumps(finished, indent=0, sort_keys=True))
-        os.replace(scratch, self.directory / FINISHED_FILE)  # atomic: a kill never leaves half a file
+        atomic_write(self.directory / FINISHED_FILE, json.dumps(finished, indent=0, sort_keys=True))
 
     def _finished(self) -> dict:
         path = self.directory / FINISHED_FILE
@@ -267,6 +266,24 @@ def _stderr_to(path: Path):
         os.close(saved)
 
 
+def local_runner(threads: int):
+    """MetaSchedule's LocalRunner timing candidates on ``threads`` threads, as deployment runs them.
+
+    Its worker is a fresh process, and TVM's runtime sizes a fresh pool as
+    hardware threads / 2 ("ignore hyper-threading"): 1 thread on these 2-core
+    machines, so every kernel was tuned single-threaded.  The worker inherits
+    ``TVM_NUM_THREADS``, which that sizing honours.
+    """
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=ms.runner.EvaluatorConfig(
+        number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False))
+
+
+def runtime_threads() -> int:
+    """The TVM runtime's thread count in this process (run in a runner's worker by the tests)."""
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
 def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.target.Target, *,
                trials_per_task: int, threads: int = 2, timeout_s: float | None = None, progress=None,
                seed: int = 0) -> TuningReport:
@@ -283,8 +300,7 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
     check_trials(trials_per_task)
     started = time.perf_counter()
     builder = InProcessBuilder()
-    runner = ms.runner.LocalRunner(timeout_sec=30, evaluator_config=ms.runner.EvaluatorConfig(
-        number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False))
+    runner = local_runner(threads)
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=threads)
     tuned = skipped = covered_count = trials_run = 0
     finished = True
