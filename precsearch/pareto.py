@@ -1,9 +1,11 @@
 """The Pareto front of latency against fidelity, and its hypervolume.
 
 Computed once into small values (compute, then draw): the search's progress
-line, its final table and the reports all read these.  Dominance and
-hypervolume are Optuna's own (``Study.best_trials`` honours the trials'
-constraints; ``optuna._hypervolume`` is the WFG algorithm the samplers use).
+line, its final table and the reports all read these.  Dominance and the
+hypervolume are written here for two objectives: Optuna's public API has no
+hypervolume (only the private ``optuna._hypervolume``), and ``Study.best_trials``
+works on a whole study, while the front is taken over one trial per plan,
+feasible ones only, from trials already fetched.
 """
 
 from __future__ import annotations
@@ -70,9 +72,10 @@ def front_points(trials, *, feasible_only: bool = True, higher_is_better: bool =
 
 
 def _non_dominated(losses: np.ndarray) -> np.ndarray:
-    from optuna.study._multi_objective import _is_pareto_front
-
-    return _is_pareto_front(losses, assume_unique_lexsorted=False)
+    """Mask of the rows no other row dominates (every loss <=, one <), both objectives minimized."""
+    no_worse = (losses[None, :, :] <= losses[:, None, :]).all(axis=2)  # [i, j]: j is nowhere worse than i
+    better = (losses[None, :, :] < losses[:, None, :]).any(axis=2)
+    return ~(no_worse & better).any(axis=1)
 
 
 def hypervolume(points: Sequence[tuple[float, float]], reference: tuple[float, float], *,
@@ -81,12 +84,14 @@ def hypervolume(points: Sequence[tuple[float, float]], reference: tuple[float, f
 
     Points that do not improve on the reference in both objectives add nothing.
     """
-    from optuna._hypervolume import compute_hypervolume
-
     sign = -1.0 if higher_is_better else 1.0
     ref = np.array([reference[0], sign * reference[1]], dtype=np.float64)
     losses = np.array([[lat, sign * fid] for lat, fid in points], dtype=np.float64).reshape(-1, 2)
     losses = losses[np.all(losses < ref, axis=1)]
-    if len(losses) == 0:
-        return 0.0
-    return float(compute_hypervolume(losses, ref))
+    # Sweep in latency order: each point adds the strip between its loss and the best one so far.
+    area, best = 0.0, ref[1]
+    for latency, loss in losses[np.argsort(losses[:, 0], kind="stable")]:
+        if loss < best:
+            area += (ref[0] - latency) * (best - loss)
+            best = loss
+    return float(area)

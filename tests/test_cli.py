@@ -59,7 +59,8 @@ def test_build_json_with_check(chain_path, tmp_path):
     assert summary["float_layers"] == ["conv1"]
     assert summary["library"] == str(out / "model.so") and (out / "model.so").is_file()
     assert summary["agreement"] >= 0.999
-    assert summary["max_error_steps"] <= 1.0 and summary["max_abs_error"] >= 0.0
+    # Exact integer arithmetic against ORT's emulation of the same QDQ model: float rounding only here.
+    assert summary["max_error_steps"] <= 1.0 and summary["max_abs_error"] < 1e-3
     assert json.loads((out / "plan.json").read_text())["plan"] == "float:conv1"
     assert onnx.load(str(out / "model.qdq.onnx")).graph.node
     rows = {row["id"]: row for row in summary["layers"]}

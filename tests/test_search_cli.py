@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 
 import models
 
@@ -73,7 +74,7 @@ def _wait_for_trial_in_flight(url: str, study: str, completed_at_least: int, pro
         assert process.poll() is None, "the search ended before it could be stopped"
         try:
             trials = _trials(url, study)
-        except (KeyError, Exception):  # the study or its tables may not exist yet
+        except (KeyError, sqlalchemy.exc.OperationalError):  # the study or its tables may not exist yet
             time.sleep(0.3)
             continue
         done = sum(t.state.name == "COMPLETE" for t in trials)
