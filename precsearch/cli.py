@@ -9,9 +9,11 @@ anything but a rounding near-tie (a compiler problem) with exit code 4.
 from __future__ import annotations
 
 import argparse
-import os
+import errno
 import json
 import logging
+import os
+import re
 import signal
 import socket
 import sys
@@ -782,6 +784,27 @@ def _writable_dir(path: Path, parameter: str) -> Path:
     return path
 
 
+_DISK_ERRORS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+                errno.EACCES: "Permission denied", errno.EROFS: "Read-only file system"}
+# The same conditions as text, from tools that report them in a message (the linker, SQLite).
+_DISK_MESSAGES = ("No space left on device", "database or disk is full", "Disk quota exceeded")
+
+
+def _unwritable(exc: BaseException) -> str | None:
+    """One line for a write that failed on a full, read-only or forbidden disk, naming the path; else None."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_ERRORS:
+            return f"{_DISK_ERRORS[seen.errno]}: {seen.filename}" if seen.filename else _DISK_ERRORS[seen.errno]
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    message = next((m for m in _DISK_MESSAGES if m in text), None)
+    if message is None:
+        return None
+    path = re.search(r"(?:-o|writing|open) '?(/[^\s':]+)", text)
+    return f"{message}: {path.group(1)}" if path else f"{message} ({first_line(exc)})"
+
+
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):  # `precsearch layers m | head` must end quietly
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -793,15 +816,22 @@ def main(argv: list[str] | None = None) -> int:
         code = {"layers": _cmd_layers, "doctor": _cmd_doctor, "build": _cmd_build, "tune": _cmd_tune, "bench": _cmd_bench,
                 "sensitivity": _cmd_sensitivity, "search": _cmd_search, "worker": _cmd_worker,
                 "report": _cmd_report, "export": _cmd_export}[args.command](args)
-    except CompileError as exc:
-        print(f"precsearch: build failed: {first_line(exc)}", file=sys.stderr)
-        return EXIT_BUILD_FAILED
-    except (PrecsearchError, ValueError) as exc:
-        print(f"precsearch: error: {first_line(exc)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as exc:
-        print(f"precsearch: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 — sorted below; anything else re-raises
+        full = _unwritable(exc)
+        if full is not None:
+            # A full or read-only disk is bad input: caches and the study were written atomically and resume.
+            print(f"precsearch: error: {full}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if isinstance(exc, CompileError):
+            print(f"precsearch: build failed: {first_line(exc)}", file=sys.stderr)
+            return EXIT_BUILD_FAILED
+        if isinstance(exc, (PrecsearchError, ValueError)):
+            print(f"precsearch: error: {first_line(exc)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if isinstance(exc, OSError):
+            print(f"precsearch: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
     except KeyboardInterrupt:
         print("precsearch: interrupted", file=sys.stderr)
         return 130

@@ -18,6 +18,8 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     try:
         scratch.write_bytes(data.encode() if isinstance(data, str) else data)
         os.replace(scratch, path)
+    except OSError as exc:  # name the file the caller wrote, not the scratch file
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     finally:
         scratch.unlink(missing_ok=True)
     return path

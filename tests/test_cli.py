@@ -262,3 +262,35 @@ def test_doctor_names_an_unimportable_operator_and_fails(tmp_path):
     result = run("doctor", _celu_chain(tmp_path))
     assert result.returncode == 3
     assert "cannot import: node 'relu1' (Celu)" in result.stdout and "NOT healthy" in result.stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs: too small for a library or a cache file (the machines run as root, so mount works)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_a_rerun_resumes(chain_path, tmp_path, small_disk):
+    workdir = tmp_path / "work"
+    result = run("build", chain_path, "--float", "none", "--out", small_disk / "out", "--workdir", workdir, "--json")
+    # The linker's "No space left on device" used to be a 30-line traceback with exit 1.
+    assert_one_line_error(result, 2, "No space left on device", str(small_disk / "out" / "model.so"))
+    assert not (small_disk / "out" / "model.so").exists()
+    cached = sorted(p.name for p in (workdir / "cache").iterdir())
+    assert any(name.startswith("calibration-") for name in cached)  # intact, and reused by the re-run
+    again = run("build", chain_path, "--float", "none", "--out", tmp_path / "out", "--workdir", workdir, "--json")
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in (workdir / "cache").iterdir()) == cached
+
+
+def test_a_full_workdir_is_one_line_naming_the_cache_file(chain_path, tmp_path, small_disk):
+    with open(small_disk / "filler", "wb", buffering=0) as filler:  # every block taken
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                filler.write(b"\0" * 4096)
+    result = run("build", chain_path, "--float", "none", "--out", tmp_path / "out", "--workdir", small_disk, "--json")
+    assert_one_line_error(result, 2, "No space left on device", str(small_disk / "cache" / "calibration-"))
