@@ -35,114 +35,101 @@ def _parser() -> argparse.ArgumentParser:
         prog="precsearch",
         description="Find which conv layers of a CNN can run int8 on this CPU; build any int8/float mix with TVM.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    parser.add_argument("--config", type=Path, metavar="FILE.toml",
+                        help="read options from a TOML file: top-level keys for every command, [command] tables "
+                             "for one; the command line wins")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def add_model(sub):
-        sub.add_argument("model", help="an ONNX file, or a packaged model: mobilenetv3-textcls, pplcnet-orientation, "
-                                          "ddddocr-det, ddddocr-rec")
-        sub.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
-                         help="fix a dynamic input shape, e.g. x=1,3,48,192 (repeatable)")
-        sub.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    # Shared option groups (parent parsers): every command that takes a model, data or a build takes the same ones.
+    model_options = argparse.ArgumentParser(add_help=False)
+    model_options.add_argument("model", nargs="?", default=None,
+                               help="an ONNX file, or a packaged model: mobilenetv3-textcls, pplcnet-orientation, "
+                                    "ddddocr-det, ddddocr-rec")
+    model_options.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                               help="fix a dynamic input shape, e.g. x=1,3,48,192 (repeatable)")
+    model_options.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
-    def add_common(sub):
-        sub.add_argument("--data", default="samples",
-                         help="calibration and measurement inputs: an image folder, a .npy/.npz file, or 'samples'")
-        sub.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"])
-        sub.add_argument("--calibration-batches", type=int, default=8)
-        sub.add_argument("--preset", default=None, help="preprocessing preset (default: the packaged model's)")
-        sub.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                         help="caches and the tuning database (default ./precsearch-work)")
-        sub.add_argument("--threads", type=int, default=2, help="cores to build for and measure with (default 2)")
-        sub.add_argument("--requant", choices=["float64", "float32"], default="float64",
-                         help="int8 requantization arithmetic (default float64)")
+    data_options = argparse.ArgumentParser(add_help=False)
+    data_options.add_argument("--data", default="samples",
+                              help="calibration and evaluation inputs: an image folder (jpg/png), a .npy/.npz file, "
+                                   "or 'samples' (images that ship in packages; default)")
+    data_options.add_argument("--preset", default=None,
+                              help="preprocessing preset (default: the packaged model's, else imagenet)")
+    data_options.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"],
+                              help="ONNX Runtime calibrator (default minmax)")
+    data_options.add_argument("--calibration-batches", type=int, default=8, help="batches to calibrate on (default 8)")
+    data_options.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                              help="caches, the tuning database and the study (default ./precsearch-work)")
 
-    layers = commands.add_parser("layers", help="list the conv layers with ids, shapes, MACs and int8 capability")
-    add_model(layers)
+    compile_options = argparse.ArgumentParser(add_help=False)
+    compile_options.add_argument("--block-size", type=int, default=None,
+                                 help="NCHW<b>c block (default: 16 or 8, whichever blocks more MACs)")
+    compile_options.add_argument("--float-layout", choices=["blocked", "nchw"], default="blocked",
+                                 help="layout of float convs (default blocked where the shape allows)")
+    compile_options.add_argument("--threads", type=int, default=2, help="cores to build for and measure with (default 2)")
+    compile_options.add_argument("--requant", choices=["float64", "float32"], default="float64",
+                                 help="int8 requantization arithmetic: float64 rounds exactly (default), float32 is "
+                                      "faster")
+    compile_options.add_argument("--untuned", action="store_true",
+                                 help="ignore the tuning database in --workdir (default: apply it when present)")
 
-    build = commands.add_parser("build", help="build one int8/float plan into a shared library")
-    add_model(build)
+    def command(name, help_text, *parents):
+        sub = commands.add_parser(name, help=help_text, parents=list(parents))
+        sub.add_argument("--config", type=Path, help=argparse.SUPPRESS)  # also accepted after the command
+        return sub
+
+    command("layers", "list the conv layers with ids, shapes, MACs and int8 capability", model_options)
+
+    build = command("build", "build one int8/float plan into a shared library", model_options, data_options,
+                    compile_options)
     build.add_argument("--float", dest="float_ids", default="none", metavar="ID[,ID...]",
                        help="conv ids that stay float; 'none' = all int8, 'all' = all float (default: none)")
-    build.add_argument("--out", required=True, type=Path, help="directory for model.so, plan.json and the QDQ model")
+    build.add_argument("--out", type=Path, default=None,
+                       help="directory for model.so, plan.json and the QDQ model (required)")
     build.add_argument("--dump-ir", type=Path, metavar="DIR", help="write the IR after every pass into DIR")
     build.add_argument("--check", action="store_true",
                        help="run the library on real inputs against ONNX Runtime on the same QDQ model")
-    build.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"],
-                       help="ONNX Runtime calibrator (default minmax)")
-    build.add_argument("--data", default="samples",
-                       help="calibration and check inputs: an image folder, a .npy/.npz file, or 'samples' "
-                            "(images that ship in packages; default)")
-    build.add_argument("--calibration-batches", type=int, default=8, help="batches to calibrate on (default 8)")
     build.add_argument("--check-batches", type=int, default=8,
                        help="batches for --check, never ones used for calibration (default 8)")
-    build.add_argument("--preset", default=None, help="preprocessing preset (default: the packaged model's, else imagenet)")
-    build.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache directory (default ./precsearch-work)")
-    build.add_argument("--block-size", type=int, default=None, help="NCHW<b>c block (default: 16 or 8, by MACs)")
-    build.add_argument("--float-layout", choices=["blocked", "nchw"], default="blocked",
-                       help="layout of float convs (default blocked where the shape allows)")
-    build.add_argument("--threads", type=int, default=2, help="cores for the target (default 2)")
-    build.add_argument("--requant", choices=["float64", "float32"], default="float64",
-                       help="int8 requantization arithmetic: float64 rounds exactly (default), float32 is faster")
-    build.add_argument("--untuned", action="store_true",
-                       help="ignore the tuning database in --workdir (default: apply it when present)")
 
-    doctor = commands.add_parser(
-        "doctor", help="run first: build all-float and all-int8 untuned and say per layer how each built")
-    add_model(doctor)
-    doctor.add_argument("--data", default="samples", help="inputs, as for build (default: packaged samples)")
-    doctor.add_argument("--preset", default=None, help="preprocessing preset (default: the packaged model's)")
-    doctor.add_argument("--block-size", type=int, default=None, help="NCHW<b>c block (default: 16 or 8, by MACs)")
-    doctor.add_argument("--threads", type=int, default=2, help="cores for the target (default 2)")
+    command("doctor", "run first: build all-float and all-int8 untuned and say per layer how each built",
+            model_options, data_options, compile_options)
 
-    tune = commands.add_parser("tune", help="tune every kernel a plan of the model can contain (once per model and CPU)")
-    add_model(tune)
+    tune = command("tune", "tune every kernel a plan of the model can contain (once per model and CPU)",
+                   model_options, data_options, compile_options)
     tune.add_argument("--trials", type=int, default=32,
                       help="MetaSchedule trials per distinct kernel (default 32); a re-run tops kernels up to it")
     tune.add_argument("--timeout", default=None, metavar="DURATION",
                       help="stop starting new kernels after this long, e.g. 90s, 30m, 2h (records are kept)")
-    add_common(tune)
 
-    bench = commands.add_parser("bench", help="latency of ORT float/int8 and TVM float/int8/plans, from one run")
-    add_model(bench)
+    bench = command("bench", "latency of ORT float/int8 and TVM float/int8/plans, from one run",
+                    model_options, data_options, compile_options)
     bench.add_argument("--plan", action="append", default=[], metavar="ID[,ID...]",
                        help="float conv ids of an extra plan to measure, as build --float (repeatable)")
     bench.add_argument("--repeats", type=int, default=100, help="timed runs per build (default 100)")
     bench.add_argument("--warmup", type=int, default=20, help="untimed runs first (default 20)")
-    bench.add_argument("--untuned", action="store_true", help="ignore the tuning database in --workdir")
     bench.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
                        help="measure the TVM builds on a board through this TVM RPC tracker")
     bench.add_argument("--rpc-key", default=None, help="device key the board's RPC server registered")
     bench.add_argument("--target", default=None,
                        help="TVM target as JSON for the board, e.g. '{\"kind\":\"llvm\",\"mcpu\":\"cascadelake\"}' "
                             "(default: this CPU)")
-    add_common(bench)
 
-    sensitivity = commands.add_parser(
-        "sensitivity", help="rank conv layers by the fidelity they cost as int8 and the latency they save")
-    add_model(sensitivity)
-    sensitivity.add_argument("--data", default="samples", help="inputs, as for build (default: packaged samples)")
+    sensitivity = command("sensitivity", "rank conv layers by the fidelity they cost as int8 and the latency they save",
+                          model_options, data_options, compile_options)
     sensitivity.add_argument("--metric", default=None,
                              help="ranking metric: top1, top5, cosine, sqnr_db, nmse, max_abs_error "
                                   "(default: top1 for a classifier output, else sqnr_db)")
-    sensitivity.add_argument("--calibration-batches", type=int, default=8)
     sensitivity.add_argument("--eval-batches", type=int, default=8, help="evaluation batches, disjoint from calibration")
-    sensitivity.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"])
-    sensitivity.add_argument("--preset", default=None)
-    sensitivity.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                             help="where sensitivity.csv and the caches go (default ./precsearch-work)")
     sensitivity.add_argument("--no-latency", action="store_true",
                              help="skip the 1+N TVM builds that measure the latency each layer saves")
-    sensitivity.add_argument("--threads", type=int, default=2)
 
-    search = commands.add_parser(
-        "search", help="search which convs stay float: an Optuna study of latency against fidelity")
-    add_model(search)
-    search.add_argument("--data", default="samples", help="inputs, as for build (default: packaged samples)")
-    search.add_argument("--preset", default=None)
-    search.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"])
-    search.add_argument("--calibration-batches", type=int, default=8)
+    search = command("search", "search which convs stay float: an Optuna study of latency against fidelity",
+                     model_options, data_options, compile_options)
     search.add_argument("--eval-batches", type=int, default=32,
                         help="fidelity batches, disjoint from calibration (default 32)")
+    search.add_argument("--check-batches", type=int, default=1,
+                        help="evaluation batches each trial's library is cross-checked on against ORT (default 1)")
     search.add_argument("--metric", default=None,
                         help="fidelity objective: top1, top5, cosine, sqnr_db, nmse, max_abs_error "
                              "(default: top1 for a classifier output, else sqnr_db)")
@@ -154,8 +141,6 @@ def _parser() -> argparse.ArgumentParser:
                         help="distinct plans to evaluate (default: every plan when the space is <= 1024, else 200)")
     search.add_argument("--timeout", default=None, metavar="DURATION",
                         help="stop starting new trials after this long, e.g. 90s, 30m, 8h")
-    search.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                        help="caches, tuning database, sensitivity.csv and the SQLite study (default ./precsearch-work)")
     search.add_argument("--storage", default=None,
                         help="Optuna storage URL (default sqlite:///WORKDIR/study.db); postgresql://... for many "
                              "machines (also read from $PRECSEARCH_STORAGE)")
@@ -167,41 +152,121 @@ def _parser() -> argparse.ArgumentParser:
                         help="worker processes on this machine: they compile in parallel and measure one at a time")
     search.add_argument("--sensitivity-k", type=int, default=4,
                         help="seed plans with the 1..K most sensitive layers float (needs sensitivity.csv)")
-    search.add_argument("--threads", type=int, default=2)
-    search.add_argument("--requant", choices=["float64", "float32"], default="float64")
     search.add_argument("--repeats", type=int, default=50, help="timed runs per plan (default 50)")
     search.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
-    search.add_argument("--untuned", action="store_true", help="ignore the tuning database in --workdir")
     search.add_argument("--heartbeat-interval", type=int, default=15, metavar="S",
                         help="seconds between a running trial's heartbeats (default 15)")
     search.add_argument("--grace-period", type=int, default=120, metavar="S",
                         help="a trial without a heartbeat for this long is failed and re-run (default 120)")
-
     search.add_argument("--remeasure-repeats", type=int, default=None, metavar="N",
                         help="timed runs when re-measuring the front before the final report (default 4 x --repeats)")
 
-    report = commands.add_parser("report", help="regenerate <workdir>/report from the study alone")
+    report = command("report", "regenerate <workdir>/report from the study alone")
     report.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     report.add_argument("--storage", default=None, help="storage URL (default the workdir's SQLite study)")
     report.add_argument("--study", default=None, help="study name (default: the storage's only study)")
     report.add_argument("--out", type=Path, default=None, help="report folder (default <workdir>/report)")
 
-    export = commands.add_parser("export", help="a trial's library, QDQ model and float layers for other quantizers")
+    export = command("export", "a trial's library, QDQ model and float layers for other quantizers")
     export.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     export.add_argument("--storage", default=None)
     export.add_argument("--study", default=None)
-    export.add_argument("--trial", type=int, required=True, help="the trial number (see pareto.csv)")
-    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--trial", type=int, default=None, help="the trial number (see pareto.csv; required)")
+    export.add_argument("--out", type=Path, default=None, help="output folder (required)")
     export.add_argument("--json", action="store_true")
 
-    worker = commands.add_parser("worker", help="join a search started elsewhere (same storage and study)")
+    worker = command("worker", "join a search started elsewhere (same storage and study)")
     worker.add_argument("--storage", default=None, help="the study's storage URL (or $PRECSEARCH_STORAGE)")
-    worker.add_argument("--study", required=True, help="the study name")
+    worker.add_argument("--study", default=None, help="the study name (required)")
     worker.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="this machine's caches")
     worker.add_argument("--index", type=int, default=None,
                         help="offsets the sampler seed (default: from this host and process, so workers differ)")
     worker.add_argument("--json", action="store_true")
     return parser
+
+
+# Options a command cannot run without; argparse's own `required` would not let a --config file supply them.
+_REQUIRED = {"build": ("model", "out"), "export": ("trial", "out"), "worker": ("study",)}
+_MODEL_COMMANDS = ("layers", "build", "doctor", "tune", "bench", "sensitivity", "search")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Load ``--config FILE.toml`` (if given) as defaults of the commands, so the command line still wins."""
+    import tomllib
+
+    from .errors import ConfigError
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    known, _ = pre.parse_known_args(argv)
+    if known.config is None:
+        return
+    try:
+        settings = tomllib.loads(known.config.read_text())
+    except OSError as exc:
+        raise ConfigError(f"The '--config' file {str(known.config)!r} cannot be read: {exc.strerror}.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"The '--config' file {str(known.config)!r} is not valid TOML: {exc}.") from None
+    subparsers = _subparsers(parser)
+    shared = {k: v for k, v in settings.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in settings.items() if isinstance(v, dict)}
+    unknown_tables = sorted(set(tables) - set(subparsers))
+    if unknown_tables:
+        raise ConfigError(f"The '--config' file {str(known.config)!r} has tables {unknown_tables} that are not "
+                          f"commands; commands are {sorted(subparsers)}.")
+    used = set()
+    for name, sub in subparsers.items():
+        actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+        actions.update({option[2:].replace("-", "_"): a for a in list(actions.values()) for option in a.option_strings
+                        if option.startswith("--")})
+        values = {**shared, **tables.get(name, {})}
+        defaults = {}
+        for key, value in values.items():
+            dest = key.replace("-", "_")
+            if dest not in actions:
+                if key in tables.get(name, {}):
+                    raise ConfigError(f"The '--config' file {str(known.config)!r} sets {key!r} for '{name}', "
+                                      "which takes no such option.")
+                continue
+            action = actions[dest]
+            if isinstance(value, str) and callable(action.type):
+                value = action.type(value)
+            if action.choices is not None and value not in action.choices:
+                raise ConfigError(f"The '--config' key {key!r} must be one of {list(action.choices)}; "
+                                  f"got {value!r} instead.")
+            defaults[action.dest] = value
+            used.add(key)
+        sub.set_defaults(**defaults)
+    unused = sorted(set(shared) - used)
+    if unused:
+        raise ConfigError(f"The '--config' file {str(known.config)!r} sets {unused}, which no command takes.")
+
+
+def _check_required(args) -> None:
+    from .errors import ConfigError
+
+    names = list(_REQUIRED.get(args.command, ()))
+    if args.command in _MODEL_COMMANDS and "model" not in names:
+        names.insert(0, "model")
+    missing = [name for name in names if getattr(args, name, None) is None]
+    if missing:
+        flags = ", ".join(name if name == "model" else f"--{name.replace('_', '-')}" for name in missing)
+        raise ConfigError(f"'precsearch {args.command}' needs {flags} (on the command line or in --config).")
+
+
+def _compile_options(args, **overrides):
+    """The CompileOptions every building command derives from its shared compile options."""
+    from .compile import CompileOptions
+
+    settings = dict(block_size=args.block_size, float_blocked=args.float_layout == "blocked", threads=args.threads,
+                    requant_dtype=args.requant)
+    settings.update(overrides)
+    return CompileOptions(**settings)
 
 
 def _load(args):
@@ -242,11 +307,10 @@ def _cmd_layers(args) -> int:
 
 
 def _cmd_doctor(args) -> int:
-    from .compile import CompileOptions
     from .doctor import diagnose
 
     model, preset = _load(args)
-    options = CompileOptions(block_size=args.block_size, threads=args.threads)
+    options = _compile_options(args)
     diagnosis = diagnose(model, args.preset or preset, data=args.data, options=options,
                          progress=lambda line: _status(line, args.json))
     if args.json:
@@ -295,7 +359,7 @@ def _status(message: str, quiet: bool) -> None:
 
 
 def _cmd_build(args) -> int:
-    from .compile import CompileOptions, LoadedLibrary, build_plan
+    from .compile import LoadedLibrary, build_plan
     from .crosscheck import COMPILER_PROBLEM, check_build
     from .data import load_batches, split_batches
     from .plan import parse_plan
@@ -305,8 +369,7 @@ def _cmd_build(args) -> int:
     quiet = args.json
     model, preset = _load(args)
     plan = parse_plan(args.float_ids, model)
-    options = CompileOptions(block_size=args.block_size, float_blocked=args.float_layout == "blocked",
-                             threads=args.threads, requant_dtype=args.requant)
+    options = _compile_options(args)
     preset = args.preset or preset
     out_dir = _writable_dir(args.out, "out")
     cache_dir = _writable_dir(args.workdir / "cache", "workdir")
@@ -378,7 +441,6 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_sensitivity(args) -> int:
-    from .compile import CompileOptions
     from .data import split_batches
     from .evaluate import reference_outputs
     from .metrics import default_metric, validate_metric
@@ -402,9 +464,10 @@ def _cmd_sensitivity(args) -> int:
         left = elapsed / done * (total - done)
         _status(f"[{done}/{total}] {layer_id}  {elapsed:.0f} s elapsed, ~{left:.0f} s left", quiet)
 
-    options = CompileOptions(threads=args.threads)
+    options = _compile_options(args)
+    database = None if args.untuned else open_database(args.workdir, options)
     rows = run_sensitivity(model, ranges, eval_batches, reference, measure_latency=not args.no_latency,
-                           options=options, database=open_database(args.workdir, options), threads=args.threads,
+                           options=options, database=database, threads=args.threads,
                            progress=progress)
     frame = to_frame(rows, metric)
     path = write_csv(frame, workdir)
@@ -447,14 +510,13 @@ def _duration_s(text: str | None) -> float | None:
 
 
 def _cmd_tune(args) -> int:
-    from .compile import CompileOptions
     from .tuning import tune_model
 
     quiet = args.json
     timeout_s = _duration_s(args.timeout)
     model, preset = _load(args)
     ranges = _calibrated(args, model, preset)
-    options = CompileOptions(threads=args.threads, requant_dtype=args.requant)
+    options = _compile_options(args)
     _status(f"extracting the kernels of {model.source} (all-int8, all-float and two alternating plans)...", quiet)
 
     def progress(done: int, total: int, name: str, trials: int, elapsed_s: float) -> None:
@@ -479,7 +541,6 @@ def _cmd_tune(args) -> int:
 
 def _cmd_bench(args) -> int:
     from .bench import bench
-    from .compile import CompileOptions
     from .data import load_batches
     from .measure import RpcTarget, check_tracker, parse_tracker
     from .plan import parse_plan
@@ -496,7 +557,7 @@ def _cmd_bench(args) -> int:
         check_tracker(rpc)  # before minutes of building
     model, preset = _load(args)
     plans = [(f"plan{i}", parse_plan(spec, model)) for i, spec in enumerate(args.plan, start=1)]
-    options = CompileOptions(target=args.target, threads=args.threads, requant_dtype=args.requant)
+    options = _compile_options(args, target=args.target)
     ranges = _calibrated(args, model, preset)
     calibration = load_batches(model, args.data, args.preset or preset, count=args.calibration_batches)
     _status("quantizing the ORT int8 baseline (quantize_static, defaults, per channel)...", quiet)
@@ -561,7 +622,9 @@ def _cmd_search(args) -> int:
                           eval_batches=args.eval_batches, metric=args.metric, max_drop=args.max_drop, goal=args.goal,
                           sampler=args.sampler, trials=args.trials, timeout_s=timeout_s, seed=args.seed,
                           sensitivity_k=args.sensitivity_k, workers=args.workers, threads=args.threads,
-                          requant=args.requant, warmup=args.warmup, repeats=args.repeats, untuned=args.untuned,
+                          requant=args.requant, block_size=args.block_size, float_layout=args.float_layout,
+                          check_batches=args.check_batches, warmup=args.warmup, repeats=args.repeats,
+                          untuned=args.untuned,
                           heartbeat_interval_s=args.heartbeat_interval, grace_period_s=args.grace_period)
     storage_url = _storage_url(args, workdir)
     storage = open_storage(storage_url, heartbeat_interval_s=config.heartbeat_interval_s,
@@ -808,7 +871,14 @@ def _unwritable(exc: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):  # `precsearch layers m | head` must end quietly
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    try:
+        _apply_config(parser, sys.argv[1:] if argv is None else list(argv))
+        args = parser.parse_args(argv)
+        _check_required(args)
+    except (PrecsearchError, ValueError) as exc:
+        print(f"precsearch: error: {first_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()

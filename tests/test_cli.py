@@ -294,3 +294,33 @@ def test_a_full_workdir_is_one_line_naming_the_cache_file(chain_path, tmp_path, 
                 filler.write(b"\0" * 4096)
     result = run("build", chain_path, "--float", "none", "--out", tmp_path / "out", "--workdir", small_disk, "--json")
     assert_one_line_error(result, 2, "No space left on device", str(small_disk / "cache" / "calibration-"))
+
+
+def test_options_from_a_toml_file_and_the_command_line_wins(chain_path, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(f'model = "{chain_path}"\nworkdir = "{tmp_path / "work"}"\nthreads = 1\n\n'
+                      f'[build]\nfloat = "conv1"\nout = "{tmp_path / "from-toml"}"\nblock-size = 8\n')
+    result = run("--config", config, "build", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["float_layers"] == ["conv1"] and summary["block_size"] == 8
+    assert summary["library"] == str(tmp_path / "from-toml" / "model.so")
+    assert json.loads(summary["target"])["num-cores"] == 1
+    # The command line wins over the file, and --config may follow the command.
+    result = run("build", "--config", config, "--float", "none", "--out", tmp_path / "from-cli", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["float_layers"] == [] and summary["library"] == str(tmp_path / "from-cli" / "model.so")
+
+
+def test_a_bad_toml_file_is_one_line(chain_path, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("[build]\nflaot = 'conv1'\n")
+    assert_one_line_error(run("--config", config, "build", chain_path), 2, "'flaot' for 'build'")
+    config.write_text("[serch]\ntrials = 3\n")
+    assert_one_line_error(run("--config", config, "layers", chain_path), 2, "['serch']", "not commands")
+    config.write_text("calibration = 'kmeans'\n")
+    assert_one_line_error(run("--config", config, "layers", chain_path), 2, "'calibration' must be one of")
+    config.write_text("model = [1,\n")
+    assert_one_line_error(run("--config", config, "layers"), 2, "not valid TOML")
+    assert_one_line_error(run("--config", tmp_path / "missing.toml", "layers"), 2, "cannot be read")
