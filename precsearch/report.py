@@ -52,6 +52,7 @@ class ReportData:
     sensitivity: pd.DataFrame | None
     recommended: dict | None  # a row of ``front`` plus why it was chosen
     commands: dict[str, str]
+    ship_baseline: str | None = None  # "ONNX Runtime float"/"... int8" when it beats every plan on the front
 
 
 def _trial_row(trial) -> dict:
@@ -152,14 +153,48 @@ def collect(study, *, workdir: str | Path | None = None, layer_ids=(), command_p
     if workdir is not None and (Path(workdir) / "sensitivity.csv").is_file():
         sensitivity = pd.read_csv(Path(workdir) / "sensitivity.csv")
     recommended = None
-    if len(front):
-        index = knee_point(front["latency_ms"].to_numpy(float), front[metric].to_numpy(float), higher_is_better)
-        recommended = dict(front.iloc[index])
+    beats, ship_baseline = beats_baselines(front, baselines, metric, higher_is_better)
+    if beats.any():
+        # The knee only among plans that beat what the user already has.
+        candidates = front[beats]
+        index = knee_point(candidates["latency_ms"].to_numpy(float), candidates[metric].to_numpy(float),
+                           higher_is_better)
+        recommended = dict(candidates.iloc[index])
     commands = _commands(config, study.study_name, workdir, recommended, command_prefix)
     return ReportData(study_name=study.study_name, model=config.model, metric=metric,
                       higher_is_better=higher_is_better, goal=config.fidelity_goal(metric), trials=frame, front=front,
                       baselines=baselines, hv_history=history, layer_ids=layer_ids, sensitivity=sensitivity,
-                      recommended=recommended, commands=commands)
+                      recommended=recommended, commands=commands, ship_baseline=ship_baseline)
+
+
+def beats_baselines(front: pd.DataFrame, baselines: dict, metric: str, higher_is_better: bool):
+    """Which front plans no ONNX Runtime baseline beats, and the baseline to ship when none is left.
+
+    A baseline beats a plan when it is at least as fast and at least as faithful.
+    ORT float is the reference itself, so it is faithful to every metric; ORT
+    int8's fidelity is the one measured on the same evaluation set.  Returns
+    ``(mask over front, ship)`` where ``ship`` names the baseline that beats
+    every plan (None when some plan survives or the front is empty).
+    """
+    if not len(front):
+        return np.zeros(0, dtype=bool), None
+    latency = (front["remeasured_median_ms"].fillna(front["latency_ms"]) if "remeasured_median_ms" in front
+               else front["latency_ms"]).to_numpy(float)
+    fidelity = front[metric].to_numpy(float)
+    beaten_by = {}
+    if "ort_float_ms" in baselines:
+        beaten_by["ONNX Runtime float"] = latency >= baselines["ort_float_ms"]
+    int8_fidelity = baselines.get(f"ort_int8_{metric}")
+    if "ort_int8_ms" in baselines and int8_fidelity is not None:
+        faithful = fidelity <= int8_fidelity if higher_is_better else fidelity >= int8_fidelity
+        beaten_by["ONNX Runtime int8 (quantize_static)"] = (latency >= baselines["ort_int8_ms"]) & faithful
+    beaten = np.zeros(len(front), dtype=bool)
+    for mask in beaten_by.values():
+        beaten |= mask
+    if not beaten.all():
+        return ~beaten, None
+    whole = [name for name, mask in beaten_by.items() if mask.all()]
+    return ~beaten, whole[0] if whole else " or ".join(beaten_by)
 
 
 def _commands(config, study_name: str, workdir, recommended, prefix: str) -> dict[str, str]:
@@ -353,6 +388,9 @@ def report_html(data: ReportData, png: bytes) -> str:
                    f"{len(floats)} float conv{'s' if len(floats) != 1 else ''}: "
                    f"{html.escape(', '.join(floats) or 'none (all int8)')}. It is the knee of the feasible front: "
                    f"the plan where more speed starts to cost the most fidelity.</p>")
+    elif data.ship_baseline is not None:
+        summary = (f"<p class='rec'><b>Ship {html.escape(data.ship_baseline)}; no TVM plan beats it here.</b> "
+                   f"Every plan on the front is slower than it at equal or worse {data.metric}.</p>")
     else:
         summary = "<p class='rec'><b>No feasible plan yet.</b></p>"
     commands = "".join(f"<dt>{html.escape(k)}</dt><dd><code>{html.escape(v)}</code></dd>"

@@ -199,3 +199,25 @@ def test_export_reproduces_the_trial_and_report_regenerates_from_storage(tmp_pat
 
     bad = run("export", "--workdir", workdir, "--trial", "999", "--out", tmp_path / "x")
     assert bad.returncode == 2 and "'trial' parameter of export" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_the_knee_is_recommended_only_among_plans_that_beat_onnx_runtime():
+    import pandas as pd
+
+    from precsearch.report import beats_baselines
+
+    front = pd.DataFrame({"latency_ms": [1.0, 2.0, 3.0], "top1": [0.90, 0.97, 1.0],
+                          "remeasured_median_ms": [None, None, 3.5]})
+    baselines = {"ort_float_ms": 3.2, "ort_int8_ms": 1.5, "ort_int8_top1": 0.95}
+    beats, ship = beats_baselines(front, baselines, "top1", True)
+    # Plan 0 (1.0 ms) is faster than ORT int8; plan 1 is more faithful than ORT int8; plan 2 (3.5 ms
+    # re-measured) is slower than ORT float, which is exact.
+    assert beats.tolist() == [True, True, False] and ship is None
+    beats, ship = beats_baselines(front, {**baselines, "ort_float_ms": 0.9}, "top1", True)
+    assert beats.tolist() == [False, False, False] and ship == "ONNX Runtime float"
+    beats, ship = beats_baselines(front.iloc[:1], {**baselines, "ort_int8_ms": 0.5}, "top1", True)
+    assert beats.tolist() == [False] and ship == "ONNX Runtime int8 (quantize_static)"
+    nmse = pd.DataFrame({"latency_ms": [1.0], "nmse": [0.02]})  # lower is better
+    assert beats_baselines(nmse, {"ort_int8_ms": 0.8, "ort_int8_nmse": 0.01}, "nmse", False)[1] is not None
+    assert beats_baselines(nmse, {"ort_int8_ms": 0.8, "ort_int8_nmse": 0.05}, "nmse", False)[1] is None
+    assert beats_baselines(front.iloc[:0], baselines, "top1", True)[1] is None
