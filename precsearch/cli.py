@@ -311,8 +311,8 @@ def _cmd_doctor(args) -> int:
 
     model, preset = _load(args)
     options = _compile_options(args)
-    diagnosis = diagnose(model, args.preset or preset, data=args.data, options=options, calibration_batches=args.calibration_batches,
-                         progress=lambda line: _status(line, args.json))
+    diagnosis = diagnose(model, args.preset or preset, data=args.data, options=options,
+                         calibration_batches=args.calibration_batches, progress=lambda line: _status(line, args.json))
     if args.json:
         print(json.dumps(diagnosis.to_dict(), indent=1))
         return 0 if diagnosis.healthy else EXIT_BUILD_FAILED
