@@ -411,7 +411,7 @@ def headline(spec: ModelSpec, workdir: Path, goal: float, bound: dict) -> dict:
                                                        & (candidates["float_count"] < convs), "plan"]))
     bench = side_by_side(spec, workdir, headline_plans)
     rows = {row["name"]: row for row in bench["rows"]}
-    by_key = {row["plan"]: row for row in bench["rows"] if row["name"] not in ("ort_float", "ort_int8")}
+    by_key = {row["plan"]: row for row in bench["rows"] if not row["name"].startswith("ort_")}
     ort_float, ort_int8 = rows["ort_float"]["median_ms"], rows["ort_int8"]["median_ms"]
 
     def plan_entry(row) -> dict:

@@ -217,7 +217,8 @@ def test_bench_cli_measures_tvm_builds_through_the_tracker(tracker, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["remote"] == tracker.address
     backends = {row["name"]: row["backend"] for row in summary["rows"]}
-    assert backends == {"ort_float": "ort", "ort_int8": "ort", "tvm_float": "tvm-rpc", "tvm_int8": "tvm-rpc"}
+    assert backends == {"ort_float": "ort", "ort_int8": "ort", "ort_int8_conv_only": "ort", "tvm_float": "tvm-rpc",
+                        "tvm_int8": "tvm-rpc"}
     assert summary["tvm_int8_ms"] > 0
 
 
