@@ -43,24 +43,6 @@ class OperatorNote:
         return {"node": self.node, "op_type": self.op_type, "action": self.action, "detail": self.detail}
 
 
-def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
-
-
-def _shapes(model: onnx.ModelProto) -> dict[str, list]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {}
-    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        tensor_type = value.type.tensor_type
-        if tensor_type.HasField("shape"):
-            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
-    return shapes
-
-
 def split_sizes(node: onnx.NodeProto, constants: dict[str, np.ndarray], length: int) -> list[int]:
     """The part sizes of an ONNX Split of an axis of ``length`` (input, attribute or equal parts)."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -105,7 +87,7 @@ def rewrite_for_tvm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Opera
     notes : list of OperatorNote
         One per rewritten node, for the build report.
     """
-    from ._rnn import UNROLLED_OPS, unroll_recurrent
+    from ._rnn import UNROLLED_OPS, _constants, _shapes, unroll_recurrent
 
     graph = model.graph
     channel_splits = [node for node in graph.node if node.op_type == "Split" and node.domain in ("", "ai.onnx")]
@@ -117,7 +99,7 @@ def rewrite_for_tvm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Opera
     rewritten.CopyFrom(model)
     if channel_splits:
         shapes = _shapes(rewritten)
-        constants = _constant_values(rewritten.graph)
+        tensors = _constants(rewritten.graph)
         new_nodes, new_initializers = [], []
         for node in rewritten.graph.node:
             if node.op_type != "Split" or node.domain not in ("", "ai.onnx"):
@@ -132,6 +114,8 @@ def rewrite_for_tvm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Opera
             if not (len(shape) == 4 and axis == 1):  # only channel splits meet a blocked layout
                 new_nodes.append(node)
                 continue
+            sizes_input = node.input[1] if len(node.input) > 1 else ""
+            constants = {sizes_input: numpy_helper.to_array(tensors[sizes_input])} if sizes_input in tensors else {}
             sizes = split_sizes(node, constants, shape[axis])
             if sum(sizes) != shape[axis] or len(sizes) != len(node.output):
                 raise CompileError(f"Split {node.name!r} parts {sizes} do not cover its {shape[axis]} channels",
