@@ -16,12 +16,12 @@ import csv
 import time
 from pathlib import Path
 
-from precsearch.compile import build_plan
-from precsearch.data import image_batches
-from precsearch.evaluate import agreement, run_ort
+from precsearch.tvm import build_plan
+from precsearch.model.data import image_batches
+from precsearch.fidelity.reference import agreement, run_ort
 from precsearch.model import load_model, resolve_model
 from precsearch.plan import parse_plan
-from precsearch.quantize import build_qdq_model, calibrate, output_steps
+from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,12 +26,12 @@ from pathlib import Path
 import pandas as pd
 
 from precsearch.bench import bench
-from precsearch.compile import CompileOptions, build_plan
-from precsearch.data import image_batches
-from precsearch.measure import profile_kernels
+from precsearch.tvm import CompileOptions, build_plan
+from precsearch.model.data import image_batches
+from precsearch.tvm import profile_kernels
 from precsearch.model import load_model, resolve_model
 from precsearch.plan import Plan, parse_plan
-from precsearch.quantize import build_qdq_model, calibrate, user_int8_model
+from precsearch.model.quantize import build_qdq_model, calibrate, user_int8_model
 from precsearch.tuning import open_database, tune_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -110,7 +110,7 @@ class CachingEvaluator:
         return self.cache_dir / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".json")
 
     def lookup(self, key: str):
-        from precsearch.scoring import PlanResult
+        from precsearch.study.record import PlanResult
 
         path = self._path(key)
         if not path.is_file():
@@ -136,7 +136,7 @@ class CachingEvaluator:
 
 def result_from_trial(trial):
     """The PlanResult a finished search trial recorded (to seed the cache)."""
-    from precsearch.scoring import PlanResult
+    from precsearch.study.record import PlanResult
 
     attrs = trial.user_attrs
     metrics = {k.removeprefix("metric."): v for k, v in attrs.items() if k.startswith("metric.")}
@@ -153,7 +153,7 @@ def result_from_trial(trial):
 def _search_study(workdir: Path):
     import optuna
 
-    from precsearch.storage import open_storage
+    from precsearch.study.storage import open_storage
 
     storage = open_storage(f"sqlite:///{workdir / 'study.db'}")
     (name,) = optuna.study.get_all_study_names(storage)
@@ -195,8 +195,8 @@ def run_ranked(strategy: str, ranking: list[str], evaluator: CachingEvaluator, b
 def run_optuna(strategy: str, sampler, model, config, evaluator: CachingEvaluator, budget: int,
                workdir: Path) -> list[dict]:
     from precsearch.plan import Plan
-    from precsearch.search import open_study, run_worker, seed_plans
-    from precsearch.storage import open_storage
+    from precsearch.study.search import open_study, run_worker, seed_plans
+    from precsearch.study.storage import open_storage
 
     url = f"sqlite:///{workdir / 'strategies' / f'{strategy}.db'}"
     storage = open_storage(url, heartbeat_interval_s=config.heartbeat_interval_s,
@@ -227,10 +227,10 @@ def _distinct_trials(study) -> list:
 
 def search_evaluator(spec: ModelSpec, workdir: Path):
     """The model, the full search's settings and a TvmEvaluator made from them, as the search's own trials used."""
-    from precsearch.config import SearchConfig
-    from precsearch.evaluator import TvmEvaluator
+    from precsearch.study.config import SearchConfig
+    from precsearch.study.evaluator import TvmEvaluator
     from precsearch.model import load_model, resolve_model
-    from precsearch.search import CONFIG_ATTR
+    from precsearch.study.search import CONFIG_ATTR
 
     config = SearchConfig.from_dict(_search_study(workdir).user_attrs[CONFIG_ATTR])
     path, shapes, preset = resolve_model(spec.model)
@@ -266,7 +266,7 @@ def run_strategies(spec: ModelSpec, names: list[str], workdir: Path, budget: int
 
 def kernel_bound_ms(spec: ModelSpec, workdir: Path) -> dict:
     """Additive kernel estimate of the fastest any plan can be (see the module docstring)."""
-    from precsearch.measure import measure_library, profile_kernels
+    from precsearch.tvm import measure_library, profile_kernels
     from precsearch.plan import Plan
 
     model, config, evaluator = search_evaluator(spec, workdir)
@@ -313,7 +313,7 @@ def hypervolume_curves(steps: pd.DataFrame, budget: int, goal: float, ideal_ms: 
 
     Every strategy is followed up to ``budget`` trials; ``tpe`` up to the end of the full search.
     """
-    from precsearch.pareto import hypervolume
+    from precsearch.study.pareto import hypervolume
 
     reference = (float(steps["latency_ms"].max()), float(steps["top1"].min()))
     area = (reference[0] - ideal_ms) * (1.0 - reference[1])
@@ -393,8 +393,8 @@ def side_by_side(spec: ModelSpec, workdir: Path, plans: list[str]) -> dict:
 
 def headline(spec: ModelSpec, workdir: Path, goal: float, bound: dict) -> dict:
     """The README row: baselines, TVM all-int8, the fastest front plan meeting the goal, cost of the search."""
-    from precsearch.report import BASELINES_ATTR, REMEASURED_ATTR
-    from precsearch.search import CONFIG_ATTR
+    from precsearch.report.writer import BASELINES_ATTR, REMEASURED_ATTR
+    from precsearch.study.search import CONFIG_ATTR
 
     study = _search_study(workdir)
     trials = _distinct_trials(study)

@@ -22,13 +22,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv=None) -> int:
-    from precsearch.data import split_batches
-    from precsearch.evaluate import run_ort
+    from precsearch.model.data import split_batches
+    from precsearch.fidelity.reference import run_ort
     from precsearch.measure import measure_onnxruntime
-    from precsearch.metrics import compute_metrics
+    from precsearch.fidelity.metrics import compute_metrics
     from precsearch.model import PACKAGED_MODELS, load_model, resolve_model
     from precsearch.plan import Plan
-    from precsearch.quantize import build_qdq_model, calibrate, user_int8_model
+    from precsearch.model.quantize import build_qdq_model, calibrate, user_int8_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", default=list(PACKAGED_MODELS))

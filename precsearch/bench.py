@@ -20,11 +20,12 @@ import numpy as np
 import onnx
 import pandas as pd
 
-from .compile import CompileOptions, build_plan
-from .measure import Latency, RpcTarget, measure_library, measure_onnxruntime, measure_remote
-from .model import LoadedModel
-from .plan import Plan
-from .quantize import CalibrationRanges, build_qdq_model
+from precsearch.tvm import CompileOptions, build_plan
+from precsearch.measure import Latency, measure_onnxruntime
+from precsearch.tvm import RpcTarget, measure_library, measure_remote
+from precsearch.model import LoadedModel
+from precsearch.plan import Plan
+from precsearch.model.quantize import CalibrationRanges, build_qdq_model
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def bench(model: LoadedModel, ranges: CalibrationRanges, inputs: dict[str, np.nd
     Parameters
     ----------
     ort_int8_model : onnx.ModelProto
-        The user's ORT int8 model (:func:`precsearch.quantize.user_int8_model`).
+        The user's ORT int8 model (:func:`precsearch.model.quantize.user_int8_model`).
     database : TuningDatabase, optional
         Tuned kernels applied to every TVM build (untuned builds are far slower).
     rpc : RpcTarget, optional

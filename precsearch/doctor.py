@@ -14,8 +14,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from .errors import CompileError, first_line
-from .model import LoadedModel
+from precsearch.errors import CompileError, first_line
+from precsearch.model import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ class Diagnosis:
 
 
 def _diagnose(name: str, model: LoadedModel, qdq, int8_ids, options, check_batches, ranges) -> PlanDiagnosis:
-    from .compile import build_plan
-    from .crosscheck import COMPILER_PROBLEM, check_build
-    from .quantize import output_steps
+    from precsearch.tvm import build_plan
+    from precsearch.fidelity.crosscheck import COMPILER_PROBLEM, check_build
+    from precsearch.model.quantize import output_steps
 
     started = time.perf_counter()
     try:
@@ -121,10 +121,10 @@ def diagnose(model: LoadedModel, preset: str | None, *, data="samples", options=
     progress : callable, optional
         Called with one status line per phase.
     """
-    from .compile import CompileOptions, unsupported_operators
-    from .data import split_batches
-    from .plan import Plan
-    from .quantize import build_qdq_model, calibrate
+    from precsearch.tvm import CompileOptions, unsupported_operators
+    from precsearch.model.data import split_batches
+    from precsearch.plan import Plan
+    from precsearch.model.quantize import build_qdq_model, calibrate
 
     say = progress or (lambda line: None)
     unsupported = unsupported_operators(model.proto)
@@ -157,12 +157,12 @@ def check_standard_plans(name: str, check_batches: int = 2, calibration_batches:
     progress : callable, optional
         Called with one line per plan.
     """
-    from .compile import build_plan
-    from .crosscheck import check_build
-    from .data import split_batches
-    from .model import load_model, resolve_model
-    from .plan import standard_plans
-    from .quantize import build_qdq_model, calibrate, output_steps
+    from precsearch.tvm import build_plan
+    from precsearch.fidelity.crosscheck import check_build
+    from precsearch.model.data import split_batches
+    from precsearch.model import load_model, resolve_model
+    from precsearch.plan import standard_plans
+    from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
 
     path, shapes, preset = resolve_model(name)
     model = load_model(path, shapes)

@@ -15,11 +15,11 @@ import logging
 import time
 from pathlib import Path
 
-from .compile import (CompileOptions, TuningDatabase, TuningReport, check_trials, database_dir,
+from precsearch.tvm import (CompileOptions, TuningDatabase, TuningReport, check_trials, database_dir,
                       extract_tuning_tasks, fused_module, resolve_target, tune_tasks)
-from .model import LoadedModel
-from .plan import Plan
-from .quantize import CalibrationRanges, build_qdq_model
+from precsearch.model import LoadedModel
+from precsearch.plan import Plan
+from precsearch.model.quantize import CalibrationRanges, build_qdq_model
 
 logger = logging.getLogger(__name__)
 

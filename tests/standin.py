@@ -1,11 +1,11 @@
 """A search backend for tests: real ONNX Runtime fidelity, deterministic stand-in latency."""
 
 from precsearch.errors import CompileError
-from precsearch.evaluate import run_ort
-from precsearch.metrics import compute_metrics
+from precsearch.fidelity.reference import run_ort
+from precsearch.fidelity.metrics import compute_metrics
 from precsearch.plan import Plan
-from precsearch.quantize import build_qdq_model
-from precsearch.scoring import COMPILER_PROBLEM, PlanResult
+from precsearch.model.quantize import build_qdq_model
+from precsearch.study.record import COMPILER_PROBLEM, PlanResult
 
 MISCOMPILED = "compiler problem: image 0 diverges at conv1.out_q after conv1 (Conv), 0.25 steps from a tie"
 

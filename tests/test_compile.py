@@ -7,14 +7,14 @@ import pytest
 from onnx import numpy_helper
 
 import models
-from precsearch.compile import CompileOptions, LoadedLibrary, build_plan
-from precsearch.compile import _build, _int8_rewrite
-from precsearch.data import image_batches
+from precsearch.tvm import CompileOptions, LoadedLibrary, build_plan
+from precsearch.tvm import _build, _int8_rewrite
+from precsearch.model.data import image_batches
 from precsearch.errors import CompileError, VerificationError
-from precsearch.evaluate import agreement, max_relative_error, run_ort
+from precsearch.fidelity.reference import agreement, max_relative_error, run_ort
 from precsearch.model import load_model
 from precsearch.plan import parse_plan
-from precsearch.quantize import build_qdq_model, calibrate, output_steps
+from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
 
 
 class Case:

@@ -3,13 +3,13 @@
 import pytest
 
 import models
-from precsearch.compile import _int8_rewrite, build_plan
-from precsearch.crosscheck import AGREES, COMPILER_PROBLEM, cross_check, exact_conv_value
-from precsearch.data import image_batches
-from precsearch.evaluate import run_ort
+from precsearch.tvm import _int8_rewrite, build_plan
+from precsearch.fidelity.crosscheck import AGREES, COMPILER_PROBLEM, cross_check, exact_conv_value
+from precsearch.model.data import image_batches
+from precsearch.fidelity.reference import run_ort
 from precsearch.model import load_model
 from precsearch.plan import parse_plan
-from precsearch.quantize import build_qdq_model, calibrate, output_steps
+from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 import models
-from precsearch.data import (
+from precsearch.model.data import (
     PRESETS,
     DataSource,
     Preprocess,
@@ -253,7 +253,7 @@ def test_npy_round_trip_rechunking_and_single_item(tiny, tmp_path, caplog):
     assert one["input"].dtype == np.float32 and np.array_equal(one["input"][0], data[0])
     # Batch size 2: 5 rows make 2 batches, the last row is dropped with a log line.
     np.save(tmp_path / "small.npy", data[:, :, :8, :8])
-    with caplog.at_level(logging.INFO, logger="precsearch.data"):
+    with caplog.at_level(logging.INFO, logger="precsearch.model.data"):
         pairs = load_batches(tiny["batch2"], tmp_path / "small.npy", seed=None)
     assert [b["input"].shape for b in pairs] == [(2, 3, 8, 8)] * 2
     np.testing.assert_array_equal(pairs[1]["input"], data[2:4, :, :8, :8])

@@ -5,9 +5,9 @@ import onnxruntime as ort
 import pytest
 
 import models
-from precsearch.data import image_batches
+from precsearch.model.data import image_batches
 from precsearch.errors import DataError
-from precsearch.evaluate import (
+from precsearch.fidelity.reference import (
     Agreement,
     agreement,
     max_relative_error,
@@ -114,7 +114,7 @@ def test_corrupt_reference_cache_is_recomputed_with_a_warning(chain, tmp_path, c
     for corrupt in (lambda: path.write_bytes(b"not an npz"), lambda: path.write_bytes(good[: len(good) // 2]), lambda: np.savez(path, **short)):
         corrupt()
         del counted_sessions[:]
-        with caplog.at_level(logging.WARNING, logger="precsearch.evaluate"):
+        with caplog.at_level(logging.WARNING, logger="precsearch.fidelity.reference"):
             got = reference_outputs(chain, batches, cache_dir=tmp_path)
         assert f"ignoring the unreadable cache file {path}" in caplog.text and len(counted_sessions) == 1
         assert np.array_equal(got[1]["logits"], expected[1]["logits"])

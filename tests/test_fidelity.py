@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from precsearch.errors import ConfigError
-from precsearch.fidelity import evaluate_plan
+from precsearch.fidelity.early_stop import evaluate_plan
 
 
 def _batches(n, classes=4, seed=0):

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 import models
-from precsearch.compile import build_plan
+from precsearch.tvm import build_plan
 from precsearch.errors import ConfigError
-from precsearch.measure import measure_library, measure_onnxruntime, summarize
+from precsearch.measure import measure_onnxruntime, summarize
+from precsearch.tvm import measure_library
 from precsearch.model import load_model
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from precsearch.errors import ConfigError, DataError
-from precsearch.metrics import (
+from precsearch.fidelity.metrics import (
     METRICS,
     MetricResults,
     compute_metrics,

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 import models
-from precsearch.compile import CompileOptions, build_plan, unsupported_operators
-from precsearch.compile._onnx_rewrite import rewrite_for_tvm, split_sizes
-from precsearch.crosscheck import AGREES, NEAR_TIES, cross_check
-from precsearch.data import image_batches
+from precsearch.tvm import CompileOptions, build_plan, unsupported_operators
+from precsearch.tvm._onnx_rewrite import rewrite_for_tvm, split_sizes
+from precsearch.fidelity.crosscheck import AGREES, NEAR_TIES, cross_check
+from precsearch.model.data import image_batches
 from precsearch.errors import CompileError
-from precsearch.evaluate import agreement, max_relative_error, run_ort
+from precsearch.fidelity.reference import agreement, max_relative_error, run_ort
 from precsearch.model import load_model
 from precsearch.plan import parse_plan
-from precsearch.quantize import build_qdq_model, calibrate, output_steps
+from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
 
 
 class Pattern:
@@ -253,6 +253,6 @@ def test_an_operator_tvm_cannot_import_is_named_before_any_build(tmp_path):
     assert unsupported_operators(proto) == [(relu.name, "com.example.FancyRelu")]
     with pytest.raises(CompileError, match=r"\[pass 'precsearch.Import', layer 'relu0'\] TVM's ONNX frontend "
                                            r"cannot import 1 node\(s\): 'relu0' \(com.example.FancyRelu\)"):
-        from precsearch.compile._importer import import_qdq_model
+        from precsearch.tvm._importer import import_qdq_model
 
         import_qdq_model(proto, load_model(models.save(models.chain_model(), tmp_path, "chain")))

@@ -7,13 +7,13 @@ import pytest
 from onnx import numpy_helper
 
 import models
-import precsearch.quantize as quantize
-from precsearch.data import image_batches
+import precsearch.model.quantize as quantize
+from precsearch.model.data import image_batches
 from precsearch.errors import ConfigError, DataError
-from precsearch.evaluate import run_ort
+from precsearch.fidelity.reference import run_ort
 from precsearch.model import load_model, resolve_model
 from precsearch.plan import parse_plan
-from precsearch.quantize import build_qdq_model, calibrate, calibration_key, output_steps, user_int8_model
+from precsearch.model.quantize import build_qdq_model, calibrate, calibration_key, output_steps, user_int8_model
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from precsearch.compile import build_plan
-from precsearch.data import image_batches
-from precsearch.crosscheck import AGREES, NEAR_TIES, cross_check
+from precsearch.tvm import build_plan
+from precsearch.model.data import image_batches
+from precsearch.fidelity.crosscheck import AGREES, NEAR_TIES, cross_check
 from precsearch.model import load_model, resolve_model
 from precsearch.plan import parse_plan
-from precsearch.quantize import build_qdq_model, calibrate, output_steps
+from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
 
 pytestmark = pytest.mark.slow
 

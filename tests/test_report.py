@@ -16,17 +16,17 @@ import pytest
 from PIL import Image
 
 import models
-from precsearch.compile import LoadedLibrary
-from precsearch.config import SearchConfig
-from precsearch.data import image_batches, split_batches
-from precsearch.evaluate import reference_outputs, run_ort
-from precsearch.export import load_study_model
-from precsearch.metrics import compute_metrics
+from precsearch.tvm import LoadedLibrary
+from precsearch.study.config import SearchConfig
+from precsearch.model.data import image_batches, split_batches
+from precsearch.fidelity.reference import reference_outputs, run_ort
+from precsearch.report.export import load_study_model
+from precsearch.fidelity.metrics import compute_metrics
 from precsearch.model import load_model
-from precsearch.quantize import calibrate
-from precsearch.report import collect, knee_point, write_report
-from precsearch.search import CONFIG_ATTR, open_study, run_worker, seed_plans
-from precsearch.storage import default_storage_url, open_storage
+from precsearch.model.quantize import calibrate
+from precsearch.report.writer import collect, knee_point, write_report
+from precsearch.study.search import CONFIG_ATTR, open_study, run_worker, seed_plans
+from precsearch.study.storage import default_storage_url, open_storage
 from standin import StandInEvaluator
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -204,7 +204,7 @@ def test_export_reproduces_the_trial_and_report_regenerates_from_storage(tmp_pat
 def test_the_knee_is_recommended_only_among_plans_that_beat_onnx_runtime():
     import pandas as pd
 
-    from precsearch.report import beats_baselines
+    from precsearch.report.writer import beats_baselines
 
     front = pd.DataFrame({"latency_ms": [1.0, 2.0, 3.0], "top1": [0.90, 0.97, 1.0],
                           "remeasured_median_ms": [None, None, 3.5]})

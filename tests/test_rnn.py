@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from precsearch.compile._rnn import UNROLLED_OPS, unroll_recurrent
+from precsearch.tvm._rnn import UNROLLED_OPS, unroll_recurrent
 from precsearch.errors import CompileError
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import models
-from precsearch.compile import LoadedLibrary, build_plan
+from precsearch.tvm import LoadedLibrary, build_plan
 from precsearch.errors import ConfigError, DataError
-from precsearch.measure import RpcTarget, measure_remote, parse_tracker, run_remote
+from precsearch.tvm import RpcTarget, measure_remote, parse_tracker, run_remote
 from precsearch.model import load_model
 
 KEY = "precsearch-test"

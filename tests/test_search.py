@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 
 import models
-from precsearch.config import SearchConfig
-from precsearch.data import image_batches
+from precsearch.study.config import SearchConfig
+from precsearch.model.data import image_batches
 from precsearch.errors import ConfigError
-from precsearch.evaluate import run_ort
+from precsearch.fidelity.reference import run_ort
 from precsearch.model import load_model
-from precsearch.pareto import front_points, hypervolume
+from precsearch.study.pareto import front_points, hypervolume
 from precsearch.plan import Plan
-from precsearch.quantize import calibrate
-from precsearch.report import collect, write_report
-from precsearch.scoring import COMPILER_PROBLEM, PlanRejected
-from precsearch.search import PlanSpace, make_sampler, open_study, run_worker, seed_plans
-from precsearch.storage import default_storage_url, open_storage
+from precsearch.model.quantize import calibrate
+from precsearch.report.writer import collect, write_report
+from precsearch.study.record import COMPILER_PROBLEM, PlanRejected
+from precsearch.study.search import PlanSpace, make_sampler, open_study, run_worker, seed_plans
+from precsearch.study.storage import default_storage_url, open_storage
 from standin import MISCOMPILED, StandInEvaluator
 
 
@@ -228,7 +228,7 @@ def test_hypervolume_and_front_match_optunas_private_oracles():
     from optuna._hypervolume import compute_hypervolume
     from optuna.study._multi_objective import _is_pareto_front
 
-    from precsearch.pareto import _non_dominated
+    from precsearch.study.pareto import _non_dominated
 
     rng = np.random.default_rng(0)
     for _ in range(20):

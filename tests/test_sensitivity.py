@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 
 import models
-from precsearch.data import image_batches
+from precsearch.model.data import image_batches
 from precsearch.errors import ConfigError
-from precsearch.evaluate import run_ort
+from precsearch.fidelity.reference import run_ort
 from precsearch.model import load_model
-from precsearch.quantize import calibrate
-from precsearch.sensitivity import CSV_NAME, most_sensitive, run_sensitivity, to_frame, write_csv
+from precsearch.model.quantize import calibrate
+from precsearch.study.sensitivity import CSV_NAME, most_sensitive, run_sensitivity, to_frame, write_csv
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,20 @@ import pandas as pd
 import pytest
 
 import models
-from precsearch import evaluator as evaluator_module
-from precsearch.compile import CompileOptions, _int8_rewrite
-from precsearch.config import SearchConfig
-from precsearch.data import image_batches
-from precsearch.evaluate import reference_outputs
-from precsearch.evaluator import TvmEvaluator
+from precsearch.study import evaluator as evaluator_module
+from precsearch.tvm import CompileOptions, _int8_rewrite
+from precsearch.study.config import SearchConfig
+from precsearch.model.data import image_batches
+from precsearch.fidelity.reference import reference_outputs
+from precsearch.study.evaluator import TvmEvaluator
 from precsearch.measure import CpuLock
 from precsearch.model import load_model
 from precsearch.plan import Plan
-from precsearch.quantize import calibrate
-from precsearch.report import collect, write_report
-from precsearch.scoring import AGREES, COMPILER_PROBLEM, NEAR_TIES, PlanRejected
-from precsearch.search import open_study, run_worker, seed_plans
-from precsearch.storage import default_storage_url, open_storage
+from precsearch.model.quantize import calibrate
+from precsearch.report.writer import collect, write_report
+from precsearch.study.record import AGREES, COMPILER_PROBLEM, NEAR_TIES, PlanRejected
+from precsearch.study.search import open_study, run_worker, seed_plans
+from precsearch.study.storage import default_storage_url, open_storage
 
 EVAL_BATCHES = 4
 
@@ -132,7 +132,8 @@ def test_an_all_float_build_off_ort_float_is_a_compiler_problem(chain, tmp_path)
 
 
 def test_the_search_names_verdicts_as_crosscheck_does():
-    from precsearch import crosscheck, scoring
+    from precsearch.fidelity import crosscheck
+    from precsearch.study import record as scoring
 
     assert (scoring.AGREES, scoring.NEAR_TIES, scoring.COMPILER_PROBLEM) == (
         crosscheck.AGREES, crosscheck.NEAR_TIES, crosscheck.COMPILER_PROBLEM)

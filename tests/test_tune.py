@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 import models
-from precsearch.compile import CompileOptions, TuningDatabase, build_plan, database_dir, host_target
-from precsearch.compile._tune import FINISHED_FILE
-from precsearch.data import image_batches
-from precsearch.evaluate import agreement, run_ort
+from precsearch.tvm import CompileOptions, TuningDatabase, build_plan, database_dir, host_target
+from precsearch.tvm._tune import FINISHED_FILE
+from precsearch.model.data import image_batches
+from precsearch.fidelity.reference import agreement, run_ort
 from precsearch.model import load_model
 from precsearch.plan import parse_plan
-from precsearch.quantize import build_qdq_model, calibrate, output_steps
+from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
 from precsearch.tuning import open_database, representative_plans, tune_model
 
 TRIALS = 4  # per kernel: enough to get a VNNI schedule into the database, not to make it fast
@@ -113,7 +113,7 @@ def test_tuned_int8_conv_runs_vnni_vpdpbusd(tuned):
 def test_the_tuning_runner_times_kernels_on_the_deployed_thread_count(monkeypatch):
     from tvm.s_tir import meta_schedule as ms
 
-    from precsearch.compile._tune import local_runner, runtime_threads
+    from precsearch.tvm._tune import local_runner, runtime_threads
 
     monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
     # A stock LocalRunner's fresh worker sizes its pool as hardware threads / 2: 1 here.

@@ -1,0 +1,69 @@
+"""Warm-up, repeated runs, median and interquartile range, thread count pinned and recorded.
+
+The timing of a TVM build is in :mod:`precsearch.tvm` (``measure_library``), which
+returns the same :class:`Latency`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from precsearch.errors import ConfigError
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency of one backend on one input, from repeated timed runs."""
+
+    backend: str
+    median_ms: float
+    iqr_ms: float
+    runs: int
+    warmup: int
+    threads: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(times_s, *, backend: str, warmup: int, threads: int) -> Latency:
+    """Median and interquartile range of per-run times (seconds) in milliseconds."""
+    times_ms = np.asarray(times_s, dtype=np.float64) * 1e3
+    if times_ms.size == 0 or not np.all(np.isfinite(times_ms)):
+        raise ValueError(f"no valid timings for {backend}")
+    q1, median, q3 = np.percentile(times_ms, [25, 50, 75])
+    return Latency(backend=backend, median_ms=float(median), iqr_ms=float(q3 - q1), runs=int(times_ms.size),
+                   warmup=warmup, threads=threads)
+
+
+def check_settings(threads: int, warmup: int, repeats: int) -> None:
+    for name, value, low in (("threads", threads, 1), ("warmup", warmup, 0), ("repeats", repeats, 3)):
+        if not isinstance(value, int) or value < low:
+            raise ConfigError(f"The '{name}' parameter of measure must be an int >= {low}; got {value!r} instead.")
+
+
+def measure_onnxruntime(proto: onnx.ModelProto, inputs: dict[str, np.ndarray], *, optimized: bool = True,
+                        threads: int = 2, warmup: int = 10, repeats: int = 50, backend: str = "ort") -> Latency:
+    """Latency of ONNX Runtime on ``proto`` with ``threads`` intra-op threads (optimized session by default)."""
+    import onnxruntime as ort
+
+    check_settings(threads, warmup, repeats)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - started)
+    return summarize(times, backend=backend, warmup=warmup, threads=threads)

@@ -1,0 +1,151 @@
+"""The settings of a search, validated once and stored with the study.
+
+A :class:`SearchConfig` is everything a worker on another machine needs to
+evaluate plans exactly as the first one did; it travels as JSON in the Optuna
+study's user attributes (never with a storage password in it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from precsearch.errors import ConfigError
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random", "exhaustive")
+#: The exhaustive sampler is offered (and is the default) up to this many plans.
+EXHAUSTIVE_MAX_PLANS = 1024
+#: Metrics whose float value is a perfect 1.0, so a relative drop is meaningful.
+DROP_METRICS = ("top1", "top5", "cosine")
+
+# These settings decide what a trial's numbers mean: a resumed study or a joining
+# worker must use the same ones, or its trials would not be comparable.
+OBJECTIVE_FIELDS = ("model", "input_shapes", "data", "preset", "calibration", "calibration_batches", "eval_batches",
+                    "metric", "max_drop", "goal", "threads", "requant", "block_size", "float_layout", "warmup",
+                    "repeats", "untuned", "check_batches")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """One search: the model, how a plan is scored, the sampler and the budget.
+
+    Parameters
+    ----------
+    model : str
+        A packaged model name or an ONNX path.
+    trials : int or None
+        Distinct plans to evaluate (a plan the sampler proposes again is not
+        built again and does not count); None: every plan for ``exhaustive``,
+        else 200.
+    timeout_s : float or None
+        Stop starting new trials after this long (per worker).
+    max_drop : float or None
+        Allowed fidelity drop relative to float, a fraction of the float
+        model's perfect score (``top1``, ``top5``, ``cosine``).
+    goal : float or None
+        The least acceptable metric value (greatest for ``nmse``,
+        ``max_abs_error``), for any metric; exclusive with ``max_drop``.
+    check_batches : int
+        Evaluation batches on which every trial's build is cross-checked with
+        ONNX Runtime on the same QDQ model, as ``build --check`` does; a
+        compiler problem fails the trial.  Studies stored before this setting
+        existed load with the default, 1.
+    """
+
+    model: str
+    input_shapes: dict = field(default_factory=dict)
+    data: str = "samples"
+    preset: str | None = None
+    calibration: str = "minmax"
+    calibration_batches: int = 8
+    eval_batches: int = 32
+    metric: str | None = None
+    max_drop: float | None = None
+    goal: float | None = None
+    sampler: str | None = None
+    trials: int | None = None
+    timeout_s: float | None = None
+    seed: int = 0
+    sensitivity_k: int = 4
+    workers: int = 1
+    threads: int = 2
+    requant: str = "float64"
+    block_size: int | None = None
+    float_layout: str = "blocked"
+    warmup: int = 10
+    repeats: int = 50
+    untuned: bool = False
+    study_name: str | None = None
+    heartbeat_interval_s: int = 15
+    grace_period_s: int = 120
+    max_retry: int = 2
+    check_batches: int = 1
+
+    def __post_init__(self):
+        def check_int(name, low, allow_none=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"The '{name}' parameter of search must be an int >= {low}; got {value!r} instead.")
+
+        for name, low in (("calibration_batches", 1), ("eval_batches", 1), ("sensitivity_k", 0), ("workers", 1),
+                          ("threads", 1), ("warmup", 0), ("repeats", 3), ("heartbeat_interval_s", 1),
+                          ("grace_period_s", 1), ("max_retry", 0), ("seed", 0), ("check_batches", 1)):
+            check_int(name, low)
+        check_int("trials", 1, allow_none=True)
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ConfigError(f"The 'sampler' parameter of search must be one of {list(SAMPLERS)}; "
+                              f"got {self.sampler!r} instead.")
+        if self.timeout_s is not None and not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
+            raise ConfigError(f"The 'timeout' parameter of search must be a positive duration; "
+                              f"got {self.timeout_s!r} instead.")
+        if self.max_drop is not None:
+            if not (isinstance(self.max_drop, (int, float)) and 0 <= self.max_drop < 1):
+                raise ConfigError(f"The 'max_drop' parameter of search must be a float in [0, 1); "
+                                  f"got {self.max_drop!r} instead.")
+            if self.goal is not None:
+                raise ConfigError("The 'max_drop' and 'goal' parameters of search exclude each other; got both "
+                                  f"({self.max_drop!r} and {self.goal!r}).")
+            if self.metric is not None and self.metric not in DROP_METRICS:
+                raise ConfigError(f"The 'max_drop' parameter of search applies to the metrics {list(DROP_METRICS)} "
+                                  f"(a fraction of float's perfect 1.0); got metric {self.metric!r}, "
+                                  "give --goal instead.")
+        if self.goal is not None and not (isinstance(self.goal, (int, float)) and math.isfinite(self.goal)):
+            raise ConfigError(f"The 'goal' parameter of search must be a finite number; got {self.goal!r} instead.")
+        if self.requant not in ("float64", "float32"):
+            raise ConfigError(f"The 'requant' parameter of search must be 'float64' or 'float32'; "
+                              f"got {self.requant!r} instead.")
+        if self.float_layout not in ("blocked", "nchw"):
+            raise ConfigError(f"The 'float_layout' parameter of search must be 'blocked' or 'nchw'; "
+                              f"got {self.float_layout!r} instead.")
+        if self.grace_period_s <= self.heartbeat_interval_s:
+            raise ConfigError(f"The 'grace_period_s' parameter of search must exceed the heartbeat interval "
+                              f"({self.heartbeat_interval_s} s); got {self.grace_period_s!r} instead.")
+
+    def fidelity_goal(self, metric: str) -> float | None:
+        """The least acceptable value of ``metric`` (None: unconstrained)."""
+        if self.max_drop is not None:
+            return 1.0 - self.max_drop
+        return self.goal
+
+    def replace(self, **changes) -> SearchConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> SearchConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(payload) - known)
+        if unknown:
+            raise ConfigError(f"The stored search settings hold unknown keys {unknown}; "
+                              "the study was made by another precsearch version.")
+        return cls(**payload)
+
+    def differences(self, other: SearchConfig) -> list[str]:
+        """The objective-defining settings that differ from ``other``'s, as ``name: mine != theirs``."""
+        return [f"{name}: {getattr(self, name)!r} != {getattr(other, name)!r}" for name in OBJECTIVE_FIELDS
+                if getattr(self, name) != getattr(other, name)]

@@ -1,0 +1,177 @@
+"""The search's real backend: build a plan with TVM, score its outputs, time it.
+
+Everything that does not depend on the plan (calibration ranges, evaluation
+inputs, the float reference, the tuning database) is prepared once per worker
+from cached files; :meth:`TvmEvaluator.evaluate` then costs one build, one pass
+over the evaluation inputs, one ONNX Runtime run of the plan's QDQ model on the
+check batches and one latency measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from precsearch.tvm import CompileOptions, build_plan
+from precsearch.study.config import SearchConfig
+from precsearch.fidelity.crosscheck import check_build
+from precsearch.model.data import split_batches
+from precsearch.fidelity.reference import reference_outputs
+from precsearch.fidelity.early_stop import evaluate_plan
+from precsearch.fidelity.reference import run_ort
+from precsearch.measure import CpuLock, Latency, measure_onnxruntime
+from precsearch.tvm import measure_library
+from precsearch.fidelity.metrics import compute_metrics
+from precsearch.model import LoadedModel
+from precsearch.plan import Plan
+from precsearch.model.quantize import CalibrationRanges, build_qdq_model, calibrate, output_steps, user_int8_model
+from precsearch.study.record import COMPILER_PROBLEM, PlanRejected, PlanResult
+from precsearch.tuning import open_database
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TvmEvaluator:
+    """Scores plans of one model: TVM build, fidelity against the ORT float reference, latency.
+
+    The fidelity is the built library's outputs on the evaluation batches
+    against ONNX Runtime running the float model.  Plans that cannot reach the
+    goal stop after the first batches (:func:`precsearch.fidelity.early_stop.evaluate_plan`).
+
+    Every build is then checked as ``build --check`` checks one (:meth:`check`):
+    its outputs on the first ``check_batches`` evaluation batches, kept from the
+    fidelity run, are compared with ONNX Runtime on the same QDQ model, and a
+    divergence is traced to a rounding near-tie or a compiler problem.  A
+    compiler problem raises :class:`~precsearch.study.record.PlanRejected` before
+    the latency is measured, so the search fails the trial.
+
+    Builds, fidelity runs and checks hold the machine's :class:`CpuLock`
+    shared, the latency measurement holds it exclusive.
+    """
+
+    model: LoadedModel
+    ranges: CalibrationRanges
+    batches: list
+    reference: list
+    metric: str
+    goal: float | None
+    options: CompileOptions
+    database: object = None
+    warmup: int = 10
+    repeats: int = 50
+    check_batches: int = 1
+    ort_int8_model: object = None  # the user's ORT int8 model (quantize_static defaults): the int8 baseline
+    lock: CpuLock = field(default_factory=CpuLock)
+
+    @classmethod
+    def from_config(cls, config: SearchConfig, model: LoadedModel, workdir: str | Path, preset: str | None,
+                    metric: str) -> TvmEvaluator:
+        """Calibrate (cached), load the evaluation inputs and the reference (cached), open the tuning database."""
+        workdir = Path(workdir)
+        calibration_batches, eval_batches = split_batches(model, config.data, config.preset or preset,
+                                                          config.calibration_batches, config.eval_batches)
+        cache_dir = workdir / "cache"
+        ranges = calibrate(model, calibration_batches, config.calibration, cache_dir=cache_dir)
+        reference = reference_outputs(model, eval_batches, cache_dir=cache_dir)
+        ort_int8_model = user_int8_model(model, calibration_batches, cache_dir=cache_dir)
+        options = CompileOptions(block_size=config.block_size, float_blocked=config.float_layout == "blocked",
+                                 threads=config.threads, requant_dtype=config.requant)
+        database = None if config.untuned else open_database(workdir, options)
+        if database is None and not config.untuned:
+            logger.warning("no tuning database in %s: plans run untuned kernels, so latencies are far from what a "
+                           "tuned build reaches (run 'precsearch tune' first)", workdir)
+        return cls(model=model, ranges=ranges, batches=eval_batches, reference=reference, metric=metric,
+                   goal=config.fidelity_goal(metric), options=options, database=database, warmup=config.warmup,
+                   repeats=config.repeats, check_batches=config.check_batches, ort_int8_model=ort_int8_model)
+
+    def evaluate(self, plan: Plan) -> PlanResult:
+        """Build, score and check ``plan``, then time it; raises :class:`PlanRejected` on a compiler problem."""
+        with self.lock.shared():
+            started = time.perf_counter()
+            qdq, built = self.build(plan)
+            build_time_s = time.perf_counter() - started
+            fidelity = evaluate_plan(lambda batches: [built.run(batch) for batch in batches], self.reference,
+                                     self.batches, self.metric, self.goal, keep=self.check_batches)
+            started = time.perf_counter()
+            verdict, verdict_detail = self.check(plan, qdq, fidelity.outputs)
+            check_time_s = time.perf_counter() - started
+        result = PlanResult(latency_ms=math.nan, latency_iqr_ms=math.nan,
+                            metrics={k: v for k, v in fidelity.values.items() if "/" not in k},
+                            build_time_s=round(build_time_s, 3), eval_time_s=round(fidelity.time_s, 3),
+                            fidelity_batches=fidelity.batches_used, stopped_early=fidelity.stopped_early,
+                            details={"tuned_kernels": built.tuned_kernels, "total_kernels": built.total_kernels,
+                                     "boundary_transforms": built.boundary_transforms,
+                                     "check_time_s": round(check_time_s, 3)},
+                            verdict=verdict, verdict_detail=verdict_detail)
+        if verdict == COMPILER_PROBLEM:
+            raise PlanRejected(result)  # a wrong library: not worth timing, never on the front
+        started = time.perf_counter()
+        latency = self._time(built, self.repeats)
+        measure_time_s = time.perf_counter() - started
+        return dataclasses.replace(result, latency_ms=latency.median_ms, latency_iqr_ms=latency.iqr_ms,
+                                   measure_time_s=round(measure_time_s, 3))
+
+    def check(self, plan: Plan, qdq, outputs) -> tuple[str, str]:
+        """The verdict on a build's ``outputs`` for the first ``len(outputs)`` evaluation batches, and its summary.
+
+        A plan with int8 layers is cross-checked as ``build --check`` does
+        (:func:`precsearch.fidelity.crosscheck.cross_check`, against ONNX Runtime on the
+        same QDQ model, graph optimizations off); only a divergence beyond one
+        output step costs a probe build.  The all-float plan has no QDQ model:
+        its outputs are held to ONNX Runtime float (the fidelity reference, so
+        no extra run) within :data:`~precsearch.fidelity.crosscheck.FLOAT_TAIL_RTOL`
+        relative error, what cross_check allows float arithmetic in another
+        order; beyond that it is a compiler problem.
+        """
+        outputs = list(outputs)
+        steps = output_steps(self.model, self.ranges)
+        checked = check_build(self.model, qdq, plan.int8_ids(self.model), self.batches[:len(outputs)], outputs, steps,
+                              options=self.options, float_reference=self.reference[:len(outputs)], yardstick=False)
+        return checked.verdict, checked.summary
+
+    def build(self, plan: Plan):
+        """The plan's QDQ model (the float model when every conv is float) and its TVM build."""
+        int8_ids = plan.int8_ids(self.model)
+        qdq = build_qdq_model(self.model, self.ranges, plan) if int8_ids else self.model.proto
+        return qdq, build_plan(self.model, qdq, int8_ids, options=self.options, database=self.database)
+
+    def _time(self, built, repeats: int) -> Latency:
+        with self.lock.exclusive():
+            return measure_library(built, self.batches[0], threads=self.options.threads, warmup=self.warmup,
+                                   repeats=repeats)
+
+    def remeasure(self, plan: Plan, repeats: int) -> Latency:
+        """Build ``plan`` again and time it with ``repeats`` runs (the front is re-checked before the final report)."""
+        with self.lock.shared():
+            _, built = self.build(plan)
+        return self._time(built, repeats)
+
+    def measure_baselines(self) -> dict:
+        """ONNX Runtime float and int8 latency, and ORT int8's fidelity.
+
+        ORT int8 is the user's model (``quantize_static`` defaults, per channel,
+        optimized session); ORT running precsearch's Conv-only all-int8 QDQ model
+        is kept beside it as ``ort_int8_conv_*``.  Without a user model (an
+        evaluator built by hand) the Conv-only model stands in, and
+        ``ort_int8_kind`` says so.
+        """
+        conv_only = build_qdq_model(self.model, self.ranges, Plan(frozenset()))
+        user = self.ort_int8_model if self.ort_int8_model is not None else conv_only
+        settings = dict(threads=self.options.threads, warmup=self.warmup, repeats=self.repeats)
+        with self.lock.exclusive():
+            ort_float = measure_onnxruntime(self.model.proto, self.batches[0], **settings)
+            ort_int8 = measure_onnxruntime(user, self.batches[0], **settings)
+            ort_conv = measure_onnxruntime(conv_only, self.batches[0], **settings)
+        with self.lock.shared():
+            int8_metrics = compute_metrics(self.reference, run_ort(user, self.batches, optimized=True)).values
+            conv_metrics = compute_metrics(self.reference, run_ort(conv_only, self.batches, optimized=True)).values
+        return {"ort_float_ms": ort_float.median_ms, "ort_float_iqr_ms": ort_float.iqr_ms,
+                "ort_int8_ms": ort_int8.median_ms, "ort_int8_iqr_ms": ort_int8.iqr_ms,
+                f"ort_int8_{self.metric}": int8_metrics[self.metric],
+                "ort_int8_kind": "quantize_static" if self.ort_int8_model is not None else "conv-only QDQ",
+                "ort_int8_conv_ms": ort_conv.median_ms, f"ort_int8_conv_{self.metric}": conv_metrics[self.metric]}

@@ -1,0 +1,644 @@
+"""The search: an Optuna multi-objective study over which conv layers stay float.
+
+One categorical parameter per int8-capable conv (``int8``/``float``), two
+objectives (latency median in ms, minimized; the fidelity metric, maximized or
+minimized by its kind), the fidelity goal as an Optuna constraint.  The loop
+does not know how a plan is scored: it calls a :class:`PlanEvaluator` (TVM
+build and measurement in :mod:`precsearch.study.evaluator`, a stand-in in tests).
+
+What the loop adds to Optuna:
+
+* Identical plans are never evaluated twice: a plan is claimed atomically in the
+  study's database (:class:`~precsearch.study.storage.PlanClaims`); a trial that
+  proposes a claimed plan waits for its owner and copies its values.
+* ``trials`` counts distinct plans, across every worker, exactly.
+* A failing plan is a failed trial with its reason; the study goes on.  So is a
+  plan whose build the evaluator's cross-check with ONNX Runtime calls a
+  compiler problem: it never reaches the front.
+* A killed worker's trial goes stale (heartbeats) and is re-queued; an
+  interrupted one (Ctrl-C) is re-queued when a worker next starts or settles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from precsearch.study.config import EXHAUSTIVE_MAX_PLANS, SAMPLERS, SearchConfig
+from precsearch.errors import ConfigError, PrecsearchError, first_line
+from precsearch.fidelity.metrics import METRICS
+from precsearch.model import LoadedModel
+from precsearch.study.pareto import FrontPoint, finite_objective, front_points
+from precsearch.plan import Plan
+from precsearch.study.record import COMPILER_PROBLEM, PlanEvaluator, PlanRejected, PlanResult  # noqa: F401  (PlanResult re-exported)
+from precsearch.study.storage import PlanClaims, quiet_experimental, redact_url
+
+logger = logging.getLogger(__name__)
+
+INT8, FLOAT = "int8", "float"
+INTERRUPTED = "interrupted"
+CONFIG_ATTR = "precsearch_config"
+MODEL_ATTR = "model_sha256"
+SEEDED_ATTR = "seeds_enqueued"
+CONSTRAINT = "fidelity_goal"
+DEFAULT_TRIALS = 200
+# A sampler that has converged keeps proposing plans it has seen; past this many
+# duplicates in a row the worker stops instead of looping for ever.
+MAX_DUPLICATES_IN_A_ROW = 200
+POLL_S = 1.0
+
+
+class TrialFailed(PrecsearchError, RuntimeError):
+    """A plan could not be built, run or measured; the trial is failed with this reason."""
+
+
+# --------------------------------------------------------------------------- space and seeds
+
+
+class PlanSpace:
+    """The int8-capable convs of a model as Optuna parameters, one per conv."""
+
+    def __init__(self, model: LoadedModel):
+        self.layer_ids = tuple(model.capable_ids())
+        if not self.layer_ids:
+            raise ConfigError(f"The model {str(model.source)!r} has no int8-capable conv layers to search over.")
+
+    @property
+    def size(self) -> int:
+        return 2 ** len(self.layer_ids)
+
+    def suggest(self, trial) -> Plan:
+        return Plan(frozenset(i for i in self.layer_ids if trial.suggest_categorical(i, [INT8, FLOAT]) == FLOAT))
+
+    def params(self, plan: Plan) -> dict[str, str]:
+        return {i: FLOAT if i in plan.float_ids else INT8 for i in self.layer_ids}
+
+    def plan_of(self, params: dict) -> Plan | None:
+        """The plan of a (possibly partial) parameter dict; None when some layer is missing."""
+        if any(i not in params for i in self.layer_ids):
+            return None
+        return Plan(frozenset(i for i in self.layer_ids if params[i] == FLOAT))
+
+
+def seed_plans(model: LoadedModel, sensitive_ids: Sequence[str] = (), k: int = 0) -> list[tuple[str, Plan]]:
+    """The plans every search starts from, named: all int8, all float, first and last conv float, top-k sensitive.
+
+    ``sensitive_ids`` is the sensitivity ranking, most sensitive first; plans
+    with its first 1..k layers float are added.  Repeated plans appear once.
+    """
+    capable = list(model.capable_ids())
+    candidates = [("all-int8", Plan(frozenset())), ("all-float", Plan(frozenset(capable))),
+                  ("first-and-last-float", Plan(frozenset({capable[0], capable[-1]})))]
+    for n in range(1, min(k, len(sensitive_ids)) + 1):
+        candidates.append((f"sensitive-top-{n}", Plan(frozenset(sensitive_ids[:n]))))
+    seen, seeds = set(), []
+    for name, plan in candidates:
+        if plan.key() not in seen:
+            seen.add(plan.key())
+            seeds.append((name, plan))
+    return seeds
+
+
+def make_sampler(name: str, seed: int, plan_count: int):
+    """The Optuna sampler for ``name`` (see :data:`precsearch.study.config.SAMPLERS`)."""
+    import optuna
+
+    if name == "exhaustive":
+        if plan_count > EXHAUSTIVE_MAX_PLANS:
+            raise ConfigError(f"The 'sampler' parameter of search can be 'exhaustive' only up to "
+                              f"{EXHAUSTIVE_MAX_PLANS} plans; this model has {plan_count} plans.")
+        return optuna.samplers.BruteForceSampler(seed=seed)
+    if name == "tpe":
+        # Multivariate TPE models the layers jointly: float-ness of neighbours interacts
+        # through layout boundaries, which independent per-layer densities miss.  On the
+        # 8-conv test model, 64 of 256 plans reached 0.93 of the exhaustive front's
+        # hypervolume on average over 10 seeds (independent TPE 0.92, random sampling 0.85).
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        try:
+            import torch  # noqa: F401  (GPSampler's own dependency, imported lazily by Optuna)
+        except ImportError:
+            raise ConfigError("The 'gp' sampler needs PyTorch, which is not installed; "
+                              "pip install torch (the CPU build is enough).") from None
+        return optuna.samplers.GPSampler(seed=seed)
+    raise ConfigError(f"The 'sampler' parameter of search must be one of {list(SAMPLERS)}; got {name!r} instead.")
+
+
+def default_sampler(plan_count: int) -> str:
+    return "exhaustive" if plan_count <= EXHAUSTIVE_MAX_PLANS else "tpe"
+
+
+def trial_budget(config: SearchConfig, plan_count: int) -> int:
+    """Distinct plans to evaluate: ``trials``, else all of a small space or :data:`DEFAULT_TRIALS`."""
+    if config.trials is not None:
+        return min(config.trials, plan_count)
+    return plan_count if plan_count <= EXHAUSTIVE_MAX_PLANS else DEFAULT_TRIALS
+
+
+# --------------------------------------------------------------------------- progress
+
+
+@dataclass(frozen=True)
+class SearchProgress:
+    """A snapshot of the study, for the progress line."""
+
+    done: int  # distinct plans finished (completed or failed)
+    budget: int
+    failed: int
+    running: int
+    elapsed_s: float
+    left_s: float | None
+    front_size: int
+    fastest_feasible: FrontPoint | None
+    metric: str
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    """How a worker's run ended, with the study's front."""
+
+    study_name: str
+    storage: str  # redacted
+    metric: str
+    budget: int
+    completed: int
+    failed: int
+    duplicates: int
+    front: list[FrontPoint]
+    elapsed_s: float
+    stopped_by: str
+
+
+# --------------------------------------------------------------------------- the study
+
+
+@dataclass
+class StudyHandle:
+    """An opened study with what every worker needs beside it."""
+
+    study: object
+    claims: PlanClaims
+    config: SearchConfig
+    storage_url: str
+    metric: str
+    higher_is_better: bool
+
+
+def open_study(config: SearchConfig, model: LoadedModel, storage, storage_url: str, study_name: str, metric: str,
+               *, create: bool = True) -> StudyHandle:
+    """Create or load ``study_name`` and check that it was made for this model and these settings.
+
+    Parameters
+    ----------
+    storage : optuna.storages.RDBStorage
+    create : bool
+        False (a joining worker) refuses a study that does not exist.
+    """
+    import optuna
+
+    if metric not in METRICS:
+        raise ConfigError(f"The 'metric' parameter of search must be one of {sorted(METRICS)}; got {metric!r} instead.")
+    higher_is_better = METRICS[metric][1]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created" on every start
+    directions = ["minimize", "maximize" if higher_is_better else "minimize"]
+    stored_names = {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
+    if study_name not in stored_names and not create:
+        raise ConfigError(f"The study {study_name!r} does not exist in {redact_url(storage_url)}; "
+                          f"start it with 'precsearch search' first.")
+    study = optuna.create_study(storage=storage, study_name=study_name, directions=directions, load_if_exists=True)
+    if list(study.directions) != [getattr(optuna.study.StudyDirection, d.upper()) for d in directions]:
+        raise ConfigError(f"The study {study_name!r} optimizes other directions than latency and {metric}; "
+                          "choose another --study.")
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None:
+        with quiet_experimental():
+            study.set_metric_names(["latency_ms", metric])
+        study.set_user_attr(CONFIG_ATTR, config.replace(study_name=study_name).to_dict())
+        study.set_user_attr(MODEL_ATTR, model.sha256)
+        study.set_user_attr("layer_ids", list(model.capable_ids()))
+        study.set_user_attr("storage", redact_url(storage_url))
+    else:
+        previous = SearchConfig.from_dict(stored)
+        if study.user_attrs.get(MODEL_ATTR) != model.sha256:
+            raise ConfigError(f"The study {study_name!r} was made for another model (sha256 "
+                              f"{str(study.user_attrs.get(MODEL_ATTR))[:12]}…, this one is {model.sha256[:12]}…); "
+                              "choose another --study.")
+        changed = config.differences(previous)
+        if changed:
+            raise ConfigError(f"The study {study_name!r} was made with other settings ({'; '.join(changed)}); "
+                              "use the same settings to resume it, or another --study.")
+        if create and config.replace(study_name=study_name) != previous:
+            # The budget, sampler or timeout of the latest run: what the report's "reproduce" command shows.
+            study.set_user_attr(CONFIG_ATTR, config.replace(study_name=study_name).to_dict())
+    claims = PlanClaims(storage.engine, study_name)
+    return StudyHandle(study=study, claims=claims, config=config, storage_url=storage_url, metric=metric,
+                       higher_is_better=higher_is_better)
+
+
+def enqueue_seeds(handle: StudyHandle, space: PlanSpace, seeds: list[tuple[str, Plan]]) -> int:
+    """Queue the seed plans once per study (a resumed study keeps its own queue)."""
+    study = handle.study
+    if study.user_attrs.get(SEEDED_ATTR):
+        return 0
+    for name, plan in seeds:
+        study.enqueue_trial(space.params(plan), user_attrs={"seed": name}, skip_if_exists=True)
+    study.set_user_attr(SEEDED_ATTR, [name for name, _ in seeds])
+    logger.info("queued %d seed plans: %s", len(seeds), ", ".join(name for name, _ in seeds))
+    return len(seeds)
+
+
+def _trial_plan_key(trial, space: PlanSpace) -> str | None:
+    if "plan" in trial.user_attrs:
+        return trial.user_attrs["plan"]
+    params = trial.params or trial.system_attrs.get("fixed_params") or {}
+    plan = space.plan_of(params)
+    return plan.key() if plan is not None else None
+
+
+def _plan_outcomes(trials) -> tuple[set[str], set[str]]:
+    """Plan keys with a completed trial, and those that failed for a reason (not interrupted, not killed)."""
+    from optuna.trial import TrialState
+
+    completed = {t.user_attrs.get("plan") for t in trials if t.state == TrialState.COMPLETE}
+    failed = {t.user_attrs.get("plan") for t in trials if t.state == TrialState.FAIL
+              and t.user_attrs.get("fail_reason") not in (None, INTERRUPTED)}
+    return completed - {None}, failed - completed - {None}
+
+
+def _retries_exhausted(trial, max_retry: int) -> bool:
+    return len(trial.system_attrs.get("retry_history", [])) >= max_retry
+
+
+class _InterruptFlag:
+    """Remembers a Ctrl-C even when a library swallows it.
+
+    A KeyboardInterrupt raised inside one of precsearch's Relax passes, which TVM
+    calls from C++, comes back as a TVM error: the trial would be recorded as a
+    failed build and the search would go on.  The flag tells the two apart.
+    """
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.raised = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class _Worker:
+    """One worker's loop over the study: claim, evaluate or follow, record, report."""
+
+    def __init__(self, handle: StudyHandle, space: PlanSpace, evaluator: PlanEvaluator, budget: int,
+                 progress: Callable[[SearchProgress], None] | None):
+        self.handle = handle
+        self.study = handle.study
+        self.space = space
+        self.evaluator = evaluator
+        self.budget = budget
+        self.progress = progress
+        self.goal = handle.config.fidelity_goal(handle.metric)
+        self.started = time.perf_counter()
+        self.duplicates_in_a_row = 0
+        self.duplicates = 0
+        self.evaluated_here = 0
+        self.stopped_by = "budget"
+        self.interrupt = _InterruptFlag()
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    # ---- the objective
+
+    def objective(self, trial):
+        try:
+            plan = self.space.suggest(trial)
+            key = plan.key()
+            trial.set_user_attr("plan", key)
+            trial.set_user_attr("float_layers", sorted(plan.float_ids, key=self.space.layer_ids.index))
+            trial.set_user_attr("worker", self.name)
+            while True:
+                claim = self.handle.claims.claim(key, trial.number, self.budget)
+                if claim.outcome == "full":
+                    import optuna
+
+                    trial.set_user_attr("skipped", "budget reached")
+                    self.stopped_by = "budget"
+                    trial.study.stop()
+                    raise optuna.TrialPruned("the trial budget is spent")
+                if claim.owner == trial.number:
+                    self.duplicates_in_a_row = 0
+                    return self._evaluate(trial, plan)
+                followed = self._follow(trial, key, claim.owner)
+                if followed is not None:
+                    return followed
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", INTERRUPTED)
+            raise
+
+    def _record_constraint(self, trial, fidelity: float) -> float:
+        if self.goal is None:
+            return 0.0
+        violation = (self.goal - fidelity) if self.handle.higher_is_better else (fidelity - self.goal)
+        trial.set_constraint(CONSTRAINT, violation)
+        trial.set_user_attr("feasible", violation <= 0)
+        return violation
+
+    def _evaluate(self, trial, plan: Plan):
+        try:
+            result = self.evaluator.evaluate(plan)
+        except PlanRejected as exc:  # raised or returned, a compiler problem fails the trial below
+            result = exc.result
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # any failure of one plan: recorded, and the study goes on
+            if self.interrupt.raised:
+                raise KeyboardInterrupt from None  # a Ctrl-C that TVM turned into an error
+            reason = _one_line(exc)
+            trial.set_user_attr("fail_reason", reason)
+            logger.warning("trial %d failed (%d float layers): %s", trial.number, len(plan.float_ids), reason)
+            raise TrialFailed(reason) from None
+        if result.verdict is not None:
+            trial.set_user_attr("verdict", result.verdict)
+            trial.set_user_attr("verdict_detail", result.verdict_detail)
+        if result.verdict == COMPILER_PROBLEM:
+            detail = result.verdict_detail or "the build disagrees with ONNX Runtime"
+            reason = detail if detail.startswith(COMPILER_PROBLEM) else f"{COMPILER_PROBLEM}: {detail}"
+            for name, value in result.metrics.items():  # what the wrong library scored, for the record
+                trial.set_user_attr(f"metric.{name}", value if math.isfinite(value) else str(value))
+            trial.set_user_attr("fail_reason", reason)
+            logger.warning("trial %d failed (%d float layers): %s", trial.number, len(plan.float_ids), reason)
+            raise TrialFailed(reason)
+        if self.handle.metric not in result.metrics:
+            reason = f"the evaluator returned no {self.handle.metric!r} metric (it has {sorted(result.metrics)})"
+            trial.set_user_attr("fail_reason", reason)
+            raise TrialFailed(reason)
+        fidelity = finite_objective(result.metrics[self.handle.metric])
+        latency = finite_objective(result.latency_ms)
+        trial.set_user_attr("latency_ms", latency)
+        trial.set_user_attr("latency_iqr_ms", result.latency_iqr_ms)
+        for name, value in result.metrics.items():
+            trial.set_user_attr(f"metric.{name}", value if math.isfinite(value) else str(value))
+        for name in ("build_time_s", "eval_time_s", "measure_time_s", "fidelity_batches", "stopped_early"):
+            trial.set_user_attr(name, getattr(result, name))
+        for name, value in result.details.items():
+            trial.set_user_attr(name, value)
+        trial.set_user_attr("int8_convs", len(self.space.layer_ids) - len(plan.float_ids))
+        self._record_constraint(trial, fidelity)
+        logger.info("trial %d: %d float layers, %.3f ms, %s %.4g", trial.number, len(plan.float_ids), latency,
+                    self.handle.metric, fidelity)
+        return latency, fidelity
+
+    def _follow(self, trial, key: str, owner: int):
+        """Take the values of the trial that owns this plan, waiting while it runs.
+
+        Returns the values, or None once the claim was taken over from a trial
+        that died or was interrupted (the caller then evaluates the plan).
+        """
+        import optuna
+        from optuna.trial import TrialState
+
+        trial.set_user_attr("duplicate_of", owner)
+        waited_s = 0.0
+        while True:
+            other = self.study.get_trials(deepcopy=False)[owner]
+            if other.state == TrialState.COMPLETE:
+                self.duplicates += 1
+                self.duplicates_in_a_row += 1
+                for name, value in other.user_attrs.items():
+                    if name not in ("seed", "worker", "plan", "float_layers"):
+                        trial.set_user_attr(name, value)
+                trial.set_user_attr("duplicate_of", owner)
+                for name, value in other.constraints.items():
+                    trial.set_constraint(name, value)
+                if self.duplicates_in_a_row >= MAX_DUPLICATES_IN_A_ROW:
+                    self.stopped_by = "sampler repeats itself"
+                    trial.study.stop()
+                return tuple(other.values)
+            if other.state == TrialState.FAIL:
+                reason = other.user_attrs.get("fail_reason")
+                if reason is None and _retries_exhausted(other, self.handle.config.max_retry):
+                    reason = "its worker died evaluating it on every retry"
+                if reason is not None and reason != INTERRUPTED:
+                    self.duplicates += 1
+                    trial.set_user_attr("fail_reason", f"same plan as trial {owner}: {reason}")
+                    raise TrialFailed(f"same plan as trial {owner}: {reason}")
+                if self.handle.claims.take_over(key, owner, trial.number):
+                    logger.info("trial %d re-runs the plan of trial %d (%s)", trial.number, owner,
+                                reason or "its worker stopped")
+                    trial.set_user_attr("reruns", owner)
+                    trial.set_user_attr("duplicate_of", None)
+                    return None
+                return None  # someone else took it over first: claim again to find the new owner
+            # RUNNING or WAITING: wait for it; a dead owner turns stale and fails.
+            time.sleep(POLL_S)
+            waited_s += POLL_S
+            if waited_s % 10 < POLL_S:
+                optuna.storages.fail_stale_trials(self.study)
+
+    # ---- the loop
+
+    def after_trial(self, study, trial) -> None:
+        if self.interrupt.raised:
+            raise KeyboardInterrupt  # swallowed somewhere below: stop now, the trial is recorded
+        trials = self.study.get_trials(deepcopy=False)
+        if self.finished_plans(trials) >= self.budget or self.handle.claims.count() >= self.space.size:
+            study.stop()
+        if self.progress is not None:
+            self.progress(self.snapshot(trials))
+
+    def finished_plans(self, trials=None) -> int:
+        completed, failed = _plan_outcomes(self.study.get_trials(deepcopy=False) if trials is None else trials)
+        return len(completed) + len(failed)
+
+    def snapshot(self, trials) -> SearchProgress:
+        from optuna.trial import TrialState
+
+        completed, failed = _plan_outcomes(trials)
+        done = len(completed) + len(failed)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        front = front_points(trials, feasible_only=True, higher_is_better=self.handle.higher_is_better)
+        elapsed_s = time.perf_counter() - self.started
+        timeout_s = self.handle.config.timeout_s
+        left_s = None
+        if self.evaluated_here:
+            per_plan_s = elapsed_s / self.evaluated_here
+            left_s = per_plan_s * max(0, self.budget - done) / self.handle.config.workers
+        if timeout_s is not None:
+            time_left_s = max(0.0, timeout_s - elapsed_s)
+            left_s = time_left_s if left_s is None else min(left_s, time_left_s)
+        return SearchProgress(done=done, budget=self.budget, failed=len(failed), running=running,
+                              elapsed_s=elapsed_s, left_s=left_s, front_size=len(front),
+                              fastest_feasible=front[0] if front else None, metric=self.handle.metric)
+
+    def settle(self, wait_for_running: bool) -> int:
+        """Re-queue interrupted plans; optionally wait for trials in flight; return the WAITING count.
+
+        A claim whose owner was interrupted (Ctrl-C) holds a budget slot with no
+        result: its plan is queued again so the budget ends with that many
+        finished plans.  Killed workers' trials are failed when their heartbeat
+        goes stale, and Optuna's retry callback queues them.
+        """
+        import optuna
+        from optuna.trial import TrialState
+
+        deadline = time.monotonic() + self.handle.config.grace_period_s + 3 * self.handle.config.heartbeat_interval_s
+        while True:
+            optuna.storages.fail_stale_trials(self.study)
+            trials = self.study.get_trials(deepcopy=False)
+            owners = self.handle.claims.owners()
+            queued = {_trial_plan_key(t, self.space) for t in trials if t.state in (TrialState.WAITING,
+                                                                                    TrialState.RUNNING)}
+            for key, owner in owners.items():
+                if owner >= len(trials):
+                    continue
+                trial = trials[owner]
+                if trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") == INTERRUPTED \
+                        and key not in queued:
+                    self.study.enqueue_trial(dict(trial.params), user_attrs={"reruns": owner})
+                    queued.add(key)
+                    logger.info("queued the interrupted plan of trial %d again", owner)
+            trials = self.study.get_trials(deepcopy=False)
+            waiting = sum(t.state == TrialState.WAITING for t in trials)
+            running = [t.number for t in trials if t.state == TrialState.RUNNING and t.number in owners.values()]
+            if waiting or not wait_for_running or not running or time.monotonic() > deadline:
+                return waiting
+            time.sleep(POLL_S)
+
+    def run(self) -> str:
+        timeout_s = self.handle.config.timeout_s
+        self.settle(wait_for_running=False)
+        catch = (TrialFailed,)
+        callbacks = [self._count_evaluation, self.after_trial]
+        if self.finished_plans() < self.budget:
+            self.study.optimize(self.objective, timeout=timeout_s, catch=catch, callbacks=callbacks,
+                                gc_after_trial=False)
+            if timeout_s is not None and time.perf_counter() - self.started >= timeout_s:
+                self.stopped_by = "timeout"
+        # The budget is spent, but plans whose trial was interrupted or whose worker
+        # died hold slots without a result: run them before calling the study done.
+        for _ in range(self.budget + 10):
+            if self.stopped_by == "timeout" or self.stopped_by == "sampler repeats itself":
+                break
+            waiting = self.settle(wait_for_running=True)
+            if not waiting:
+                break
+            self.study.optimize(self.objective, n_trials=waiting, catch=catch, callbacks=callbacks,
+                                gc_after_trial=False)
+        return self.stopped_by
+
+    def _count_evaluation(self, study, trial) -> None:
+        if trial.user_attrs.get("duplicate_of") is None and "skipped" not in trial.user_attrs:
+            self.evaluated_here += 1
+
+
+def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator, *,
+               progress: Callable[[SearchProgress], None] | None = None,
+               seeds: list[tuple[str, Plan]] | None = None, worker_index: int = 0,
+               sampler=None) -> SearchSummary:
+    """Run one worker on an opened study until the budget, the timeout or the space is spent.
+
+    Parameters
+    ----------
+    handle : StudyHandle
+        From :func:`open_study`.
+    evaluator : PlanEvaluator
+    progress : callable, optional
+        Called with a :class:`SearchProgress` after every trial.
+    seeds : list of (name, Plan), optional
+        Queued first, once per study (:func:`seed_plans`).
+    worker_index : int
+        Offsets the sampler's seed, so parallel workers do not propose the same sequence.
+    sampler : optuna.samplers.BaseSampler, optional
+        Used instead of the configured one (experiments compare sampler settings the CLI does not offer).
+    """
+    import optuna
+
+    space = PlanSpace(model)
+    config = handle.config
+    budget = trial_budget(config, space.size)
+    sampler_name = config.sampler or default_sampler(space.size)
+    with quiet_experimental():
+        handle.study.sampler = sampler or make_sampler(sampler_name, config.seed + worker_index, space.size)
+    if seeds:
+        enqueue_seeds(handle, space, seeds)
+    # Optuna logs every failed trial with a traceback; the search logs its own one line.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    worker = _Worker(handle, space, evaluator, budget, progress)
+    logger.info("worker %s on study %s (%s, %s sampler, budget %d plans)", worker.name, handle.study.study_name,
+                redact_url(handle.storage_url), sampler_name, budget)
+    with quiet_experimental(), worker.interrupt:
+        stopped_by = worker.run()
+    summary = SearchSummary(study_name=handle.study.study_name, storage=redact_url(handle.storage_url),
+                            metric=handle.metric, budget=budget, completed=0, failed=0, duplicates=worker.duplicates,
+                            front=[], elapsed_s=time.perf_counter() - worker.started, stopped_by=stopped_by)
+    return summarize_study(handle, summary)
+
+
+def summarize_study(handle: StudyHandle, summary: SearchSummary) -> SearchSummary:
+    """``summary`` with the counts and front of the whole study (after every worker has ended)."""
+    trials = handle.study.get_trials(deepcopy=False)
+    completed, failed = _plan_outcomes(trials)
+    return dataclasses.replace(summary, completed=len(completed), failed=len(failed),
+                               front=front_points(trials, higher_is_better=handle.higher_is_better))
+
+
+def measure_baselines(handle: StudyHandle, evaluator) -> dict | None:
+    """ONNX Runtime's float and int8 latency, measured once per study by a backend that can."""
+    from precsearch.report.writer import BASELINES_ATTR
+
+    stored = handle.study.user_attrs.get(BASELINES_ATTR)
+    if stored is not None or not hasattr(evaluator, "measure_baselines"):
+        return stored
+    baselines = evaluator.measure_baselines()
+    handle.study.set_user_attr(BASELINES_ATTR, baselines)
+    logger.info("baselines: %s", baselines)
+    return baselines
+
+
+def remeasure_front(handle: StudyHandle, evaluator, *, repeats: int, progress: Callable[[str], None] | None = None
+                    ) -> dict[int, dict]:
+    """Build and time every front plan again with ``repeats`` runs; stored in the study's ``remeasured`` attribute.
+
+    A front picked from single measurements favours plans that were timed on a
+    lucky run; the report shows these figures (median and IQR) beside the
+    search's own.  Plans already re-measured with as many runs are skipped.
+    """
+    from precsearch.report.writer import REMEASURED_ATTR
+
+    stored = {int(k): v for k, v in handle.study.user_attrs.get(REMEASURED_ATTR, {}).items()}
+    points = front_points(handle.study.get_trials(deepcopy=False), higher_is_better=handle.higher_is_better)
+    for done, point in enumerate(points, start=1):
+        if stored.get(point.trial, {}).get("runs", 0) >= repeats:
+            continue
+        if progress is not None:
+            progress(f"re-measuring front plan {done}/{len(points)} (trial {point.trial}, {repeats} runs)")
+        latency = evaluator.remeasure(Plan(frozenset(point.float_layers)), repeats)
+        stored[point.trial] = {"median_ms": latency.median_ms, "iqr_ms": latency.iqr_ms, "runs": latency.runs}
+        handle.study.set_user_attr(REMEASURED_ATTR, {str(k): v for k, v in stored.items()})
+    return stored
+
+
+def _one_line(exc: BaseException) -> str:
+    """The failure reason recorded on a trial: the exception's type and first line."""
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__

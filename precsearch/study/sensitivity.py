@@ -1,0 +1,138 @@
+"""Per-layer sensitivity: what each conv costs in fidelity and saves in latency when int8.
+
+For every int8-capable conv it records the fidelity with only that layer int8
+(all others float), the fidelity with only that layer float (all others int8),
+and, optionally, the latency saved by that layer being int8: the latency of the
+plan with only it float minus the all-int8 latency, both TVM builds.
+
+Fidelity comes from ONNX Runtime running each plan's QDQ model with graph
+optimizations disabled: building 2·N TVM plans for it would take far longer, and
+TVM builds reproduce that model up to rounding near-ties (see ``crosscheck``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from precsearch.tvm import CompileOptions, build_plan
+from precsearch.errors import ConfigError
+from precsearch.fidelity.reference import run_ort
+from precsearch.tvm import measure_library
+from precsearch.fidelity.metrics import METRICS, compute_metrics
+from precsearch.model import LoadedModel
+from precsearch.plan import Plan
+from precsearch.model.quantize import CalibrationRanges, build_qdq_model
+
+logger = logging.getLogger(__name__)
+
+CSV_NAME = "sensitivity.csv"
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """One conv's row of the sensitivity table."""
+
+    id: str
+    index: int
+    macs: int
+    only_int8: dict[str, float]  # metrics with only this layer int8
+    only_float: dict[str, float]  # metrics with only this layer float
+    latency_saved_ms: float | None  # latency(only this float) - latency(all int8)
+
+
+def run_sensitivity(model: LoadedModel, ranges: CalibrationRanges, batches, reference, *,
+                    measure_latency: bool = True, options: CompileOptions | None = None, database=None, threads: int = 2,
+                    progress: Callable[[int, int, str], None] | None = None) -> list[LayerSensitivity]:
+    """Sensitivity of every int8-capable conv.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    ranges : CalibrationRanges
+    batches : list of dict
+        Evaluation inputs (not the calibration set).
+    reference : list of dict
+        Float reference outputs on ``batches``.
+    measure_latency : bool
+        Build and time ``1 + N`` TVM plans (minutes on a real model).
+    progress : callable, optional
+        Called as ``progress(done, total, layer_id)``.
+    """
+    capable = model.capable_ids()
+    if not capable:
+        raise ConfigError(f"The model {model.source!r} has no int8-capable conv layers to rank.")
+    all_ids = frozenset(capable)
+
+    def fidelity(float_ids) -> dict[str, float]:
+        qdq = build_qdq_model(model, ranges, Plan(frozenset(float_ids)))
+        return compute_metrics(reference, run_ort(qdq, batches)).values
+
+    def latency_ms(float_ids) -> float:
+        plan = Plan(frozenset(float_ids))
+        built = build_plan(model, build_qdq_model(model, ranges, plan), plan.int8_ids(model), options=options,
+                           database=database)
+        return measure_library(built, batches[0], threads=threads).median_ms
+
+    base_latency = latency_ms(()) if measure_latency else None
+    rows = []
+    started = time.perf_counter()
+    for done, layer_id in enumerate(capable, start=1):
+        layer = model.layer(layer_id)
+        saved = latency_ms({layer_id}) - base_latency if measure_latency else None
+        rows.append(LayerSensitivity(layer_id, layer.index, layer.macs, fidelity(all_ids - {layer_id}),
+                                     fidelity({layer_id}), saved))
+        logger.info("sensitivity %d/%d %s (%.0f s)", done, len(capable), layer_id, time.perf_counter() - started)
+        if progress is not None:
+            progress(done, len(capable), layer_id)
+    return rows
+
+
+def to_frame(rows: list[LayerSensitivity], metric: str) -> pd.DataFrame:
+    """The table, most sensitive first: worst ``metric`` with only that layer int8 (SQNR breaks ties)."""
+    if metric not in METRICS:
+        raise ConfigError(f"The 'metric' parameter of sensitivity must be one of {sorted(METRICS)}; "
+                          f"got {metric!r} instead.")
+    records = []
+    for row in rows:
+        record = {"id": row.id, "index": row.index, "macs": row.macs, "latency_saved_ms": row.latency_saved_ms}
+        record.update({f"only_int8.{k}": v for k, v in row.only_int8.items() if "/" not in k})
+        record.update({f"only_float.{k}": v for k, v in row.only_float.items() if "/" not in k})
+        records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    # Top-k agreement ties easily on few samples; SQNR breaks the tie.
+    keys = [metric] if metric == "sqnr_db" else [metric, "sqnr_db"]
+    keys = [key for key in keys if f"only_int8.{key}" in frame]
+    frame = frame.sort_values([f"only_int8.{key}" for key in keys] + ["index"],
+                              ascending=[METRICS[key][1] for key in keys] + [True])
+    frame.insert(0, "rank", range(1, len(frame) + 1))
+    frame.attrs["metric"] = metric
+    return frame.reset_index(drop=True)
+
+
+def write_csv(frame: pd.DataFrame, workdir: Path) -> Path:
+    """Write the table where the search looks for it: ``<workdir>/sensitivity.csv``."""
+    path = Path(workdir) / CSV_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def most_sensitive(workdir: Path, model: LoadedModel, k: int) -> list[str]:
+    """The ``k`` most sensitive layer ids from ``<workdir>/sensitivity.csv`` (the search's seeds).
+
+    Ids the model does not have (a table from another model) are an error, not skipped.
+    """
+    path = Path(workdir) / CSV_NAME
+    frame = pd.read_csv(path)
+    known = set(model.capable_ids())
+    unknown = [layer_id for layer_id in frame["id"] if layer_id not in known]
+    if unknown:
+        raise ConfigError(f"The sensitivity table {str(path)!r} names layers this model does not have: "
+                          f"{unknown[:5]}; rerun 'precsearch sensitivity'.")
+    return list(frame.sort_values("rank")["id"][:k])

@@ -1,0 +1,67 @@
+"""Time spent in each kernel of a built plan, to see which workloads dominate.
+
+TVM 0.27's Relax VM has no profiler; its instrument hook is called before and
+after every call instruction, which is enough to time each kernel call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._timing import tvm_threads
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    """Median time of one kernel per inference."""
+
+    kernel: str
+    calls: int
+    median_us: float
+
+
+def profile_kernels(library, inputs: dict[str, np.ndarray], *, threads: int = 2, runs: int = 20) -> list[KernelTime]:
+    """Per-kernel time of ``library`` (a BuiltPlan or LoadedLibrary), slowest first.
+
+    Python timestamps add a few microseconds per call; use it to rank kernels,
+    and the VM's ``time_evaluator`` (:func:`measure_library`) for end-to-end latency.
+    """
+    with tvm_threads(threads):
+        return _profile(library, inputs, runs)
+
+
+def _profile(library, inputs, runs: int) -> list[KernelTime]:
+    import tvm
+    from tvm import relax
+
+    executable = getattr(library, "executable", None)
+    vm = relax.VirtualMachine(executable, tvm.cpu()) if executable is not None else library.virtual_machine()
+    args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[name]), tvm.cpu()) for name in library.input_names]
+    per_run: list[dict[str, float]] = []
+    calls: dict[str, int] = defaultdict(int)
+    started: dict[str, float] = {}
+    current: dict[str, float] = defaultdict(float)
+
+    def instrument(func, symbol, before_run, ret_value, *call_args):
+        if before_run:
+            started[symbol] = time.perf_counter()
+        else:
+            current[symbol] += time.perf_counter() - started.pop(symbol)
+            if len(per_run) == 0:
+                calls[symbol] += 1
+        return 0  # VMInstrumentReturnKind.NO_OP: run the call normally
+
+    vm["main"](*args)  # warm-up: first-call allocation
+    vm.set_instrument(instrument)
+    for _ in range(runs):
+        current.clear()
+        vm["main"](*args)
+        per_run.append(dict(current))
+    kernels = sorted({name for run in per_run for name in run})
+    rows = [KernelTime(kernel=name, calls=calls.get(name, 0),
+                       median_us=float(np.median([run.get(name, 0.0) for run in per_run])) * 1e6) for name in kernels]
+    return sorted(rows, key=lambda row: -row.median_us)

@@ -1,0 +1,457 @@
+"""Kernel tuning with MetaSchedule into a persistent database shared by every plan.
+
+Tuning happens once per distinct kernel, never inside a plan's build: the tasks
+of a handful of representative plans (all-int8, all-float and the two
+alternating mixes, whose boundaries cover every int8/float transition) are
+extracted, deduplicated, and tuned task by task into MetaSchedule's JSON
+database. The database compares kernels by their anchor block (the conv), so a
+conv tuned next to an int8 requantize is found again next to a float add in a
+mixed plan; with the default structural equality most convs of a mixed plan miss.
+
+Each task is tuned by its own ``tune_tasks`` call so that a killed run keeps every
+finished task (records are appended to the JSON files as they are measured) and
+the next run skips tasks that already have their budget of records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+import tvm.tirx
+import tvm_ffi
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+from tvm.ir.utils import derived_object
+
+from precsearch.errors import ConfigError
+from . import _intrinsics
+from ._trace import tvm_error_line
+from precsearch.files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+EXACT_WORKLOAD_FILE = "exact_workload.json"
+EXACT_RECORD_FILE = "exact_tuning_record.json"
+FINISHED_FILE = "finished_tasks.json"
+LOG_FILE = "tuning.log"
+
+_INT8_CONV_BLOCK = "conv2d_NCHWc_int8"  # the compute name of topi.nn.conv2d_NCHWc_int8
+_CONV_NAME = re.compile(r"ps_conv_L(\d+)_(int8|float)_(\w+?)(?:_|$)")
+
+
+class TuningDatabase:
+    """MetaSchedule's JSON database in ``directory``, comparing kernels by anchor block.
+
+    Records are specific to a target, so keep one directory per target
+    (:func:`database_dir`).
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"The tuning database directory {str(self.directory)!r} cannot be created: "
+                              f"{exc.strerror}.") from exc
+        self.ms_database = ms.database.JSONDatabase(
+            path_workload=str(self.directory / WORKLOAD_FILE),
+            path_tuning_record=str(self.directory / RECORD_FILE),
+            allow_missing=True,
+            module_equality="anchor-block",
+        )
+        # Kernels tuned in their own form go to a second database with exact
+        # equality: filed under an anchor-block workload, their traces name blocks
+        # that workload lacks, and the JSON database then refuses to load at all.
+        self.exact_database = ms.database.JSONDatabase(
+            path_workload=str(self.directory / EXACT_WORKLOAD_FILE),
+            path_tuning_record=str(self.directory / EXACT_RECORD_FILE),
+            allow_missing=True,
+            module_equality="structural",
+        )
+
+    def __len__(self) -> int:
+        return len(self.ms_database) + len(self.exact_database)
+
+    def finished_budget(self, mod: tvm.IRModule) -> int:
+        """The largest trial budget a finished tuning of exactly this kernel had (0 if never finished).
+
+        Record counts alone cannot tell a finished task: small search spaces
+        (a reshape, a transpose) run out of candidates after a trial or two.
+        """
+        return int(self._finished().get(_kernel_key(mod), 0))
+
+    def mark_finished(self, mod: tvm.IRModule, trials: int) -> None:
+        finished = self._finished()
+        key = _kernel_key(mod)
+        finished[key] = max(trials, int(finished.get(key, 0)))
+        atomic_write(self.directory / FINISHED_FILE, json.dumps(finished, indent=0, sort_keys=True))
+
+    def _finished(self) -> dict:
+        path = self.directory / FINISHED_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def records_for(self, mod: tvm.IRModule, limit: int) -> int:
+        """How many tuning records (at most ``limit``) the database holds for this kernel."""
+        if not self.ms_database.has_workload(mod):
+            return 0
+        return len(self.ms_database.get_top_k(self.ms_database.commit_workload(mod), limit))
+
+
+def _kernel_key(mod: tvm.IRModule) -> str:
+    return f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def database_dir(workdir: str | Path, target: tvm.target.Target) -> Path:
+    """``<workdir>/tuning/<cpu>-<cores>c``: records hold for one CPU model and core count."""
+    cpu = str(target.attrs.get("mcpu", "generic"))
+    cores = int(target.attrs.get("num-cores", 0) or 0)
+    return Path(workdir) / "tuning" / f"{cpu}-{cores}c"
+
+
+@dataclass(frozen=True)
+class TuningTask:
+    """One distinct kernel to tune."""
+
+    name: str
+    mod: tvm.IRModule
+    weight: int
+    space: str  # "vnni16", "vnni8" or "default": the search space it is tuned in
+    layer_index: int | None
+    primary: bool = True  # first kernel of its anchor block; others reuse its records when they replay
+
+
+@dataclass
+class TuningReport:
+    """What a tuning run did."""
+
+    tasks_total: int
+    tasks_tuned: int
+    tasks_skipped: int  # already tuned by an earlier run
+    tasks_covered: int  # served by records of another kernel with the same anchor block
+    trials_run: int
+    records: int
+    time_s: float
+    finished: bool
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def extract_tuning_tasks(modules, target: tvm.target.Target) -> list[TuningTask]:
+    """Structurally distinct kernels of the given fused modules; the first of each anchor block is primary.
+
+    Primary kernels come first. The others share a conv (or other anchor block)
+    with a primary one and are tuned only when none of its records replays on
+    them (see :func:`tune_tasks`).
+    """
+    exact = ms.database.MemoryDatabase(module_equality="structural")
+    anchors = ms.database.MemoryDatabase(module_equality="anchor-block")
+    tasks: list[TuningTask] = []
+    for mod in modules:
+        for extracted in ms.relax_integration.extract_tasks(mod, target, module_equality="structural"):
+            kernel = extracted.dispatched[0]
+            if exact.has_workload(kernel):
+                continue
+            exact.commit_workload(kernel)
+            primary = not anchors.has_workload(kernel)
+            anchors.commit_workload(kernel)
+            match = _CONV_NAME.search(extracted.task_name)
+            tasks.append(TuningTask(name=extracted.task_name, mod=kernel, weight=int(extracted.weight),
+                                    space=_space_of(kernel, target), primary=primary,
+                                    layer_index=int(match.group(1)) if match else None))
+    return sorted(tasks, key=lambda task: not task.primary)
+
+
+def _space_of(kernel: tvm.IRModule, target: tvm.target.Target) -> str:
+    """VNNI tiling for a blocked int8 conv whose output block matches an intrinsic; default otherwise."""
+    from tvm.target import codegen
+
+    schedule = tvm.s_tir.Schedule(kernel)
+    try:
+        block = schedule.get_sblock(_INT8_CONV_BLOCK)
+    except Exception:  # noqa: BLE001 — no int8 conv in this kernel
+        return "default"
+    lanes = int(schedule.get(block).writes[0].source.shape[-1])
+    with target:
+        has_vnni = bool(codegen.target_has_features("avx512vnni"))
+        has_vl = bool(codegen.target_has_features("avx512vl"))
+    if not has_vnni or lanes not in _intrinsics.VNNI_BY_LANES or (lanes == 8 and not has_vl):
+        return "default"
+    return f"vnni{lanes}"
+
+
+def _space_generator(space: str):
+    if space == "default":
+        return ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
+    intrin = _intrinsics.VNNI_BY_LANES[int(space[len("vnni"):])]
+    # TVM's LLVM rules with the multi-level tiling swapped for its tensorizing
+    # variant (what 0.2x's x86 "vnni" rule set did; 0.27 dropped it).
+    rules = [
+        ms.schedule_rule.MultiLevelTilingWithIntrin(
+            intrin, structure="SSRSRS", tile_binds=None, max_innermost_factor=64, vector_load_lens=None,
+            reuse_read=None, reuse_write=ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global"))
+        if type(rule).__name__ == "MultiLevelTiling" else rule
+        for rule in ms.schedule_rule.ScheduleRule.create("llvm")
+    ]
+    # RewriteLayout is left out: it rewrites the weight layout the intrinsic's tile reads.
+    postprocs = [
+        ms.postproc.DisallowDynamicLoop(),
+        ms.postproc.RewriteParallelVectorizeUnroll(),
+        ms.postproc.RewriteReductionBlock(),
+        ms.postproc.RewriteTensorize(vectorize_init_loop=True),
+    ]
+    return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=postprocs, mutator_probs="llvm")
+
+
+@derived_object
+class InProcessBuilder(PyBuilder):
+    """Compile candidates in this process.
+
+    MetaSchedule's LocalBuilder starts a fresh process pool for every batch, and
+    each worker re-imports all of TVM's tensor intrinsics (~12 s per batch on two
+    cores); compiling in-process costs well under a second per batch.
+    """
+
+    def build(self, build_inputs):
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+        from tvm.support.tar import tar
+
+        results = []
+        for item in build_inputs:
+            try:
+                mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(item.mod)
+                library = tvm.compile(mod, target=item.target)
+                path = os.path.join(tempfile.mkdtemp(prefix="precsearch-ms-"), "kernel." + tar.output_format)
+                library.export_library(path, fcompile=tar)
+                results.append(BuilderResult(path, None))
+            except Exception as exc:  # noqa: BLE001 — a failed candidate is MetaSchedule's to record
+                results.append(BuilderResult(None, tvm_error_line(exc)))
+        return results
+
+
+def check_trials(trials_per_task) -> None:
+    if not isinstance(trials_per_task, int) or trials_per_task < 1:
+        raise ConfigError(f"The 'trials' parameter of tune must be a positive int; got {trials_per_task!r} instead.")
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """Send file descriptor 2 to ``path`` while MetaSchedule runs.
+
+    Its C++ side writes thousands of warnings straight to stderr ("Tensorize
+    failed" for every candidate whose tiles miss the intrinsic, "Unknown schedule
+    rule" for topi's conv annotation), which would bury the progress lines.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def local_runner(threads: int):
+    """MetaSchedule's LocalRunner timing candidates on ``threads`` threads, as deployment runs them.
+
+    Its worker is a fresh process, and TVM's runtime sizes a fresh pool as
+    hardware threads / 2 ("ignore hyper-threading"): 1 thread on these 2-core
+    machines, so every kernel was tuned single-threaded.  The worker inherits
+    ``TVM_NUM_THREADS``, which that sizing honours.
+    """
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=ms.runner.EvaluatorConfig(
+        number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False))
+
+
+def runtime_threads() -> int:
+    """The TVM runtime's thread count in this process (run in a runner's worker by the tests)."""
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
+def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.target.Target, *,
+               trials_per_task: int, threads: int = 2, timeout_s: float | None = None, progress=None,
+               seed: int = 0) -> TuningReport:
+    """Tune, one at a time, every primary kernel with fewer than ``trials_per_task`` records, then every
+    other kernel that none of its anchor block's records replays on.
+
+    Parameters
+    ----------
+    progress : callable, optional
+        Called as ``progress(done_tasks, total_tasks, task, trials_run, elapsed_s)`` after each task.
+    timeout_s : float, optional
+        Stop starting new tasks after this long; what was recorded stays.
+    """
+    check_trials(trials_per_task)
+    started = time.perf_counter()
+    builder = InProcessBuilder()
+    runner = local_runner(threads)
+    cost_model = ms.cost_model.XGBModel(num_tuning_cores=threads)
+    tuned = skipped = covered_count = trials_run = 0
+    finished = True
+    work_dir = tempfile.mkdtemp(prefix="precsearch-tune-")
+    for done, task in enumerate(tasks, start=1):
+        # Records are filed by anchor block, so only a primary kernel can count them as its own.
+        existing = database.records_for(task.mod, trials_per_task) if task.primary else 0
+        done_before = database.finished_budget(task.mod) >= trials_per_task or existing >= trials_per_task
+        covered = not done_before and not task.primary and pin_anchor_record(database, task.mod, target)
+        if done_before or covered:
+            if covered:
+                database.mark_finished(task.mod, trials_per_task)
+            covered_count += covered
+            skipped += done_before
+            if progress:
+                progress(done, len(tasks), task, 0, time.perf_counter() - started)
+            continue
+        if timeout_s is not None and time.perf_counter() - started > timeout_s:
+            finished = False
+            logger.info("tuning time limit reached after %d of %d tasks", done - 1, len(tasks))
+            break
+        budget = trials_per_task - existing
+        context = ms.TuneContext(
+            mod=task.mod, target=target, space_generator=_space_generator(task.space),
+            search_strategy=ms.search_strategy.EvolutionarySearch(population_size=256, init_min_unmeasured=32,
+                                                                  genetic_num_iters=3),
+            task_name=task.name, rand_state=seed + done, num_threads=threads)
+        before = len(database)
+        try:
+            with _stderr_to(database.directory / LOG_FILE):
+                ms.tune.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=budget,
+                                   max_trials_per_task=budget, num_trials_per_iter=min(budget, 16), builder=builder,
+                                   runner=runner,
+                                   database=database.ms_database if task.primary else database.exact_database,
+                                   cost_model=cost_model, task_scheduler="round-robin",
+                                   module_equality="anchor-block" if task.primary else "structural")
+        except Exception as exc:  # noqa: BLE001 — one untunable kernel must not stop the others
+            logger.warning("tuning %s failed: %s", task.name, tvm_error_line(exc))
+        else:
+            database.mark_finished(task.mod, trials_per_task)
+        trials_run += len(database) - before
+        tuned += 1
+        if progress:
+            progress(done, len(tasks), task, len(database) - before, time.perf_counter() - started)
+    return TuningReport(tasks_total=len(tasks), tasks_tuned=tuned, tasks_skipped=skipped,
+                        tasks_covered=covered_count, trials_run=trials_run,
+                        records=len(database), time_s=time.perf_counter() - started, finished=finished)
+
+
+@tvm.transform.module_pass(opt_level=0, name="precsearch.ApplyTuning")
+class ApplyTuning:
+    """Schedule every kernel the database has a record for; count what it scheduled.
+
+    What TVM's ``MetaScheduleApplyDatabase`` does, one kernel at a time: a
+    record found by anchor-block equality is replayed with MetaSchedule's
+    anchor-trace replay, which can fail on a kernel whose fused neighbours differ
+    from the tuned one (a check in the trace replay fires). TVM's pass then fails
+    the whole build; here other records are tried (:func:`best_schedule`), and a
+    kernel no record applies to keeps TVM's default schedule and is reported.
+
+    Parameters
+    ----------
+    database : TuningDatabase or None
+        None schedules nothing and only counts kernels.
+    """
+
+    def __init__(self, database: TuningDatabase | None, target: tvm.target.Target):
+        self.database = database
+        self.target = target
+        self.scheduled: dict[str, bool] = {}
+        self.not_applied: dict[str, str] = {}  # kernel → why no record applied
+
+    def transform_module(self, mod, ctx):
+        for gvar, func in list(mod.functions.items()):
+            if not isinstance(func, tvm.tirx.PrimFunc):
+                continue
+            tuned = self._schedule(gvar.name_hint, func) if self.database is not None else None
+            self.scheduled[gvar.name_hint] = tuned is not None
+            if tuned is not None:
+                mod[gvar] = tuned
+        return mod
+
+    def _schedule(self, name: str, func):
+        from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+        body, failure = best_schedule(self.database, _normalize_mod(func), self.target)
+        if body is None:
+            if failure:
+                self.not_applied[name] = failure
+                logger.warning("no tuning record applies to %s (%s); it keeps the default schedule", name, failure)
+            return None
+        # keep the original attributes (global symbol, precsearch.layer), as TVM's pass does
+        return tvm.tirx.PrimFunc(body.params, body.body, body.ret_type, func.attrs).with_attr(
+            "tirx.is_scheduled", True)
+
+
+def best_schedule(database: TuningDatabase, kernel: tvm.IRModule, target, top_k: int = 16):
+    """The fastest record of ``kernel``'s anchor block that replays on it: (scheduled PrimFunc, "") or (None, why).
+
+    Records of this very kernel (in the exact database) come first and replay
+    their trace; then records of its anchor block, tuned on another kernel, are
+    replayed with MetaSchedule's anchor-trace replay, which fails for some pairs
+    (a reduction fused differently), so up to ``top_k`` of them are tried.
+    """
+    records = []
+    for ms_database in (database.exact_database, database.ms_database):
+        if ms_database.has_workload(kernel):
+            records += ms_database.get_top_k(ms_database.commit_workload(kernel), top_k)
+    if not records:
+        return None, ""
+    failure = ""
+    for record in records:
+        try:
+            schedule = replay(record, kernel, target)
+            return schedule.mod["main"], ""
+        except Exception as exc:  # noqa: BLE001 — try the next record
+            failure = tvm_error_line(exc)
+    return None, failure or "no records"
+
+
+def replay(record, kernel: tvm.IRModule, target):
+    """``record``'s schedule on ``kernel``: its own trace, or the anchor-trace replay for another kernel."""
+    from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
+
+    if tvm_ffi.structural_equal(kernel, record.workload.mod):
+        schedule = tvm.s_tir.Schedule(record.workload.mod)
+        record.trace.apply_to_schedule(schedule, remove_postproc=False)
+    else:
+        schedule = tvm.s_tir.Schedule(kernel)
+        schedule_using_anchor_trace(schedule, record.trace, target)
+    return schedule
+
+
+def pin_anchor_record(database: TuningDatabase, kernel: tvm.IRModule, target, top_k: int = 16) -> bool:
+    """File, in the exact database, the replayed schedule of the fastest anchor record that works on ``kernel``.
+
+    Whether an anchor record replays can change as faster records of other
+    kernels join the anchor workload and push it out of the top k; pinning the
+    replayed trace under this very kernel keeps it found.
+    """
+    ms_database = database.ms_database
+    if not ms_database.has_workload(kernel):
+        return False
+    for record in ms_database.get_top_k(ms_database.commit_workload(kernel), top_k):
+        try:
+            schedule = replay(record, kernel, target)
+        except Exception:  # noqa: BLE001 — try the next record
+            continue
+        exact = database.exact_database
+        exact.commit_tuning_record(ms.database.TuningRecord(
+            trace=schedule.trace, workload=exact.commit_workload(kernel), run_secs=record.run_secs, target=target,
+            args_info=ms.arg_info.ArgInfo.from_prim_func(kernel["main"])))
+        return True
+    return False

@@ -1,0 +1,285 @@
+"""Checks that the built graph is the plan, and the per-layer layout table.
+
+Both read the graph rather than trusting the passes that made it: the table is
+taken from the IR after ConvertLayout, and the verifier runs after legalization
+and constant folding, reading each conv kernel's name *and* its weight constant.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from precsearch.errors import CompileError, VerificationError
+from ._importer import ImportedModel, layer_index_of_weight
+from ._layout import PRIMFUNC_PREFIX, unpack_kernel
+
+_KERNEL_NAME = re.compile(rf"^{PRIMFUNC_PREFIX}L(\d+)_(int8|float)_(NCHW(?:\d+c)?)")
+
+# Ops a tensor may pass through between a conv and the layout transform that
+# leaves it, for the table's "transforms out" column.
+_ELEMENTWISE = {
+    "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.astype", "relax.round",
+    "relax.maximum", "relax.minimum", "relax.nn.relu", "relax.sigmoid", "relax.clip", "relax.tanh",
+}
+
+
+@dataclass
+class LayerRow:
+    """One conv as built: what the per-layer table prints."""
+
+    index: int
+    id: str
+    dtype: str  # "int8" or "float32"
+    layout: str
+    transforms_in: list[str] = field(default_factory=list)
+    transforms_out: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "id": self.id, "dtype": self.dtype, "layout": self.layout,
+                "transforms_in": self.transforms_in, "transforms_out": self.transforms_out, "note": self.note}
+
+
+def _layout_name(ndim: int, block: int | None) -> str:
+    return "NCHW" if ndim == 4 else f"NCHW{block}c"
+
+
+def _transform_text(call: relax.Call) -> str:
+    src = call.args[0].ty
+    dst = call.ty
+    src_block = int(src.shape[-1]) if src.ndim == 5 else None
+    dst_block = int(dst.shape[-1]) if dst.ndim == 5 else None
+    return f"{_layout_name(src.ndim, src_block)}→{_layout_name(dst.ndim, dst_block)}"
+
+
+def _calls(func):
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            if isinstance(binding.value, relax.Call):
+                yield binding.var, binding.value
+
+
+@dataclass
+class OperatorLayouts:
+    """How the non-conv operators of the graph ran: per Relax op, how many blocked and how many fell back.
+
+    An op *fell back* when ConvertLayout had no blocked rule for it and wrapped it
+    in layout transforms back to NCHW while a neighbour was blocked.
+    """
+
+    blocked: dict[str, int] = field(default_factory=dict)
+    fell_back: dict[str, int] = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        ops = sorted(set(self.blocked) | set(self.fell_back))
+        return [{"op": op, "blocked": self.blocked.get(op, 0), "nchw_fallback": self.fell_back.get(op, 0)}
+                for op in ops]
+
+
+def _operator_layouts(func, var2val) -> OperatorLayouts:
+    result = OperatorLayouts()
+    for var, call in _calls(func):
+        op_name = getattr(call.op, "name", "")
+        if not op_name or op_name in ("relax.layout_transform", "relax.nn.conv2d") or not hasattr(var.ty, "ndim"):
+            continue
+        short = op_name.removeprefix("relax.")
+        if var.ty.ndim == 5:
+            result.blocked[short] = result.blocked.get(short, 0) + 1
+            continue
+        for arg in _tensor_args(call):
+            bound = var2val.get(arg) if isinstance(arg, relax.Var) else None
+            if (isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.layout_transform"
+                    and bound.args[0].ty.ndim == 5 and not _is_constant_path(arg, var2val)):
+                result.fell_back[short] = result.fell_back.get(short, 0) + 1
+                break
+    return result
+
+
+def _tensor_args(call):
+    for arg in call.args:
+        if isinstance(arg, relax.Tuple):
+            yield from arg.fields
+        else:
+            yield arg
+
+
+@tvm.transform.module_pass(opt_level=0, name="precsearch.InspectLayout")
+class InspectLayout:
+    """Record, per conv, its dtype, layout and the activation layout transforms around it.
+
+    Changes nothing; ``rows`` holds the table after the pass has run.
+    """
+
+    def __init__(self, layer_ids, decisions):
+        self.layer_ids = tuple(layer_ids)
+        self.decisions = decisions
+        self.rows: list[LayerRow] = []
+        self.boundary_transforms = 0
+        self.operators = OperatorLayouts()
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        func = mod["main"]
+        var2val = relax.analysis.get_var2val(func)
+        users: dict = {}
+        for var, call in _calls(func):
+            for arg in call.args:
+                if isinstance(arg, relax.Var):
+                    users.setdefault(arg, []).append((var, call))
+        rows = []
+        boundary = 0
+        for var, call in _calls(func):
+            op_name = getattr(call.op, "name", "")
+            if op_name == "relax.layout_transform" and not _is_constant_path(call.args[0], var2val):
+                boundary += 1
+            if op_name != "relax.nn.conv2d":
+                continue
+            weight = call.args[1]
+            source = var2val.get(weight, weight) if isinstance(weight, relax.Var) else weight
+            if isinstance(source, relax.Call) and getattr(source.op, "name", "") == "relax.layout_transform":
+                source = source.args[0]
+            index = layer_index_of_weight(getattr(source, "name", ""))
+            if index is None:
+                continue
+            data = call.args[0]
+            transforms_in = []
+            bound = var2val.get(data) if isinstance(data, relax.Var) else None
+            if isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.layout_transform":
+                transforms_in.append(_transform_text(bound))
+            rows.append(LayerRow(
+                index=index, id=self.layer_ids[index],
+                dtype="int8" if str(data.ty.dtype) == "uint8" else str(data.ty.dtype),
+                layout=str(call.attrs.data_layout), transforms_in=transforms_in,
+                transforms_out=_transforms_after(var, users), note=self.decisions[index].reason))
+            planned = self.decisions[index].data_layout
+            if rows[-1].layout != planned:
+                # ConvertLayout silently keeps a layout it cannot apply.
+                raise CompileError(f"ConvertLayout left the conv in {rows[-1].layout}, planned {planned}",
+                                   pass_name="precsearch.InspectLayout", layer_id=self.layer_ids[index])
+        self.rows = sorted(rows, key=lambda row: row.index)
+        self.boundary_transforms = boundary
+        self.operators = _operator_layouts(func, var2val)
+        return mod
+
+
+def _is_constant_path(expr, var2val) -> bool:
+    for _ in range(8):
+        if isinstance(expr, tvm.ir.expr.Constant):
+            return True
+        if isinstance(expr, relax.Var):
+            if expr not in var2val:  # a function parameter: weights, biases, scales
+                return layer_index_of_weight(expr.name) is not None or not expr.name.startswith("input")
+            expr = var2val[expr]
+            if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.layout_transform":
+                expr = expr.args[0]
+                continue
+        return False
+    return False
+
+
+def _transforms_after(var, users) -> list[str]:
+    found: list[str] = []
+    frontier = [var]
+    seen = set()
+    while frontier:
+        current = frontier.pop()
+        for user_var, call in users.get(current, []):
+            if user_var in seen:
+                continue
+            seen.add(user_var)
+            op_name = getattr(call.op, "name", "")
+            if op_name == "relax.layout_transform":
+                found.append(_transform_text(call))
+            elif op_name in _ELEMENTWISE:
+                frontier.append(user_var)
+    return sorted(set(found))
+
+
+@tvm.transform.module_pass(opt_level=0, name="precsearch.VerifyPlan")
+class VerifyPlan:
+    """Raise unless the graph holds exactly the plan's int8 convs, each with its own weights.
+
+    Runs after legalization and FoldConstant: each conv kernel is a call_tir to a
+    prim func named ``ps_L<index>_<precision>_<layout>`` whose weight argument is
+    a constant.  The constant is unpacked and compared with the weights the QDQ
+    model holds for that layer, so identity is checked, not assumed.
+    """
+
+    def __init__(self, imported: ImportedModel, layer_ids, int8_indices, float_indices):
+        self.imported = imported
+        self.layer_ids = tuple(layer_ids)
+        self.int8_indices = set(int8_indices)
+        self.float_indices = set(float_indices)
+        self.kernel_weights: dict[int, np.ndarray] = {}  # unpacked OIHW weights each built kernel received
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        func = mod["main"]
+        var2val = relax.analysis.get_var2val(func)
+        seen: dict[int, str] = {}
+        for _var, call in _calls(func):
+            op_name = getattr(call.op, "name", "")
+            if op_name == "relax.nn.conv2d":
+                raise VerificationError("a conv2d was not legalized", pass_name="precsearch.VerifyPlan")
+            if op_name != "relax.call_tir":
+                continue
+            match = _KERNEL_NAME.match(call.args[0].name_hint)
+            if not match:
+                continue
+            index, precision, layout = int(match.group(1)), match.group(2), match.group(3)
+            layer_id = self.layer_ids[index]
+            if index in seen:
+                raise VerificationError("layer appears twice in the built graph", pass_name="precsearch.VerifyPlan",
+                                        layer_id=layer_id)
+            seen[index] = precision
+            args = call.args[1].fields
+            self._check_dtypes(args, call, precision, layer_id)
+            built = unpack_kernel(self._weight_constant(args[1], var2val, layer_id), layout)
+            reference = (self.imported.int8_weights if precision == "int8" else self.imported.float_weights).get(index)
+            if reference is None:
+                raise VerificationError(f"built {precision} but the QDQ model has no {precision} weights for it",
+                                        pass_name="precsearch.VerifyPlan", layer_id=layer_id)
+            if built.shape != reference.shape or not np.array_equal(built, reference):
+                raise VerificationError(f"the {precision} kernel built for this layer does not hold its weights",
+                                        pass_name="precsearch.VerifyPlan", layer_id=layer_id)
+            self.kernel_weights[index] = built
+        int8_built = {i for i, p in seen.items() if p == "int8"}
+        float_built = {i for i, p in seen.items() if p == "float"}
+        problems = []
+        for label, wanted, got in (("int8", self.int8_indices, int8_built), ("float", self.float_indices, float_built)):
+            missing = sorted(wanted - got)
+            extra = sorted(got - wanted)
+            if missing:
+                problems.append(f"{label} layers missing: {[self.layer_ids[i] for i in missing]}")
+            if extra:
+                problems.append(f"unplanned {label} layers: {[self.layer_ids[i] for i in extra]}")
+        if problems:
+            first = (sorted((self.int8_indices ^ int8_built) | (self.float_indices ^ float_built)) or [None])[0]
+            raise VerificationError("built graph does not match the plan: " + "; ".join(problems),
+                                    pass_name="precsearch.VerifyPlan",
+                                    layer_id=self.layer_ids[first] if first is not None else None)
+        return mod
+
+    @staticmethod
+    def _weight_constant(weight, var2val, layer_id) -> np.ndarray:
+        constant = weight
+        for _ in range(4):
+            if isinstance(constant, relax.Var) and constant in var2val:
+                constant = var2val[constant]
+        if not isinstance(constant, tvm.ir.expr.Constant):
+            raise VerificationError("conv weight was not folded to a constant at build time",
+                                    pass_name="precsearch.VerifyPlan", layer_id=layer_id)
+        return constant.value.numpy()
+
+    def _check_dtypes(self, args, call, precision, layer_id) -> None:
+        data_dtype = str(args[0].ty.dtype)
+        weight_dtype = str(args[1].ty.dtype)
+        out_dtype = str(call.ty.dtype)
+        expected = ("uint8", "int8", "int32") if precision == "int8" else ("float32", "float32", "float32")
+        if (data_dtype, weight_dtype, out_dtype) != expected:
+            raise VerificationError(f"{precision} conv has dtypes data={data_dtype} weight={weight_dtype} "
+                                    f"out={out_dtype}, expected {expected}", pass_name="precsearch.VerifyPlan",
+                                    layer_id=layer_id)
