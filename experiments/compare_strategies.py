@@ -55,6 +55,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from precsearch.study.record import StudyAttrs, TrialRecord
+
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("tpe", "nsga2", "random", "greedy-revert", "sensitivity-topk")
 # Which strategies each of the two side-by-side processes runs: about equal numbers of new builds.
@@ -133,18 +135,18 @@ class CachingEvaluator:
         self.store(plan.key(), result)
         return result
 
+    def measure_baselines(self):
+        return self.evaluator.measure_baselines() if self.evaluator is not None else None
+
+    def remeasure(self, plan, repeats: int):
+        return self.evaluator.remeasure(plan, repeats) if self.evaluator is not None else None
+
 
 def result_from_trial(trial):
     """The PlanResult a finished search trial recorded (to seed the cache)."""
-    from precsearch.study.record import PlanResult
+    from precsearch.study.record import TrialRecord
 
-    attrs = trial.user_attrs
-    metrics = {k.removeprefix("metric."): v for k, v in attrs.items() if k.startswith("metric.")}
-    return PlanResult(latency_ms=attrs["latency_ms"], latency_iqr_ms=attrs.get("latency_iqr_ms", 0.0), metrics=metrics,
-                      build_time_s=attrs.get("build_time_s", 0.0), eval_time_s=attrs.get("eval_time_s", 0.0),
-                      measure_time_s=attrs.get("measure_time_s", 0.0),
-                      fidelity_batches=attrs.get("fidelity_batches", 0),
-                      stopped_early=attrs.get("stopped_early", False))
+    return TrialRecord.from_trial(trial).result
 
 
 # --------------------------------------------------------------------------- one process's strategies
@@ -194,7 +196,6 @@ def run_ranked(strategy: str, ranking: list[str], evaluator: CachingEvaluator, b
 
 def run_optuna(strategy: str, sampler, model, config, evaluator: CachingEvaluator, budget: int,
                workdir: Path) -> list[dict]:
-    from precsearch.plan import Plan
     from precsearch.study.search import open_study, run_worker, seed_plans
     from precsearch.study.storage import open_storage
 
@@ -206,9 +207,8 @@ def run_optuna(strategy: str, sampler, model, config, evaluator: CachingEvaluato
     run_worker(handle, model, evaluator, seeds=seed_plans(model), sampler=sampler)
     rows = []
     for trial in _distinct_trials(handle.study)[:budget]:
-        plan = Plan(frozenset(trial.user_attrs["float_layers"]))
-        rows.append(_step_row(strategy, len(rows), plan, result_from_trial(trial),
-                              trial.user_attrs["plan"] not in evaluator.fresh))
+        record = TrialRecord.from_trial(trial)
+        rows.append(_step_row(strategy, len(rows), record.plan, record.result, record.plan_key not in evaluator.fresh))
     return rows
 
 
@@ -218,8 +218,9 @@ def _distinct_trials(study) -> list:
 
     seen, trials = set(), []
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        key = trial.user_attrs.get("plan")
-        if trial.state == TrialState.COMPLETE and key not in seen and "duplicate_of" not in trial.user_attrs:
+        record = TrialRecord.from_trial(trial)
+        key = record.plan_key
+        if trial.state == TrialState.COMPLETE and key not in seen and record.duplicate_of is None:
             seen.add(key)
             trials.append(trial)
     return trials
@@ -230,9 +231,7 @@ def search_evaluator(spec: ModelSpec, workdir: Path):
     from precsearch.study.config import SearchConfig
     from precsearch.study.evaluator import TvmEvaluator
     from precsearch.model import load_model, resolve_model
-    from precsearch.study.search import CONFIG_ATTR
-
-    config = SearchConfig.from_dict(_search_study(workdir).user_attrs[CONFIG_ATTR])
+    config = SearchConfig.from_dict(StudyAttrs(_search_study(workdir)).config)
     path, shapes, preset = resolve_model(spec.model)
     model = load_model(path, config.input_shapes or shapes)
     return model, config, TvmEvaluator.from_config(config, model, workdir, spec.preset or preset, METRIC)
@@ -393,17 +392,15 @@ def side_by_side(spec: ModelSpec, workdir: Path, plans: list[str]) -> dict:
 
 def headline(spec: ModelSpec, workdir: Path, goal: float, bound: dict) -> dict:
     """The README row: baselines, TVM all-int8, the fastest front plan meeting the goal, cost of the search."""
-    from precsearch.report.writer import BASELINES_ATTR, REMEASURED_ATTR
-    from precsearch.study.search import CONFIG_ATTR
-
     study = _search_study(workdir)
+    attrs = StudyAttrs(study)
     trials = _distinct_trials(study)
-    convs = len(study.user_attrs["layer_ids"])
-    baselines = study.user_attrs[BASELINES_ATTR]
-    remeasured = {int(k): v for k, v in study.user_attrs.get(REMEASURED_ATTR, {}).items()}
+    convs = len(attrs.layer_ids)
+    baselines = attrs.baselines
+    remeasured = attrs.remeasured
     pareto = pd.read_csv(workdir / "report" / "pareto.csv")
     meeting = pareto[pareto[METRIC] >= goal].sort_values("latency_ms")
-    by_plan = {t.user_attrs["plan"]: t for t in trials}
+    by_plan = {TrialRecord.from_trial(t).plan_key: TrialRecord.from_trial(t) for t in trials}
     starts = [t.datetime_start for t in trials]
     ends = [t.datetime_complete for t in trials]
     candidates = pd.concat([meeting[:1], pareto.sort_values("latency_ms")[:1]])
@@ -430,7 +427,7 @@ def headline(spec: ModelSpec, workdir: Path, goal: float, bound: dict) -> dict:
             "ort_float_ms": round(ort_float, 4), "ort_int8_ms": round(ort_int8, 4),
             "ort_int8_top1": baselines.get(f"ort_int8_{METRIC}"),
             "tvm_all_int8_ms": round(rows["tvm_int8"]["median_ms"], 4),
-            "tvm_all_int8_top1": all_int8.user_attrs.get("metric.top1") if all_int8 else None,
+            "tvm_all_int8_top1": all_int8.metrics.get("top1") if all_int8 else None,
             "tvm_all_float_ms": round(rows["tvm_float"]["median_ms"], 4),
             "fastest_meeting_goal": plan_entry(meeting.iloc[0]) if len(meeting) else None,
             "fastest_on_front": plan_entry(pareto.sort_values("latency_ms").iloc[0]),
@@ -439,7 +436,7 @@ def headline(spec: ModelSpec, workdir: Path, goal: float, bound: dict) -> dict:
                       for _, r in pareto.iterrows()],
             "search_trials": len(trials), "search_wall_min": round((max(ends) - min(starts)).total_seconds() / 60, 1),
             "search_baselines": {k: round(v, 4) for k, v in baselines.items()},
-            "search_settings": {k: study.user_attrs[CONFIG_ATTR][k] for k in ("sampler", "seed", "trials", "eval_batches",
+            "search_settings": {k: attrs.config[k] for k in ("sampler", "seed", "trials", "eval_batches",
                                                                            "repeats")},
             "side_by_side_runs": rows["ort_float"]["runs"], "tuned": bench["tuned"], "kernel_bound": bound}
 
@@ -499,7 +496,7 @@ def main() -> None:
             precsearch("sensitivity", spec.model, "--no-latency", *common)
         cache = CachingEvaluator(None, workdir / "plan-cache")
         for trial in _distinct_trials(_search_study(workdir)):
-            cache.store(trial.user_attrs["plan"], result_from_trial(trial))
+            cache.store(TrialRecord.from_trial(trial).plan_key, result_from_trial(trial))
 
         children = [subprocess.Popen([sys.executable, __file__, args.model, "--budget", str(args.budget),
                                       "--goal", str(args.goal), "--workdir", str(workdir), "--run-strategies",
@@ -531,7 +528,7 @@ def main() -> None:
                                      "cost_min": round(steps.loc[steps["strategy"] == "tpe", "cost_s"].sum() / 60, 1)}
     summary.to_csv(strategies_out / "summary.csv", index=False)
     plot_curves(curves, strategies_out / "hypervolume.png", spec.name, args.goal, "kernel-bound rectangle",
-                _search_study(workdir).user_attrs["baselines"])
+                StudyAttrs(_search_study(workdir)).baselines)
     copy_report(workdir, out / "search")
     row = headline(spec, workdir, args.goal, bound)
     row["strategies"] = {"budget": args.budget, "reference": reference, "summary": summary.to_dict("records")}

@@ -46,3 +46,9 @@ class StandInEvaluator:
             return PlanResult(latency_ms=self.latency_ms(plan), latency_iqr_ms=0.0, metrics=self.fidelity(plan),
                               verdict=COMPILER_PROBLEM, verdict_detail=MISCOMPILED)
         return PlanResult(latency_ms=self.latency_ms(plan), latency_iqr_ms=0.0, metrics=self.fidelity(plan))
+
+    def measure_baselines(self):
+        return None  # no ONNX Runtime timing: reports show no baseline rows
+
+    def remeasure(self, plan: Plan, repeats: int):
+        return None  # a stand-in latency is exact: nothing to time again

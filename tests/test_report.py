@@ -25,7 +25,8 @@ from precsearch.fidelity.metrics import compute_metrics
 from precsearch.model import load_model
 from precsearch.model.quantize import calibrate
 from precsearch.report.writer import collect, knee_point, write_report
-from precsearch.study.search import CONFIG_ATTR, open_study, run_worker, seed_plans
+from precsearch.study.record import StudyAttrs
+from precsearch.study.search import open_study, run_worker, seed_plans
 from precsearch.study.storage import default_storage_url, open_storage
 from standin import StandInEvaluator
 
@@ -178,7 +179,7 @@ def test_export_reproduces_the_trial_and_report_regenerates_from_storage(tmp_pat
     assert f"NODES_TO_EXCLUDE = {json.dumps(plan['float_layers'])}" in (out / "onnxruntime_quantize.py").read_text()
 
     # The search's own evaluation inputs and reference, rebuilt from the stored settings.
-    config = SearchConfig.from_dict(study.user_attrs[CONFIG_ATTR])
+    config = SearchConfig.from_dict(StudyAttrs(study).config)
     model, preset = load_study_model(config)
     _, batches = split_batches(model, config.data, config.preset or preset, config.calibration_batches,
                                config.eval_batches)

@@ -608,7 +608,9 @@ def _cmd_search(args) -> int:
     from precsearch.study.config import SearchConfig
     from precsearch.study.evaluator import TvmEvaluator
     from precsearch.fidelity.metrics import default_metric, validate_metric
-    from precsearch.study.search import measure_baselines, open_study, remeasure_front, run_worker, seed_plans, summarize_study
+    from precsearch.study.record import StudyAttrs
+    from precsearch.study.search import (measure_baselines, open_study, remeasure_front, run_worker, seed_plans,
+                                         summarize_study)
     from precsearch.study.sensitivity import CSV_NAME, most_sensitive
     from precsearch.study.storage import open_storage, redact_url
 
@@ -641,7 +643,7 @@ def _cmd_search(args) -> int:
     _status(f"study {study_name!r} in {redact_url(storage_url)}; preparing calibration, inputs and the float "
             f"reference...", quiet)
     evaluator = TvmEvaluator.from_config(config, model, workdir, preset, metric)
-    if not handle.study.user_attrs.get("baselines"):
+    if not StudyAttrs(handle.study).baselines:
         _status("measuring ONNX Runtime float and int8 (the report's baselines)...", quiet)
     measure_baselines(handle, evaluator)
     report_dir = workdir / "report"
@@ -735,14 +737,15 @@ def _cmd_worker(args) -> int:
     from precsearch.study.config import SearchConfig
     from precsearch.study.evaluator import TvmEvaluator
     from precsearch.report.export import load_study_model
-    from precsearch.study.search import CONFIG_ATTR, open_study, run_worker
+    from precsearch.study.record import StudyAttrs
+    from precsearch.study.search import open_study, run_worker
     from precsearch.study.storage import StorageError, open_storage, redact_url
 
     workdir = _writable_dir(args.workdir, "workdir").resolve()
     storage_url = _storage_url(args, workdir)
     storage = open_storage(storage_url)
     try:
-        stored = optuna.load_study(study_name=args.study, storage=storage).user_attrs.get(CONFIG_ATTR)
+        stored = StudyAttrs(optuna.load_study(study_name=args.study, storage=storage)).config
     except KeyError:
         raise StorageError(f"The study {args.study!r} does not exist in {redact_url(storage_url)}.") from None
     if stored is None:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from precsearch.study.config import SearchConfig
 from precsearch.errors import ConfigError
 from precsearch.study.evaluator import TvmEvaluator
+from precsearch.study.record import StudyAttrs, TrialRecord
 from precsearch.model import LoadedModel, load_model, resolve_model
-from precsearch.plan import Plan
+
 
 logger = logging.getLogger(__name__)
 
@@ -63,25 +65,26 @@ def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | P
     dict
         The content of ``plan.json``.
     """
-    from precsearch.study.search import CONFIG_ATTR, MODEL_ATTR
-
     trials = study.get_trials(deepcopy=False)
     if not 0 <= trial_number < len(trials):
         raise ConfigError(f"The 'trial' parameter of export must be a trial number of study {study.study_name!r} "
                           f"(0 … {len(trials) - 1}); got {trial_number} instead.")
-    trial = trials[trial_number]
-    if trial.state.name != "COMPLETE":
+    record = TrialRecord.from_trial(trials[trial_number])
+    if record.state != "COMPLETE":
+        reason = f": {record.fail_reason}" if record.fail_reason else ""
         raise ConfigError(f"The 'trial' parameter of export must name a completed trial; trial {trial_number} is "
-                          f"{trial.state.name.lower()}{': ' + trial.user_attrs['fail_reason'] if 'fail_reason' in trial.user_attrs else ''}.")
-    config = SearchConfig.from_dict(study.user_attrs[CONFIG_ATTR])
+                          f"{record.state.lower()}{reason}.")
+    trial = trials[trial_number]
+    attrs = StudyAttrs(study)
+    config = SearchConfig.from_dict(attrs.config)
     model, preset = load_study_model(config)
-    if model.sha256 != study.user_attrs.get(MODEL_ATTR):
+    if model.sha256 != attrs.model_sha256:
         raise ConfigError(f"The model {config.model!r} is not the one study {study.study_name!r} was made for.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The search's own backend, from the same cached calibration and tuning database: the same build.
     evaluator = TvmEvaluator.from_config(config, model, workdir, preset, config.metric)
-    plan = Plan(frozenset(trial.user_attrs.get("float_layers", [])))
+    plan = record.plan
     int8_ids = plan.int8_ids(model)
     qdq, built = evaluator.build(plan)
     library = built.export_library(out / "model.so")
@@ -94,8 +97,7 @@ def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | P
     summary = {"study": study.study_name, "trial": trial_number, "model": config.model, "plan": plan.key(),
                "float_layers": every_float, "int8_layers": list(int8_ids), "latency_ms": trial.values[0],
                config.metric: trial.values[1],
-               "metrics": {k.removeprefix("metric."): v for k, v in trial.user_attrs.items()
-                           if k.startswith("metric.")},
+               "metrics": {k: v if math.isfinite(v) else str(v) for k, v in record.metrics.items()},
                "library": str(library), "qdq_model": str(out / "model.qdq.onnx"), "target": built.target,
                "inputs": list(built.input_names), "outputs": list(built.output_names),
                "tuned_kernels": built.tuned_kernels, "total_kernels": built.total_kernels,

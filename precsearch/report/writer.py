@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from precsearch.study.pareto import front_points, hypervolume
-from precsearch.study.record import AGREES, COMPILER_PROBLEM, NEAR_TIES
+from precsearch.study.record import AGREES, COMPILER_PROBLEM, NEAR_TIES, StudyAttrs, TrialRecord
 from precsearch.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -31,8 +31,6 @@ logger = logging.getLogger(__name__)
 _BASELINE_LABELS = {"ort_float": "ORT float", "ort_int8": "ORT int8 (quantize_static)"}
 
 REPORT_DIR = "report"
-BASELINES_ATTR = "baselines"
-REMEASURED_ATTR = "remeasured"
 
 
 @dataclass(frozen=True)
@@ -56,21 +54,26 @@ class ReportData:
 
 
 def _trial_row(trial) -> dict:
-    attrs = trial.user_attrs
-    row = {"trial": trial.number, "state": trial.state.name, "plan": attrs.get("plan"),
-           "float_count": len(attrs.get("float_layers", ())) if "plan" in attrs else None,
-           "float_layers": json.dumps(attrs.get("float_layers", [])) if "plan" in attrs else None,
-           "latency_ms": trial.values[0] if trial.values else attrs.get("latency_ms"),
+    record = TrialRecord.from_trial(trial)
+    result = record.result
+    has_plan = record.plan_key is not None
+    row = {"trial": trial.number, "state": trial.state.name, "plan": record.plan_key,
+           "float_count": len(record.float_layers) if has_plan else None,
+           "float_layers": json.dumps(list(record.float_layers)) if has_plan else None,
+           "latency_ms": trial.values[0] if trial.values else (result.latency_ms if result else None),
            "fidelity": trial.values[1] if trial.values else None,
-           "latency_iqr_ms": attrs.get("latency_iqr_ms"),
+           "latency_iqr_ms": result.latency_iqr_ms if result else None,
            "feasible": all(v <= 0 for v in trial.constraints.values()) if trial.values else None}
-    for name, value in attrs.items():
-        if name.startswith("metric."):
-            row[name.removeprefix("metric.")] = float(value)
-    for name in ("build_time_s", "eval_time_s", "measure_time_s", "check_time_s", "fidelity_batches", "int8_convs",
-                 "tuned_kernels", "verdict", "verdict_detail", "duplicate_of", "reruns", "seed", "worker",
-                 "fail_reason", "skipped"):
-        row[name] = attrs.get(name)
+    row.update(record.metrics)
+    for name in ("build_time_s", "eval_time_s", "measure_time_s", "fidelity_batches"):
+        row[name] = getattr(result, name) if result else None
+    row["check_time_s"] = result.details.get("check_time_s") if result else None
+    row["int8_convs"] = record.int8_convs
+    row["tuned_kernels"] = result.details.get("tuned_kernels") if result else None
+    row["verdict"] = result.verdict if result else None
+    row["verdict_detail"] = (result.verdict_detail or None) if result and result.verdict else None
+    for name in ("duplicate_of", "reruns", "seed", "worker", "fail_reason", "skipped"):
+        row[name] = getattr(record, name)
     row["started"] = trial.datetime_start
     row["finished"] = trial.datetime_complete
     return row
@@ -112,27 +115,26 @@ def collect(study, *, workdir: str | Path | None = None, layer_ids=(), command_p
     """Gather a precsearch study into report data (no I/O but ``<workdir>/sensitivity.csv`` when present)."""
     from precsearch.study.config import SearchConfig
     from precsearch.fidelity.metrics import METRICS
-    from precsearch.study.search import CONFIG_ATTR
-
-    config = SearchConfig.from_dict(study.user_attrs[CONFIG_ATTR])
+    attrs = StudyAttrs(study)
+    config = SearchConfig.from_dict(attrs.config)
     metric = config.metric
     higher_is_better = METRICS[metric][1]
     trials = study.get_trials(deepcopy=False)
-    layer_ids = tuple(layer_ids) or tuple(study.user_attrs.get("layer_ids", ()))
+    layer_ids = tuple(layer_ids) or attrs.layer_ids
     frame = pd.DataFrame([_trial_row(t) for t in trials])
-    baselines = dict(study.user_attrs.get(BASELINES_ATTR, {}))
-    remeasured = {int(k): v for k, v in study.user_attrs.get(REMEASURED_ATTR, {}).items()}
+    baselines = attrs.baselines
+    remeasured = attrs.remeasured
     points = front_points(trials, higher_is_better=higher_is_better)
     front_rows = []
     by_number = {t.number: t for t in trials}
     for point in points:
-        attrs = by_number[point.trial].user_attrs
+        result = TrialRecord.from_trial(by_number[point.trial]).result
         row = {"trial": point.trial, "plan": point.plan, "float_layers": json.dumps(list(point.float_layers)),
                "float_count": len(point.float_layers), "latency_ms": point.latency_ms,
-               "latency_iqr_ms": attrs.get("latency_iqr_ms"), metric: point.fidelity}
-        row.update({k.removeprefix("metric."): float(v) for k, v in attrs.items() if k.startswith("metric.")})
-        row["verdict"] = attrs.get("verdict")
-        row["verdict_detail"] = attrs.get("verdict_detail")
+               "latency_iqr_ms": result.latency_iqr_ms, metric: point.fidelity}
+        row.update(result.metrics)
+        row["verdict"] = result.verdict
+        row["verdict_detail"] = result.verdict_detail if result.verdict else None
         again = remeasured.get(point.trial)
         row["remeasured_median_ms"] = again["median_ms"] if again else None
         row["remeasured_iqr_ms"] = again["iqr_ms"] if again else None

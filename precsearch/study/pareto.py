@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from precsearch.study.record import TrialRecord
+
 #: Objective values are clipped to this magnitude: SQNR of an exact plan is
 #: +inf and a broken one -inf, and neither samplers nor hypervolume take infinities.
 FINITE_LIMIT = 1e6
@@ -59,15 +61,16 @@ def front_points(trials, *, feasible_only: bool = True, higher_is_better: bool =
             continue
         if feasible_only and any(value > 0 for value in trial.constraints.values()):
             continue
-        seen.setdefault(trial.user_attrs.get("plan", str(trial.number)), trial)  # duplicates share values
+        record = TrialRecord.from_trial(trial)
+        seen.setdefault(record.plan_key or str(trial.number), (trial, record))  # duplicates share values
     unique = list(seen.values())
     if not unique:
         return []
-    losses = np.array([[t.values[0], -t.values[1] if higher_is_better else t.values[1]] for t in unique])
+    losses = np.array([[t.values[0], -t.values[1] if higher_is_better else t.values[1]] for t, _ in unique])
     on_front = _non_dominated(losses)
-    points = [FrontPoint(trial=t.number, plan=t.user_attrs.get("plan", ""), latency_ms=t.values[0],
-                         fidelity=t.values[1], float_layers=tuple(t.user_attrs.get("float_layers", ())))
-              for t, keep in zip(unique, on_front) if keep]
+    points = [FrontPoint(trial=t.number, plan=r.plan_key or "", latency_ms=t.values[0], fidelity=t.values[1],
+                         float_layers=r.float_layers)
+              for (t, r), keep in zip(unique, on_front) if keep]
     return sorted(points, key=lambda p: (p.latency_ms, p.trial))
 
 

@@ -1,12 +1,18 @@
-"""What a search backend returns for a plan, and the one method a backend has.
+"""What a backend returns for a plan, what a trial records, and the only code that knows the attribute names.
 
-Kept apart from :mod:`precsearch.study.search` (the loop) and
-:mod:`precsearch.study.evaluator` (the TVM backend) so that neither imports the other.
+A trial's outcome is one :class:`TrialRecord`; :meth:`TrialRecord.to_attrs`
+writes it as Optuna user attributes and :meth:`TrialRecord.from_trial` reads it
+back, so the loop (:mod:`precsearch.study.search`), the report, the export and
+the experiments never spell an attribute name.  The study-level attributes
+(settings, model, baselines, re-measured front) are read and written by
+:class:`StudyAttrs` for the same reason.  Kept apart from the loop and from the
+TVM backend (:mod:`precsearch.study.evaluator`) so that neither imports the other.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 from precsearch.errors import PrecsearchError
@@ -49,7 +55,192 @@ class PlanRejected(PrecsearchError, RuntimeError):
 
 
 class PlanEvaluator(Protocol):
-    """Scores a plan: the one thing the search needs from a backend (TVM here, a stand-in in tests)."""
+    """Everything the search loop calls on a backend (TVM here, a stand-in in tests)."""
 
     def evaluate(self, plan: Plan) -> PlanResult:
+        """Build, score and time ``plan``; raise (or return a COMPILER_PROBLEM verdict) when its build is wrong."""
         ...
+
+    def measure_baselines(self) -> dict | None:
+        """ONNX Runtime float and int8 latency and fidelity (see :data:`BASELINE_KEYS`); None when it cannot run ORT."""
+        ...
+
+    def remeasure(self, plan: Plan, repeats: int):
+        """A :class:`~precsearch.measure.Latency` of ``plan`` from ``repeats`` runs; None when it cannot time again."""
+        ...
+
+
+# --------------------------------------------------------------------------- one trial
+
+# Fields of PlanResult.details that the TVM backend fills and the report shows.
+DETAIL_KEYS = ("tuned_kernels", "total_kernels", "boundary_transforms", "check_time_s")
+_RESULT_SCALARS = ("latency_iqr_ms", "build_time_s", "eval_time_s", "measure_time_s", "fidelity_batches",
+                   "stopped_early")
+_METRIC_PREFIX = "metric."
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What one trial of a search recorded: its plan, who ran it, and its result or why it has none.
+
+    ``result`` is None for a trial that failed before anything was measured;
+    a compiler-problem trial keeps the metrics and verdict of the wrong library
+    (no latency).  Duplicates (``duplicate_of``) carry their owner's result.
+    """
+
+    plan_key: str | None = None
+    float_layers: tuple[str, ...] = ()
+    int8_convs: int | None = None
+    result: PlanResult | None = None
+    feasible: bool | None = None
+    fail_reason: str | None = None
+    seed: str | None = None  # the seed plan's name, for queued seeds
+    worker: str | None = None  # host:pid
+    duplicate_of: int | None = None
+    reruns: int | None = None  # the trial whose interrupted or dead plan this one runs again
+    skipped: str | None = None  # why the trial was pruned without a plan (the budget was spent)
+    number: int | None = None  # read from the trial; not an attribute
+    state: str | None = None  # Optuna's TrialState name; not an attribute
+
+    # ---- writing
+
+    def to_attrs(self) -> dict:
+        """The user attributes of this record (only the fields that are set)."""
+        attrs: dict = {}
+        if self.plan_key is not None:
+            attrs["plan"] = self.plan_key
+            attrs["float_layers"] = list(self.float_layers)
+        for name in ("int8_convs", "feasible", "fail_reason", "seed", "worker", "duplicate_of", "reruns", "skipped"):
+            if getattr(self, name) is not None:
+                attrs[name] = getattr(self, name)
+        if self.result is not None:
+            attrs.update(result_attrs(self.result))
+        return attrs
+
+    # ---- reading
+
+    @classmethod
+    def from_attrs(cls, attrs: dict, *, number: int | None = None, state: str | None = None) -> TrialRecord:
+        plan_key = attrs.get("plan")
+        return cls(plan_key=plan_key, float_layers=tuple(attrs.get("float_layers", ())),
+                   int8_convs=attrs.get("int8_convs"), result=_result_of(attrs), feasible=attrs.get("feasible"),
+                   fail_reason=attrs.get("fail_reason"), seed=attrs.get("seed"), worker=attrs.get("worker"),
+                   duplicate_of=attrs.get("duplicate_of"), reruns=attrs.get("reruns"), skipped=attrs.get("skipped"),
+                   number=number, state=state)
+
+    @classmethod
+    def from_trial(cls, trial) -> TrialRecord:
+        """The record of an Optuna trial (a ``FrozenTrial``)."""
+        return cls.from_attrs(trial.user_attrs, number=trial.number, state=trial.state.name)
+
+    @property
+    def plan(self) -> Plan:
+        return Plan(frozenset(self.float_layers))
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return dict(self.result.metrics) if self.result is not None else {}
+
+
+def result_attrs(result: PlanResult) -> dict:
+    """The user attributes of a backend's result (latency, metrics, times, verdict, details)."""
+    # A rejected build is never timed: it records no latency at all, not a NaN.
+    timed = math.isfinite(result.latency_ms)
+    attrs = {"latency_ms": result.latency_ms} if timed else {}
+    attrs.update({name: getattr(result, name) for name in _RESULT_SCALARS if timed or name != "latency_iqr_ms"})
+    # Optuna stores attributes as JSON, which has no inf/nan: a metric such as an exact plan's SQNR keeps its text.
+    attrs.update({_METRIC_PREFIX + name: value if math.isfinite(value) else str(value)
+                  for name, value in result.metrics.items()})
+    attrs.update(result.details)
+    if result.verdict is not None:
+        attrs["verdict"] = result.verdict
+        attrs["verdict_detail"] = result.verdict_detail
+    return attrs
+
+
+def _result_of(attrs: dict) -> PlanResult | None:
+    metrics = {k.removeprefix(_METRIC_PREFIX): float(v) for k, v in attrs.items() if k.startswith(_METRIC_PREFIX)}
+    if "latency_ms" not in attrs and not metrics:
+        return None
+    scalars = {name: attrs[name] for name in _RESULT_SCALARS if attrs.get(name) is not None}
+    return PlanResult(latency_ms=attrs.get("latency_ms", math.nan), metrics=metrics,
+                      **{"latency_iqr_ms": math.nan, **scalars},
+                      details={k: attrs[k] for k in DETAIL_KEYS if k in attrs},
+                      verdict=attrs.get("verdict"), verdict_detail=attrs.get("verdict_detail") or "")
+
+
+# Attributes a duplicate does not copy from the trial it follows: they describe the trial, not the plan's result.
+OWN_ATTRS = ("seed", "worker", "plan", "float_layers")
+
+
+# --------------------------------------------------------------------------- the study
+
+
+@dataclass
+class StudyAttrs:
+    """The study-level attributes precsearch keeps: settings, model, layer ids, seeds, baselines, re-measured front."""
+
+    study: object
+
+    CONFIG = "precsearch_config"
+    MODEL = "model_sha256"
+    LAYER_IDS = "layer_ids"
+    STORAGE = "storage"
+    SEEDED = "seeds_enqueued"
+    BASELINES = "baselines"
+    REMEASURED = "remeasured"
+
+    @property
+    def config(self) -> dict | None:
+        """The :class:`~precsearch.study.config.SearchConfig` as a dict (None for a study precsearch did not make)."""
+        return self.study.user_attrs.get(self.CONFIG)
+
+    @property
+    def model_sha256(self) -> str | None:
+        return self.study.user_attrs.get(self.MODEL)
+
+    @property
+    def layer_ids(self) -> tuple[str, ...]:
+        return tuple(self.study.user_attrs.get(self.LAYER_IDS, ()))
+
+    @property
+    def seeded(self) -> list[str] | None:
+        return self.study.user_attrs.get(self.SEEDED)
+
+    @property
+    def baselines(self) -> dict:
+        return dict(self.study.user_attrs.get(self.BASELINES) or {})
+
+    @property
+    def remeasured(self) -> dict[int, dict]:
+        """Trial number → ``{"median_ms", "iqr_ms", "runs"}`` of the front's re-measurement."""
+        return {int(k): v for k, v in self.study.user_attrs.get(self.REMEASURED, {}).items()}
+
+    def set(self, name: str, value) -> None:
+        self.study.set_user_attr(name, value)
+
+    def set_remeasured(self, remeasured: dict[int, dict]) -> None:
+        self.study.set_user_attr(self.REMEASURED, {str(k): v for k, v in remeasured.items()})
+
+
+_ATTR_OF_FIELD = {"plan_key": "plan"}
+
+
+def set_attrs(trial, **values) -> None:
+    """Write :class:`TrialRecord` fields (by field name, ``result`` included) onto a running trial; None clears one."""
+    known = {f.name for f in fields(TrialRecord)} - {"number", "state"}
+    for name, value in values.items():
+        if name not in known:
+            raise TypeError(f"TrialRecord has no field {name!r}")
+        if name == "result":
+            for key, item in result_attrs(value).items():
+                trial.set_user_attr(key, item)
+        else:
+            trial.set_user_attr(_ATTR_OF_FIELD.get(name, name), list(value) if name == "float_layers" else value)
+
+
+def copy_result(trial, owner) -> None:
+    """Give ``trial`` the recorded result of ``owner`` (a duplicate of its plan): every attribute but the trial's own."""
+    for name, value in owner.user_attrs.items():
+        if name not in OWN_ATTRS:
+            trial.set_user_attr(name, value)

@@ -38,16 +38,14 @@ from precsearch.fidelity.metrics import METRICS
 from precsearch.model import LoadedModel
 from precsearch.study.pareto import FrontPoint, finite_objective, front_points
 from precsearch.plan import Plan
-from precsearch.study.record import COMPILER_PROBLEM, PlanEvaluator, PlanRejected, PlanResult  # noqa: F401  (PlanResult re-exported)
+from precsearch.study.record import (COMPILER_PROBLEM, PlanEvaluator, PlanRejected, PlanResult, StudyAttrs,  # noqa: F401
+                                     TrialRecord, copy_result, set_attrs)
 from precsearch.study.storage import PlanClaims, quiet_experimental, redact_url
 
 logger = logging.getLogger(__name__)
 
 INT8, FLOAT = "int8", "float"
 INTERRUPTED = "interrupted"
-CONFIG_ATTR = "precsearch_config"
-MODEL_ATTR = "model_sha256"
-SEEDED_ATTR = "seeds_enqueued"
 CONSTRAINT = "fidelity_goal"
 DEFAULT_TRIALS = 200
 # A sampler that has converged keeps proposing plans it has seen; past this many
@@ -221,19 +219,20 @@ def open_study(config: SearchConfig, model: LoadedModel, storage, storage_url: s
     if list(study.directions) != [getattr(optuna.study.StudyDirection, d.upper()) for d in directions]:
         raise ConfigError(f"The study {study_name!r} optimizes other directions than latency and {metric}; "
                           "choose another --study.")
-    stored = study.user_attrs.get(CONFIG_ATTR)
+    attrs = StudyAttrs(study)
+    stored = attrs.config
     if stored is None:
         with quiet_experimental():
             study.set_metric_names(["latency_ms", metric])
-        study.set_user_attr(CONFIG_ATTR, config.replace(study_name=study_name).to_dict())
-        study.set_user_attr(MODEL_ATTR, model.sha256)
-        study.set_user_attr("layer_ids", list(model.capable_ids()))
-        study.set_user_attr("storage", redact_url(storage_url))
+        attrs.set(StudyAttrs.CONFIG, config.replace(study_name=study_name).to_dict())
+        attrs.set(StudyAttrs.MODEL, model.sha256)
+        attrs.set(StudyAttrs.LAYER_IDS, list(model.capable_ids()))
+        attrs.set(StudyAttrs.STORAGE, redact_url(storage_url))
     else:
         previous = SearchConfig.from_dict(stored)
-        if study.user_attrs.get(MODEL_ATTR) != model.sha256:
+        if attrs.model_sha256 != model.sha256:
             raise ConfigError(f"The study {study_name!r} was made for another model (sha256 "
-                              f"{str(study.user_attrs.get(MODEL_ATTR))[:12]}…, this one is {model.sha256[:12]}…); "
+                              f"{str(attrs.model_sha256)[:12]}…, this one is {model.sha256[:12]}…); "
                               "choose another --study.")
         changed = config.differences(previous)
         if changed:
@@ -241,7 +240,7 @@ def open_study(config: SearchConfig, model: LoadedModel, storage, storage_url: s
                               "use the same settings to resume it, or another --study.")
         if create and config.replace(study_name=study_name) != previous:
             # The budget, sampler or timeout of the latest run: what the report's "reproduce" command shows.
-            study.set_user_attr(CONFIG_ATTR, config.replace(study_name=study_name).to_dict())
+            attrs.set(StudyAttrs.CONFIG, config.replace(study_name=study_name).to_dict())
     claims = PlanClaims(storage.engine, study_name)
     return StudyHandle(study=study, claims=claims, config=config, storage_url=storage_url, metric=metric,
                        higher_is_better=higher_is_better)
@@ -250,18 +249,19 @@ def open_study(config: SearchConfig, model: LoadedModel, storage, storage_url: s
 def enqueue_seeds(handle: StudyHandle, space: PlanSpace, seeds: list[tuple[str, Plan]]) -> int:
     """Queue the seed plans once per study (a resumed study keeps its own queue)."""
     study = handle.study
-    if study.user_attrs.get(SEEDED_ATTR):
+    if StudyAttrs(study).seeded:
         return 0
     for name, plan in seeds:
-        study.enqueue_trial(space.params(plan), user_attrs={"seed": name}, skip_if_exists=True)
-    study.set_user_attr(SEEDED_ATTR, [name for name, _ in seeds])
+        study.enqueue_trial(space.params(plan), user_attrs=TrialRecord(seed=name).to_attrs(), skip_if_exists=True)
+    StudyAttrs(study).set(StudyAttrs.SEEDED, [name for name, _ in seeds])
     logger.info("queued %d seed plans: %s", len(seeds), ", ".join(name for name, _ in seeds))
     return len(seeds)
 
 
 def _trial_plan_key(trial, space: PlanSpace) -> str | None:
-    if "plan" in trial.user_attrs:
-        return trial.user_attrs["plan"]
+    record = TrialRecord.from_trial(trial)
+    if record.plan_key is not None:
+        return record.plan_key
     params = trial.params or trial.system_attrs.get("fixed_params") or {}
     plan = space.plan_of(params)
     return plan.key() if plan is not None else None
@@ -271,9 +271,10 @@ def _plan_outcomes(trials) -> tuple[set[str], set[str]]:
     """Plan keys with a completed trial, and those that failed for a reason (not interrupted, not killed)."""
     from optuna.trial import TrialState
 
-    completed = {t.user_attrs.get("plan") for t in trials if t.state == TrialState.COMPLETE}
-    failed = {t.user_attrs.get("plan") for t in trials if t.state == TrialState.FAIL
-              and t.user_attrs.get("fail_reason") not in (None, INTERRUPTED)}
+    records = [TrialRecord.from_trial(t) for t in trials]
+    completed = {r.plan_key for r in records if r.state == TrialState.COMPLETE.name}
+    failed = {r.plan_key for r in records if r.state == TrialState.FAIL.name
+              and r.fail_reason not in (None, INTERRUPTED)}
     return completed - {None}, failed - completed - {None}
 
 
@@ -334,15 +335,14 @@ class _Worker:
         try:
             plan = self.space.suggest(trial)
             key = plan.key()
-            trial.set_user_attr("plan", key)
-            trial.set_user_attr("float_layers", sorted(plan.float_ids, key=self.space.layer_ids.index))
-            trial.set_user_attr("worker", self.name)
+            set_attrs(trial, plan_key=key, float_layers=sorted(plan.float_ids, key=self.space.layer_ids.index),
+                      worker=self.name)
             while True:
                 claim = self.handle.claims.claim(key, trial.number, self.budget)
                 if claim.outcome == "full":
                     import optuna
 
-                    trial.set_user_attr("skipped", "budget reached")
+                    set_attrs(trial, skipped="budget reached")
                     self.stopped_by = "budget"
                     trial.study.stop()
                     raise optuna.TrialPruned("the trial budget is spent")
@@ -353,7 +353,7 @@ class _Worker:
                 if followed is not None:
                     return followed
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", INTERRUPTED)
+            set_attrs(trial, fail_reason=INTERRUPTED)
             raise
 
     def _record_constraint(self, trial, fidelity: float) -> float:
@@ -361,7 +361,7 @@ class _Worker:
             return 0.0
         violation = (self.goal - fidelity) if self.handle.higher_is_better else (fidelity - self.goal)
         trial.set_constraint(CONSTRAINT, violation)
-        trial.set_user_attr("feasible", violation <= 0)
+        set_attrs(trial, feasible=violation <= 0)
         return violation
 
     def _evaluate(self, trial, plan: Plan):
@@ -375,35 +375,24 @@ class _Worker:
             if self.interrupt.raised:
                 raise KeyboardInterrupt from None  # a Ctrl-C that TVM turned into an error
             reason = _one_line(exc)
-            trial.set_user_attr("fail_reason", reason)
+            set_attrs(trial, fail_reason=reason)
             logger.warning("trial %d failed (%d float layers): %s", trial.number, len(plan.float_ids), reason)
             raise TrialFailed(reason) from None
-        if result.verdict is not None:
-            trial.set_user_attr("verdict", result.verdict)
-            trial.set_user_attr("verdict_detail", result.verdict_detail)
         if result.verdict == COMPILER_PROBLEM:
             detail = result.verdict_detail or "the build disagrees with ONNX Runtime"
             reason = detail if detail.startswith(COMPILER_PROBLEM) else f"{COMPILER_PROBLEM}: {detail}"
-            for name, value in result.metrics.items():  # what the wrong library scored, for the record
-                trial.set_user_attr(f"metric.{name}", value if math.isfinite(value) else str(value))
-            trial.set_user_attr("fail_reason", reason)
+            # What the wrong library scored, for the record; it was never timed.
+            set_attrs(trial, result=dataclasses.replace(result, latency_ms=math.nan), fail_reason=reason)
             logger.warning("trial %d failed (%d float layers): %s", trial.number, len(plan.float_ids), reason)
             raise TrialFailed(reason)
         if self.handle.metric not in result.metrics:
             reason = f"the evaluator returned no {self.handle.metric!r} metric (it has {sorted(result.metrics)})"
-            trial.set_user_attr("fail_reason", reason)
+            set_attrs(trial, fail_reason=reason)
             raise TrialFailed(reason)
         fidelity = finite_objective(result.metrics[self.handle.metric])
         latency = finite_objective(result.latency_ms)
-        trial.set_user_attr("latency_ms", latency)
-        trial.set_user_attr("latency_iqr_ms", result.latency_iqr_ms)
-        for name, value in result.metrics.items():
-            trial.set_user_attr(f"metric.{name}", value if math.isfinite(value) else str(value))
-        for name in ("build_time_s", "eval_time_s", "measure_time_s", "fidelity_batches", "stopped_early"):
-            trial.set_user_attr(name, getattr(result, name))
-        for name, value in result.details.items():
-            trial.set_user_attr(name, value)
-        trial.set_user_attr("int8_convs", len(self.space.layer_ids) - len(plan.float_ids))
+        set_attrs(trial, result=dataclasses.replace(result, latency_ms=latency),
+                  int8_convs=len(self.space.layer_ids) - len(plan.float_ids))
         self._record_constraint(trial, fidelity)
         logger.info("trial %d: %d float layers, %.3f ms, %s %.4g", trial.number, len(plan.float_ids), latency,
                     self.handle.metric, fidelity)
@@ -418,17 +407,15 @@ class _Worker:
         import optuna
         from optuna.trial import TrialState
 
-        trial.set_user_attr("duplicate_of", owner)
+        set_attrs(trial, duplicate_of=owner)
         waited_s = 0.0
         while True:
             other = self.study.get_trials(deepcopy=False)[owner]
             if other.state == TrialState.COMPLETE:
                 self.duplicates += 1
                 self.duplicates_in_a_row += 1
-                for name, value in other.user_attrs.items():
-                    if name not in ("seed", "worker", "plan", "float_layers"):
-                        trial.set_user_attr(name, value)
-                trial.set_user_attr("duplicate_of", owner)
+                copy_result(trial, other)
+                set_attrs(trial, duplicate_of=owner)
                 for name, value in other.constraints.items():
                     trial.set_constraint(name, value)
                 if self.duplicates_in_a_row >= MAX_DUPLICATES_IN_A_ROW:
@@ -436,18 +423,17 @@ class _Worker:
                     trial.study.stop()
                 return tuple(other.values)
             if other.state == TrialState.FAIL:
-                reason = other.user_attrs.get("fail_reason")
+                reason = TrialRecord.from_trial(other).fail_reason
                 if reason is None and _retries_exhausted(other, self.handle.config.max_retry):
                     reason = "its worker died evaluating it on every retry"
                 if reason is not None and reason != INTERRUPTED:
                     self.duplicates += 1
-                    trial.set_user_attr("fail_reason", f"same plan as trial {owner}: {reason}")
+                    set_attrs(trial, fail_reason=f"same plan as trial {owner}: {reason}")
                     raise TrialFailed(f"same plan as trial {owner}: {reason}")
                 if self.handle.claims.take_over(key, owner, trial.number):
                     logger.info("trial %d re-runs the plan of trial %d (%s)", trial.number, owner,
                                 reason or "its worker stopped")
-                    trial.set_user_attr("reruns", owner)
-                    trial.set_user_attr("duplicate_of", None)
+                    set_attrs(trial, reruns=owner, duplicate_of=None)
                     return None
                 return None  # someone else took it over first: claim again to find the new owner
             # RUNNING or WAITING: wait for it; a dead owner turns stale and fails.
@@ -513,9 +499,9 @@ class _Worker:
                 if owner >= len(trials):
                     continue
                 trial = trials[owner]
-                if trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") == INTERRUPTED \
+                if trial.state == TrialState.FAIL and TrialRecord.from_trial(trial).fail_reason == INTERRUPTED \
                         and key not in queued:
-                    self.study.enqueue_trial(dict(trial.params), user_attrs={"reruns": owner})
+                    self.study.enqueue_trial(dict(trial.params), user_attrs=TrialRecord(reruns=owner).to_attrs())
                     queued.add(key)
                     logger.info("queued the interrupted plan of trial %d again", owner)
             trials = self.study.get_trials(deepcopy=False)
@@ -548,7 +534,8 @@ class _Worker:
         return self.stopped_by
 
     def _count_evaluation(self, study, trial) -> None:
-        if trial.user_attrs.get("duplicate_of") is None and "skipped" not in trial.user_attrs:
+        record = TrialRecord.from_trial(trial)
+        if record.duplicate_of is None and record.skipped is None:
             self.evaluated_here += 1
 
 
@@ -603,20 +590,20 @@ def summarize_study(handle: StudyHandle, summary: SearchSummary) -> SearchSummar
                                front=front_points(trials, higher_is_better=handle.higher_is_better))
 
 
-def measure_baselines(handle: StudyHandle, evaluator) -> dict | None:
+def measure_baselines(handle: StudyHandle, evaluator: PlanEvaluator) -> dict | None:
     """ONNX Runtime's float and int8 latency, measured once per study by a backend that can."""
-    from precsearch.report.writer import BASELINES_ATTR
-
-    stored = handle.study.user_attrs.get(BASELINES_ATTR)
-    if stored is not None or not hasattr(evaluator, "measure_baselines"):
-        return stored
+    attrs = StudyAttrs(handle.study)
+    if attrs.baselines:
+        return attrs.baselines
     baselines = evaluator.measure_baselines()
-    handle.study.set_user_attr(BASELINES_ATTR, baselines)
+    if baselines is None:
+        return None
+    attrs.set(StudyAttrs.BASELINES, baselines)
     logger.info("baselines: %s", baselines)
     return baselines
 
 
-def remeasure_front(handle: StudyHandle, evaluator, *, repeats: int, progress: Callable[[str], None] | None = None
+def remeasure_front(handle: StudyHandle, evaluator: PlanEvaluator, *, repeats: int, progress: Callable[[str], None] | None = None
                     ) -> dict[int, dict]:
     """Build and time every front plan again with ``repeats`` runs; stored in the study's ``remeasured`` attribute.
 
@@ -624,9 +611,8 @@ def remeasure_front(handle: StudyHandle, evaluator, *, repeats: int, progress: C
     lucky run; the report shows these figures (median and IQR) beside the
     search's own.  Plans already re-measured with as many runs are skipped.
     """
-    from precsearch.report.writer import REMEASURED_ATTR
-
-    stored = {int(k): v for k, v in handle.study.user_attrs.get(REMEASURED_ATTR, {}).items()}
+    attrs = StudyAttrs(handle.study)
+    stored = attrs.remeasured
     points = front_points(handle.study.get_trials(deepcopy=False), higher_is_better=handle.higher_is_better)
     for done, point in enumerate(points, start=1):
         if stored.get(point.trial, {}).get("runs", 0) >= repeats:
@@ -634,8 +620,10 @@ def remeasure_front(handle: StudyHandle, evaluator, *, repeats: int, progress: C
         if progress is not None:
             progress(f"re-measuring front plan {done}/{len(points)} (trial {point.trial}, {repeats} runs)")
         latency = evaluator.remeasure(Plan(frozenset(point.float_layers)), repeats)
+        if latency is None:
+            return stored  # a backend that cannot time a plan again
         stored[point.trial] = {"median_ms": latency.median_ms, "iqr_ms": latency.iqr_ms, "runs": latency.runs}
-        handle.study.set_user_attr(REMEASURED_ATTR, {str(k): v for k, v in stored.items()})
+        attrs.set_remeasured(stored)
     return stored
 
 
