@@ -32,7 +32,8 @@ from precsearch.tvm import profile_kernels
 from precsearch.model import load_model, resolve_model
 from precsearch.plan import Plan, parse_plan
 from precsearch.model.quantize import build_qdq_model, calibrate, user_int8_model
-from precsearch.tuning import open_database, tune_model
+from precsearch.tuning import tune_model
+from precsearch.tvm import open_database
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2

@@ -38,14 +38,6 @@ def representative_plans(model: LoadedModel) -> list[Plan]:
     return unique
 
 
-def open_database(workdir: str | Path, options: CompileOptions) -> TuningDatabase | None:
-    """The tuning database of this CPU in ``workdir``, or None when nothing was tuned there yet."""
-    directory = database_dir(workdir, resolve_target(options))
-    if not (directory / "database_tuning_record.json").is_file():
-        return None
-    return TuningDatabase(directory)
-
-
 def tune_model(model: LoadedModel, ranges: CalibrationRanges, *, workdir: str | Path,
                options: CompileOptions | None = None, trials_per_task: int = DEFAULT_TRIALS_PER_TASK,
                timeout_s: float | None = None, progress=None) -> TuningReport:

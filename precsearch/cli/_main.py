@@ -364,7 +364,7 @@ def _cmd_build(args) -> int:
     from precsearch.model.data import load_batches, split_batches
     from precsearch.plan import parse_plan
     from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
-    from precsearch.tuning import open_database
+    from precsearch.tvm import open_database
 
     quiet = args.json
     model, preset = _load(args)
@@ -446,7 +446,7 @@ def _cmd_sensitivity(args) -> int:
     from precsearch.fidelity.metrics import default_metric, validate_metric
     from precsearch.model.quantize import calibrate
     from precsearch.study.sensitivity import run_sensitivity, to_frame, write_csv
-    from precsearch.tuning import open_database
+    from precsearch.tvm import open_database
 
     quiet = args.json
     model, preset = _load(args)
@@ -545,7 +545,7 @@ def _cmd_bench(args) -> int:
     from precsearch.tvm import RpcTarget, check_tracker, parse_tracker
     from precsearch.plan import parse_plan
     from precsearch.model.quantize import user_int8_model
-    from precsearch.tuning import open_database
+    from precsearch.tvm import open_database
 
     quiet = args.json
     rpc = None

@@ -30,7 +30,7 @@ from precsearch.model import LoadedModel
 from precsearch.plan import Plan
 from precsearch.model.quantize import CalibrationRanges, build_qdq_model, calibrate, output_steps, user_int8_model
 from precsearch.study.record import COMPILER_PROBLEM, PlanRejected, PlanResult
-from precsearch.tuning import open_database
+from precsearch.tvm import open_database
 
 logger = logging.getLogger(__name__)
 

@@ -120,6 +120,19 @@ def database_dir(workdir: str | Path, target: tvm.target.Target) -> Path:
     return Path(workdir) / "tuning" / f"{cpu}-{cores}c"
 
 
+def open_database(workdir: str | Path, options) -> TuningDatabase | None:
+    """The tuning database of this CPU in ``workdir``, or None when nothing was tuned there yet.
+
+    ``options`` is a :class:`~precsearch.tvm.CompileOptions`: its target names the CPU.
+    """
+    from ._build import resolve_target
+
+    directory = database_dir(workdir, resolve_target(options))
+    if not (directory / RECORD_FILE).is_file():
+        return None
+    return TuningDatabase(directory)
+
+
 @dataclass(frozen=True)
 class TuningTask:
     """One distinct kernel to tune."""
