@@ -16,12 +16,10 @@ import csv
 import time
 from pathlib import Path
 
-from precsearch.tvm import build_plan
-from precsearch.model.data import image_batches
 from precsearch.fidelity.reference import agreement, run_ort
 from precsearch.model import load_model, resolve_model
 from precsearch.plan import parse_plan
-from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
+from precsearch.workspace import DataSettings, Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,15 +44,15 @@ def main() -> None:
     for name in args.models:
         path, shapes, preset = resolve_model(name)
         model = load_model(path, shapes)
-        ranges = calibrate(model, image_batches(model, preset, 8), cache_dir=ROOT / "precsearch-work" / "cache")
-        check = image_batches(model, preset, args.images, offset=8)
-        steps = output_steps(model, ranges)
+        workspace = Workspace(model, ROOT / "precsearch-work", DataSettings(preset=preset, calibration_batches=8,
+                                                                            eval_batches=args.images), untuned=True)
+        check, steps = workspace.eval_batches, workspace.steps
         rows = []
         for label, spec in plans_for(model).items():
             plan = parse_plan(spec, model)
-            qdq = build_qdq_model(model, ranges, plan)
             started = time.perf_counter()
-            built = build_plan(model, qdq, plan.int8_ids(model))
+            build = workspace.build(plan)
+            qdq, built = build.qdq, build.built
             build_s = time.perf_counter() - started
             reference = run_ort(qdq, check)
             tvm = [built.run(batch) for batch in check]

@@ -26,14 +26,11 @@ from pathlib import Path
 import pandas as pd
 
 from precsearch.bench import bench
-from precsearch.tvm import CompileOptions, build_plan
-from precsearch.model.data import image_batches
-from precsearch.tvm import profile_kernels
 from precsearch.model import load_model, resolve_model
 from precsearch.plan import Plan, parse_plan
-from precsearch.model.quantize import build_qdq_model, calibrate, user_int8_model
 from precsearch.tuning import tune_model
-from precsearch.tvm import open_database
+from precsearch.tvm import CompileOptions, profile_kernels
+from precsearch.workspace import DataSettings, Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2
@@ -75,23 +72,20 @@ def run_model(spec: str, trials: int, workdir: Path, repeats: int, tune: bool,
     path, shapes, preset = resolve_model(file or name)
     preset = preset or "imagenet"
     model = load_model(path, shapes)
-    calibration = image_batches(model, preset, count=8)
-    ranges = calibrate(model, calibration, "minmax", cache_dir=workdir / "cache")
-    ort_int8_model = user_int8_model(model, calibration, cache_dir=workdir / "cache")
-    options = CompileOptions(threads=THREADS)
+    # Calibrated on the first 8 sample batches, timed on the 9th (the first evaluation batch).
+    workspace = Workspace(model, workdir, DataSettings(data="samples", preset=preset, calibration_batches=8,
+                                                       eval_batches=1), CompileOptions(threads=THREADS))
     if tune:
         started = time.perf_counter()
-        report = tune_model(model, ranges, workdir=workdir, options=options, trials_per_task=trials,
-                            timeout_s=tune_timeout_s,
+        report = tune_model(workspace, trials_per_task=trials, timeout_s=tune_timeout_s,
                             progress=lambda done, total, task, n, elapsed_s: print(
                                 f"  [{done}/{total}] {task[:60]} {n} trials, {elapsed_s / 60:.1f} min", flush=True))
         print(f"{name}: tuning run took {(time.perf_counter() - started) / 60:.1f} min "
               f"({'finished' if report.finished else 'stopped at --tune-timeout'})", flush=True)
-    database = open_database(workdir, options)
-    summary = json.loads((database.directory / f"{model.sha256[:16]}.json").read_text())
-    inputs = image_batches(model, preset, count=1, offset=8)[0]
-    result = bench(model, ranges, inputs, ort_int8_model=ort_int8_model, plans=plans_for(model), options=options, database=database,
-                   threads=THREADS, warmup=20, repeats=repeats, progress=lambda m: print(" ", m, flush=True))
+    summary = json.loads((workspace.database.directory / f"{model.sha256[:16]}.json").read_text())
+    inputs = workspace.timing_input
+    result = bench(workspace, plans=plans_for(model), threads=THREADS, warmup=20, repeats=repeats,
+                   progress=lambda m: print(" ", m, flush=True))
     frame = result.to_frame()
     frame.insert(0, "model", name)
     frame["trials_per_kernel"] = summary["trials_per_task"]
@@ -103,9 +97,7 @@ def run_model(spec: str, trials: int, workdir: Path, repeats: int, tune: bool,
 
     profiles = []
     for label, plan in (("int8", Plan(frozenset())), ("float", Plan(frozenset(model.capable_ids())))):
-        int8_ids = plan.int8_ids(model)
-        qdq = build_qdq_model(model, ranges, plan) if int8_ids else model.proto
-        built = build_plan(model, qdq, int8_ids, options=options, database=database)
+        built = workspace.build(plan).built
         profiles.append(kernel_table(model, built, inputs, label))
     kernels = pd.concat(profiles)
     kernels.to_csv(out / f"{name}-kernels.csv", index=False)

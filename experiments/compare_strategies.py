@@ -272,7 +272,7 @@ def kernel_bound_ms(spec: ModelSpec, workdir: Path) -> dict:
     per_build = {}
     for precision, plan in (("int8", Plan(frozenset())), ("float", Plan(frozenset(model.capable_ids())))):
         with evaluator.lock.shared():
-            _, built = evaluator.build(plan)
+            built = evaluator.build(plan).built
         with evaluator.lock.exclusive():
             kernels = profile_kernels(built, evaluator.batches[0], threads=config.threads, runs=30)
             latency = measure_library(built, evaluator.batches[0], threads=config.threads, warmup=20, repeats=200)

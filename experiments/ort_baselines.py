@@ -22,13 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv=None) -> int:
-    from precsearch.model.data import split_batches
+    from precsearch.fidelity.metrics import compute_metrics
     from precsearch.fidelity.reference import run_ort
     from precsearch.measure import measure_onnxruntime
-    from precsearch.fidelity.metrics import compute_metrics
     from precsearch.model import PACKAGED_MODELS, load_model, resolve_model
     from precsearch.plan import Plan
-    from precsearch.model.quantize import build_qdq_model, calibrate, user_int8_model
+    from precsearch.workspace import DataSettings, Workspace
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", default=list(PACKAGED_MODELS))
@@ -39,11 +38,13 @@ def main(argv=None) -> int:
     for name in args.models:
         path, shapes, preset = resolve_model(name)
         model = load_model(path, shapes)
-        calibration, evaluation = split_batches(model, "samples", preset, 8, args.eval_batches)
+        workspace = Workspace(model, None, DataSettings(preset=preset, calibration_batches=8,
+                                                        eval_batches=args.eval_batches))
+        evaluation = workspace.eval_batches
         builds = {"ort_float": model.proto,
-                  "ort_int8 (quantize_static)": user_int8_model(model, calibration),
-                  "ort_int8_conv_only": build_qdq_model(model, calibrate(model, calibration), Plan(frozenset()))}
-        reference = run_ort(model.proto, evaluation)
+                  "ort_int8 (quantize_static)": workspace.ort_int8_model,
+                  "ort_int8_conv_only": workspace.qdq_model(Plan(frozenset()))}
+        reference = workspace.reference
         for build, proto in builds.items():
             latency = measure_onnxruntime(proto, evaluation[0], threads=2, warmup=20, repeats=args.repeats)
             metrics = compute_metrics(reference, run_ort(proto, evaluation, optimized=True)).values

@@ -16,16 +16,12 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pandas as pd
 
-from precsearch.tvm import CompileOptions, build_plan
 from precsearch.measure import Latency, measure_onnxruntime
-from precsearch.tvm import RpcTarget, measure_library, measure_remote
-from precsearch.model import LoadedModel
 from precsearch.plan import Plan
-from precsearch.model.quantize import CalibrationRanges, build_qdq_model
+from precsearch.tvm import RpcTarget, measure_library, measure_remote
+from precsearch.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -77,27 +73,25 @@ def json_safe(records: list[dict]) -> list[dict]:
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in records]
 
 
-def bench(model: LoadedModel, ranges: CalibrationRanges, inputs: dict[str, np.ndarray], *,
-          ort_int8_model: onnx.ModelProto, plans: list[tuple[str, Plan]] = (), options: CompileOptions | None = None, database=None,
-          threads: int = 2, warmup: int = 10, repeats: int = 50, rpc: RpcTarget | None = None,
-          progress=None) -> BenchResult:
-    """Measure ORT float, ORT int8, TVM float, TVM all-int8 and ``plans`` (name, plan) on ``inputs``.
+def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: int = 2, warmup: int = 10,
+          repeats: int = 50, rpc: RpcTarget | None = None, progress=None) -> BenchResult:
+    """Measure ORT float, ORT int8, TVM float, TVM all-int8 and ``plans`` (name, plan) on the workspace's timing input.
 
     Parameters
     ----------
-    ort_int8_model : onnx.ModelProto
-        The user's ORT int8 model (:func:`precsearch.model.quantize.user_int8_model`).
-    database : TuningDatabase, optional
-        Tuned kernels applied to every TVM build (untuned builds are far slower).
+    workspace : Workspace
+        The model, its calibration, the user's ORT int8 model
+        (:func:`precsearch.model.quantize.user_int8_model`) and the tuning
+        database applied to every TVM build (untuned builds are far slower).
     rpc : RpcTarget, optional
         Measure the TVM builds on a remote board; ONNX Runtime runs here either way.
     progress : callable, optional
         ``progress(message)`` before each build or measurement.
     """
-    options = options or CompileOptions(threads=threads)
+    model = workspace.model
+    inputs = workspace.timing_input
     say = progress or (lambda message: None)
     all_int8 = Plan(frozenset())
-    int8_qdq = build_qdq_model(model, ranges, all_int8)
     rows: list[BenchRow] = []
 
     def add(name: str, latency: Latency, plan: str, int8_convs: int, build_time_s: float) -> None:
@@ -108,16 +102,15 @@ def bench(model: LoadedModel, ranges: CalibrationRanges, inputs: dict[str, np.nd
     say("measuring ONNX Runtime float and int8...")
     settings = dict(threads=threads, warmup=warmup, repeats=repeats)
     add(ORT_FLOAT, measure_onnxruntime(model.proto, inputs, backend="ort", **settings), "float", 0, 0.0)
-    add(ORT_INT8, measure_onnxruntime(ort_int8_model, inputs, backend="ort", **settings), "quantize_static",
-        len(model.capable_ids()), 0.0)
-    add(ORT_INT8_CONV_ONLY, measure_onnxruntime(int8_qdq, inputs, backend="ort", **settings), "int8 (Conv only)",
-        len(model.capable_ids()), 0.0)
+    add(ORT_INT8, measure_onnxruntime(workspace.ort_int8_model, inputs, backend="ort", **settings),
+        "quantize_static", len(model.capable_ids()), 0.0)
+    add(ORT_INT8_CONV_ONLY, measure_onnxruntime(workspace.qdq_model(all_int8), inputs, backend="ort", **settings),
+        "int8 (Conv only)", len(model.capable_ids()), 0.0)
     every_float = Plan(frozenset(model.capable_ids()))
     for name, plan in [(TVM_FLOAT, every_float), (TVM_INT8, all_int8), *plans]:
         int8_ids = plan.int8_ids(model)
-        qdq = build_qdq_model(model, ranges, plan) if int8_ids else model.proto
         say(f"building and measuring {name} ({len(int8_ids)} int8 convs)...")
-        built = build_plan(model, qdq, int8_ids, options=options, database=database)
+        built = workspace.build(plan).built
         if rpc is None:
             latency = measure_library(built, inputs, **settings)
         else:
@@ -128,6 +121,5 @@ def bench(model: LoadedModel, ranges: CalibrationRanges, inputs: dict[str, np.nd
     ort_float, ort_int8 = rows[0].median_ms, rows[1].median_ms  # ORT float, the user's ORT int8
     rows = [BenchRow(**{**asdict(row), "vs_ort_float": row.median_ms / ort_float,
                         "vs_ort_int8": row.median_ms / ort_int8}) for row in rows]
-    return BenchResult(rows=rows, threads=threads, tuned=database is not None,
+    return BenchResult(rows=rows, threads=threads, tuned=workspace.database is not None,
                        remote=rpc.address if rpc is not None else None)
-

@@ -67,18 +67,18 @@ class Diagnosis:
                 "plans": [plan.to_dict() for plan in self.plans]}
 
 
-def _diagnose(name: str, model: LoadedModel, qdq, int8_ids, options, check_batches, ranges) -> PlanDiagnosis:
-    from precsearch.tvm import build_plan
+def _diagnose(name: str, workspace, plan) -> PlanDiagnosis:
     from precsearch.fidelity.crosscheck import COMPILER_PROBLEM, check_build
-    from precsearch.model.quantize import output_steps
 
+    model = workspace.model
     started = time.perf_counter()
     try:
-        built = build_plan(model, qdq, int8_ids, options=options)
+        build = workspace.build(plan)
     except CompileError as exc:
         layers = {layer.id: (FAILED, exc.pass_name or "") for layer in model.layers}
         return PlanDiagnosis(name, False, error=first_line(exc), failed_pass=exc.pass_name,
                              failed_layer=exc.layer_id, build_time_s=time.perf_counter() - started, layers=layers)
+    built, qdq, int8_ids = build.built, build.qdq, plan.int8_ids(model)
     rows = {row.id: row for row in built.rows}
     layers = {}
     for layer in model.layers:
@@ -93,9 +93,10 @@ def _diagnose(name: str, model: LoadedModel, qdq, int8_ids, options, check_batch
                               operator_notes=[note.to_dict() for note in built.operator_notes],
                               operator_layouts=built.operator_layouts, layout_fallback=built.layout_fallback,
                               boundary_transforms=built.boundary_transforms)
+    check_batches = workspace.eval_batches
     candidate = [built.run(batch) for batch in check_batches]
-    steps = output_steps(model, ranges) if int8_ids else None
-    checked = check_build(model, qdq, int8_ids, check_batches, candidate, steps, options=options)
+    steps = workspace.steps if int8_ids else None
+    checked = check_build(model, qdq, int8_ids, check_batches, candidate, steps, options=workspace.options)
     diagnosis.check_ok = checked.verdict != COMPILER_PROBLEM
     diagnosis.check = f"{checked.verdict}: {checked.summary}"
     if checked.agreement is not None:
@@ -121,24 +122,20 @@ def diagnose(model: LoadedModel, preset: str | None, *, data="samples", options=
     progress : callable, optional
         Called with one status line per phase.
     """
-    from precsearch.tvm import CompileOptions, unsupported_operators
-    from precsearch.model.data import split_batches
     from precsearch.plan import Plan
-    from precsearch.model.quantize import build_qdq_model, calibrate
+    from precsearch.tvm import unsupported_operators
+    from precsearch.workspace import DataSettings, Workspace
 
     say = progress or (lambda line: None)
     unsupported = unsupported_operators(model.proto)
     if unsupported:
         return Diagnosis(model.source, unsupported, [])
-    options = options or CompileOptions()
-    calibration, check = split_batches(model, data, preset, calibration_batches, check_batches)
+    workspace = Workspace(model, None, DataSettings(data=data, preset=preset, calibration_batches=calibration_batches,
+                                                    eval_batches=check_batches), options)
     say(f"building all-float ({len(model.layers)} convs, untuned)...")
-    plans = [_diagnose("all-float", model, model.proto, [], options, check, None)]
-    say(f"calibrating on {len(calibration)} batch(es), building all-int8 (untuned)...")
-    ranges = calibrate(model, calibration)
-    int8 = Plan(frozenset())
-    qdq = build_qdq_model(model, ranges, int8)
-    plans.append(_diagnose("all-int8", model, qdq, int8.int8_ids(model), options, check, ranges))
+    plans = [_diagnose("all-float", workspace, Plan(frozenset(model.capable_ids())))]
+    say(f"calibrating on {calibration_batches} batch(es), building all-int8 (untuned)...")
+    plans.append(_diagnose("all-int8", workspace, Plan(frozenset())))
     return Diagnosis(model.source, unsupported, plans)
 
 
@@ -157,29 +154,29 @@ def check_standard_plans(name: str, check_batches: int = 2, calibration_batches:
     progress : callable, optional
         Called with one line per plan.
     """
-    from precsearch.tvm import build_plan
     from precsearch.fidelity.crosscheck import check_build
-    from precsearch.model.data import split_batches
     from precsearch.model import load_model, resolve_model
     from precsearch.plan import standard_plans
-    from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
+    from precsearch.workspace import DataSettings, Workspace
 
     path, shapes, preset = resolve_model(name)
     model = load_model(path, shapes)
-    calibration, check = split_batches(model, "samples", preset, calibration_batches, check_batches)
-    ranges = calibrate(model, calibration)
-    steps = output_steps(model, ranges)
+    workspace = Workspace(model, None, DataSettings(data="samples", preset=preset,
+                                                    calibration_batches=calibration_batches,
+                                                    eval_batches=check_batches))
+    workspace.prepare(reference=False, ort_int8=False)  # calibration is not part of any plan's build time
+    check = workspace.eval_batches
     rows = []
     for plan_name, plan in standard_plans(model).items():
         if plans is not None and plan_name not in plans:
             continue
         int8_ids = plan.int8_ids(model)
-        qdq = build_qdq_model(model, ranges, plan) if int8_ids else model.proto
         started = time.perf_counter()
-        built = build_plan(model, qdq, int8_ids)
+        build = workspace.build(plan)
+        built = build.built
         build_time_s = time.perf_counter() - started
         outputs = [built.run(batch) for batch in check]
-        checked = check_build(model, qdq, int8_ids, check, outputs, steps)
+        checked = check_build(model, build.qdq, int8_ids, check, outputs, workspace.steps)
         row = {
             "model": name, "plan": plan_name, "int8_convs": len(int8_ids),
             "float_convs": len(model.layers) - len(int8_ids), "build_time_s": round(build_time_s, 1),

@@ -15,11 +15,11 @@ import logging
 import time
 from pathlib import Path
 
-from precsearch.tvm import (CompileOptions, TuningDatabase, TuningReport, check_trials, database_dir,
-                      extract_tuning_tasks, fused_module, resolve_target, tune_tasks)
+from precsearch.tvm import (TuningDatabase, TuningReport, check_trials, database_dir, extract_tuning_tasks,
+                            resolve_target, tune_tasks)
 from precsearch.model import LoadedModel
 from precsearch.plan import Plan
-from precsearch.model.quantize import CalibrationRanges, build_qdq_model
+from precsearch.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,9 @@ def representative_plans(model: LoadedModel) -> list[Plan]:
     return unique
 
 
-def tune_model(model: LoadedModel, ranges: CalibrationRanges, *, workdir: str | Path,
-               options: CompileOptions | None = None, trials_per_task: int = DEFAULT_TRIALS_PER_TASK,
+def tune_model(workspace: Workspace, *, trials_per_task: int = DEFAULT_TRIALS_PER_TASK,
                timeout_s: float | None = None, progress=None) -> TuningReport:
-    """Tune the model's kernels into ``<workdir>/tuning/<cpu>-<cores>c``; resumes where a killed run stopped.
+    """Tune the workspace model's kernels into ``<workdir>/tuning/<cpu>-<cores>c``; resumes where a killed run stopped.
 
     Parameters
     ----------
@@ -49,14 +48,11 @@ def tune_model(model: LoadedModel, ranges: CalibrationRanges, *, workdir: str | 
         ``progress(done_tasks, total_tasks, task_name, trials_run, elapsed_s)`` after each kernel.
     """
     check_trials(trials_per_task)  # before a minute of task extraction
-    options = options or CompileOptions()
+    model, options = workspace.model, workspace.options
     target = resolve_target(options)
-    database = TuningDatabase(database_dir(workdir, target))
+    database = TuningDatabase(database_dir(workspace.workdir, target))
     started = time.perf_counter()
-    modules = []
-    for plan in representative_plans(model):
-        qdq = build_qdq_model(model, ranges, plan) if plan.int8_ids(model) else model.proto
-        modules.append(fused_module(model, qdq, plan.int8_ids(model), options=options))
+    modules = [workspace.fused_module(plan) for plan in representative_plans(model)]
     tasks = extract_tuning_tasks(modules, target)
     extract_s = time.perf_counter() - started
     logger.info("%d distinct kernels in %d representative plans (%.1f s)", len(tasks), len(modules), extract_s)

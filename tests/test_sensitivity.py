@@ -14,6 +14,7 @@ from precsearch.fidelity.reference import run_ort
 from precsearch.model import load_model
 from precsearch.model.quantize import calibrate
 from precsearch.study.sensitivity import CSV_NAME, most_sensitive, run_sensitivity, to_frame, write_csv
+from precsearch.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def fragile(tmp_path_factory):
 
 def test_fragile_layer_ranks_most_sensitive(fragile, tmp_path):
     model, ranges, batches, reference = fragile
-    rows = run_sensitivity(model, ranges, batches, reference, measure_latency=True)
+    workspace = Workspace.in_memory(model, tmp_path, [], batches, ranges=ranges, reference=reference)
+    rows = run_sensitivity(workspace, measure_latency=True)
     by_id = {row.id: row for row in rows}
     # conv1 alone int8 wrecks the output; the others alone barely touch it.
     assert by_id["conv1"].only_int8["sqnr_db"] < 15.0

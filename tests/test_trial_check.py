@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import models
-from precsearch.study import evaluator as evaluator_module
+from precsearch import workspace as workspace_module
 from precsearch.tvm import CompileOptions, _int8_rewrite
 from precsearch.study.config import SearchConfig
 from precsearch.model.data import image_batches
@@ -24,6 +24,7 @@ from precsearch.report.writer import collect, write_report
 from precsearch.study.record import AGREES, COMPILER_PROBLEM, NEAR_TIES, PlanRejected
 from precsearch.study.search import open_study, run_worker, seed_plans
 from precsearch.study.storage import default_storage_url, open_storage
+from precsearch.workspace import Workspace
 
 EVAL_BATCHES = 4
 
@@ -31,16 +32,18 @@ EVAL_BATCHES = 4
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     model = load_model(models.save(models.chain_model(), tmp_path_factory.mktemp("chain"), "chain"))
-    ranges = calibrate(model, image_batches(model, None, 8))
+    calibration = image_batches(model, None, 8)
+    ranges = calibrate(model, calibration)
     batches = image_batches(model, None, EVAL_BATCHES, offset=8)
-    return model, ranges, batches, reference_outputs(model, batches)
+    return model, ranges, batches, reference_outputs(model, batches), calibration
 
 
 def _evaluator(chain, tmp_path, **settings):
-    model, ranges, batches, reference = chain
-    return TvmEvaluator(model=model, ranges=ranges, batches=batches, reference=reference, metric="sqnr_db",
-                        goal=None, options=CompileOptions(), warmup=1, repeats=3, lock=CpuLock(tmp_path / "lock"),
-                        **settings)
+    model, ranges, batches, reference, calibration = chain
+    workspace = Workspace.in_memory(model, tmp_path, calibration, batches, CompileOptions(), ranges=ranges,
+                                    reference=reference)
+    return TvmEvaluator(workspace=workspace, metric="sqnr_db", goal=None, warmup=1, repeats=3,
+                        lock=CpuLock(tmp_path / "lock"), **settings)
 
 
 def _search(chain, evaluator, tmp_path, trials):
@@ -58,7 +61,7 @@ def _search(chain, evaluator, tmp_path, trials):
 def counted_runs(monkeypatch):
     """Batches each plan's library ran (the evaluator's builds only; a cross-check's probe build is not counted)."""
     runs = []
-    real = evaluator_module.build_plan
+    real = workspace_module.build_plan
 
     def counting(*args, **kwargs):
         built = real(*args, **kwargs)
@@ -72,7 +75,7 @@ def counted_runs(monkeypatch):
         built.run = counted
         return built
 
-    monkeypatch.setattr(evaluator_module, "build_plan", counting)
+    monkeypatch.setattr(workspace_module, "build_plan", counting)
     return runs
 
 
@@ -121,7 +124,7 @@ def test_a_miscompiled_int8_build_is_a_compiler_problem_and_a_failed_trial(chain
 
 
 def test_an_all_float_build_off_ort_float_is_a_compiler_problem(chain, tmp_path):
-    model, _, _, reference = chain
+    model, _, _, reference, _ = chain
     evaluator = _evaluator(chain, tmp_path)
     all_float = Plan(frozenset(model.capable_ids()))
     close = [{name: value * (1 + 1e-6) for name, value in reference[0].items()}]

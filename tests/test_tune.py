@@ -15,6 +15,7 @@ from precsearch.plan import parse_plan
 from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
 from precsearch.tuning import representative_plans, tune_model
 from precsearch.tvm import open_database
+from precsearch.workspace import Workspace
 
 TRIALS = 4  # per kernel: enough to get a VNNI schedule into the database, not to make it fast
 
@@ -29,8 +30,9 @@ class Tuned:
         self.check = image_batches(self.model, None, count=6, offset=4)
         self.workdir = directory / "work"
         self.progress = []
-        self.report = tune_model(self.model, self.ranges, workdir=self.workdir, trials_per_task=TRIALS,
-                                 progress=lambda *args: self.progress.append(args))
+        self.workspace = Workspace.in_memory(self.model, self.workdir, image_batches(self.model, None, count=4),
+                                             ranges=self.ranges)
+        self.report = tune_model(self.workspace, trials_per_task=TRIALS, progress=lambda *args: self.progress.append(args))
         self.database = open_database(self.workdir, CompileOptions())
 
     def build(self, float_spec):
@@ -64,7 +66,7 @@ def test_a_second_run_resumes_instead_of_retuning(tuned):
     # the JSON databases reload (a trace filed under the wrong workload makes MetaSchedule refuse the whole file)
     reopened = TuningDatabase(database_dir(tuned.workdir, host_target()))
     assert len(reopened) == tuned.report.records
-    again = tune_model(tuned.model, tuned.ranges, workdir=tuned.workdir, trials_per_task=TRIALS)
+    again = tune_model(tuned.workspace, trials_per_task=TRIALS)
     assert (again.tasks_tuned, again.trials_run) == (0, 0)
     assert again.tasks_skipped + again.tasks_covered == tuned.report.tasks_total
     assert again.records == tuned.report.records

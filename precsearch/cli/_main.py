@@ -269,6 +269,16 @@ def _compile_options(args, **overrides):
     return CompileOptions(**settings)
 
 
+def _workspace(args, model, preset, *, eval_batches: int = 0, **option_overrides):
+    """The command's :class:`~precsearch.workspace.Workspace`: its data options, compile options and workdir."""
+    from precsearch.workspace import DataSettings, Workspace
+
+    data = DataSettings(data=args.data, preset=args.preset or preset, calibration=args.calibration,
+                        calibration_batches=args.calibration_batches, eval_batches=eval_batches)
+    _writable_dir(args.workdir / "cache", "workdir")
+    return Workspace(model, args.workdir, data, _compile_options(args, **option_overrides), untuned=args.untuned)
+
+
 def _load(args):
     from precsearch.model import load_model, parse_input_shapes, resolve_model
 
@@ -359,37 +369,23 @@ def _status(message: str, quiet: bool) -> None:
 
 
 def _cmd_build(args) -> int:
-    from precsearch.tvm import LoadedLibrary, build_plan
     from precsearch.fidelity.crosscheck import COMPILER_PROBLEM, check_build
-    from precsearch.model.data import load_batches, split_batches
     from precsearch.plan import parse_plan
-    from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
-    from precsearch.tvm import open_database
+    from precsearch.tvm import LoadedLibrary
 
     quiet = args.json
     model, preset = _load(args)
     plan = parse_plan(args.float_ids, model)
-    options = _compile_options(args)
-    preset = args.preset or preset
     out_dir = _writable_dir(args.out, "out")
-    cache_dir = _writable_dir(args.workdir / "cache", "workdir")
+    workspace = _workspace(args, model, preset, eval_batches=args.check_batches if args.check else 0)
     int8_ids = plan.int8_ids(model)
-
-    if args.check:
-        calibration_batches, check_batches = split_batches(model, args.data, preset, args.calibration_batches,
-                                                           args.check_batches)
-    elif int8_ids:
-        calibration_batches = load_batches(model, args.data, preset, count=args.calibration_batches)
-    ranges = steps = None
     if int8_ids:
-        _status(f"calibrating ({args.calibration}, {len(calibration_batches)} batches of {args.data})...", quiet)
-        ranges = calibrate(model, calibration_batches, args.calibration, cache_dir=cache_dir)
-        steps = output_steps(model, ranges)
-    # The all-float plan builds the float model itself, as the search does.
-    qdq = build_qdq_model(model, ranges, plan) if int8_ids else model.proto
+        _status(f"calibrating ({args.calibration}, {args.calibration_batches} batches of {args.data})...", quiet)
+        workspace.prepare(reference=False, ort_int8=False)
     _status(f"building {len(int8_ids)} int8 / {len(model.layers) - len(int8_ids)} float convs...", quiet)
-    database = None if args.untuned else open_database(args.workdir, options)
-    built = build_plan(model, qdq, int8_ids, options=options, dump_ir_dir=args.dump_ir, database=database)
+    # The all-float plan builds the float model itself, as the search does.
+    build = workspace.build(plan, dump_ir_dir=args.dump_ir)
+    qdq, built, database = build.qdq, build.built, workspace.database
     library = built.export_library(out_dir / "model.so")
     qdq_path = out_dir / "model.qdq.onnx"
     qdq_path.write_bytes(qdq.SerializeToString())
@@ -421,11 +417,13 @@ def _cmd_build(args) -> int:
     exit_code = 0
     if args.check:
         against = "the same QDQ model" if int8_ids else "the float model"
+        check_batches = workspace.eval_batches
         _status(f"checking against ONNX Runtime on {against}, {len(check_batches)} batches not used for calibration "
                 "(an output off by more than one step is traced with a probe build)...", quiet)
         loaded = LoadedLibrary(library, built.input_names, built.output_names)
         candidate = [loaded.run(batch) for batch in check_batches]
-        checked = check_build(model, qdq, int8_ids, check_batches, candidate, steps, options=options)
+        steps = workspace.steps if int8_ids else None
+        checked = check_build(model, qdq, int8_ids, check_batches, candidate, steps, options=workspace.options)
         summary.update(checked.to_dict())
         if checked.verdict == COMPILER_PROBLEM:
             exit_code = EXIT_CHECK_FAILED
@@ -441,22 +439,16 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_sensitivity(args) -> int:
-    from precsearch.model.data import split_batches
-    from precsearch.fidelity.reference import reference_outputs
     from precsearch.fidelity.metrics import default_metric, validate_metric
-    from precsearch.model.quantize import calibrate
     from precsearch.study.sensitivity import run_sensitivity, to_frame, write_csv
-    from precsearch.tvm import open_database
 
     quiet = args.json
     model, preset = _load(args)
     shapes = _output_shapes(model)
     metric = validate_metric(args.metric, next(iter(shapes.values()))) if args.metric else default_metric(shapes)
     workdir = _writable_dir(args.workdir, "workdir")
-    calibration_batches, eval_batches = split_batches(model, args.data, args.preset or preset,
-                                                      args.calibration_batches, args.eval_batches)
-    ranges = calibrate(model, calibration_batches, args.calibration, cache_dir=workdir / "cache")
-    reference = reference_outputs(model, eval_batches, cache_dir=workdir / "cache")
+    workspace = _workspace(args, model, preset, eval_batches=args.eval_batches)
+    workspace.prepare(ort_int8=False)  # before the clock starts
     started = time.perf_counter()
 
     def progress(done: int, total: int, layer_id: str) -> None:
@@ -464,11 +456,7 @@ def _cmd_sensitivity(args) -> int:
         left = elapsed / done * (total - done)
         _status(f"[{done}/{total}] {layer_id}  {elapsed:.0f} s elapsed, ~{left:.0f} s left", quiet)
 
-    options = _compile_options(args)
-    database = None if args.untuned else open_database(args.workdir, options)
-    rows = run_sensitivity(model, ranges, eval_batches, reference, measure_latency=not args.no_latency,
-                           options=options, database=database, threads=args.threads,
-                           progress=progress)
+    rows = run_sensitivity(workspace, measure_latency=not args.no_latency, progress=progress)
     frame = to_frame(rows, metric)
     path = write_csv(frame, workdir)
     if args.json:
@@ -481,15 +469,6 @@ def _cmd_sensitivity(args) -> int:
     print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"most sensitive first, by {metric} with only that layer int8; written to {path}")
     return 0
-
-
-def _calibrated(args, model, preset):
-    from precsearch.model.data import load_batches
-    from precsearch.model.quantize import calibrate
-
-    batches = load_batches(model, args.data, args.preset or preset, count=args.calibration_batches)
-    cache_dir = _writable_dir(args.workdir / "cache", "workdir")
-    return calibrate(model, batches, args.calibration, cache_dir=cache_dir)
 
 
 def _duration_s(text: str | None) -> float | None:
@@ -515,8 +494,8 @@ def _cmd_tune(args) -> int:
     quiet = args.json
     timeout_s = _duration_s(args.timeout)
     model, preset = _load(args)
-    ranges = _calibrated(args, model, preset)
-    options = _compile_options(args)
+    workspace = _workspace(args, model, preset)
+    workspace.prepare(reference=False, ort_int8=False)
     _status(f"extracting the kernels of {model.source} (all-int8, all-float and two alternating plans)...", quiet)
 
     def progress(done: int, total: int, name: str, trials: int, elapsed_s: float) -> None:
@@ -525,8 +504,7 @@ def _cmd_tune(args) -> int:
         _status(f"[{done}/{total}] {name[:70]}: {what}; {elapsed_s / 60:.1f} min elapsed, ~{left_s / 60:.1f} min left",
                 False)  # stderr: progress never mixes with --json on stdout
 
-    report = tune_model(model, ranges, workdir=_writable_dir(args.workdir, "workdir"), options=options,
-                        trials_per_task=args.trials, timeout_s=timeout_s, progress=progress)
+    report = tune_model(workspace, trials_per_task=args.trials, timeout_s=timeout_s, progress=progress)
     result = {"model": str(model.source), "trials_per_kernel": args.trials, **report.to_dict()}
     if args.json:
         print(json.dumps(result, indent=1))
@@ -541,11 +519,8 @@ def _cmd_tune(args) -> int:
 
 def _cmd_bench(args) -> int:
     from precsearch.bench import bench
-    from precsearch.model.data import load_batches
-    from precsearch.tvm import RpcTarget, check_tracker, parse_tracker
     from precsearch.plan import parse_plan
-    from precsearch.model.quantize import user_int8_model
-    from precsearch.tvm import open_database
+    from precsearch.tvm import RpcTarget, check_tracker, parse_tracker
 
     quiet = args.json
     rpc = None
@@ -557,17 +532,13 @@ def _cmd_bench(args) -> int:
         check_tracker(rpc)  # before minutes of building
     model, preset = _load(args)
     plans = [(f"plan{i}", parse_plan(spec, model)) for i, spec in enumerate(args.plan, start=1)]
-    options = _compile_options(args, target=args.target)
-    ranges = _calibrated(args, model, preset)
-    calibration = load_batches(model, args.data, args.preset or preset, count=args.calibration_batches)
-    _status("quantizing the ORT int8 baseline (quantize_static, defaults, per channel)...", quiet)
-    ort_int8_model = user_int8_model(model, calibration, cache_dir=_writable_dir(args.workdir / "cache", "workdir"))
-    inputs = load_batches(model, args.data, args.preset or preset, count=1)[0]
-    database = None if args.untuned else open_database(args.workdir, options)
-    if database is None and not args.untuned:
+    workspace = _workspace(args, model, preset, target=args.target)
+    _status("calibrating and quantizing the ORT int8 baseline (quantize_static, defaults, per channel)...", quiet)
+    workspace.prepare(reference=False)
+    if workspace.database is None and not args.untuned:
         _status("no tuning database in the workdir: TVM builds run untuned kernels (run precsearch tune first)", quiet)
-    result = bench(model, ranges, inputs, ort_int8_model=ort_int8_model, plans=plans, options=options, database=database, threads=args.threads,
-                   warmup=args.warmup, repeats=args.repeats, rpc=rpc, progress=lambda m: _status(m, quiet))
+    result = bench(workspace, plans=plans, threads=args.threads, warmup=args.warmup, repeats=args.repeats, rpc=rpc,
+                   progress=lambda m: _status(m, quiet))
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
         return 0

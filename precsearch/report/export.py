@@ -16,8 +16,8 @@ from pathlib import Path
 
 from precsearch.study.config import SearchConfig
 from precsearch.errors import ConfigError
-from precsearch.study.evaluator import TvmEvaluator
 from precsearch.study.record import StudyAttrs, TrialRecord
+from precsearch.workspace import Workspace
 from precsearch.model import LoadedModel, load_model, resolve_model
 
 
@@ -82,11 +82,10 @@ def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | P
         raise ConfigError(f"The model {config.model!r} is not the one study {study.study_name!r} was made for.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # The search's own backend, from the same cached calibration and tuning database: the same build.
-    evaluator = TvmEvaluator.from_config(config, model, workdir, preset, config.metric)
-    plan = record.plan
+    # The search's own workspace, from the same cached calibration and tuning database: the same build.
+    build = Workspace.from_config(config, model, workdir, preset).build(record.plan)
+    plan, qdq, built = record.plan, build.qdq, build.built
     int8_ids = plan.int8_ids(model)
-    qdq, built = evaluator.build(plan)
     library = built.export_library(out / "model.so")
     (out / "model.qdq.onnx").write_bytes(qdq.SerializeToString())
     every_float = list(plan.float_layer_ids(model))  # the plan's float convs and those that cannot run int8

@@ -16,21 +16,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from precsearch.tvm import CompileOptions, build_plan
-from precsearch.study.config import SearchConfig
 from precsearch.fidelity.crosscheck import check_build
-from precsearch.model.data import split_batches
-from precsearch.fidelity.reference import reference_outputs
 from precsearch.fidelity.early_stop import evaluate_plan
+from precsearch.fidelity.metrics import compute_metrics
 from precsearch.fidelity.reference import run_ort
 from precsearch.measure import CpuLock, Latency, measure_onnxruntime
-from precsearch.tvm import measure_library
-from precsearch.fidelity.metrics import compute_metrics
-from precsearch.model import LoadedModel
 from precsearch.plan import Plan
-from precsearch.model.quantize import CalibrationRanges, build_qdq_model, calibrate, output_steps, user_int8_model
+from precsearch.study.config import SearchConfig
 from precsearch.study.record import COMPILER_PROBLEM, PlanRejected, PlanResult
-from precsearch.tvm import open_database
+from precsearch.tvm import measure_library
+from precsearch.workspace import PlanBuild, Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -54,51 +49,53 @@ class TvmEvaluator:
     shared, the latency measurement holds it exclusive.
     """
 
-    model: LoadedModel
-    ranges: CalibrationRanges
-    batches: list
-    reference: list
+    workspace: Workspace
     metric: str
     goal: float | None
-    options: CompileOptions
-    database: object = None
     warmup: int = 10
     repeats: int = 50
     check_batches: int = 1
-    ort_int8_model: object = None  # the user's ORT int8 model (quantize_static defaults): the int8 baseline
     lock: CpuLock = field(default_factory=CpuLock)
 
     @classmethod
-    def from_config(cls, config: SearchConfig, model: LoadedModel, workdir: str | Path, preset: str | None,
+    def from_config(cls, config: SearchConfig, model, workdir: str | Path, preset: str | None,
                     metric: str) -> TvmEvaluator:
-        """Calibrate (cached), load the evaluation inputs and the reference (cached), open the tuning database."""
-        workdir = Path(workdir)
-        calibration_batches, eval_batches = split_batches(model, config.data, config.preset or preset,
-                                                          config.calibration_batches, config.eval_batches)
-        cache_dir = workdir / "cache"
-        ranges = calibrate(model, calibration_batches, config.calibration, cache_dir=cache_dir)
-        reference = reference_outputs(model, eval_batches, cache_dir=cache_dir)
-        ort_int8_model = user_int8_model(model, calibration_batches, cache_dir=cache_dir)
-        options = CompileOptions(block_size=config.block_size, float_blocked=config.float_layout == "blocked",
-                                 threads=config.threads, requant_dtype=config.requant)
-        database = None if config.untuned else open_database(workdir, options)
-        if database is None and not config.untuned:
+        """The search's workspace (calibration, evaluation inputs, reference, tuning database; cached) and settings."""
+        workspace = Workspace.from_config(config, model, workdir, preset)
+        workspace.prepare()
+        if workspace.database is None and not config.untuned:
             logger.warning("no tuning database in %s: plans run untuned kernels, so latencies are far from what a "
                            "tuned build reaches (run 'precsearch tune' first)", workdir)
-        return cls(model=model, ranges=ranges, batches=eval_batches, reference=reference, metric=metric,
-                   goal=config.fidelity_goal(metric), options=options, database=database, warmup=config.warmup,
-                   repeats=config.repeats, check_batches=config.check_batches, ort_int8_model=ort_int8_model)
+        return cls(workspace=workspace, metric=metric, goal=config.fidelity_goal(metric), warmup=config.warmup,
+                   repeats=config.repeats, check_batches=config.check_batches)
+
+    @property
+    def model(self):
+        return self.workspace.model
+
+    @property
+    def options(self):
+        return self.workspace.options
+
+    @property
+    def batches(self) -> list:
+        return self.workspace.eval_batches
+
+    @property
+    def reference(self) -> list:
+        return self.workspace.reference
 
     def evaluate(self, plan: Plan) -> PlanResult:
         """Build, score and check ``plan``, then time it; raises :class:`PlanRejected` on a compiler problem."""
         with self.lock.shared():
             started = time.perf_counter()
-            qdq, built = self.build(plan)
+            build = self.build(plan)
+            built = build.built
             build_time_s = time.perf_counter() - started
             fidelity = evaluate_plan(lambda batches: [built.run(batch) for batch in batches], self.reference,
                                      self.batches, self.metric, self.goal, keep=self.check_batches)
             started = time.perf_counter()
-            verdict, verdict_detail = self.check(plan, qdq, fidelity.outputs)
+            verdict, verdict_detail = self.check(plan, build.qdq, fidelity.outputs)
             check_time_s = time.perf_counter() - started
         result = PlanResult(latency_ms=math.nan, latency_iqr_ms=math.nan,
                             metrics={k: v for k, v in fidelity.values.items() if "/" not in k},
@@ -129,26 +126,24 @@ class TvmEvaluator:
         order; beyond that it is a compiler problem.
         """
         outputs = list(outputs)
-        steps = output_steps(self.model, self.ranges)
+        steps = self.workspace.steps
         checked = check_build(self.model, qdq, plan.int8_ids(self.model), self.batches[:len(outputs)], outputs, steps,
                               options=self.options, float_reference=self.reference[:len(outputs)], yardstick=False)
         return checked.verdict, checked.summary
 
-    def build(self, plan: Plan):
+    def build(self, plan: Plan) -> PlanBuild:
         """The plan's QDQ model (the float model when every conv is float) and its TVM build."""
-        int8_ids = plan.int8_ids(self.model)
-        qdq = build_qdq_model(self.model, self.ranges, plan) if int8_ids else self.model.proto
-        return qdq, build_plan(self.model, qdq, int8_ids, options=self.options, database=self.database)
+        return self.workspace.build(plan)
 
     def _time(self, built, repeats: int) -> Latency:
         with self.lock.exclusive():
-            return measure_library(built, self.batches[0], threads=self.options.threads, warmup=self.warmup,
+            return measure_library(built, self.workspace.timing_input, threads=self.options.threads, warmup=self.warmup,
                                    repeats=repeats)
 
     def remeasure(self, plan: Plan, repeats: int) -> Latency:
         """Build ``plan`` again and time it with ``repeats`` runs (the front is re-checked before the final report)."""
         with self.lock.shared():
-            _, built = self.build(plan)
+            built = self.build(plan).built
         return self._time(built, repeats)
 
     def measure_baselines(self) -> dict:
@@ -156,22 +151,21 @@ class TvmEvaluator:
 
         ORT int8 is the user's model (``quantize_static`` defaults, per channel,
         optimized session); ORT running precsearch's Conv-only all-int8 QDQ model
-        is kept beside it as ``ort_int8_conv_*``.  Without a user model (an
-        evaluator built by hand) the Conv-only model stands in, and
-        ``ort_int8_kind`` says so.
+        is kept beside it as ``ort_int8_conv_*``.
         """
-        conv_only = build_qdq_model(self.model, self.ranges, Plan(frozenset()))
-        user = self.ort_int8_model if self.ort_int8_model is not None else conv_only
+        conv_only = self.workspace.qdq_model(Plan(frozenset()))
+        user = self.workspace.ort_int8_model
         settings = dict(threads=self.options.threads, warmup=self.warmup, repeats=self.repeats)
+        timing_input = self.workspace.timing_input
         with self.lock.exclusive():
-            ort_float = measure_onnxruntime(self.model.proto, self.batches[0], **settings)
-            ort_int8 = measure_onnxruntime(user, self.batches[0], **settings)
-            ort_conv = measure_onnxruntime(conv_only, self.batches[0], **settings)
+            ort_float = measure_onnxruntime(self.model.proto, timing_input, **settings)
+            ort_int8 = measure_onnxruntime(user, timing_input, **settings)
+            ort_conv = measure_onnxruntime(conv_only, timing_input, **settings)
         with self.lock.shared():
             int8_metrics = compute_metrics(self.reference, run_ort(user, self.batches, optimized=True)).values
             conv_metrics = compute_metrics(self.reference, run_ort(conv_only, self.batches, optimized=True)).values
         return {"ort_float_ms": ort_float.median_ms, "ort_float_iqr_ms": ort_float.iqr_ms,
                 "ort_int8_ms": ort_int8.median_ms, "ort_int8_iqr_ms": ort_int8.iqr_ms,
                 f"ort_int8_{self.metric}": int8_metrics[self.metric],
-                "ort_int8_kind": "quantize_static" if self.ort_int8_model is not None else "conv-only QDQ",
+                "ort_int8_kind": "quantize_static",
                 "ort_int8_conv_ms": ort_conv.median_ms, f"ort_int8_conv_{self.metric}": conv_metrics[self.metric]}

@@ -38,7 +38,7 @@ from precsearch.fidelity.metrics import METRICS
 from precsearch.model import LoadedModel
 from precsearch.study.pareto import FrontPoint, finite_objective, front_points
 from precsearch.plan import Plan
-from precsearch.study.record import (COMPILER_PROBLEM, PlanEvaluator, PlanRejected, PlanResult, StudyAttrs,  # noqa: F401
+from precsearch.study.record import (COMPILER_PROBLEM, PlanEvaluator, PlanRejected, StudyAttrs,
                                      TrialRecord, copy_result, set_attrs)
 from precsearch.study.storage import PlanClaims, quiet_experimental, redact_url
 

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from precsearch.tvm import CompileOptions, build_plan
 from precsearch.errors import ConfigError
-from precsearch.fidelity.reference import run_ort
-from precsearch.tvm import measure_library
 from precsearch.fidelity.metrics import METRICS, compute_metrics
+from precsearch.fidelity.reference import run_ort
 from precsearch.model import LoadedModel
 from precsearch.plan import Plan
-from precsearch.model.quantize import CalibrationRanges, build_qdq_model
+from precsearch.tvm import measure_library
+from precsearch.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -46,38 +45,34 @@ class LayerSensitivity:
     latency_saved_ms: float | None  # latency(only this float) - latency(all int8)
 
 
-def run_sensitivity(model: LoadedModel, ranges: CalibrationRanges, batches, reference, *,
-                    measure_latency: bool = True, options: CompileOptions | None = None, database=None, threads: int = 2,
+def run_sensitivity(workspace: Workspace, *, measure_latency: bool = True,
                     progress: Callable[[int, int, str], None] | None = None) -> list[LayerSensitivity]:
     """Sensitivity of every int8-capable conv.
 
     Parameters
     ----------
-    model : LoadedModel
-    ranges : CalibrationRanges
-    batches : list of dict
-        Evaluation inputs (not the calibration set).
-    reference : list of dict
-        Float reference outputs on ``batches``.
+    workspace : Workspace
+        The model, its calibration, the evaluation inputs (not the calibration
+        set) and their float reference outputs; its compile options and tuning
+        database build the timed plans.
     measure_latency : bool
         Build and time ``1 + N`` TVM plans (minutes on a real model).
     progress : callable, optional
         Called as ``progress(done, total, layer_id)``.
     """
+    model = workspace.model
     capable = model.capable_ids()
     if not capable:
         raise ConfigError(f"The model {model.source!r} has no int8-capable conv layers to rank.")
     all_ids = frozenset(capable)
 
     def fidelity(float_ids) -> dict[str, float]:
-        qdq = build_qdq_model(model, ranges, Plan(frozenset(float_ids)))
-        return compute_metrics(reference, run_ort(qdq, batches)).values
+        qdq = workspace.qdq_model(Plan(frozenset(float_ids)))
+        return compute_metrics(workspace.reference, run_ort(qdq, workspace.eval_batches)).values
 
     def latency_ms(float_ids) -> float:
-        plan = Plan(frozenset(float_ids))
-        built = build_plan(model, build_qdq_model(model, ranges, plan), plan.int8_ids(model), options=options,
-                           database=database)
-        return measure_library(built, batches[0], threads=threads).median_ms
+        built = workspace.build(Plan(frozenset(float_ids))).built
+        return measure_library(built, workspace.timing_input, threads=workspace.options.threads).median_ms
 
     base_latency = latency_ms(()) if measure_latency else None
     rows = []

@@ -1,0 +1,184 @@
+"""One model prepared once: its data, calibration, reference, ORT int8 baseline and tuning database, and ``build(plan)``.
+
+Every command and experiment that builds a plan goes through a
+:class:`Workspace`, so "plan → QDQ model → TVM build" is written once: the
+search's evaluator, ``build``, ``bench``, ``sensitivity``, ``tune``, ``export``,
+``doctor`` and the experiments all build the same library for the same plan.
+Everything is computed on first use and cached in ``<workdir>/cache``, so a
+workspace for an all-float build never calibrates and a resumed search reuses
+the calibration, the reference outputs and the ORT int8 model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import onnx
+
+from precsearch.fidelity.reference import reference_outputs
+from precsearch.model import LoadedModel
+from precsearch.model.data import load_batches, split_batches
+from precsearch.model.quantize import CalibrationRanges, build_qdq_model, calibrate, output_steps, user_int8_model
+from precsearch.plan import Plan
+from precsearch.tvm import BuiltPlan, CompileOptions, build_plan, fused_module, open_database
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR = "cache"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the inputs come from and how many batches calibrate and evaluate."""
+
+    data: str = "samples"
+    preset: str | None = None
+    calibration: str = "minmax"
+    calibration_batches: int = 8
+    eval_batches: int = 0  # 0: no evaluation set (a build or a benchmark needs none)
+
+
+@dataclass(frozen=True)
+class PlanBuild:
+    """A plan's QDQ model (the float model when every conv is float) and its TVM build."""
+
+    plan: Plan
+    qdq: onnx.ModelProto
+    built: BuiltPlan
+
+    @property
+    def int8_ids(self) -> tuple[str, ...]:
+        return self.built.int8_layers
+
+
+class Workspace:
+    """A model with everything a plan's build, score and timing need, prepared once.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    workdir : path or None
+        Holds ``cache/`` (calibration, reference outputs, ORT int8 model) and
+        ``tuning/``; None caches nothing and builds untuned (``doctor``, the zoo check).
+    data : DataSettings
+    options : CompileOptions
+    untuned : bool
+        Build without the tuning database even when ``workdir`` has one.
+    """
+
+    def __init__(self, model: LoadedModel, workdir: str | Path | None, data: DataSettings | None = None,
+                 options: CompileOptions | None = None, *, untuned: bool = False):
+        self.model = model
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.data = data or DataSettings()
+        self.options = options or CompileOptions()
+        self.untuned = untuned or workdir is None
+
+    @classmethod
+    def from_config(cls, config, model: LoadedModel, workdir: str | Path, preset: str | None = None) -> Workspace:
+        """The workspace of a search (:class:`~precsearch.study.config.SearchConfig`): what its trials build."""
+        data = DataSettings(data=config.data, preset=config.preset or preset, calibration=config.calibration,
+                            calibration_batches=config.calibration_batches, eval_batches=config.eval_batches)
+        options = CompileOptions(block_size=config.block_size, float_blocked=config.float_layout == "blocked",
+                                 threads=config.threads, requant_dtype=config.requant)
+        return cls(model, workdir, data, options, untuned=config.untuned)
+
+    @classmethod
+    def in_memory(cls, model: LoadedModel, workdir: str | Path, calibration_batches, eval_batches=(),
+                  options: CompileOptions | None = None, *, ranges: CalibrationRanges | None = None,
+                  reference: list | None = None, untuned: bool = True) -> Workspace:
+        """A workspace over batches already in memory (tests, experiments); ``ranges``/``reference`` when known."""
+        calibration_batches, eval_batches = list(calibration_batches), list(eval_batches)
+        data = DataSettings(data="<in memory>", calibration_batches=len(calibration_batches),
+                            eval_batches=len(eval_batches))
+        workspace = cls(model, workdir, data, options, untuned=untuned)
+        # Filling the cached properties: these values are what they would compute.
+        workspace.__dict__["_batches"] = (calibration_batches, eval_batches)
+        if ranges is not None:
+            workspace.__dict__["ranges"] = ranges
+        if reference is not None:
+            workspace.__dict__["reference"] = reference
+        return workspace
+
+    # ---- data
+
+    @property
+    def cache_dir(self) -> Path | None:
+        return self.workdir / CACHE_DIR if self.workdir is not None else None
+
+    @cached_property
+    def _batches(self) -> tuple[list, list]:
+        d = self.data
+        if d.eval_batches:
+            return split_batches(self.model, d.data, d.preset, d.calibration_batches, d.eval_batches)
+        # The first batches of the same seeded order split_batches calibrates on: the same calibration either way.
+        return load_batches(self.model, d.data, d.preset, count=d.calibration_batches), []
+
+    @property
+    def calibration_batches(self) -> list[dict]:
+        return self._batches[0]
+
+    @property
+    def eval_batches(self) -> list[dict]:
+        return self._batches[1]
+
+    @property
+    def timing_input(self) -> dict:
+        """The batch every latency is measured on: the first evaluation batch, else the first calibration batch."""
+        return (self.eval_batches or self.calibration_batches)[0]
+
+    @cached_property
+    def ranges(self) -> CalibrationRanges:
+        return calibrate(self.model, self.calibration_batches, self.data.calibration, cache_dir=self.cache_dir)
+
+    @cached_property
+    def steps(self) -> dict:
+        """One quantization step of every output (the cross-check's tolerance unit)."""
+        return output_steps(self.model, self.ranges)
+
+    @cached_property
+    def reference(self) -> list:
+        """ONNX Runtime float's outputs on the evaluation batches: what fidelity is measured against."""
+        return reference_outputs(self.model, self.eval_batches, cache_dir=self.cache_dir)
+
+    @cached_property
+    def ort_int8_model(self) -> onnx.ModelProto:
+        """The user's ORT int8 model (``quantize_static`` defaults, per channel): the int8 baseline."""
+        return user_int8_model(self.model, self.calibration_batches, cache_dir=self.cache_dir)
+
+    @cached_property
+    def database(self):
+        """The tuning database of this CPU in the workdir (None when untuned or nothing was tuned there)."""
+        return None if self.untuned else open_database(self.workdir, self.options)
+
+    def prepare(self, *, reference: bool = True, ort_int8: bool = True) -> Workspace:
+        """Compute (or load from the cache) now what the first plan would: calibration, reference, ORT int8 model.
+
+        A command calls it before its clock or progress display starts, so the
+        first plan's time is not charged with the preparation.
+        """
+        wanted = ["ranges", "database"] + ["reference"] * reference + ["ort_int8_model"] * ort_int8
+        for name in wanted:
+            getattr(self, name)
+        return self
+
+    # ---- plans
+
+    def qdq_model(self, plan: Plan) -> onnx.ModelProto:
+        """The plan's mixed QDQ model; the float model itself when every conv is float (nothing to calibrate)."""
+        return build_qdq_model(self.model, self.ranges, plan) if plan.int8_ids(self.model) else self.model.proto
+
+    def build(self, plan: Plan, *, dump_ir_dir: str | Path | None = None, options: CompileOptions | None = None,
+              tuned: bool = True) -> PlanBuild:
+        """Build ``plan`` with this workspace's options and tuning database."""
+        qdq = self.qdq_model(plan)
+        built = build_plan(self.model, qdq, plan.int8_ids(self.model), options=options or self.options,
+                           dump_ir_dir=dump_ir_dir, database=self.database if tuned else None)
+        return PlanBuild(plan=plan, qdq=qdq, built=built)
+
+    def fused_module(self, plan: Plan):
+        """The plan's module after fusion: the kernels tuning extracts."""
+        return fused_module(self.model, self.qdq_model(plan), plan.int8_ids(self.model), options=self.options)
