@@ -380,7 +380,8 @@ def _cmd_build(args) -> int:
     workspace = _workspace(args, model, preset, eval_batches=args.check_batches if args.check else 0)
     int8_ids = plan.int8_ids(model)
     if int8_ids:
-        _status(f"calibrating ({args.calibration}, {args.calibration_batches} batches of {args.data})...", quiet)
+        batches = len(workspace.calibration_batches)  # a data source too small fails here, before any status line
+        _status(f"calibrating ({args.calibration}, {batches} batches of {args.data})...", quiet)
         workspace.prepare(reference=False, ort_int8=False)
     _status(f"building {len(int8_ids)} int8 / {len(model.layers) - len(int8_ids)} float convs...", quiet)
     # The all-float plan builds the float model itself, as the search does.
