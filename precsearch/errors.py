@@ -7,11 +7,36 @@ parameter, layer or pass involved and the offending value.
 
 from __future__ import annotations
 
+import re
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type name when it has none (for one-line errors)."""
+import numpy as np
+
+# SQLAlchemy prefixes a driver's message with the driver's class, "(sqlite3.OperationalError) ...":
+# the class tells a user nothing the message does not.
+_WRAPPER_PREFIX = re.compile(r"^\([\w.]+\) ")
+
+
+def first_line(exc: BaseException, *, with_type: bool = False) -> str:
+    """The first line of an exception's message, or its type name when it has none (for one-line errors).
+
+    ``with_type`` puts the exception's type first (``"CompileError: ..."``), as a failed trial records it.
+    TVM errors, whose informative line is the last one, go through
+    :func:`precsearch.tvm.tvm_error_line` instead.
+    """
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = _WRAPPER_PREFIX.sub("", text.splitlines()[0]) if text else ""
+    if not line:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {line}" if with_type else line
+
+
+def check_int(value, name: str, owner: str, minimum: int, *, allow_none: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an int ``>= minimum`` (or None when allowed); bools are not ints."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        extra = " or None" if allow_none else ""
+        raise ConfigError(f"The {name!r} parameter of {owner} must be an int >= {minimum}{extra}; got {value!r} instead.")
 
 
 class PrecsearchError(Exception):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from precsearch.errors import ConfigError, DataError
+from precsearch.errors import ConfigError, DataError, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,7 @@ def _finite_rows(c: np.ndarray) -> np.ndarray:
 
 def _topk_hits(r: np.ndarray, c: np.ndarray, k: int) -> np.ndarray:
     """1.0 where the reference top-1 class is in the candidate's top-k, per sample."""
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise ConfigError(f"The 'k' parameter of topk_agreement must be an int >= 1; got {k!r} instead.")
+    check_int(k, "k", "topk_agreement", 1)
     n, classes = r.shape
     k = min(int(k), classes)
     ref_class = np.argmax(r, axis=1)  # lowest index among ties

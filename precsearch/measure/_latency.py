@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from precsearch.errors import ConfigError
+from precsearch.errors import check_int
 
 @dataclass(frozen=True)
 class Latency:
@@ -41,8 +41,7 @@ def summarize(times_s, *, backend: str, warmup: int, threads: int) -> Latency:
 
 def check_settings(threads: int, warmup: int, repeats: int) -> None:
     for name, value, low in (("threads", threads, 1), ("warmup", warmup, 0), ("repeats", repeats, 3)):
-        if not isinstance(value, int) or value < low:
-            raise ConfigError(f"The '{name}' parameter of measure must be an int >= {low}; got {value!r} instead.")
+        check_int(value, name, "measure", low)
 
 
 def measure_onnxruntime(proto: onnx.ModelProto, inputs: dict[str, np.ndarray], *, optimized: bool = True,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from PIL import Image
 
-from precsearch.errors import ConfigError, DataError
+from precsearch.errors import ConfigError, DataError, check_int
 
 if TYPE_CHECKING:
     from precsearch.model import LoadedModel
@@ -628,16 +628,6 @@ def _batch_size(model: LoadedModel) -> int:
     return next(iter(sizes.values()))
 
 
-def _check_int(value, name: str, owner: str, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        extra = " or None" if allow_none else ""
-        raise ConfigError(
-            f"The {name!r} parameter of {owner} must be an int >= {minimum}{extra}; got {value!r} instead."
-        )
-
-
 class _Stream:
     """The batches of one finite source, in seeded order."""
 
@@ -729,8 +719,8 @@ def load_batches(
     ConfigError
         Bad ``count``, ``offset`` or ``preset``.
     """
-    _check_int(count, "count", "load_batches", 1, allow_none=True)
-    _check_int(offset, "offset", "load_batches", 0)
+    check_int(count, "count", "load_batches", 1, allow_none=True)
+    check_int(offset, "offset", "load_batches", 0)
     _base_spec(preset)
     source = DataSource.from_spec(source, recursive)
     if source.kind == "samples":
@@ -798,8 +788,8 @@ def split_batches(
         The source holds too few items; the message gives how many it has
         and how many were asked for.
     """
-    _check_int(calibration_count, "calibration_count", "split_batches", 1)
-    _check_int(evaluation_count, "evaluation_count", "split_batches", 1, allow_none=True)
+    check_int(calibration_count, "calibration_count", "split_batches", 1)
+    check_int(evaluation_count, "evaluation_count", "split_batches", 1, allow_none=True)
     _base_spec(preset)
     source = DataSource.from_spec(source, recursive)
     if source.kind == "samples":

@@ -67,7 +67,7 @@ from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shap
 from onnxruntime.quantization.quantize import check_static_quant_arguments
 
 from precsearch.model.data import data_hash
-from precsearch.errors import ConfigError, DataError, ModelError
+from precsearch.errors import ConfigError, DataError, ModelError, first_line
 from precsearch.model import LoadedModel
 from precsearch.plan import Plan
 from precsearch.files import atomic_write
@@ -336,7 +336,7 @@ def build_qdq_model(model: LoadedModel, ranges: CalibrationRanges, plan: Plan) -
     try:
         onnx.checker.check_model(qdq)
     except onnx.checker.ValidationError as exc:
-        raise ModelError(f"The QDQ model for plan {plan.key()!r} fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"The QDQ model for plan {plan.key()!r} fails the ONNX checker: {first_line(exc)}") from None
     logger.debug("QDQ model for %s: %d nodes", plan.key(), len(qdq.graph.node))
     return qdq
 

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from precsearch.errors import ConfigError
+from precsearch.errors import ConfigError, check_int
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "exhaustive")
 #: The exhaustive sampler is offered (and is the default) up to this many plans.
@@ -83,18 +83,11 @@ class SearchConfig:
     check_batches: int = 1
 
     def __post_init__(self):
-        def check_int(name, low, allow_none=False):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"The '{name}' parameter of search must be an int >= {low}; got {value!r} instead.")
-
         for name, low in (("calibration_batches", 1), ("eval_batches", 1), ("sensitivity_k", 0), ("workers", 1),
                           ("threads", 1), ("warmup", 0), ("repeats", 3), ("heartbeat_interval_s", 1),
                           ("grace_period_s", 1), ("max_retry", 0), ("seed", 0), ("check_batches", 1)):
-            check_int(name, low)
-        check_int("trials", 1, allow_none=True)
+            check_int(getattr(self, name), name, "search", low)
+        check_int(self.trials, "trials", "search", 1, allow_none=True)
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ConfigError(f"The 'sampler' parameter of search must be one of {list(SAMPLERS)}; "
                               f"got {self.sampler!r} instead.")

@@ -374,7 +374,7 @@ class _Worker:
         except Exception as exc:  # any failure of one plan: recorded, and the study goes on
             if self.interrupt.raised:
                 raise KeyboardInterrupt from None  # a Ctrl-C that TVM turned into an error
-            reason = _one_line(exc)
+            reason = first_line(exc, with_type=True)
             set_attrs(trial, fail_reason=reason)
             logger.warning("trial %d failed (%d float layers): %s", trial.number, len(plan.float_ids), reason)
             raise TrialFailed(reason) from None
@@ -626,7 +626,3 @@ def remeasure_front(handle: StudyHandle, evaluator: PlanEvaluator, *, repeats: i
         attrs.set_remeasured(stored)
     return stored
 
-
-def _one_line(exc: BaseException) -> str:
-    """The failure reason recorded on a trial: the exception's type and first line."""
-    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__

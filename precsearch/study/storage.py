@@ -113,12 +113,7 @@ def open_storage(url: str, *, heartbeat_interval_s: int | None = None, grace_per
             return optuna.storages.RDBStorage(driver_url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval_s,
                                               grace_period=grace_period_s, heartbeat_stale_trial_callback=retry)
     except Exception as exc:  # SQLAlchemy, the DB driver and Optuna each raise their own types
-        raise StorageError(f"cannot open the storage {redact_url(url)}: {scrub(_first_line(exc), url)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    # SQLAlchemy prefixes the driver's message with the exception class.
-    return first_line(exc).removeprefix("(psycopg.OperationalError) ").removeprefix("(sqlite3.OperationalError) ")
+        raise StorageError(f"cannot open the storage {redact_url(url)}: {scrub(first_line(exc), url)}") from None
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from precsearch.errors import ConfigError, DataError, PrecsearchError
+from precsearch.errors import ConfigError, DataError, PrecsearchError, check_int
 from precsearch.measure import Latency, check_settings, summarize
 
 from ._timing import _TVM_AFFINITY_BIG
+from ._trace import tvm_error_line
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +133,7 @@ def run_remote(library_path, input_names, output_names, inputs: dict[str, np.nda
     Same arguments as :func:`measure_remote`, plus ``output_names`` (the plan's
     output names, in the order ``main`` returns them).
     """
-    if not isinstance(threads, int) or threads < 1:
-        raise ConfigError(f"The 'threads' parameter of run_remote must be an int >= 1; got {threads!r} instead.")
+    check_int(threads, "threads", "run_remote", 1)
     path = _check_call("run_remote", library_path, input_names, inputs, rpc)
     session = _open_session(rpc)
     vm, device = _on_remote(rpc, "load the library", _remote_vm, session, path, threads)
@@ -183,7 +183,7 @@ def _tracker_with_server(rpc: RpcTarget):
     try:
         tracker = tvm.rpc.connect_tracker(rpc.host, rpc.port)
     except Exception as exc:  # noqa: BLE001 - gone since the probe; TVM raises RuntimeError or OSError
-        raise ConfigError(f"cannot reach the RPC tracker at {rpc.address}: {_one_line(exc)}") from exc
+        raise ConfigError(f"cannot reach the RPC tracker at {rpc.address}: {tvm_error_line(exc, limit=300)}") from exc
     try:
         # TrackerSession has no timeout of its own: a REQUEST for a key whose
         # servers are all busy blocks in recv forever, so bound its socket.
@@ -247,7 +247,7 @@ def _registered_keys(tracker, rpc: RpcTarget) -> list[str]:
         servers = tracker.summary()["server_info"]
     except Exception as exc:  # noqa: BLE001 - socket, protocol or JSON trouble alike
         raise ConfigError(f"the RPC tracker at {rpc.address} did not answer a summary request: "
-                          f"{_one_line(exc)}") from exc
+                          f"{tvm_error_line(exc, limit=300)}") from exc
     return sorted({str(info.get("key", "")).removeprefix("server:") for info in servers})
 
 
@@ -262,7 +262,7 @@ def _request(tracker, rpc: RpcTarget):
             raise ConfigError(f"no free RPC server for key {rpc.key!r} at the tracker {rpc.address} "
                               f"within {rpc.timeout_s:g} s (all busy)") from exc
         raise ConfigError(f"cannot open an RPC session for key {rpc.key!r} via the tracker {rpc.address}: "
-                          f"{_one_line(exc)}") from exc
+                          f"{tvm_error_line(exc, limit=300)}") from exc
     logger.debug("RPC session for key %r via %s after %.2f s", rpc.key, rpc.address, time.perf_counter() - started)
     return session
 
@@ -329,11 +329,5 @@ def _on_remote(rpc: RpcTarget, doing: str, func, *args):
     except Exception as exc:  # noqa: BLE001 - across RPC, TVM raises builtins of every kind
         logger.debug("remote call failed on key %r via %s", rpc.key, rpc.address, exc_info=exc)
         raise ConfigError(f"the RPC server for key {rpc.key!r} via the tracker {rpc.address} failed to {doing}: "
-                          f"{_one_line(exc)}") from exc
+                          f"{tvm_error_line(exc, limit=300)}") from exc
 
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    # TVM errors carry C++ and Python tracebacks; their last plain line says what went wrong.
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("File ", "Traceback", "#", "[bt]"))]
-    return (useful[-1] if useful else type(exc).__name__)[:limit]
