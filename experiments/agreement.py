@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from precsearch.fidelity.reference import agreement, run_ort
-from precsearch.model import load_model, resolve_model
+from precsearch.model import open_model
 from precsearch.plan import parse_plan
 from precsearch.workspace import DataSettings, Workspace
 
@@ -42,8 +42,7 @@ def main() -> None:
     out_dir = ROOT / "results" / "agreement"
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in args.models:
-        path, shapes, preset = resolve_model(name)
-        model = load_model(path, shapes)
+        model, preset = open_model(name)
         workspace = Workspace(model, ROOT / "precsearch-work", DataSettings(preset=preset, calibration_batches=8,
                                                                             eval_batches=args.images), untuned=True)
         check, steps = workspace.eval_batches, workspace.steps

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from precsearch.bench import bench
-from precsearch.model import load_model, resolve_model
+from precsearch.jobs.bench import bench
+from precsearch.model import open_model
 from precsearch.plan import Plan, parse_plan
-from precsearch.tuning import tune_model
+from precsearch.jobs.tune import tune_model
 from precsearch.tvm import CompileOptions, profile_kernels
 from precsearch.workspace import DataSettings, Workspace
 
@@ -69,9 +69,8 @@ def run_model(spec: str, trials: int, workdir: Path, repeats: int, tune: bool,
               tune_timeout_s: float | None = None) -> pd.DataFrame:
     # "NAME=PATH" benchmarks an ONNX file under a label (ImageNet preprocessing), e.g. the exported EfficientNet-Lite0
     name, _, file = spec.partition("=")
-    path, shapes, preset = resolve_model(file or name)
+    model, preset = open_model(file or name)
     preset = preset or "imagenet"
-    model = load_model(path, shapes)
     # Calibrated on the first 8 sample batches, timed on the 9th (the first evaluation batch).
     workspace = Workspace(model, workdir, DataSettings(data="samples", preset=preset, calibration_batches=8,
                                                        eval_batches=1), CompileOptions(threads=THREADS))

@@ -230,10 +230,10 @@ def search_evaluator(spec: ModelSpec, workdir: Path):
     """The model, the full search's settings and a TvmEvaluator made from them, as the search's own trials used."""
     from precsearch.study.config import SearchConfig
     from precsearch.study.evaluator import TvmEvaluator
-    from precsearch.model import load_model, resolve_model
+    from precsearch.model import open_model
+
     config = SearchConfig.from_dict(StudyAttrs(_search_study(workdir)).config)
-    path, shapes, preset = resolve_model(spec.model)
-    model = load_model(path, config.input_shapes or shapes)
+    model, preset = open_model(spec.model, config.input_shapes)
     return model, config, TvmEvaluator.from_config(config, model, workdir, spec.preset or preset, METRIC)
 
 

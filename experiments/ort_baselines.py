@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     from precsearch.fidelity.metrics import compute_metrics
     from precsearch.fidelity.reference import run_ort
     from precsearch.measure import measure_onnxruntime
-    from precsearch.model import PACKAGED_MODELS, load_model, resolve_model
+    from precsearch.model import PACKAGED_MODELS, open_model
     from precsearch.plan import Plan
     from precsearch.workspace import DataSettings, Workspace
 
@@ -36,8 +36,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = []
     for name in args.models:
-        path, shapes, preset = resolve_model(name)
-        model = load_model(path, shapes)
+        model, preset = open_model(name)
         workspace = Workspace(model, None, DataSettings(preset=preset, calibration_batches=8,
                                                         eval_batches=args.eval_batches))
         evaluation = workspace.eval_batches

@@ -23,7 +23,7 @@ FIELDS = ["model", "plan", "int8_convs", "float_convs", "build_time_s", "boundar
 
 
 def main(argv=None) -> int:
-    from precsearch.doctor import check_standard_plans
+    from precsearch.jobs.doctor import check_standard_plans
     from precsearch.model import PACKAGED_MODELS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

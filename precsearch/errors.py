@@ -24,7 +24,7 @@ def first_line(exc: BaseException, *, with_type: bool = False) -> str:
     :func:`precsearch.tvm.tvm_error_line` instead.
     """
     text = str(exc).strip()
-    line = _WRAPPER_PREFIX.sub("", text.splitlines()[0]) if text else ""
+    line = _WRAPPER_PREFIX.sub("", text.splitlines()[0]).strip() if text else ""
     if not line:
         return type(exc).__name__
     return f"{type(exc).__name__}: {line}" if with_type else line

@@ -20,7 +20,7 @@ from precsearch.tvm import LoadedLibrary
 from precsearch.study.config import SearchConfig
 from precsearch.model.data import image_batches, split_batches
 from precsearch.fidelity.reference import reference_outputs, run_ort
-from precsearch.report.export import load_study_model
+from precsearch.model import open_model
 from precsearch.fidelity.metrics import compute_metrics
 from precsearch.model import load_model
 from precsearch.model.quantize import calibrate
@@ -180,7 +180,7 @@ def test_export_reproduces_the_trial_and_report_regenerates_from_storage(tmp_pat
 
     # The search's own evaluation inputs and reference, rebuilt from the stored settings.
     config = SearchConfig.from_dict(StudyAttrs(study).config)
-    model, preset = load_study_model(config)
+    model, preset = open_model(config.model, config.input_shapes)
     _, batches = split_batches(model, config.data, config.preset or preset, config.calibration_batches,
                                config.eval_batches)
     reference = reference_outputs(model, batches, cache_dir=workdir / "cache")

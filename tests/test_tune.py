@@ -13,7 +13,7 @@ from precsearch.fidelity.reference import agreement, run_ort
 from precsearch.model import load_model
 from precsearch.plan import parse_plan
 from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
-from precsearch.tuning import representative_plans, tune_model
+from precsearch.jobs.tune import representative_plans, tune_model
 from precsearch.tvm import open_database
 from precsearch.workspace import Workspace
 

@@ -10,7 +10,7 @@ as close to it as ORT's own int8 kernels are (minus 0.01).
 import pytest
 
 from precsearch.fidelity.crosscheck import AGREES, NEAR_TIES
-from precsearch.doctor import check_standard_plans
+from precsearch.jobs.doctor import check_standard_plans
 from precsearch.model import PACKAGED_MODELS
 
 pytestmark = pytest.mark.slow

@@ -280,12 +280,9 @@ def _workspace(args, model, preset, *, eval_batches: int = 0, **option_overrides
 
 
 def _load(args):
-    from precsearch.model import load_model, parse_input_shapes, resolve_model
+    from precsearch.model import open_model, parse_input_shapes
 
-    path, default_shapes, preset = resolve_model(args.model)
-    shapes = dict(default_shapes)
-    shapes.update(parse_input_shapes(args.input_shape))
-    return load_model(path, shapes or None), preset
+    return open_model(args.model, parse_input_shapes(args.input_shape))
 
 
 def _cmd_layers(args) -> int:
@@ -317,7 +314,7 @@ def _cmd_layers(args) -> int:
 
 
 def _cmd_doctor(args) -> int:
-    from precsearch.doctor import diagnose
+    from precsearch.jobs.doctor import diagnose
 
     model, preset = _load(args)
     options = _compile_options(args)
@@ -369,74 +366,24 @@ def _status(message: str, quiet: bool) -> None:
 
 
 def _cmd_build(args) -> int:
-    from precsearch.fidelity.crosscheck import COMPILER_PROBLEM, check_build
+    from precsearch.fidelity.crosscheck import COMPILER_PROBLEM
+    from precsearch.jobs.build import build_and_export
     from precsearch.plan import parse_plan
-    from precsearch.tvm import LoadedLibrary
 
-    quiet = args.json
     model, preset = _load(args)
     plan = parse_plan(args.float_ids, model)
     out_dir = _writable_dir(args.out, "out")
     workspace = _workspace(args, model, preset, eval_batches=args.check_batches if args.check else 0)
-    int8_ids = plan.int8_ids(model)
-    if int8_ids:
-        batches = len(workspace.calibration_batches)  # a data source too small fails here, before any status line
-        _status(f"calibrating ({args.calibration}, {batches} batches of {args.data})...", quiet)
-        workspace.prepare(reference=False, ort_int8=False)
-    _status(f"building {len(int8_ids)} int8 / {len(model.layers) - len(int8_ids)} float convs...", quiet)
-    # The all-float plan builds the float model itself, as the search does.
-    build = workspace.build(plan, dump_ir_dir=args.dump_ir)
-    qdq, built, database = build.qdq, build.built, workspace.database
-    library = built.export_library(out_dir / "model.so")
-    qdq_path = out_dir / "model.qdq.onnx"
-    qdq_path.write_bytes(qdq.SerializeToString())
-
-    summary = {
-        "model": str(model.source),
-        "plan": plan.key(),
-        "int8_layers": list(built.int8_layers),
-        "float_layers": list(built.float_layers),
-        "library": str(library),
-        "qdq_model": str(qdq_path),
-        "target": built.target,
-        "block_size": built.block_size,
-        "boundary_transforms": built.boundary_transforms,
-        "build_time_s": round(built.build_time_s, 2),
-        "tuned": database is not None,
-        "tuned_kernels": built.tuned_kernels,
-        "total_kernels": built.total_kernels,
-        "untuned_convs": list(built.untuned_convs) if database is not None else [],
-        "layers": _table_rows(model, built, tuned=database is not None),
-        "operators": {"rewritten": [note.to_dict() for note in built.operator_notes],
-                      "layouts": built.operator_layouts},
-        "layout_fallback": built.layout_fallback,
-        "inputs": {name: list(shape) for name, shape in model.input_shapes.items()},
-        "outputs": list(built.output_names),
-    }
-    if args.dump_ir:
-        summary["dump_ir"] = {"dir": str(args.dump_ir), "files": len(built.dump_files)}
-    exit_code = 0
-    if args.check:
-        against = "the same QDQ model" if int8_ids else "the float model"
-        check_batches = workspace.eval_batches
-        _status(f"checking against ONNX Runtime on {against}, {len(check_batches)} batches not used for calibration "
-                "(an output off by more than one step is traced with a probe build)...", quiet)
-        loaded = LoadedLibrary(library, built.input_names, built.output_names)
-        candidate = [loaded.run(batch) for batch in check_batches]
-        steps = workspace.steps if int8_ids else None
-        checked = check_build(model, qdq, int8_ids, check_batches, candidate, steps, options=workspace.options)
-        summary.update(checked.to_dict())
-        if checked.verdict == COMPILER_PROBLEM:
-            exit_code = EXIT_CHECK_FAILED
-    (out_dir / "plan.json").write_text(json.dumps(summary, indent=1))
-
+    summary = build_and_export(workspace, plan, out_dir, check=args.check, dump_ir_dir=args.dump_ir,
+                               status=lambda message: _status(message, args.json))
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
         _print_build(summary)
-    if exit_code == EXIT_CHECK_FAILED:
+    if summary.get("divergence_verdict") == COMPILER_PROBLEM:
         print(f"precsearch: error: --check found a {summary['divergence_summary']}", file=sys.stderr)
-    return exit_code
+        return EXIT_CHECK_FAILED
+    return 0
 
 
 def _cmd_sensitivity(args) -> int:
@@ -490,7 +437,7 @@ def _duration_s(text: str | None) -> float | None:
 
 
 def _cmd_tune(args) -> int:
-    from precsearch.tuning import tune_model
+    from precsearch.jobs.tune import tune_model
 
     quiet = args.json
     timeout_s = _duration_s(args.timeout)
@@ -519,7 +466,7 @@ def _cmd_tune(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from precsearch.bench import bench
+    from precsearch.jobs.bench import bench
     from precsearch.plan import parse_plan
     from precsearch.tvm import RpcTarget, check_tracker, parse_tracker
 
@@ -574,17 +521,8 @@ def _progress_line(progress) -> str:
 
 
 def _cmd_search(args) -> int:
-    import os
-    import subprocess
-
+    from precsearch.jobs.search import run_search
     from precsearch.study.config import SearchConfig
-    from precsearch.study.evaluator import TvmEvaluator
-    from precsearch.fidelity.metrics import default_metric, validate_metric
-    from precsearch.study.record import StudyAttrs
-    from precsearch.study.search import (measure_baselines, open_study, remeasure_front, run_worker, seed_plans,
-                                         summarize_study)
-    from precsearch.study.sensitivity import CSV_NAME, most_sensitive
-    from precsearch.study.storage import open_storage, redact_url
 
     quiet = args.json
     timeout_s = _duration_s(args.timeout)
@@ -600,61 +538,20 @@ def _cmd_search(args) -> int:
                           check_batches=args.check_batches, warmup=args.warmup, repeats=args.repeats,
                           untuned=args.untuned,
                           heartbeat_interval_s=args.heartbeat_interval, grace_period_s=args.grace_period)
-    storage_url = _storage_url(args, workdir)
-    storage = open_storage(storage_url, heartbeat_interval_s=config.heartbeat_interval_s,
-                           grace_period_s=config.grace_period_s, max_retry=config.max_retry)
     model, preset = _load(args)
-    output_shapes = _output_shapes(model)
-    metric = validate_metric(args.metric, next(iter(output_shapes.values()))) if args.metric \
-        else default_metric(output_shapes)
-    config = config.replace(metric=metric)  # validates max_drop against the resolved metric
-    study_name = args.study or f"precsearch-{Path(args.model).stem}-{metric}"
-    handle = open_study(config, model, storage, storage_url, study_name, metric)
-    sensitive = most_sensitive(workdir, model, config.sensitivity_k) if (workdir / CSV_NAME).is_file() else []
-    seeds = seed_plans(model, sensitive, config.sensitivity_k)
-    _status(f"study {study_name!r} in {redact_url(storage_url)}; preparing calibration, inputs and the float "
-            f"reference...", quiet)
-    evaluator = TvmEvaluator.from_config(config, model, workdir, preset, metric)
-    if not StudyAttrs(handle.study).baselines:
-        _status("measuring ONNX Runtime float and int8 (the report's baselines)...", quiet)
-    measure_baselines(handle, evaluator)
-    report_dir = workdir / "report"
-
-    def on_trial(progress) -> None:
-        _status(_progress_line(progress), False)
-        _write_report(handle.study, workdir, report_dir)
-
-    children = []
-    env = dict(os.environ, PRECSEARCH_STORAGE=storage_url)  # not on the command line, where ps shows it
-    for index in range(1, config.workers):
-        log_path = workdir / f"worker-{index}.log"
-        with open(log_path, "w") as log:
-            children.append(subprocess.Popen(
-                [sys.executable, "-m", "precsearch", "worker", "--study", study_name, "--workdir", str(workdir),
-                 "--index", str(index)], env=env, stdout=subprocess.DEVNULL, stderr=log))
-        _status(f"started worker {index} (pid {children[-1].pid}, log {log_path})", quiet)
-    try:
-        summary = run_worker(handle, model, evaluator, seeds=seeds, progress=on_trial)
-    except KeyboardInterrupt:
-        # The trial in flight is already failed as "interrupted"; the report shows it so.
-        _write_report(handle.study, workdir, report_dir)
-        raise
-    finally:
-        for child in children:
-            child.wait()
-    remeasure_front(handle, evaluator, repeats=args.remeasure_repeats or 4 * config.repeats,
-                    progress=lambda m: _status(m, quiet))
-    _write_report(handle.study, workdir, report_dir)
-    summary = summarize_study(handle, summary)
-    code = _print_search(summary, args.json, handle)
-    _status(f"report: {report_dir / 'report.html'}", quiet)
+    run = run_search(config, model, preset, workdir=workdir, storage_url=_storage_url(args, workdir),
+                     study_name=args.study, remeasure_repeats=args.remeasure_repeats,
+                     status=lambda line: _status(line, quiet),
+                     progress=lambda snapshot: _status(_progress_line(snapshot), False))
+    code = _print_search(run.summary, args.json, run.handle)
+    _status(f"report: {run.report_dir / 'report.html'}", quiet)
     return code
 
 
 def _write_report(study, workdir: Path, out_dir: Path) -> None:
-    from precsearch.report.writer import collect, write_report
+    from precsearch.jobs.search import write_study_report
 
-    write_report(collect(study, workdir=workdir), out_dir)
+    write_study_report(study, workdir, out_dir)
 
 
 def _open_named_study(args):
@@ -704,34 +601,13 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_worker(args) -> int:
-    import optuna
-
-    from precsearch.study.config import SearchConfig
-    from precsearch.study.evaluator import TvmEvaluator
-    from precsearch.report.export import load_study_model
-    from precsearch.study.record import StudyAttrs
-    from precsearch.study.search import open_study, run_worker
-    from precsearch.study.storage import StorageError, open_storage, redact_url
+    from precsearch.jobs.search import join_search
 
     workdir = _writable_dir(args.workdir, "workdir").resolve()
-    storage_url = _storage_url(args, workdir)
-    storage = open_storage(storage_url)
-    try:
-        stored = StudyAttrs(optuna.load_study(study_name=args.study, storage=storage)).config
-    except KeyError:
-        raise StorageError(f"The study {args.study!r} does not exist in {redact_url(storage_url)}.") from None
-    if stored is None:
-        raise StorageError(f"The study {args.study!r} in {redact_url(storage_url)} was not made by precsearch.")
-    config = SearchConfig.from_dict(stored)
-    storage = open_storage(storage_url, heartbeat_interval_s=config.heartbeat_interval_s,
-                           grace_period_s=config.grace_period_s, max_retry=config.max_retry)
-    model, preset = load_study_model(config)
-    handle = open_study(config, model, storage, storage_url, args.study, config.metric, create=False)
-    evaluator = TvmEvaluator.from_config(config, model, workdir, preset, config.metric)
     index = args.index if args.index is not None else zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 9973 + 1
-    summary = run_worker(handle, model, evaluator, worker_index=index,
-                         progress=lambda p: _status(_progress_line(p), False))
-    return _print_search(summary, args.json, handle)
+    run = join_search(args.study, workdir=workdir, storage_url=_storage_url(args, workdir), worker_index=index,
+                      progress=lambda p: _status(_progress_line(p), False))
+    return _print_search(run.summary, args.json, run.handle)
 
 
 def _print_search(summary, as_json: bool, handle) -> int:
@@ -764,19 +640,6 @@ def _parse_shapes(args) -> dict:
     from precsearch.model import parse_input_shapes
 
     return parse_input_shapes(args.input_shape)
-
-
-def _table_rows(model, built, tuned: bool = False) -> list[dict]:
-    rows = {row.index: {**row.to_dict(), "kernel": "untuned" if not tuned or row.id in built.untuned_convs
-                        else "tuned"} for row in built.rows}
-    table = []
-    for layer in model.layers:
-        if layer.index in rows:
-            table.append(rows[layer.index])
-        else:  # not a conv2d in the graph (ConvTranspose): always float, never blocked
-            table.append({"index": layer.index, "id": layer.id, "dtype": "float32", "layout": "NCHW",
-                          "transforms_in": [], "transforms_out": [], "note": layer.reason, "kernel": "-"})
-    return table
 
 
 def _print_build(summary: dict) -> None:

@@ -5,7 +5,7 @@ compiles and what ONNX Runtime runs as the cross-check.
 """
 
 from ._load import (CONV_OP_TYPES, MIN_OPSET, PACKAGED_MODELS, ConvLayer, LoadedModel, describe_ids, load_model,
-                    parse_input_shapes, resolve_model)
+                    open_model, parse_input_shapes, resolve_model)
 
 __all__ = ["CONV_OP_TYPES", "MIN_OPSET", "PACKAGED_MODELS", "ConvLayer", "LoadedModel", "describe_ids", "load_model",
-           "parse_input_shapes", "resolve_model"]
+           "open_model", "parse_input_shapes", "resolve_model"]

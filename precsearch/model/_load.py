@@ -573,3 +573,15 @@ def _inventory(proto: onnx.ModelProto, path: Path) -> tuple[ConvLayer, ...]:
     if not layers:
         raise ModelError(f"The model {str(path)!r} has no Conv layers; precsearch only chooses int8 per conv.")
     return tuple(layers)
+
+
+def open_model(name_or_path: str, input_shapes: dict[str, Sequence[int]] | None = None
+               ) -> tuple[LoadedModel, str | None]:
+    """A packaged model name or an ONNX path, prepared; ``input_shapes`` override its packaged ones.
+
+    Returns the model and its packaged preprocessing preset (None for a file).
+    Every command, a study's joining worker and the experiments load models this one way.
+    """
+    path, default_shapes, preset = resolve_model(name_or_path)
+    shapes = {**default_shapes, **{name: tuple(shape) for name, shape in (input_shapes or {}).items()}}
+    return load_model(path, shapes or None), preset

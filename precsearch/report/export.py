@@ -18,7 +18,7 @@ from precsearch.study.config import SearchConfig
 from precsearch.errors import ConfigError
 from precsearch.study.record import StudyAttrs, TrialRecord
 from precsearch.workspace import Workspace
-from precsearch.model import LoadedModel, load_model, resolve_model
+from precsearch.model import open_model
 
 
 logger = logging.getLogger(__name__)
@@ -50,13 +50,6 @@ OP_NAME_DICT = {{name: {{"activation": {{"dtype": ["fp32"]}}, "weight": {{"dtype
 '''
 
 
-def load_study_model(config: SearchConfig) -> tuple[LoadedModel, str | None]:
-    """The model a study was made for, prepared as the search prepared it."""
-    path, default_shapes, preset = resolve_model(config.model)
-    shapes = {**default_shapes, **{name: tuple(shape) for name, shape in config.input_shapes.items()}}
-    return load_model(path, shapes or None), preset
-
-
 def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | Path) -> dict:
     """Write ``model.so``, ``model.qdq.onnx``, ``plan.json`` and the three snippets for one completed trial.
 
@@ -77,7 +70,7 @@ def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | P
     trial = trials[trial_number]
     attrs = StudyAttrs(study)
     config = SearchConfig.from_dict(attrs.config)
-    model, preset = load_study_model(config)
+    model, preset = open_model(config.model, config.input_shapes)
     if model.sha256 != attrs.model_sha256:
         raise ConfigError(f"The model {config.model!r} is not the one study {study.study_name!r} was made for.")
     out = Path(out_dir)

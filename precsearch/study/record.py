@@ -151,7 +151,8 @@ def result_attrs(result: PlanResult) -> dict:
     # Optuna stores attributes as JSON, which has no inf/nan: a metric such as an exact plan's SQNR keeps its text.
     attrs.update({_METRIC_PREFIX + name: value if math.isfinite(value) else str(value)
                   for name, value in result.metrics.items()})
-    attrs.update(result.details)
+    # Only the known details: a key named like a trial attribute ("plan") must not overwrite it.
+    attrs.update({key: result.details[key] for key in DETAIL_KEYS if key in result.details})
     if result.verdict is not None:
         attrs["verdict"] = result.verdict
         attrs["verdict_detail"] = result.verdict_detail
@@ -170,7 +171,7 @@ def _result_of(attrs: dict) -> PlanResult | None:
 
 
 # Attributes a duplicate does not copy from the trial it follows: they describe the trial, not the plan's result.
-OWN_ATTRS = ("seed", "worker", "plan", "float_layers")
+OWN_ATTRS = ("seed", "worker", "plan", "float_layers", "reruns", "duplicate_of")
 
 
 # --------------------------------------------------------------------------- the study
@@ -214,7 +215,7 @@ class StudyAttrs:
     @property
     def remeasured(self) -> dict[int, dict]:
         """Trial number → ``{"median_ms", "iqr_ms", "runs"}`` of the front's re-measurement."""
-        return {int(k): v for k, v in self.study.user_attrs.get(self.REMEASURED, {}).items()}
+        return {int(k): v for k, v in (self.study.user_attrs.get(self.REMEASURED) or {}).items()}
 
     def set(self, name: str, value) -> None:
         self.study.set_user_attr(name, value)
@@ -233,10 +234,13 @@ def set_attrs(trial, **values) -> None:
         if name not in known:
             raise TypeError(f"TrialRecord has no field {name!r}")
         if name == "result":
+            if value is None:
+                raise TypeError("set_attrs(result=None): a recorded result cannot be taken back")
             for key, item in result_attrs(value).items():
                 trial.set_user_attr(key, item)
         else:
-            trial.set_user_attr(_ATTR_OF_FIELD.get(name, name), list(value) if name == "float_layers" else value)
+            stored = list(value) if name == "float_layers" and value is not None else value
+            trial.set_user_attr(_ATTR_OF_FIELD.get(name, name), stored)
 
 
 def copy_result(trial, owner) -> None:

@@ -155,12 +155,11 @@ def check_standard_plans(name: str, check_batches: int = 2, calibration_batches:
         Called with one line per plan.
     """
     from precsearch.fidelity.crosscheck import check_build
-    from precsearch.model import load_model, resolve_model
+    from precsearch.model import open_model
     from precsearch.plan import standard_plans
     from precsearch.workspace import DataSettings, Workspace
 
-    path, shapes, preset = resolve_model(name)
-    model = load_model(path, shapes)
+    model, preset = open_model(name)
     workspace = Workspace(model, None, DataSettings(data="samples", preset=preset,
                                                     calibration_batches=calibration_batches,
                                                     eval_batches=check_batches))

@@ -1,0 +1,91 @@
+"""``build``: one plan built, exported (library, QDQ model, plan.json) and, when asked, checked against ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from precsearch.fidelity.crosscheck import check_build
+from precsearch.files import atomic_write
+from precsearch.plan import Plan
+from precsearch.tvm import LoadedLibrary
+from precsearch.workspace import Workspace
+
+
+def build_and_export(workspace: Workspace, plan: Plan, out_dir: str | Path, *, check: bool = False,
+                     dump_ir_dir: str | Path | None = None,
+                     status: Callable[[str], None] | None = None) -> dict:
+    """Build ``plan``, write ``model.so``, ``model.qdq.onnx`` and ``plan.json`` to ``out_dir``; return plan.json's content.
+
+    With ``check``, the library's outputs on the workspace's evaluation batches
+    (not used for calibration) are compared with ONNX Runtime on the same QDQ
+    model (the float model for an all-float plan); the verdict is in the
+    returned dict (``divergence_verdict``, ``divergence_summary``, agreement figures).
+    """
+    say = status or (lambda message: None)
+    model = workspace.model
+    out_dir = Path(out_dir)
+    int8_ids = plan.int8_ids(model)
+    if int8_ids:
+        batches = len(workspace.calibration_batches)  # a data source too small fails here, before any status line
+        say(f"calibrating ({workspace.data.calibration}, {batches} batches of {workspace.data.data})...")
+        workspace.prepare(reference=False, ort_int8=False)
+    say(f"building {len(int8_ids)} int8 / {len(model.layers) - len(int8_ids)} float convs...")
+    # The all-float plan builds the float model itself, as the search does.
+    build = workspace.build(plan, dump_ir_dir=dump_ir_dir)
+    built, tuned = build.built, workspace.database is not None
+    library = built.export_library(out_dir / "model.so")
+    qdq_path = out_dir / "model.qdq.onnx"
+    atomic_write(qdq_path, build.qdq.SerializeToString())
+    summary = {
+        "model": str(model.source),
+        "plan": plan.key(),
+        "int8_layers": list(built.int8_layers),
+        "float_layers": list(built.float_layers),
+        "library": str(library),
+        "qdq_model": str(qdq_path),
+        "target": built.target,
+        "block_size": built.block_size,
+        "boundary_transforms": built.boundary_transforms,
+        "build_time_s": round(built.build_time_s, 2),
+        "tuned": tuned,
+        "tuned_kernels": built.tuned_kernels,
+        "total_kernels": built.total_kernels,
+        "untuned_convs": list(built.untuned_convs) if tuned else [],
+        "layers": layer_table(model, built, tuned=tuned),
+        "operators": {"rewritten": [note.to_dict() for note in built.operator_notes],
+                      "layouts": built.operator_layouts},
+        "layout_fallback": built.layout_fallback,
+        "inputs": {name: list(shape) for name, shape in model.input_shapes.items()},
+        "outputs": list(built.output_names),
+    }
+    if dump_ir_dir:
+        summary["dump_ir"] = {"dir": str(dump_ir_dir), "files": len(built.dump_files)}
+    if check:
+        against = "the same QDQ model" if int8_ids else "the float model"
+        check_batches = workspace.eval_batches
+        say(f"checking against ONNX Runtime on {against}, {len(check_batches)} batches not used for calibration "
+            "(an output off by more than one step is traced with a probe build)...")
+        # The exported file, not the in-memory build: what the user deploys is what is checked.
+        loaded = LoadedLibrary(library, built.input_names, built.output_names)
+        candidate = [loaded.run(batch) for batch in check_batches]
+        steps = workspace.steps if int8_ids else None
+        checked = check_build(model, build.qdq, int8_ids, check_batches, candidate, steps, options=workspace.options)
+        summary.update(checked.to_dict())
+    atomic_write(out_dir / "plan.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def layer_table(model, built, tuned: bool = False) -> list[dict]:
+    """One row per conv of the model: dtype, layout, transforms around it, tuned or not, why it is float."""
+    rows = {row.index: {**row.to_dict(), "kernel": "untuned" if not tuned or row.id in built.untuned_convs
+                        else "tuned"} for row in built.rows}
+    table = []
+    for layer in model.layers:
+        if layer.index in rows:
+            table.append(rows[layer.index])
+        else:  # not a conv2d in the graph (ConvTranspose): always float, never blocked
+            table.append({"index": layer.index, "id": layer.id, "dtype": "float32", "layout": "NCHW",
+                          "transforms_in": [], "transforms_out": [], "note": layer.reason, "kernel": "-"})
+    return table

@@ -1,0 +1,145 @@
+"""``search`` and ``worker``: the whole overnight job as one call, from an opened storage to the written report.
+
+The first worker prepares the workspace, measures the ONNX Runtime baselines
+once per study, starts the extra local workers (``precsearch worker``
+processes), runs its own share of the trials, re-measures the front and writes
+the report after every trial and at the end.  A joining worker reads the
+study's stored settings, so every worker builds the same plans the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from precsearch.fidelity.metrics import default_metric, validate_metric
+from precsearch.model import LoadedModel, open_model
+from precsearch.report.writer import REPORT_DIR, collect, write_report
+from precsearch.study.config import SearchConfig
+from precsearch.study.evaluator import TvmEvaluator
+from precsearch.study.record import StudyAttrs
+from precsearch.study.search import (SearchProgress, SearchSummary, StudyHandle, measure_baselines, open_study,
+                                     remeasure_front, run_worker, seed_plans, summarize_study)
+from precsearch.study.sensitivity import CSV_NAME, most_sensitive
+from precsearch.study.storage import StorageError, open_storage, redact_url
+
+logger = logging.getLogger(__name__)
+
+# The search's own runs stay cheap; the front is timed again with this many times more runs before the report.
+REMEASURE_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class SearchRun:
+    """How a search job ended: the study's summary, the opened study and where the report is."""
+
+    summary: SearchSummary
+    handle: StudyHandle
+    report_dir: Path
+
+
+def resolve_metric(model: LoadedModel, metric: str | None) -> str:
+    """``metric`` checked against the model's first output, or the default for that output's shape."""
+    shapes = {out.name: [d.dim_value for d in out.type.tensor_type.shape.dim] for out in model.proto.graph.output}
+    return validate_metric(metric, next(iter(shapes.values()))) if metric else default_metric(shapes)
+
+
+def write_study_report(study, workdir: Path, out_dir: Path | None = None) -> Path:
+    """The study's CSV, plots and HTML report in ``out_dir`` (``<workdir>/report``); its folder."""
+    out_dir = out_dir or workdir / REPORT_DIR
+    write_report(collect(study, workdir=workdir), out_dir)
+    return out_dir
+
+
+def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, workdir: str | Path,
+               storage_url: str, study_name: str | None = None, remeasure_repeats: int | None = None,
+               status: Callable[[str], None] | None = None,
+               progress: Callable[[SearchProgress], None] | None = None) -> SearchRun:
+    """Run (or resume) the search ``config`` describes and write its report; killed, it resumes with the same call.
+
+    Parameters
+    ----------
+    config : SearchConfig
+        Its ``metric`` may be None: the model's default metric is used.
+    storage_url : str
+        Optuna storage (SQLite or PostgreSQL); extra workers get it through the environment.
+    status : callable, optional
+        ``status(line)`` for each phase (preparing, baselines, workers started, re-measuring).
+    progress : callable, optional
+        ``progress(SearchProgress)`` after every trial of this worker.
+    """
+    say = status or (lambda line: None)
+    workdir = Path(workdir)
+    storage = open_storage(storage_url, heartbeat_interval_s=config.heartbeat_interval_s,
+                           grace_period_s=config.grace_period_s, max_retry=config.max_retry)
+    metric = resolve_metric(model, config.metric)
+    config = config.replace(metric=metric)  # validates max_drop against the resolved metric
+    study_name = study_name or f"precsearch-{Path(config.model).stem}-{metric}"
+    handle = open_study(config, model, storage, storage_url, study_name, metric)
+    sensitive = most_sensitive(workdir, model, config.sensitivity_k) if (workdir / CSV_NAME).is_file() else []
+    seeds = seed_plans(model, sensitive, config.sensitivity_k)
+    say(f"study {study_name!r} in {redact_url(storage_url)}; preparing calibration, inputs and the float reference...")
+    evaluator = TvmEvaluator.from_config(config, model, workdir, preset, metric)
+    if not StudyAttrs(handle.study).baselines:
+        say("measuring ONNX Runtime float and int8 (the report's baselines)...")
+    measure_baselines(handle, evaluator)
+
+    def on_trial(snapshot: SearchProgress) -> None:
+        if progress is not None:
+            progress(snapshot)
+        write_study_report(handle.study, workdir)
+
+    children = _start_workers(config, study_name, workdir, storage_url, say)
+    try:
+        summary = run_worker(handle, model, evaluator, seeds=seeds, progress=on_trial)
+    except KeyboardInterrupt:
+        # The trial in flight is already failed as "interrupted"; the report shows it so.
+        write_study_report(handle.study, workdir)
+        raise
+    finally:
+        for child in children:
+            child.wait()
+    remeasure_front(handle, evaluator, repeats=remeasure_repeats or REMEASURE_FACTOR * config.repeats, progress=say)
+    report_dir = write_study_report(handle.study, workdir)
+    return SearchRun(summary=summarize_study(handle, summary), handle=handle, report_dir=report_dir)
+
+
+def _start_workers(config: SearchConfig, study_name: str, workdir: Path, storage_url: str, say) -> list:
+    children = []
+    env = dict(os.environ, PRECSEARCH_STORAGE=storage_url)  # not on the command line, where ps shows it
+    for index in range(1, config.workers):
+        log_path = workdir / f"worker-{index}.log"
+        with open(log_path, "w") as log:
+            children.append(subprocess.Popen(
+                [sys.executable, "-m", "precsearch", "worker", "--study", study_name, "--workdir", str(workdir),
+                 "--index", str(index)], env=env, stdout=subprocess.DEVNULL, stderr=log))
+        say(f"started worker {index} (pid {children[-1].pid}, log {log_path})")
+    return children
+
+
+def join_search(study_name: str, *, workdir: str | Path, storage_url: str, worker_index: int,
+                progress: Callable[[SearchProgress], None] | None = None) -> SearchRun:
+    """Join the running study ``study_name`` as one more worker, with the settings the study was made with."""
+    import optuna
+
+    workdir = Path(workdir)
+    storage = open_storage(storage_url)
+    try:
+        stored = StudyAttrs(optuna.load_study(study_name=study_name, storage=storage)).config
+    except KeyError:
+        raise StorageError(f"The study {study_name!r} does not exist in {redact_url(storage_url)}.") from None
+    if stored is None:
+        raise StorageError(f"The study {study_name!r} in {redact_url(storage_url)} was not made by precsearch.")
+    config = SearchConfig.from_dict(stored)
+    storage = open_storage(storage_url, heartbeat_interval_s=config.heartbeat_interval_s,
+                           grace_period_s=config.grace_period_s, max_retry=config.max_retry)
+    model, preset = open_model(config.model, config.input_shapes)
+    handle = open_study(config, model, storage, storage_url, study_name, config.metric, create=False)
+    evaluator = TvmEvaluator.from_config(config, model, workdir, preset, config.metric)
+    summary = run_worker(handle, model, evaluator, worker_index=worker_index, progress=progress)
+    return SearchRun(summary=summary, handle=handle, report_dir=workdir / REPORT_DIR)
