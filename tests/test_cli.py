@@ -185,6 +185,7 @@ def test_bench_bad_input(chain_path, tmp_path):
     assert_one_line_error(run("tune", chain_path, "--timeout", "soon", "--workdir", tmp_path), 2, "timeout")
 
 
+@pytest.mark.slow
 def test_tune_killed_keeps_its_records_and_the_same_command_continues(tmp_path):
     import os
     import signal

@@ -22,6 +22,8 @@ from precsearch.model import load_model
 from precsearch.plan import parse_plan
 from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
 
+pytestmark = pytest.mark.slow  # dozens of TVM builds (minutes)
+
 
 class Pattern:
     """A tiny model calibrated once; ``check(plan, block)`` builds and compares one plan."""

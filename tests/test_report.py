@@ -143,6 +143,7 @@ def run(*args, timeout=900):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_export_reproduces_the_trial_and_report_regenerates_from_storage(tmp_path):
     model_path = models.save(models.chain_model(channels=(8, 16, 16, 16, 16), size=8, seed=21), tmp_path, "four")
     workdir = tmp_path / "work"

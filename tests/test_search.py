@@ -55,6 +55,7 @@ def _points(trials):
     return [(t.values[0], t.values[1]) for t in trials if t.values is not None]
 
 
+@pytest.mark.slow
 def test_exhaustive_front_and_a_quarter_budget_reaches_95_percent_of_its_hypervolume(eight_convs, tmp_path):
     model = eight_convs[0]
     assert len(model.capable_ids()) == 8

@@ -85,6 +85,7 @@ def _wait_for_trial_in_flight(url: str, study: str, completed_at_least: int, pro
     raise AssertionError("no trial in flight within the time limit")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
 def test_a_stopped_search_resumes_with_the_same_command(four_convs, tmp_path, how):
     workdir = tmp_path / "work"
@@ -150,6 +151,7 @@ def postgres_url(tmp_path_factory):
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_on_postgresql_finish_a_12_trial_study(four_convs, tmp_path, postgres_url):
     from sqlalchemy.engine import make_url
 

@@ -17,6 +17,8 @@ from precsearch.jobs.tune import representative_plans, tune_model
 from precsearch.tvm import open_database
 from precsearch.workspace import Workspace
 
+pytestmark = pytest.mark.slow  # tunes a model once per module (minutes)
+
 TRIALS = 4  # per kernel: enough to get a VNNI schedule into the database, not to make it fast
 
 
