@@ -17,6 +17,7 @@ from pathlib import Path
 
 from precsearch.tvm import (TuningDatabase, TuningReport, check_trials, database_dir, extract_tuning_tasks,
                             resolve_target, tune_tasks)
+from precsearch.files import atomic_write
 from precsearch.model import LoadedModel
 from precsearch.plan import Plan
 from precsearch.workspace import Workspace
@@ -81,4 +82,4 @@ def _write_summary(directory: Path, model: LoadedModel, report: TuningReport, tr
     path = directory / f"{model.sha256[:16]}.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     summary["time_s_total"] = previous.get("time_s_total", 0.0) + report.time_s
-    path.write_text(json.dumps(summary, indent=2))
+    atomic_write(path, json.dumps(summary, indent=2))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from precsearch.study.config import SearchConfig
 from precsearch.errors import ConfigError
+from precsearch.files import atomic_write
 from precsearch.study.record import StudyAttrs, TrialRecord
 from precsearch.workspace import Workspace
 from precsearch.model import open_model
@@ -80,12 +81,12 @@ def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | P
     plan, qdq, built = record.plan, build.qdq, build.built
     int8_ids = plan.int8_ids(model)
     library = built.export_library(out / "model.so")
-    (out / "model.qdq.onnx").write_bytes(qdq.SerializeToString())
+    atomic_write(out / "model.qdq.onnx", qdq.SerializeToString())
     every_float = list(plan.float_layer_ids(model))  # the plan's float convs and those that cannot run int8
     names = json.dumps(every_float)
-    (out / "onnxruntime_quantize.py").write_text(ORT_SNIPPET.format(trial=trial_number, names=names))
-    (out / "nncf_ignored_scope.py").write_text(NNCF_SNIPPET.format(trial=trial_number, names=names))
-    (out / "inc_op_name_dict.py").write_text(INC_SNIPPET.format(trial=trial_number, names=names))
+    atomic_write(out / "onnxruntime_quantize.py", ORT_SNIPPET.format(trial=trial_number, names=names))
+    atomic_write(out / "nncf_ignored_scope.py", NNCF_SNIPPET.format(trial=trial_number, names=names))
+    atomic_write(out / "inc_op_name_dict.py", INC_SNIPPET.format(trial=trial_number, names=names))
     summary = {"study": study.study_name, "trial": trial_number, "model": config.model, "plan": plan.key(),
                "float_layers": every_float, "int8_layers": list(int8_ids), "latency_ms": trial.values[0],
                config.metric: trial.values[1],
@@ -95,6 +96,6 @@ def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | P
                "tuned_kernels": built.tuned_kernels, "total_kernels": built.total_kernels,
                "note": "layer names are node names of the model as precsearch prepared it (BatchNorm folded); "
                        "unnamed nodes got Conv_<k> names"}
-    (out / "plan.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(out / "plan.json", json.dumps(summary, indent=1))
     logger.info("exported trial %d of %s to %s", trial_number, study.study_name, out)
     return summary

@@ -1,0 +1,88 @@
+"""What the commands print for a person: tables, progress lines, status lines on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+def print_operators(notes: list[dict], layouts: list[dict], fallback: str) -> None:
+    if fallback:
+        print(f"  every conv kept NCHW: the blocked graph failed: {fallback}")
+    for note in notes:
+        print(f"  {note['action']}: {note['op_type']} {note['node']!r}: {note['detail']}")
+    fell_back = [row for row in layouts if row["nchw_fallback"]]
+    if fell_back:
+        print("  operators run in NCHW beside blocked tensors (layout transforms around them): "
+              + ", ".join(f"{row['op']} ×{row['nchw_fallback']}" for row in fell_back))
+    blocked = [row for row in layouts if row["blocked"]]
+    if blocked:
+        print("  operators run blocked: " + ", ".join(f"{row['op']} ×{row['blocked']}" for row in blocked))
+
+
+def status(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def progress_line(progress) -> str:
+    line = f"[{progress.done}/{progress.budget} plans] {progress.failed} failed, {progress.running} running; " \
+           f"front {progress.front_size}"
+    best = progress.fastest_feasible
+    if best is not None:
+        line += f"; fastest feasible {best.latency_ms:.3f} ms ({progress.metric} {best.fidelity:.4g}, " \
+                f"{len(best.float_layers)} float, trial {best.trial})"
+    line += f"; {progress.elapsed_s / 60:.1f} min elapsed"
+    if progress.left_s is not None:
+        line += f", ~{progress.left_s / 60:.1f} min left"
+    return line
+
+
+def print_search(summary, as_json: bool, handle) -> int:
+    front = [{"trial": p.trial, "latency_ms": p.latency_ms, summary.metric: p.fidelity,
+              "float_layers": list(p.float_layers)} for p in summary.front]
+    if as_json:
+        print(json.dumps({"study": summary.study_name, "storage": summary.storage, "metric": summary.metric,
+                          "budget": summary.budget, "completed": summary.completed, "failed": summary.failed,
+                          "duplicates": summary.duplicates, "elapsed_s": round(summary.elapsed_s, 1),
+                          "stopped_by": summary.stopped_by, "front": front}, indent=1))
+        return 0
+    goal = handle.config.fidelity_goal(summary.metric)
+    print(f"{'trial':>5} {'latency ms':>10} {summary.metric:>10} {'float':>5}  float layers")
+    for point in summary.front:
+        layers = ",".join(point.float_layers) or "-"
+        print(f"{point.trial:>5} {point.latency_ms:>10.3f} {point.fidelity:>10.4g} {len(point.float_layers):>5}  "
+              f"{layers if len(layers) <= 60 else layers[:57] + '...'}")
+    constraint = f" with {summary.metric} >= {goal:g}" if goal is not None else ""
+    print(f"front: {len(summary.front)} plans{constraint}; {summary.completed} plans completed, {summary.failed} "
+          f"failed, {summary.duplicates} repeats served from storage; {summary.elapsed_s / 60:.1f} min "
+          f"(stopped by {summary.stopped_by}); study {summary.study_name!r} in {summary.storage}")
+    return 0
+
+
+def print_build(summary: dict) -> None:
+    print(f"{'id':<16} {'dtype':<8} {'layout':<8} {'kernel':<8} {'transforms in':<16} {'transforms out':<16} note")
+    for row in summary["layers"]:
+        print(f"{row['id']:<16} {row['dtype']:<8} {row['layout']:<8} {row['kernel']:<8} "
+              f"{', '.join(row['transforms_in']) or '-':<16} {', '.join(row['transforms_out']) or '-':<16} {row['note']}")
+    print(f"{len(summary['int8_layers'])} int8, {len(summary['float_layers'])} float convs; block {summary['block_size']}; "
+          f"{summary['boundary_transforms']} activation layout transforms; built in {summary['build_time_s']} s ("
+          f"{_tuning_state(summary)})")
+    print_operators(summary["operators"]["rewritten"], summary["operators"]["layouts"], summary["layout_fallback"])
+    print(f"library: {summary['library']}")
+    if "dump_ir" in summary:
+        print(f"IR after each pass: {summary['dump_ir']['files']} files in {summary['dump_ir']['dir']}")
+    if "max_relative_error" in summary:
+        print(f"check: {summary['divergence_summary']}")
+    if "agreement" in summary:
+        print(f"agreement with ONNX Runtime (same QDQ model): {summary['agreement']:.4%} of "
+              f"{summary['checked_elements']} output elements within one output quantization step; "
+              f"max abs error {summary['max_abs_error']:.3g} ({summary['max_error_steps']:.2f} steps)")
+        print(f"  for comparison, ONNX Runtime's own int8 kernels: {summary['ort_int8_agreement']:.4%} "
+              f"(max {summary['ort_int8_max_error_steps']:.2f} steps)")
+        print(f"  divergences: {summary['divergence_summary']}")
+
+
+def _tuning_state(summary: dict) -> str:
+    if not summary["tuned"]:
+        return "untuned kernels: run precsearch tune once for fast ones"
+    return f"{summary['tuned_kernels']} of {summary['total_kernels']} kernels tuned"
