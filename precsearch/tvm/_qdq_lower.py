@@ -20,6 +20,7 @@ from tvm import relax
 from tvm.relax import expr_functor
 
 from precsearch.errors import CompileError
+from ._build_report import BuildReport
 from ._importer import emit_like
 
 PASS_NAME = "precsearch.LowerQDQ"
@@ -35,15 +36,19 @@ class LowerQDQ:
     ----------
     params : dict of str to ndarray
         Values of the scale and zero-point parameters.
+    report : BuildReport, optional
+        Keeps the CompileError this pass raises.
     """
 
-    def __init__(self, params: dict[str, np.ndarray]):
+    def __init__(self, params: dict[str, np.ndarray], report: BuildReport | None = None):
         self.params = params
+        self.report = report if report is not None else BuildReport()
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        var2val = relax.analysis.get_var2val(mod["main"])
-        mod["main"] = _Lowerer(self.params, var2val, mod).visit_expr(mod["main"])
-        return relax.transform.DeadCodeElimination()(mod)
+        with self.report.recording_failure():
+            var2val = relax.analysis.get_var2val(mod["main"])
+            mod["main"] = _Lowerer(self.params, var2val, mod).visit_expr(mod["main"])
+            return relax.transform.DeadCodeElimination()(mod)
 
 
 @expr_functor.mutator
