@@ -50,18 +50,20 @@ def channel_scales(w_scale, out_channels: int) -> np.ndarray:
     if bad.any():
         channel = int(np.flatnonzero(bad)[0])
         raise ValueError(f"the weight scale of channel {channel} must be a positive finite number; "
-                         f"got {scales[channel]!r}")
+                         f"got {float(scales[channel])!r}")
     return scales
 
 
 def _representable(values: np.ndarray, dtype: str, what: str) -> None:
     # A product of tiny scales can underflow to 0, a quotient by one overflow to inf,
     # once the constant is stored in the dtype the graph computes in.
-    stored = values.astype(dtype)
+    with np.errstate(over="ignore"):
+        stored = values.astype(dtype)
     bad = ~np.isfinite(stored) | (stored == 0)
     if bad.any():
         channel = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"the {what} of channel {channel} ({values[channel]!r}) is not representable in {dtype}")
+        raise ValueError(f"the {what} of channel {channel} ({float(values[channel])!r}) is not representable "
+                         f"in {dtype}")
 
 
 def requantization(x_scale, w_scale, out_channels: int, y_scale=None, y_zero_point=0, *,
