@@ -194,6 +194,11 @@ class _Rewriter(relax.PyExprMutator):
         return self._var_of.get(expr.__chandle__(), expr)
 
     def visit_var_binding_(self, binding):
+        # Called from C++ (the mutator's traversal): keep the error before TVM turns it into text.
+        with self.rewrite.report.recording_failure():
+            self._visit_binding(binding)
+
+    def _visit_binding(self, binding):
         value = binding.value
         replacement = None
         if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
