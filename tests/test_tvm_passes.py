@@ -113,8 +113,8 @@ def _qdq_conv(x_zero: int, x_dtype: str = "uint8") -> tvm.IRModule:
             x_dq = bb.emit(relax.op.dequantize(x_q, relax.const(SX), zero, axis=1))
             w_dq = bb.emit(relax.op.dequantize(weight, relax.const(SW), relax.const(np.zeros(8, np.int8)), axis=0))
             y = bb.emit(relax.op.nn.conv2d(x_dq, w_dq, padding=1))
-            b_dq = bb.emit(relax.op.dequantize(relax.const(B0), relax.const(SX * SW), relax.const(np.zeros(8, np.int32)),
-                                               axis=0))
+            b_dq = bb.emit(relax.op.dequantize(relax.const(B0), relax.const(SX * SW),
+                                               relax.const(np.zeros(8, np.int32)), axis=0))
             y = bb.emit(relax.op.add(y, bb.emit(relax.op.reshape(b_dq, (1, 8, 1, 1)))))
             y_q = bb.emit(relax.op.quantize(y, relax.const(SY), relax.const(ZY, "uint8"), axis=1, out_dtype="uint8"))
             out = bb.emit_output(relax.op.dequantize(y_q, relax.const(SY), relax.const(ZY, "uint8"), axis=1))

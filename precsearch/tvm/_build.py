@@ -232,14 +232,16 @@ _OUR_PREFIX = re.compile(r"\[pass '([^']+)'(?:, layer '([^']+)')?\] (.*)")
 def _precsearch_error(exc: BaseException, report: BuildReport) -> CompileError | None:
     """The CompileError a precsearch pass raised inside TVM, which TVM re-raised as a plain RuntimeError.
 
-    TVM's FFI keeps only the error's kind and text (no ``__cause__``, checked on
-    apache-tvm-ffi 0.1.14), so the passes keep the object in the build's report.
-    The text written by ``CompileError`` is parsed only when no pass kept it: a
-    precsearch pass that was not given this report (in a pipeline put together
-    by hand), or one whose error TVM reworded.
+    TVM's FFI re-raises a Python exception from inside a pass as a new
+    RuntimeError with the same text and nothing else: no ``__cause__`` or
+    ``__context__``, no ``pass_name``/``layer_id`` (checked on apache-tvm 0.27.0
+    with apache-tvm-ffi 0.1.14).  So the passes of :func:`pipeline` keep the
+    object in the build's report, matched here to the exception by its text.
     """
     if report.failure is not None and str(report.failure) in str(exc):
         return report.failure
+    # Fallback for when the object is gone: a precsearch pass built without this
+    # report (a pipeline put together by hand) raised it; read back what CompileError wrote.
     for line in str(exc).splitlines():
         match = _OUR_PREFIX.search(line)
         if match:
