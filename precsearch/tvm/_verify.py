@@ -224,7 +224,7 @@ class VerifyPlan:
             if index is None:
                 continue
             args = call.args[1].fields
-            # The legalizer names the precision after the data dtype too; the dtypes are checked below.
+            # uint8 activations make an int8 conv, as they did for the legalizer; the other dtypes are checked below.
             precision = "int8" if str(args[0].ty.dtype) == "uint8" else "float"
             layout = _layout_name(args[0].ty.ndim, int(args[0].ty.shape[-1]))
             layer_id = self.layer_ids[index]
