@@ -8,7 +8,7 @@ from onnx import numpy_helper
 
 import models
 from precsearch.tvm import CompileOptions, LoadedLibrary, build_plan
-from precsearch.tvm import _build, _int8_rewrite
+from precsearch.tvm import _build, _int8_rewrite, _pipeline
 from precsearch.model.data import image_batches
 from precsearch.errors import CompileError, VerificationError
 from precsearch.fidelity.reference import agreement, max_relative_error, run_ort
@@ -192,7 +192,7 @@ def test_broadcast_error_names_layer_and_pass(chain, monkeypatch):
 def test_a_convert_layout_failure_falls_back_to_nchw_and_says_so(tmp_path, monkeypatch):
     case = Case(models.conv_transpose_model(), tmp_path, "deconv")
     # Without being told NCHW, conv2d_transpose tries to adopt its blocked input's layout and ConvertLayout fails.
-    monkeypatch.setattr(_build, "layout_callback",
+    monkeypatch.setattr(_pipeline, "layout_callback",
                         lambda decisions: lambda call: {"relax.nn.conv2d": [decisions[0].data_layout,
                                                                             decisions[0].kernel_layout]})
     plan, qdq, built = case.build("none")
@@ -206,21 +206,21 @@ def test_a_convert_layout_failure_falls_back_to_nchw_and_says_so(tmp_path, monke
 def test_failure_inside_a_tvm_pass_names_the_pass(tmp_path, monkeypatch):
     case = Case(models.conv_transpose_model(), tmp_path, "deconv")
     # Every conv told NCHW8c: with blocking off there is no fallback left, so the failure is the error.
-    monkeypatch.setattr(_build, "layout_callback",
+    monkeypatch.setattr(_pipeline, "layout_callback",
                         lambda decisions: lambda call: {"relax.nn.conv2d": ["NCHW8c", "OIHW8i8o"]})
     with pytest.raises(CompileError, match=r"^\[pass '(ConvertLayout|precsearch.InspectLayout)'"):
         case.build("none", options=CompileOptions(float_blocked=False, int8_blocked=False))
 
 
 def test_layout_that_convert_layout_cannot_apply_is_an_error(chain, monkeypatch):
-    real = _build.decide_layouts
+    real = _pipeline.decide_layouts
 
     def impossible(*args, **kwargs):
         decisions = real(*args, **kwargs)
         decisions[0] = type(decisions[0])("NCHW16c", "OIHW16i16o")  # conv0 has 8 input channels
         return decisions
 
-    monkeypatch.setattr(_build, "decide_layouts", impossible)
+    monkeypatch.setattr(_pipeline, "decide_layouts", impossible)
     with pytest.raises(CompileError, match=r"pass 'precsearch.InspectLayout', layer 'conv0'"):
         chain.build("none")
 

@@ -7,7 +7,7 @@ import pytest
 
 import models
 from precsearch.tvm import CompileOptions, TuningDatabase, build_plan, database_dir, host_target
-from precsearch.tvm._tune import FINISHED_FILE
+from precsearch.tvm._tune_database import FINISHED_FILE
 from precsearch.model.data import image_batches
 from precsearch.fidelity.reference import agreement, run_ort
 from precsearch.model import load_model
@@ -118,7 +118,7 @@ def test_tuned_int8_conv_runs_vnni_vpdpbusd(tuned):
 def test_the_tuning_runner_times_kernels_on_the_deployed_thread_count(monkeypatch):
     from tvm.s_tir import meta_schedule as ms
 
-    from precsearch.tvm._tune import local_runner, runtime_threads
+    from precsearch.tvm._tune_tasks import local_runner, runtime_threads
 
     monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
     # A stock LocalRunner's fresh worker sizes its pool as hardware threads / 2: 1 here.

@@ -9,7 +9,6 @@ parameter named that way *is* layer ``index``, in every pass that follows.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,14 +18,12 @@ from onnx import numpy_helper
 
 from precsearch.errors import CompileError
 from precsearch.model import LoadedModel
+from ._naming import weight_name
 from ._onnx_rewrite import OperatorNote, rewrite_for_tvm, unsupported_operators
 from ._trace import tvm_error_line
 
 if TYPE_CHECKING:
     import tvm
-
-WEIGHT_PREFIX = "ps_w"
-_WEIGHT_NAME = re.compile(rf"^{WEIGHT_PREFIX}(\d+)$")
 
 PASS_NAME = "precsearch.Import"
 
@@ -42,12 +39,6 @@ class ImportedModel:
     int8_weights: dict[int, np.ndarray]  # layer index → int8 OIHW weights the QDQ model holds
     float_weights: dict[int, np.ndarray]  # layer index → float OIHW weights of float convs
     operator_notes: tuple[OperatorNote, ...] = ()  # ONNX nodes rewritten before import
-
-
-def layer_index_of_weight(name: str) -> int | None:
-    """Layer index encoded in a renamed weight parameter, or None."""
-    match = _WEIGHT_NAME.match(name)
-    return int(match.group(1)) if match else None
 
 
 def _rename_weights(qdq: onnx.ModelProto, model: LoadedModel) -> tuple[onnx.ModelProto, dict, dict]:
@@ -80,7 +71,7 @@ def _rename_weights(qdq: onnx.ModelProto, model: LoadedModel) -> tuple[onnx.Mode
         if source in renames:
             raise CompileError(f"conv {layer.id!r} shares its weight {source!r} with another conv; "
                                "shared weights are not supported", pass_name=PASS_NAME, layer_id=layer.id)
-        renames[source] = f"{WEIGHT_PREFIX}{layer.index}"
+        renames[source] = weight_name(layer.index)
     for init in graph.initializer:
         if init.name in renames:
             init.name = renames[init.name]
@@ -160,7 +151,7 @@ def import_qdq_model(qdq: onnx.ModelProto, model: LoadedModel) -> ImportedModel:
     values = params.get("main", [])
     param_values = {var.name: np.asarray(value.numpy()) for var, value in zip(param_vars, values)}
     for index in list(int8_weights) + list(float_weights):
-        if f"{WEIGHT_PREFIX}{index}" not in param_values:
+        if weight_name(index) not in param_values:
             layer = model.layers[index]
             raise CompileError(f"weight parameter of conv {layer.id!r} was lost on import", pass_name=PASS_NAME,
                                layer_id=layer.id)

@@ -25,8 +25,13 @@ from tvm.relax import expr_functor
 from tvm.relax.dpl import is_op, is_var, wildcard
 
 from precsearch.errors import CompileError
-from ._importer import ImportedModel, emit_like, layer_index_of_weight
+from ._build_report import BuildReport
+from ._importer import ImportedModel, emit_like
+from ._naming import binding_name, layer_of_weight
+from ._requant import bias_scale_matches, channel_scales, integer_bias, requantization, valid_weight_sums
 from ._trace import tvm_error_line
+
+__all__ = ["Int8ConvRewrite", "valid_weight_sums"]
 
 PASS_NAME = "precsearch.Int8ConvRewrite"
 
@@ -40,25 +45,6 @@ def _scalar(params: dict[str, np.ndarray], expr, what: str, layer_id: str) -> np
     return np.asarray(params[name])
 
 
-def valid_weight_sums(weight: np.ndarray, input_hw: tuple[int, int], output_hw: tuple[int, int],
-                      strides, padding, dilation, groups: int) -> np.ndarray:
-    """``S[o, y, x]``: sum of the weights of output channel ``o`` that land on real input.
-
-    Written by hand because no library computes it: it is the zero-point
-    correction of an asymmetrically quantized input under zero padding.
-    """
-    out_c, _, kernel_h, kernel_w = weight.shape
-    tap_sums = weight.astype(np.int64).sum(axis=1)  # (O, kh, kw): channels of one group
-    height, width = input_hw
-    out_h, out_w = output_hw
-    pad_top, pad_left = int(padding[0]), int(padding[1])
-    rows = np.arange(out_h)[:, None] * int(strides[0]) - pad_top + np.arange(kernel_h)[None, :] * int(dilation[0])
-    cols = np.arange(out_w)[:, None] * int(strides[1]) - pad_left + np.arange(kernel_w)[None, :] * int(dilation[1])
-    row_valid = ((rows >= 0) & (rows < height)).astype(np.int64)  # (OH, kh)
-    col_valid = ((cols >= 0) & (cols < width)).astype(np.int64)  # (OW, kw)
-    return np.einsum("okl,yk,xl->oyx", tap_sums, row_valid, col_valid)
-
-
 @tvm.transform.module_pass(opt_level=0, name=PASS_NAME)
 class Int8ConvRewrite:
     """Rewrite every quantized conv of ``main`` into an integer conv with requantization.
@@ -70,13 +56,17 @@ class Int8ConvRewrite:
         integer form bakes into constants.
     layer_ids : sequence of str
         Layer id by index, for error messages and names.
+    requant_dtype : {"float64", "float32"}
+    report : BuildReport, optional
+        Gets ``rewritten_int8``, the layers rewritten.
     """
 
-    def __init__(self, imported: ImportedModel, layer_ids, requant_dtype: str = "float64"):
+    def __init__(self, imported: ImportedModel, layer_ids, requant_dtype: str = "float64",
+                 report: BuildReport | None = None):
         self.imported = imported
         self.requant_dtype = requant_dtype
         self.layer_ids = tuple(layer_ids)
-        self.rewritten: list[int] = []
+        self.report = report if report is not None else BuildReport()
         self.x_q, self.x_scale, self.x_zero = wildcard(), wildcard(), wildcard()
         self.w_q, self.w_scale, self.w_zero = is_var(), wildcard(), wildcard()
         self.b_q, self.b_scale, self.b_zero = wildcard(), wildcard(), wildcard()
@@ -92,18 +82,19 @@ class Int8ConvRewrite:
         self.float_out = self.biased | self.conv
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        var2val = relax.analysis.get_var2val(mod["main"])
-        mutator = _Rewriter(self, var2val, mod)
-        mod["main"] = mutator.visit_expr(mod["main"])
-        mod = relax.transform.DeadCodeElimination()(mod)
-        self.rewritten = sorted(mutator.rewritten)
-        _check_nothing_left(self, mod)
-        return mod
+        with self.report.recording_failure():
+            var2val = relax.analysis.get_var2val(mod["main"])
+            mutator = _Rewriter(self, var2val, mod)
+            mod["main"] = mutator.visit_expr(mod["main"])
+            mod = relax.transform.DeadCodeElimination()(mod)
+            self.report.rewritten_int8 = [self.layer_ids[index] for index in sorted(mutator.rewritten)]
+            _check_nothing_left(self, mod)
+            return mod
 
     # The integer chain, emitted through the mutator's builder so bindings get
     # names that carry the layer index (TVM error messages print var names).
     def emit_integer_conv(self, mutator, matched: dict, quantize_out: bool):
-        index = layer_index_of_weight(matched[self.w_q].name)
+        index = layer_of_weight(matched[self.w_q].name)
         try:
             return self._emit_integer_conv(mutator, matched, quantize_out)
         except CompileError:
@@ -116,7 +107,7 @@ class Int8ConvRewrite:
         params = self.imported.params
         conv = matched[self.conv]
         weight_var = matched[self.w_q]
-        index = layer_index_of_weight(weight_var.name)
+        index = layer_of_weight(weight_var.name)
         if index is None:
             return None
         layer_id = self.layer_ids[index]
@@ -138,41 +129,35 @@ class Int8ConvRewrite:
         if np.any(w_zero != 0):
             raise CompileError("weights must be symmetric (zero point 0)", pass_name=PASS_NAME, layer_id=layer_id)
         out_channels = weight.shape[0]
-        if w_scale.size == 1:
-            w_scale = np.full(out_channels, w_scale[0])
+        w_scale = channel_scales(w_scale, out_channels)
 
         in_shape = [int(d) for d in x_q.ty.shape]
         out_shape = [int(d) for d in conv.ty.shape]
         acc = mutator.builder_.emit(
             relax.op.nn.conv2d(x_q, mutator.visit_expr(weight_var), strides=attrs.strides, padding=attrs.padding,
                                dilation=attrs.dilation, groups=attrs.groups, out_dtype="int32"),
-            f"L{index}_acc")
+            binding_name(index, "acc"))
 
-        bias_int = np.zeros((1, out_channels, 1, 1), dtype=np.int64)
+        b_q = None
         if self.b_q in matched:
-            b_q = _scalar(params, matched[self.b_q], "bias", layer_id).astype(np.int64).reshape(-1)
-            b_scale = _scalar(params, matched[self.b_scale], "bias scale", layer_id).astype(np.float64).reshape(-1)
-            expected = x_scale * w_scale
-            # ORT quantizes the bias with scale sx·sw, so the int32 bias adds straight onto the accumulator.
-            if not np.allclose(b_scale, expected, rtol=1e-5, atol=0):
+            b_q = _scalar(params, matched[self.b_q], "bias", layer_id).reshape(-1)
+            b_scale = _scalar(params, matched[self.b_scale], "bias scale", layer_id)
+            if not bias_scale_matches(b_scale, x_scale, w_scale):
                 raise CompileError("bias scale is not input scale × weight scale", pass_name=PASS_NAME,
                                    layer_id=layer_id)
-            bias_int = bias_int + b_q.reshape(1, -1, 1, 1)
+        sums = None
         if x_zero != 0:
             sums = valid_weight_sums(weight, in_shape[2:], out_shape[2:], attrs.strides, attrs.padding,
                                      attrs.dilation, int(attrs.groups))
-            if np.all(sums == sums[:, :1, :1]):
-                sums = sums[:, :1, :1]  # no border effect: one value per channel
-            bias_int = bias_int - x_zero * sums[None]
-        if np.abs(bias_int).max(initial=0) >= 2**31:
-            raise CompileError("bias correction overflows int32", pass_name=PASS_NAME, layer_id=layer_id)
-        acc = mutator.builder_.emit(relax.op.add(acc, relax.const(bias_int.astype(np.int32))), f"L{index}_acc_bias")
-        real_scale = (x_scale * w_scale).reshape(1, -1, 1, 1)
+        bias_int = integer_bias(out_channels, b_q, x_zero, sums)
+        acc = mutator.builder_.emit(relax.op.add(acc, relax.const(bias_int)), binding_name(index, "acc_bias"))
         mutator.rewritten.add(index)
         if not quantize_out:
-            acc_f = mutator.builder_.emit(relax.op.astype(acc, "float32"), f"L{index}_acc_f32")
-            return relax.op.multiply(acc_f, relax.const(real_scale.astype(np.float32)))
-        y_scale = float(_scalar(params, matched[self.y_scale], "output scale", layer_id).reshape(-1)[0])
+            scales = requantization(x_scale, w_scale, out_channels)
+            acc_f = mutator.builder_.emit(relax.op.astype(acc, "float32"), binding_name(index, "acc_f32"))
+            return relax.op.multiply(acc_f, relax.const(scales.accumulator_scale.reshape(1, -1, 1, 1)
+                                                        .astype(np.float32)))
+        y_scale = _scalar(params, matched[self.y_scale], "output scale", layer_id)
         y_zero_arr = _scalar(params, matched[self.y_zero], "output zero point", layer_id)
         if y_zero_arr.dtype != np.uint8:
             raise CompileError(f"output must be quantized to uint8, got {y_zero_arr.dtype}", pass_name=PASS_NAME,
@@ -182,11 +167,12 @@ class Int8ConvRewrite:
         # comes out as -18.4999990 and rounds the wrong way (seen on the real
         # MobileNetV3); float32 is offered because untuned it ran 2.3x faster.
         dtype = self.requant_dtype
-        acc_f = mutator.builder_.emit(relax.op.astype(acc, dtype), f"L{index}_acc_{dtype}")
-        multiplier = real_scale / y_scale
+        scales = requantization(x_scale, w_scale, out_channels, y_scale, y_zero_arr, dtype=dtype)
+        acc_f = mutator.builder_.emit(relax.op.astype(acc, dtype), binding_name(index, f"acc_{dtype}"))
+        multiplier = scales.multiplier.reshape(1, -1, 1, 1)
         scaled = mutator.builder_.emit(relax.op.round(relax.op.multiply(acc_f, relax.const(multiplier, dtype))),
-                                       f"L{index}_scaled")
-        shifted = relax.op.add(scaled, relax.const(float(int(y_zero_arr.reshape(-1)[0])), dtype))
+                                       binding_name(index, "scaled"))
+        shifted = relax.op.add(scaled, relax.const(float(scales.output_zero_point), dtype))
         clipped = relax.op.minimum(relax.op.maximum(shifted, relax.const(0.0, dtype)), relax.const(255.0, dtype))
         return relax.op.astype(clipped, "uint8")
 
@@ -208,6 +194,11 @@ class _Rewriter(relax.PyExprMutator):
         return self._var_of.get(expr.__chandle__(), expr)
 
     def visit_var_binding_(self, binding):
+        # Called from C++ (the mutator's traversal): keep the error before TVM turns it into text.
+        with self.rewrite.report.recording_failure():
+            self._visit_binding(binding)
+
+    def _visit_binding(self, binding):
         value = binding.value
         replacement = None
         if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
@@ -264,7 +255,7 @@ def _check_nothing_left(rewrite: Int8ConvRewrite, mod: tvm.IRModule) -> None:
             source = var2val.get(weight, weight)
             if isinstance(source, relax.Call) and getattr(source.op, "name", "") == "relax.dequantize":
                 name = getattr(source.args[0], "name", "?")
-                index = layer_index_of_weight(name)
+                index = layer_of_weight(name)
                 layer_id = rewrite.layer_ids[index] if index is not None else name
                 raise CompileError("quantized conv was not rewritten to an integer conv (its inputs or output do "
                                    "not follow the QDQ pattern)", pass_name=PASS_NAME, layer_id=layer_id)

@@ -16,11 +16,12 @@ from tvm import relax, te, topi
 
 from precsearch.errors import CompileError
 from precsearch.model import ConvLayer
-from ._importer import WEIGHT_PREFIX, layer_index_of_weight
+from ._build_report import BuildReport
+from ._naming import (WEIGHT_PREFIX, binding_name, conv_kernel_name, kernel_attrs, layer_of_weight,
+                      repack_kernel_name)
 
 PASS_NAME = "precsearch.LegalizeConv"
 BLOCK_SIZES = (16, 8)
-PRIMFUNC_PREFIX = "ps_conv_"
 
 # int8 NCHWc convs take their input channels in groups of four (one vpdpbusd lane).
 _INT8_LANES = 4
@@ -94,7 +95,7 @@ def layout_callback(decisions: dict[int, LayerLayout]):
     def callback(call):
         if call.op.name != "relax.nn.conv2d":
             return nchw
-        index = layer_index_of_weight(getattr(call.args[1], "name", ""))
+        index = layer_of_weight(getattr(call.args[1], "name", ""))
         if index is None or index not in decisions:
             return nchw
         decision = decisions[index]
@@ -107,7 +108,7 @@ def trace_weight_param(bb: relax.BlockBuilder, expr) -> str | None:
     """Follow a conv weight back through layout transforms to its ``ps_w`` parameter."""
     for _ in range(8):
         if isinstance(expr, relax.Var):
-            if expr.name.startswith(WEIGHT_PREFIX) and layer_index_of_weight(expr.name) is not None:
+            if expr.name.startswith(WEIGHT_PREFIX) and layer_of_weight(expr.name) is not None:
                 return expr.name
             bound = bb.lookup_binding(expr)
             if bound is None:
@@ -198,31 +199,37 @@ def depthwise_conv2d_nchwc(data, kernel, strides, padding, dilation, out_dtype):
     return _cast(result, out_dtype, "exact_int")
 
 
-def make_conv_legalizer(layer_ids, decisions: dict[int, LayerLayout]):
+def make_conv_legalizer(layer_ids, decisions: dict[int, LayerLayout], report: BuildReport | None = None):
     """A legalize function for ``relax.nn.conv2d`` that names each kernel after its layer.
 
     Prim funcs are called ``ps_conv_L<index>_<int8|float>_<layout>`` and carry the
     layer index as an attribute, which also keeps the BlockBuilder from merging two
     layers with equal workloads into one function: the verifier reads identity
-    from the name and checks it against the weight constant the call receives.
+    from the attribute and checks it against the weight constant the call receives.
+    A CompileError raised here is kept in ``report`` (LegalizeOps calls this from C++).
     """
+    report = report if report is not None else BuildReport()
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call):
+        with report.recording_failure():
+            return _legalize(bb, call)
+
+    def _legalize(bb: relax.BlockBuilder, call: relax.Call):
         attrs = call.attrs
         weight_name = trace_weight_param(bb, call.args[1])
         if weight_name is None:
             raise CompileError("a conv2d whose weight is not a model parameter reached legalization",
                                pass_name=PASS_NAME)
-        index = layer_index_of_weight(weight_name)
+        index = layer_of_weight(weight_name)
         layer_id = layer_ids[index]
         data_dtype = str(call.args[0].ty.dtype)
         int8 = data_dtype == "uint8"
         precision = "int8" if int8 else "float"
         declared = str(attrs.out_dtype) if attrs.out_dtype is not None else ""
         out_dtype = "int32" if int8 else (declared if declared not in ("", "void", "None") else data_dtype)
-        name = f"{PRIMFUNC_PREFIX}L{index}_{precision}_{attrs.data_layout}"
-        identity = {"primfunc_attrs": {"precsearch.layer": index}}
         layout = str(attrs.data_layout)
+        name = conv_kernel_name(index, precision, layout)
+        identity = {"primfunc_attrs": kernel_attrs(index)}
         if layout == "NCHW":
             return bb.call_te(exact_nchw_conv, call.args[0], call.args[1], attrs.strides, attrs.padding,
                               attrs.dilation, int(attrs.groups), out_dtype, primfunc_name_hint=name, **identity)
@@ -240,7 +247,7 @@ def make_conv_legalizer(layer_ids, decisions: dict[int, LayerLayout]):
                               attrs.dilation, out_dtype, primfunc_name_hint=name, **identity)
         if int8:
             packed = bb.emit(bb.call_te(_repack_int8_kernel, call.args[1],
-                                        primfunc_name_hint=f"ps_repack_L{index}"), f"L{index}_kernel")
+                                        primfunc_name_hint=repack_kernel_name(index)), binding_name(index, "kernel"))
             return bb.call_te(topi.nn.conv2d_NCHWc_int8, call.args[0], packed, out_dtype="int32",
                               n_elems=_INT8_LANES, primfunc_name_hint=name, **identity, **common)
         return bb.call_te(topi.nn.conv2d_NCHWc, call.args[0], call.args[1], out_dtype=out_dtype,

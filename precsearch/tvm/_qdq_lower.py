@@ -20,6 +20,7 @@ from tvm import relax
 from tvm.relax import expr_functor
 
 from precsearch.errors import CompileError
+from ._build_report import BuildReport
 from ._importer import emit_like
 
 PASS_NAME = "precsearch.LowerQDQ"
@@ -35,23 +36,28 @@ class LowerQDQ:
     ----------
     params : dict of str to ndarray
         Values of the scale and zero-point parameters.
+    report : BuildReport, optional
+        Keeps the CompileError this pass raises.
     """
 
-    def __init__(self, params: dict[str, np.ndarray]):
+    def __init__(self, params: dict[str, np.ndarray], report: BuildReport | None = None):
         self.params = params
+        self.report = report if report is not None else BuildReport()
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        var2val = relax.analysis.get_var2val(mod["main"])
-        mod["main"] = _Lowerer(self.params, var2val, mod).visit_expr(mod["main"])
-        return relax.transform.DeadCodeElimination()(mod)
+        with self.report.recording_failure():
+            var2val = relax.analysis.get_var2val(mod["main"])
+            mod["main"] = _Lowerer(self.params, var2val, self.report, mod).visit_expr(mod["main"])
+            return relax.transform.DeadCodeElimination()(mod)
 
 
 @expr_functor.mutator
 class _Lowerer(relax.PyExprMutator):
-    def __init__(self, params, var2val, mod=None):
+    def __init__(self, params, var2val, report: BuildReport, mod=None):
         super().__init__(mod)
         self.params = params
         self.var2val = var2val
+        self.report = report
 
     def _value(self, expr, what: str, var_name: str) -> float:
         if isinstance(expr, tvm.ir.expr.Constant):
@@ -95,6 +101,11 @@ class _Lowerer(relax.PyExprMutator):
         return op(self.visit_expr(data), relax.const(bound_value.reshape(()).astype(dtype), dtype))
 
     def visit_var_binding_(self, binding):
+        # Called from C++ (the mutator's traversal): keep the error before TVM turns it into text.
+        with self.report.recording_failure():
+            self._visit_binding(binding)
+
+    def _visit_binding(self, binding):
         value = binding.value
         if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.call_tir":
             replacement = self._opaque_clip(value)

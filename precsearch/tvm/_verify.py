@@ -2,12 +2,12 @@
 
 Both read the graph rather than trusting the passes that made it: the table is
 taken from the IR after ConvertLayout, and the verifier runs after legalization
-and constant folding, reading each conv kernel's name *and* its weight constant.
+and constant folding, reading each conv kernel's layer attribute *and* its weight
+constant.  Both write what they find into the build's :class:`BuildReport`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,10 +15,12 @@ import tvm
 from tvm import relax
 
 from precsearch.errors import CompileError, VerificationError
-from ._importer import ImportedModel, layer_index_of_weight
-from ._layout import PRIMFUNC_PREFIX, unpack_kernel
+from ._build_report import BuildReport, LayerRow
+from ._importer import ImportedModel
+from ._layout import unpack_kernel
+from ._naming import layer_of_func, layer_of_weight
 
-_KERNEL_NAME = re.compile(rf"^{PRIMFUNC_PREFIX}L(\d+)_(int8|float)_(NCHW(?:\d+c)?)")
+__all__ = ["InspectLayout", "LayerRow", "OperatorLayouts", "VerifyPlan"]
 
 # Ops a tensor may pass through between a conv and the layout transform that
 # leaves it, for the table's "transforms out" column.
@@ -26,23 +28,6 @@ _ELEMENTWISE = {
     "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.astype", "relax.round",
     "relax.maximum", "relax.minimum", "relax.nn.relu", "relax.sigmoid", "relax.clip", "relax.tanh",
 }
-
-
-@dataclass
-class LayerRow:
-    """One conv as built: what the per-layer table prints."""
-
-    index: int
-    id: str
-    dtype: str  # "int8" or "float32"
-    layout: str
-    transforms_in: list[str] = field(default_factory=list)
-    transforms_out: list[str] = field(default_factory=list)
-    note: str = ""
-
-    def to_dict(self) -> dict:
-        return {"index": self.index, "id": self.id, "dtype": self.dtype, "layout": self.layout,
-                "transforms_in": self.transforms_in, "transforms_out": self.transforms_out, "note": self.note}
 
 
 def _layout_name(ndim: int, block: int | None) -> str:
@@ -112,17 +97,20 @@ def _tensor_args(call):
 class InspectLayout:
     """Record, per conv, its dtype, layout and the activation layout transforms around it.
 
-    Changes nothing; ``rows`` holds the table after the pass has run.
+    Changes nothing; writes ``rows``, ``boundary_transforms`` and
+    ``operator_layouts`` of ``report``.
     """
 
-    def __init__(self, layer_ids, decisions):
+    def __init__(self, layer_ids, decisions, report: BuildReport | None = None):
         self.layer_ids = tuple(layer_ids)
         self.decisions = decisions
-        self.rows: list[LayerRow] = []
-        self.boundary_transforms = 0
-        self.operators = OperatorLayouts()
+        self.report = report if report is not None else BuildReport()
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with self.report.recording_failure():
+            return self._inspect(mod)
+
+    def _inspect(self, mod: tvm.IRModule) -> tvm.IRModule:
         func = mod["main"]
         var2val = relax.analysis.get_var2val(func)
         users: dict = {}
@@ -142,7 +130,7 @@ class InspectLayout:
             source = var2val.get(weight, weight) if isinstance(weight, relax.Var) else weight
             if isinstance(source, relax.Call) and getattr(source.op, "name", "") == "relax.layout_transform":
                 source = source.args[0]
-            index = layer_index_of_weight(getattr(source, "name", ""))
+            index = layer_of_weight(getattr(source, "name", ""))
             if index is None:
                 continue
             data = call.args[0]
@@ -160,9 +148,9 @@ class InspectLayout:
                 # ConvertLayout silently keeps a layout it cannot apply.
                 raise CompileError(f"ConvertLayout left the conv in {rows[-1].layout}, planned {planned}",
                                    pass_name="precsearch.InspectLayout", layer_id=self.layer_ids[index])
-        self.rows = sorted(rows, key=lambda row: row.index)
-        self.boundary_transforms = boundary
-        self.operators = _operator_layouts(func, var2val)
+        self.report.rows = sorted(rows, key=lambda row: row.index)
+        self.report.boundary_transforms = boundary
+        self.report.operator_layouts = _operator_layouts(func, var2val).rows()
         return mod
 
 
@@ -172,7 +160,7 @@ def _is_constant_path(expr, var2val) -> bool:
             return True
         if isinstance(expr, relax.Var):
             if expr not in var2val:  # a function parameter: weights, biases, scales
-                return layer_index_of_weight(expr.name) is not None or not expr.name.startswith("input")
+                return layer_of_weight(expr.name) is not None or not expr.name.startswith("input")
             expr = var2val[expr]
             if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.layout_transform":
                 expr = expr.args[0]
@@ -204,19 +192,25 @@ class VerifyPlan:
     """Raise unless the graph holds exactly the plan's int8 convs, each with its own weights.
 
     Runs after legalization and FoldConstant: each conv kernel is a call_tir to a
-    prim func named ``ps_L<index>_<precision>_<layout>`` whose weight argument is
-    a constant.  The constant is unpacked and compared with the weights the QDQ
-    model holds for that layer, so identity is checked, not assumed.
+    prim func carrying its layer index (``precsearch.layer``), whose data dtype
+    says its precision and whose weight argument is a constant.  The constant is
+    unpacked and compared with the weights the QDQ model holds for that layer, so
+    identity is checked, not assumed.  Writes ``kernel_weights`` of ``report``.
     """
 
-    def __init__(self, imported: ImportedModel, layer_ids, int8_indices, float_indices):
+    def __init__(self, imported: ImportedModel, layer_ids, int8_indices, float_indices,
+                 report: BuildReport | None = None):
         self.imported = imported
         self.layer_ids = tuple(layer_ids)
         self.int8_indices = set(int8_indices)
         self.float_indices = set(float_indices)
-        self.kernel_weights: dict[int, np.ndarray] = {}  # unpacked OIHW weights each built kernel received
+        self.report = report if report is not None else BuildReport()
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with self.report.recording_failure():
+            return self._verify(mod)
+
+    def _verify(self, mod: tvm.IRModule) -> tvm.IRModule:
         func = mod["main"]
         var2val = relax.analysis.get_var2val(func)
         seen: dict[int, str] = {}
@@ -226,16 +220,18 @@ class VerifyPlan:
                 raise VerificationError("a conv2d was not legalized", pass_name="precsearch.VerifyPlan")
             if op_name != "relax.call_tir":
                 continue
-            match = _KERNEL_NAME.match(call.args[0].name_hint)
-            if not match:
+            index = layer_of_func(mod[call.args[0]])
+            if index is None:
                 continue
-            index, precision, layout = int(match.group(1)), match.group(2), match.group(3)
+            args = call.args[1].fields
+            # uint8 activations make an int8 conv, as they did for the legalizer; the other dtypes are checked below.
+            precision = "int8" if str(args[0].ty.dtype) == "uint8" else "float"
+            layout = _layout_name(args[0].ty.ndim, int(args[0].ty.shape[-1]))
             layer_id = self.layer_ids[index]
             if index in seen:
                 raise VerificationError("layer appears twice in the built graph", pass_name="precsearch.VerifyPlan",
                                         layer_id=layer_id)
             seen[index] = precision
-            args = call.args[1].fields
             self._check_dtypes(args, call, precision, layer_id)
             built = unpack_kernel(self._weight_constant(args[1], var2val, layer_id), layout)
             reference = (self.imported.int8_weights if precision == "int8" else self.imported.float_weights).get(index)
@@ -245,7 +241,7 @@ class VerifyPlan:
             if built.shape != reference.shape or not np.array_equal(built, reference):
                 raise VerificationError(f"the {precision} kernel built for this layer does not hold its weights",
                                         pass_name="precsearch.VerifyPlan", layer_id=layer_id)
-            self.kernel_weights[index] = built
+            self.report.kernel_weights[layer_id] = built
         int8_built = {i for i, p in seen.items() if p == "int8"}
         float_built = {i for i, p in seen.items() if p == "float"}
         problems = []

@@ -1,12 +1,10 @@
-"""Kernel tuning with MetaSchedule into a persistent database shared by every plan.
+"""Kernel tuning with MetaSchedule: which kernels to tune, and tuning them into the database.
 
 Tuning happens once per distinct kernel, never inside a plan's build: the tasks
 of a handful of representative plans (all-int8, all-float and the two
 alternating mixes, whose boundaries cover every int8/float transition) are
 extracted, deduplicated, and tuned task by task into MetaSchedule's JSON
-database. The database compares kernels by their anchor block (the conv), so a
-conv tuned next to an int8 requantize is found again next to a float add in a
-mixed plan; with the default structural equality most convs of a mixed plan miss.
+database (:mod:`._tune_database`).
 
 Each task is tuned by its own ``tune_tasks`` call so that a killed run keeps every
 finished task (records are appended to the JSON files as they are measured) and
@@ -16,10 +14,8 @@ the next run skips tasks that already have their budget of records.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import re
 import sys
 import tempfile
 import time
@@ -27,110 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
-import tvm.tirx
-import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
 from tvm.ir.utils import derived_object
 
 from precsearch.errors import ConfigError
 from . import _intrinsics
+from ._naming import kernel_layer
 from ._trace import tvm_error_line
-from precsearch.files import atomic_write
+from ._tune_apply import pin_anchor_record
+from ._tune_database import LOG_FILE, TuningDatabase
 
 logger = logging.getLogger(__name__)
 
-WORKLOAD_FILE = "database_workload.json"
-RECORD_FILE = "database_tuning_record.json"
-EXACT_WORKLOAD_FILE = "exact_workload.json"
-EXACT_RECORD_FILE = "exact_tuning_record.json"
-FINISHED_FILE = "finished_tasks.json"
-LOG_FILE = "tuning.log"
-
 _INT8_CONV_BLOCK = "conv2d_NCHWc_int8"  # the compute name of topi.nn.conv2d_NCHWc_int8
-_CONV_NAME = re.compile(r"ps_conv_L(\d+)_(int8|float)_(\w+?)(?:_|$)")
-
-
-class TuningDatabase:
-    """MetaSchedule's JSON database in ``directory``, comparing kernels by anchor block.
-
-    Records are specific to a target, so keep one directory per target
-    (:func:`database_dir`).
-    """
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"The tuning database directory {str(self.directory)!r} cannot be created: "
-                              f"{exc.strerror}.") from exc
-        self.ms_database = ms.database.JSONDatabase(
-            path_workload=str(self.directory / WORKLOAD_FILE),
-            path_tuning_record=str(self.directory / RECORD_FILE),
-            allow_missing=True,
-            module_equality="anchor-block",
-        )
-        # Kernels tuned in their own form go to a second database with exact
-        # equality: filed under an anchor-block workload, their traces name blocks
-        # that workload lacks, and the JSON database then refuses to load at all.
-        self.exact_database = ms.database.JSONDatabase(
-            path_workload=str(self.directory / EXACT_WORKLOAD_FILE),
-            path_tuning_record=str(self.directory / EXACT_RECORD_FILE),
-            allow_missing=True,
-            module_equality="structural",
-        )
-
-    def __len__(self) -> int:
-        return len(self.ms_database) + len(self.exact_database)
-
-    def finished_budget(self, mod: tvm.IRModule) -> int:
-        """The largest trial budget a finished tuning of exactly this kernel had (0 if never finished).
-
-        Record counts alone cannot tell a finished task: small search spaces
-        (a reshape, a transpose) run out of candidates after a trial or two.
-        """
-        return int(self._finished().get(_kernel_key(mod), 0))
-
-    def mark_finished(self, mod: tvm.IRModule, trials: int) -> None:
-        finished = self._finished()
-        key = _kernel_key(mod)
-        finished[key] = max(trials, int(finished.get(key, 0)))
-        atomic_write(self.directory / FINISHED_FILE, json.dumps(finished, indent=0, sort_keys=True))
-
-    def _finished(self) -> dict:
-        path = self.directory / FINISHED_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    def records_for(self, mod: tvm.IRModule, limit: int) -> int:
-        """How many tuning records (at most ``limit``) the database holds for this kernel."""
-        if not self.ms_database.has_workload(mod):
-            return 0
-        return len(self.ms_database.get_top_k(self.ms_database.commit_workload(mod), limit))
-
-
-def _kernel_key(mod: tvm.IRModule) -> str:
-    return f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
-
-
-def database_dir(workdir: str | Path, target: tvm.target.Target) -> Path:
-    """``<workdir>/tuning/<cpu>-<cores>c``: records hold for one CPU model and core count."""
-    cpu = str(target.attrs.get("mcpu", "generic"))
-    cores = int(target.attrs.get("num-cores", 0) or 0)
-    return Path(workdir) / "tuning" / f"{cpu}-{cores}c"
-
-
-def open_database(workdir: str | Path, options) -> TuningDatabase | None:
-    """The tuning database of this CPU in ``workdir``, or None when nothing was tuned there yet.
-
-    ``options`` is a :class:`~precsearch.tvm.CompileOptions`: its target names the CPU.
-    """
-    from ._build import resolve_target
-
-    directory = database_dir(workdir, resolve_target(options))
-    if not (directory / RECORD_FILE).is_file():
-        return None
-    return TuningDatabase(directory)
 
 
 @dataclass(frozen=True)
@@ -180,10 +86,9 @@ def extract_tuning_tasks(modules, target: tvm.target.Target) -> list[TuningTask]
             exact.commit_workload(kernel)
             primary = not anchors.has_workload(kernel)
             anchors.commit_workload(kernel)
-            match = _CONV_NAME.search(extracted.task_name)
             tasks.append(TuningTask(name=extracted.task_name, mod=kernel, weight=int(extracted.weight),
                                     space=_space_of(kernel, target), primary=primary,
-                                    layer_index=int(match.group(1)) if match else None))
+                                    layer_index=kernel_layer(extracted.task_name, kernel["main"])))
     return sorted(tasks, key=lambda task: not task.primary)
 
 
@@ -361,110 +266,3 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
     return TuningReport(tasks_total=len(tasks), tasks_tuned=tuned, tasks_skipped=skipped,
                         tasks_covered=covered_count, trials_run=trials_run,
                         records=len(database), time_s=time.perf_counter() - started, finished=finished)
-
-
-@tvm.transform.module_pass(opt_level=0, name="precsearch.ApplyTuning")
-class ApplyTuning:
-    """Schedule every kernel the database has a record for; count what it scheduled.
-
-    What TVM's ``MetaScheduleApplyDatabase`` does, one kernel at a time: a
-    record found by anchor-block equality is replayed with MetaSchedule's
-    anchor-trace replay, which can fail on a kernel whose fused neighbours differ
-    from the tuned one (a check in the trace replay fires). TVM's pass then fails
-    the whole build; here other records are tried (:func:`best_schedule`), and a
-    kernel no record applies to keeps TVM's default schedule and is reported.
-
-    Parameters
-    ----------
-    database : TuningDatabase or None
-        None schedules nothing and only counts kernels.
-    """
-
-    def __init__(self, database: TuningDatabase | None, target: tvm.target.Target):
-        self.database = database
-        self.target = target
-        self.scheduled: dict[str, bool] = {}
-        self.not_applied: dict[str, str] = {}  # kernel → why no record applied
-
-    def transform_module(self, mod, ctx):
-        for gvar, func in list(mod.functions.items()):
-            if not isinstance(func, tvm.tirx.PrimFunc):
-                continue
-            tuned = self._schedule(gvar.name_hint, func) if self.database is not None else None
-            self.scheduled[gvar.name_hint] = tuned is not None
-            if tuned is not None:
-                mod[gvar] = tuned
-        return mod
-
-    def _schedule(self, name: str, func):
-        from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
-
-        body, failure = best_schedule(self.database, _normalize_mod(func), self.target)
-        if body is None:
-            if failure:
-                self.not_applied[name] = failure
-                logger.warning("no tuning record applies to %s (%s); it keeps the default schedule", name, failure)
-            return None
-        # keep the original attributes (global symbol, precsearch.layer), as TVM's pass does
-        return tvm.tirx.PrimFunc(body.params, body.body, body.ret_type, func.attrs).with_attr(
-            "tirx.is_scheduled", True)
-
-
-def best_schedule(database: TuningDatabase, kernel: tvm.IRModule, target, top_k: int = 16):
-    """The fastest record of ``kernel``'s anchor block that replays on it: (scheduled PrimFunc, "") or (None, why).
-
-    Records of this very kernel (in the exact database) come first and replay
-    their trace; then records of its anchor block, tuned on another kernel, are
-    replayed with MetaSchedule's anchor-trace replay, which fails for some pairs
-    (a reduction fused differently), so up to ``top_k`` of them are tried.
-    """
-    records = []
-    for ms_database in (database.exact_database, database.ms_database):
-        if ms_database.has_workload(kernel):
-            records += ms_database.get_top_k(ms_database.commit_workload(kernel), top_k)
-    if not records:
-        return None, ""
-    failure = ""
-    for record in records:
-        try:
-            schedule = replay(record, kernel, target)
-            return schedule.mod["main"], ""
-        except Exception as exc:  # noqa: BLE001 — try the next record
-            failure = tvm_error_line(exc)
-    return None, failure or "no records"
-
-
-def replay(record, kernel: tvm.IRModule, target):
-    """``record``'s schedule on ``kernel``: its own trace, or the anchor-trace replay for another kernel."""
-    from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
-
-    if tvm_ffi.structural_equal(kernel, record.workload.mod):
-        schedule = tvm.s_tir.Schedule(record.workload.mod)
-        record.trace.apply_to_schedule(schedule, remove_postproc=False)
-    else:
-        schedule = tvm.s_tir.Schedule(kernel)
-        schedule_using_anchor_trace(schedule, record.trace, target)
-    return schedule
-
-
-def pin_anchor_record(database: TuningDatabase, kernel: tvm.IRModule, target, top_k: int = 16) -> bool:
-    """File, in the exact database, the replayed schedule of the fastest anchor record that works on ``kernel``.
-
-    Whether an anchor record replays can change as faster records of other
-    kernels join the anchor workload and push it out of the top k; pinning the
-    replayed trace under this very kernel keeps it found.
-    """
-    ms_database = database.ms_database
-    if not ms_database.has_workload(kernel):
-        return False
-    for record in ms_database.get_top_k(ms_database.commit_workload(kernel), top_k):
-        try:
-            schedule = replay(record, kernel, target)
-        except Exception:  # noqa: BLE001 — try the next record
-            continue
-        exact = database.exact_database
-        exact.commit_tuning_record(ms.database.TuningRecord(
-            trace=schedule.trace, workload=exact.commit_workload(kernel), run_secs=record.run_secs, target=target,
-            args_info=ms.arg_info.ArgInfo.from_prim_func(kernel["main"])))
-        return True
-    return False

@@ -1,0 +1,83 @@
+"""What the passes of one build found, written down by the passes themselves as they run.
+
+:func:`~precsearch.tvm.pipeline` hands one :class:`BuildReport` to every
+precsearch pass it creates; each fills in its part, and ``build_plan`` makes the
+:class:`~precsearch.tvm.BuiltPlan` from it.  A pass constructed without a report
+gets a private one, so passes can be run one at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from precsearch.errors import CompileError
+
+
+@dataclass
+class LayerRow:
+    """One conv as built: what the per-layer table prints."""
+
+    index: int
+    id: str
+    dtype: str  # "int8" or "float32"
+    layout: str
+    transforms_in: list[str] = field(default_factory=list)
+    transforms_out: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "id": self.id, "dtype": self.dtype, "layout": self.layout,
+                "transforms_in": self.transforms_in, "transforms_out": self.transforms_out, "note": self.note}
+
+
+@dataclass
+class BuildReport:
+    """Filled in during one run of the pipeline; each field names the pass that writes it."""
+
+    # pipeline(): the plan and the layout decision it was built with
+    int8_layers: tuple[str, ...] = ()
+    float_layers: tuple[str, ...] = ()
+    block_size: int = 0
+    layouts: dict = field(default_factory=dict)  # layer index → LayerLayout
+    # Int8ConvRewrite: layers rewritten to an integer conv
+    rewritten_int8: list[str] = field(default_factory=list)
+    # InspectLayout: the per-layer table, activation transforms, per-op layout counts
+    rows: list[LayerRow] = field(default_factory=list)
+    boundary_transforms: int = 0
+    operator_layouts: list[dict] = field(default_factory=list)
+    # VerifyPlan: the unpacked OIHW weights each conv kernel received, by layer id
+    kernel_weights: dict[str, np.ndarray] = field(default_factory=dict)
+    # ApplyTuning: kernel name → scheduled from the database; why a record did not apply;
+    # layers whose conv kernel kept TVM's default schedule (in layer order)
+    kernels_tuned: dict[str, bool] = field(default_factory=dict)
+    not_applied: dict[str, str] = field(default_factory=dict)
+    untuned_convs: tuple[str, ...] = ()
+    # any precsearch pass: the error it raised, as raised (see recording_failure)
+    failure: CompileError | None = None
+
+    @property
+    def tuned_kernels(self) -> int:
+        return sum(self.kernels_tuned.values())
+
+    @property
+    def total_kernels(self) -> int:
+        return len(self.kernels_tuned)
+
+    @contextlib.contextmanager
+    def recording_failure(self):
+        """Keep the CompileError a pass raises: TVM's FFI passes on only its kind and text.
+
+        A Python exception raised inside a pass that TVM runs comes back out of
+        the pass call as a new ``RuntimeError`` with the same message and no
+        ``__cause__``/``__context__`` (apache-tvm-ffi 0.1.14: the error object
+        holds kind, message and backtrace strings).  The build matches the kept
+        object to the exception it catches by message.
+        """
+        try:
+            yield
+        except CompileError as exc:
+            self.failure = exc
+            raise

@@ -1,0 +1,67 @@
+"""The settings of a TVM build and the target they name."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import tvm
+
+from precsearch.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Settings of the TVM build.
+
+    Parameters
+    ----------
+    target : dict, str or None
+        A TVM target as a JSON dict (or its JSON text); None detects the host CPU.
+    block_size : int or None
+        Channel block of the NCHW<b>c layout; None picks 16 or 8, whichever blocks more MACs.
+    float_blocked, int8_blocked : bool
+        Whether float / int8 convs run blocked where their shape allows.
+    threads : int
+        Cores the target may use (``num-cores``).
+    requant_dtype : {"float64", "float32"}
+        Arithmetic of int8 requantization: float64 rounds exactly; float32 is
+        faster but rounds some near-ties (within ~1e-6 of .5) the other way.
+    """
+
+    target: dict | str | None = None
+    block_size: int | None = None
+    float_blocked: bool = True
+    int8_blocked: bool = True
+    threads: int = 2
+    requant_dtype: str = "float64"
+
+    def __post_init__(self):
+        if self.requant_dtype not in ("float64", "float32"):
+            raise ConfigError(f"The 'requant_dtype' parameter of compile must be 'float64' or 'float32'; "
+                              f"got {self.requant_dtype!r} instead.")
+        if self.block_size is not None and self.block_size not in (4, 8, 16, 32):
+            raise ConfigError(f"The 'block_size' parameter of compile must be one of 4, 8, 16, 32 or None; "
+                              f"got {self.block_size!r} instead.")
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ConfigError(f"The 'threads' parameter of compile must be a positive int; got {self.threads!r} "
+                              "instead.")
+
+
+def host_target(threads: int = 2) -> tvm.target.Target:
+    """The LLVM target of this CPU: without ``mcpu`` LLVM emits generic x86-64 (no AVX-512, no VNNI)."""
+    from tvm.target import codegen
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": threads})
+
+
+def resolve_target(options: CompileOptions) -> tvm.target.Target:
+    """The target of ``options``: its JSON dict, or the host CPU."""
+    if options.target is None:
+        return host_target(options.threads)
+    spec = json.loads(options.target) if isinstance(options.target, str) else dict(options.target)
+    try:
+        return tvm.target.Target(spec)
+    except Exception as exc:
+        raise ConfigError(f"The 'target' parameter of compile is not a valid TVM target; got {spec!r} instead.") \
+            from exc

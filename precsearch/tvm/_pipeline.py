@@ -1,0 +1,114 @@
+"""The pass pipeline of one plan's build, as a function returning ``tvm.transform.Sequential``."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+
+from precsearch.errors import CompileError
+from precsearch.model import LoadedModel
+from ._build_report import BuildReport
+from ._importer import ImportedModel
+from ._int8_rewrite import Int8ConvRewrite
+from ._layout import choose_block_size, decide_layouts, layout_callback, make_conv_legalizer
+from ._options import CompileOptions, resolve_target
+from ._qdq_lower import LowerQDQ
+from ._tune_apply import ApplyTuning
+from ._verify import InspectLayout, VerifyPlan
+
+
+def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: CompileOptions | None = None, *,
+             database=None, report: BuildReport | None = None, fused_only: bool = False) -> tvm.transform.Sequential:
+    """The passes :func:`build_plan` runs on the imported module, in order, before VM codegen.
+
+    Parameters
+    ----------
+    model : LoadedModel
+        The prepared model: layer ids, shapes, MACs (for the layout decision).
+    imported : ImportedModel
+        The plan's QDQ model imported with :func:`import_qdq_model`; the passes
+        read its parameter values and weights, and run on ``imported.mod``.
+    int8_ids : iterable of str
+        Layer ids the plan runs int8; every other conv must come out float.
+    options : CompileOptions, optional
+        Target, block size, which precisions run blocked, requantization dtype.
+    database : TuningDatabase, optional
+        Tuned schedules applied after fusion; None keeps TVM's default schedules.
+    report : BuildReport, optional
+        Filled in while the passes run: the layout decision right away, then the
+        per-layer table, kernel weights, tuned kernels (see :class:`BuildReport`).
+    fused_only : bool
+        Stop after FuseTIR, giving the kernels MetaSchedule tunes; no tuning is
+        applied and nothing is lowered.
+
+    Returns
+    -------
+    tvm.transform.Sequential
+        Its ``passes`` lists every pass.  Run it under the target (add
+        ``instruments=[...]`` to the ``PassContext`` to see every pass)::
+
+            imported = import_qdq_model(qdq, model)
+            report = BuildReport()
+            passes = pipeline(model, imported, int8_ids, options, database=database, report=report)
+            target = resolve_target(options)
+            with target, tvm.transform.PassContext(opt_level=3):
+                lowered = passes(imported.mod)
+                executable = tvm.compile(lowered, target, relax_pipeline=None)
+
+        which is what :func:`build_plan` does, except that ``build_plan`` retries
+        with every conv in NCHW when the blocked graph fails ConvertLayout.
+
+    Raises
+    ------
+    CompileError
+        When the QDQ model does not quantize a layer the plan runs int8.
+    """
+    options = options or CompileOptions()
+    report = report if report is not None else BuildReport()
+    target = resolve_target(options)
+    layer_ids = [layer.id for layer in model.layers]
+    index_of = {layer.id: layer.index for layer in model.layers}
+    int8_indices = {index_of[layer_id] for layer_id in int8_ids}
+    float_indices = {layer.index for layer in model.layers if layer.index not in int8_indices
+                     and layer.op_type == "Conv"}
+    missing = sorted(int8_indices - set(imported.int8_weights))
+    if missing:
+        raise CompileError(f"the QDQ model does not quantize planned int8 layers {[layer_ids[i] for i in missing]}",
+                           pass_name="precsearch.Import", layer_id=layer_ids[missing[0]])
+    block = choose_block_size(model.layers, options.block_size)
+    decisions = decide_layouts(model.layers, int8_indices, block, float_blocked=options.float_blocked,
+                               int8_blocked=options.int8_blocked)
+    report.int8_layers = tuple(layer_ids[i] for i in sorted(int8_indices))
+    report.float_layers = tuple(layer.id for layer in model.layers if layer.index not in int8_indices)
+    report.block_size = block
+    report.layouts = decisions
+    front = [
+        Int8ConvRewrite(imported, layer_ids, options.requant_dtype, report=report),
+        LowerQDQ(imported.params, report=report),
+        relax.transform.ConvertLayout({}, layout_callback(decisions)),
+        relax.transform.Normalize(),
+        relax.transform.DeadCodeElimination(),
+        InspectLayout(layer_ids, decisions, report=report),
+        *cpu_pipeline.library_dispatch_passes(target),
+        relax.transform.LegalizeOps({"relax.nn.conv2d": make_conv_legalizer(layer_ids, decisions, report=report)}),
+        relax.transform.AnnotateTIROpPattern(),
+        # Weights become constants so their layout transforms are folded at build time, not run per call.
+        relax.transform.BindParams("main", imported.params),
+        relax.transform.FoldConstant(),
+        relax.transform.DeadCodeElimination(),
+        VerifyPlan(imported, layer_ids, int8_indices, float_indices, report=report),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    if fused_only:
+        return tvm.transform.Sequential(front, name="precsearch.Front")
+    return tvm.transform.Sequential(
+        [
+            *front,
+            ApplyTuning(database, target, layer_ids, report=report),
+            *cpu_pipeline.dataflow_lower_passes(target),
+            *cpu_pipeline.finalize_passes(target),
+        ],
+        name="precsearch.BuildPlan",
+    )

@@ -1,0 +1,327 @@
+"""precsearch's passes one at a time on small hand-written Relax modules: structure, then numbers."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+from tvm.script import tirx as T
+
+from precsearch.errors import VerificationError
+from precsearch.tvm import BuildReport
+from precsearch.tvm._importer import ImportedModel
+from precsearch.tvm._int8_rewrite import Int8ConvRewrite
+from precsearch.tvm._layout import LayerLayout, layout_callback, make_conv_legalizer, unpack_kernel
+from precsearch.tvm._qdq_lower import LowerQDQ
+from precsearch.tvm._verify import InspectLayout, VerifyPlan
+
+TARGET = tvm.target.Target({"kind": "llvm"})
+
+
+def _run(mod, *args):
+    with TARGET:
+        executable = tvm.compile(mod, TARGET)
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    return vm["main"](*(tvm.runtime.tensor(arg) for arg in args)).numpy()
+
+
+def _conv_nchw(x: np.ndarray, w: np.ndarray, pad: int) -> np.ndarray:
+    """Reference stride-1 NCHW conv (no groups), in the dtype of ``x``."""
+    padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    _, _, kh, kw = w.shape
+    out_h, out_w = padded.shape[2] - kh + 1, padded.shape[3] - kw + 1
+    windows = np.stack([padded[:, :, i:i + out_h, j:j + out_w] for i in range(kh) for j in range(kw)], axis=-1)
+    return np.einsum("nchwk,ock->nohw", windows, w.reshape(w.shape[0], w.shape[1], -1).astype(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- LowerQDQ
+
+@I.ir_module
+class QuantizeDequantizeClip:
+    @R.function
+    def main(x: R.Tensor((1, 4, 2, 2), "float32")) -> R.Tensor((1, 4, 2, 2), "float32"):
+        with R.dataflow():
+            q = R.quantize(x, R.const(0.5, "float32"), R.const(3, "uint8"), axis=1, out_dtype="uint8")
+            d = R.dequantize(q, R.const(0.5, "float32"), R.const(3, "uint8"), axis=1, out_dtype="float32")
+            c = R.clip(d, R.prim_value(0), R.prim_value(6))
+            R.output(c)
+        return c
+
+
+@I.ir_module
+class QuantizeDequantizeClipLowered:
+    @R.function
+    def main(x: R.Tensor((1, 4, 2, 2), "float32")) -> R.Tensor((1, 4, 2, 2), "float32"):
+        with R.dataflow():
+            # ONNX QuantizeLinear: saturate(round(x / scale) + zero point), as ops with layout inference
+            scaled = R.round(R.divide(x, R.const(0.5, "float32")))
+            shifted = R.add(scaled, R.const(3.0, "float32"))
+            q = R.astype(R.minimum(R.maximum(shifted, R.const(0.0, "float32")), R.const(255.0, "float32")), "uint8")
+            d = R.multiply(R.subtract(R.astype(q, "float32"), R.const(3.0, "float32")), R.const(0.5, "float32"))
+            c = R.minimum(R.maximum(d, R.const(0.0, "float32")), R.const(6.0, "float32"))
+            R.output(c)
+        return c
+
+
+def test_lower_qdq_writes_quantize_dequantize_and_clip_as_elementwise_ops():
+    lowered = LowerQDQ({})(QuantizeDequantizeClip)
+    tvm.ir.assert_structural_equal(lowered, QuantizeDequantizeClipLowered)
+
+
+def test_lowered_quantize_rounds_ties_to_even_like_onnx():
+    # x / 0.5 = 0.5, 1.5, 2.5, -0.5, … : the ties; then + 3, saturated to [0, 255], back to float, clipped to 6
+    x = np.array([0.25, 0.75, 1.25, -0.25, -0.75, 200.0, -9.0, 2.0] * 2, dtype=np.float32).reshape(1, 4, 2, 2)
+    expected_q = np.clip(np.rint(x / np.float32(0.5)) + 3, 0, 255)
+    expected = np.clip((expected_q - 3) * 0.5, 0, 6)
+    np.testing.assert_array_equal(_run(LowerQDQ({})(QuantizeDequantizeClip), x), expected)
+    assert expected_q.reshape(-1)[:5].tolist() == [3.0, 5.0, 5.0, 3.0, 1.0]  # 0, 2, 2, -0, -2: half to even
+
+
+# ------------------------------------------------------------------------------------------ Int8ConvRewrite
+
+@I.ir_module
+class TwoConvs:
+    @R.function
+    def main(input: R.Tensor((1, 16, 8, 8), "float32"), ps_w0: R.Tensor((16, 16, 3, 3), "float32"),
+             ps_w1: R.Tensor((16, 16, 3, 3), "float32")) -> R.Tensor((1, 16, 8, 8), "float32"):
+        with R.dataflow():
+            a = R.nn.conv2d(input, ps_w0, padding=[1, 1, 1, 1])
+            b = R.nn.relu(a)
+            c = R.nn.conv2d(b, ps_w1, padding=[1, 1, 1, 1])
+            R.output(c)
+        return c
+
+
+
+RNG = np.random.default_rng(0)
+W0 = RNG.integers(-127, 128, size=(8, 4, 3, 3)).astype(np.int8)
+B0 = RNG.integers(-500, 500, size=8).astype(np.int32)
+SW = RNG.uniform(0.001, 0.01, 8).astype(np.float32)
+SX, SY, ZY = np.float32(0.05), np.float32(0.0734), 10  # sx/sy is not a power of two: M is not float32
+
+
+def _qdq_conv(x_zero: int, x_dtype: str = "uint8") -> tvm.IRModule:
+    """x → Q → DQ ─ conv(·, DQ(ps_w0)) + reshape(DQ(bias)) → Q → DQ, as ORT's QDQ model imports."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 5, 5), "float32"))
+    weight = relax.Var("ps_w0", relax.TensorType((8, 4, 3, 3), "int8"))
+    zero = relax.const(x_zero, x_dtype)
+    with bb.function("main", [x, weight]):
+        with bb.dataflow():
+            x_q = bb.emit(relax.op.quantize(x, relax.const(SX), zero, axis=1, out_dtype=x_dtype))
+            x_dq = bb.emit(relax.op.dequantize(x_q, relax.const(SX), zero, axis=1))
+            w_dq = bb.emit(relax.op.dequantize(weight, relax.const(SW), relax.const(np.zeros(8, np.int8)), axis=0))
+            y = bb.emit(relax.op.nn.conv2d(x_dq, w_dq, padding=1))
+            b_dq = bb.emit(relax.op.dequantize(relax.const(B0), relax.const(SX * SW),
+                                               relax.const(np.zeros(8, np.int32)), axis=0))
+            y = bb.emit(relax.op.add(y, bb.emit(relax.op.reshape(b_dq, (1, 8, 1, 1)))))
+            y_q = bb.emit(relax.op.quantize(y, relax.const(SY), relax.const(ZY, "uint8"), axis=1, out_dtype="uint8"))
+            out = bb.emit_output(relax.op.dequantize(y_q, relax.const(SY), relax.const(ZY, "uint8"), axis=1))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+MULTIPLIER = (np.float64(SX) * SW.astype(np.float64) / np.float64(SY)).reshape(1, 8, 1, 1)  # sx·sw[c]/sy
+
+
+def _integer_conv(x_zero: int, bias: np.ndarray) -> tvm.IRModule:
+    """The integer form: conv in int32, + bias, requantize in float64 with sx·sw[c]/sy."""
+    multiplier = MULTIPLIER
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 5, 5), "float32"))
+    weight = relax.Var("ps_w0", relax.TensorType((8, 4, 3, 3), "int8"))
+    with bb.function("main", [x, weight]):
+        with bb.dataflow():
+            x_q = bb.emit(relax.op.quantize(x, relax.const(SX), relax.const(x_zero, "uint8"), axis=1,
+                                            out_dtype="uint8"))
+            acc = bb.emit(relax.op.nn.conv2d(x_q, weight, padding=1, out_dtype="int32"))
+            acc = bb.emit(relax.op.add(acc, relax.const(bias.astype(np.int32))))
+            acc = bb.emit(relax.op.astype(acc, "float64"))
+            scaled = bb.emit(relax.op.round(relax.op.multiply(acc, relax.const(multiplier, "float64"))))
+            shifted = relax.op.add(scaled, relax.const(float(ZY), "float64"))
+            clipped = relax.op.minimum(relax.op.maximum(shifted, relax.const(0.0, "float64")),
+                                       relax.const(255.0, "float64"))
+            y_q = bb.emit(relax.op.astype(clipped, "uint8"))
+            out = bb.emit_output(relax.op.dequantize(y_q, relax.const(SY), relax.const(ZY, "uint8"), axis=1))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _constants_of(mod, op_name: str) -> list[np.ndarray]:
+    return [arg.value.numpy() for binding in mod["main"].body.blocks[0].bindings
+            if getattr(binding.value, "op", None) is not None and getattr(binding.value.op, "name", "") == op_name
+            for arg in binding.value.args if isinstance(arg, tvm.ir.expr.Constant)]
+
+
+def _rewrite(mod, report=None):
+    imported = ImportedModel(mod, {"ps_w0": W0}, ("x",), ("y",), {0: W0}, {})
+    return Int8ConvRewrite(imported, ["conv0"], report=report)(mod)
+
+
+def test_int8_rewrite_of_a_conv_with_a_zero_input_zero_point():
+    report = BuildReport()
+    rewritten = _rewrite(_qdq_conv(0), report)
+    tvm.ir.assert_structural_equal(rewritten, _integer_conv(0, B0.reshape(1, 8, 1, 1)))
+    assert report.rewritten_int8 == ["conv0"]
+    # structural equality compares float constants with a tolerance: check the multiplier to the bit
+    (multiplier,) = _constants_of(rewritten, "relax.multiply")
+    assert multiplier.dtype == np.float64
+    np.testing.assert_array_equal(multiplier, MULTIPLIER)
+
+
+def test_int8_rewrite_folds_the_input_zero_point_into_a_per_position_bias():
+    # zx = 128 under zero padding: border outputs see fewer real inputs, so the correction zx·S varies by position
+    valid_taps = _conv_nchw(np.ones((1, 4, 5, 5), np.int64), W0.astype(np.int64), pad=1)  # S[c, y, x]
+    bias = B0.reshape(1, 8, 1, 1) - 128 * valid_taps
+    assert bias.shape == (1, 8, 5, 5) and not np.all(bias == bias[:, :, :1, :1])
+    tvm.ir.assert_structural_equal(_rewrite(_qdq_conv(128)), _integer_conv(128, bias))
+
+
+@pytest.mark.parametrize("x_zero", [0, 128])
+def test_the_integer_conv_computes_what_the_qdq_conv_means(x_zero):
+    x = RNG.normal(0, 3, size=(1, 4, 5, 5)).astype(np.float32)
+    lowered = LowerQDQ({})(_rewrite(_qdq_conv(x_zero)))
+    got = _run(lowered, x, W0)
+    # QDQ semantics in float64: dequantize, float conv, + bias, QuantizeLinear (divide by the scale), dequantize
+    x_q = np.clip(np.rint(x / SX) + x_zero, 0, 255)
+    real = _conv_nchw((x_q - x_zero) * np.float64(SX), W0 * SW.astype(np.float64)[:, None, None, None], pad=1)
+    real += (B0 * (SX * SW)).astype(np.float64).reshape(1, 8, 1, 1)
+    expected = (np.clip(np.rint(real / SY) + ZY, 0, 255) - ZY) * SY
+    steps = np.abs(got - expected) / SY
+    assert steps.max() <= 1.001 and (steps < 1e-3).mean() >= 0.99  # off by one step only at a near-tie
+
+
+def test_int8_rewrite_leaves_float_convs_alone_and_raises_on_a_quantized_conv_it_cannot_make_integer():
+    tvm.ir.assert_structural_equal(_rewrite(TwoConvs), TwoConvs)
+    report = BuildReport()
+    with pytest.raises(RuntimeError, match=r"\[pass 'precsearch.Int8ConvRewrite', layer 'conv0'\] activations "
+                                           r"must be uint8, got int8"):
+        _rewrite(_qdq_conv(0, x_dtype="int8"), report)
+    assert report.failure.layer_id == "conv0"
+
+
+# ------------------------------------------------------------------------------- ConvertLayout, FoldConstant
+
+@I.ir_module
+class TwoConvsBlockedThenNCHW:
+    @R.function
+    def main(input: R.Tensor((1, 16, 8, 8), "float32"), ps_w0: R.Tensor((16, 16, 3, 3), "float32"),
+             ps_w1: R.Tensor((16, 16, 3, 3), "float32")) -> R.Tensor((1, 16, 8, 8), "float32"):
+        with R.dataflow():
+            x8 = R.layout_transform(input, index_map=T.index_map(lambda n, c, h, w: (n, c // 8, h, w, c % 8),
+                                                             index_dtype="int32"), pad_value=None)
+            w8 = R.layout_transform(ps_w0, index_map=T.index_map(
+                lambda o, i, h, w: (o // 8, i // 8, h, w, i % 8, o % 8), index_dtype="int32"), pad_value=None)
+            a = R.nn.conv2d(x8, w8, padding=[1, 1, 1, 1], data_layout="NCHW8c", kernel_layout="OIHW8i8o",
+                            out_layout="NCHW8c")
+            b = R.nn.relu(a)  # follows its input: stays blocked
+            b_nchw = R.layout_transform(b, index_map=T.index_map(lambda n, c, h, w, i: (n, c * 8 + i, h, w),
+                                                                 index_dtype="int32"), pad_value=None)
+            c = R.nn.conv2d(b_nchw, ps_w1, padding=[1, 1, 1, 1])
+            R.output(c)
+        return c
+
+
+def _index_map(mapping):
+    return T.index_map(mapping, index_dtype="int32")  # ConvertLayout writes int32 index variables
+
+
+DECISIONS = {0: LayerLayout("NCHW8c", "OIHW8i8o"), 1: LayerLayout("NCHW", "OIHW", "kept NCHW for the test")}
+
+
+def _convert(mod):
+    return tvm.transform.Sequential([relax.transform.ConvertLayout({}, layout_callback(DECISIONS)),
+                                     relax.transform.Normalize()])(mod)
+
+
+def test_convert_layout_blocks_the_chosen_conv_and_transforms_at_the_boundary():
+    converted = _convert(TwoConvs)
+    tvm.ir.assert_structural_equal(converted, TwoConvsBlockedThenNCHW)
+    report = BuildReport()
+    InspectLayout(["conv0", "conv1"], DECISIONS, report)(converted)
+    assert [(r.id, r.layout, r.transforms_in, r.transforms_out) for r in report.rows] == [
+        ("conv0", "NCHW8c", ["NCHW→NCHW8c"], ["NCHW8c→NCHW"]), ("conv1", "NCHW", ["NCHW8c→NCHW"], [])]
+    # the weight's transform is a constant path, not a boundary (InspectLayout takes a parameter that is not a
+    # ps_w weight for a constant unless its name starts with "input", as the test models' input does)
+    assert report.boundary_transforms == 2
+    assert report.rows[1].note == "kept NCHW for the test"
+
+
+W_FLOAT = [RNG.normal(0, 0.2, size=(16, 16, 3, 3)).astype(np.float32) for _ in range(2)]
+
+
+def _fold(mod):
+    params = {"ps_w0": W_FLOAT[0], "ps_w1": W_FLOAT[1]}
+    return tvm.transform.Sequential([relax.transform.BindParams("main", params), relax.transform.FoldConstant()])(mod)
+
+
+def _blocked_weight(weight: np.ndarray, block: int) -> np.ndarray:
+    """OIHW → OIHW<b>i<b>o: (O/b, I/b, H, W, i, o)."""
+    out_c, in_c, kh, kw = weight.shape
+    return weight.reshape(out_c // block, block, in_c // block, block, kh, kw).transpose(0, 2, 4, 5, 3, 1)
+
+
+def test_fold_constant_packs_the_blocked_weight_at_build_time():
+    packed = np.ascontiguousarray(_blocked_weight(W_FLOAT[0], 8))
+    bb = relax.BlockBuilder()
+    x = relax.Var("input", relax.TensorType((1, 16, 8, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            x8 = bb.emit(relax.op.layout_transform(x, _index_map(lambda n, c, h, w: (n, c // 8, h, w, c % 8))))
+            a = bb.emit(relax.op.nn.conv2d(x8, relax.const(packed), padding=1, data_layout="NCHW8c",
+                                           kernel_layout="OIHW8i8o", out_layout="NCHW8c"))
+            b = bb.emit(relax.op.nn.relu(a))
+            b_nchw = bb.emit(relax.op.layout_transform(b, _index_map(lambda n, c, h, w, i: (n, c * 8 + i, h, w))))
+            c = bb.emit_output(relax.op.nn.conv2d(b_nchw, relax.const(W_FLOAT[1]), padding=1))
+        bb.emit_func_output(c)
+    folded = _fold(_convert(TwoConvs))
+    tvm.ir.assert_structural_equal(folded, bb.get())
+    np.testing.assert_array_equal(unpack_kernel(packed, "NCHW8c"), W_FLOAT[0])  # what the verifier undoes
+
+
+def test_the_blocked_conv_legalized_by_precsearch_keeps_the_numbers():
+    x = RNG.normal(size=(1, 16, 8, 8)).astype(np.float32)
+    expected = _conv_nchw(np.maximum(_conv_nchw(x.astype(np.float64), W_FLOAT[0], 1), 0), W_FLOAT[1], 1)
+    np.testing.assert_allclose(_run(_legalized(DECISIONS), x), expected, rtol=1e-4, atol=1e-4)
+
+
+# -------------------------------------------------------------------------- legalization and VerifyPlan
+
+def _legalized(decisions, report=None):
+    legalize = relax.transform.LegalizeOps({"relax.nn.conv2d": make_conv_legalizer(["conv0", "conv1"], decisions,
+                                                                                   report)})
+    with TARGET:
+        return _fold(tvm.transform.Sequential([relax.transform.ConvertLayout({}, layout_callback(decisions)),
+                                               relax.transform.Normalize(), legalize])(TwoConvs))
+
+
+def _verify(mod, float_weights, report):
+    imported = ImportedModel(mod, {}, ("x",), ("y",), {}, float_weights)
+    return VerifyPlan(imported, ["conv0", "conv1"], set(), {0, 1}, report)(mod)
+
+
+def test_conv_kernels_carry_their_layer_and_the_verifier_reads_it_from_there():
+    mod = _legalized(DECISIONS)
+    kernels = {gvar.name_hint: func for gvar, func in mod.functions.items() if isinstance(func, tvm.tirx.PrimFunc)}
+    assert {name: int(func.attrs["precsearch.layer"]) for name, func in kernels.items()
+            if "precsearch.layer" in func.attrs} == {"ps_conv_L0_float_NCHW8c": 0, "ps_conv_L1_float_NCHW": 1}
+    report = BuildReport()
+    _verify(mod, {0: W_FLOAT[0], 1: W_FLOAT[1]}, report)
+    assert set(report.kernel_weights) == {"conv0", "conv1"}
+    np.testing.assert_array_equal(report.kernel_weights["conv0"], W_FLOAT[0])  # unpacked from NCHW8c
+
+    # the kernel's name says conv0, but without the attribute it is no layer's kernel
+    gvar = mod.get_global_var("ps_conv_L0_float_NCHW8c")
+    mod[gvar] = kernels["ps_conv_L0_float_NCHW8c"].without_attr("precsearch.layer")
+    report = BuildReport()
+    with pytest.raises(RuntimeError, match=r"float layers missing: \['conv0'\]"):
+        _verify(mod, {0: W_FLOAT[0], 1: W_FLOAT[1]}, report)
+    assert isinstance(report.failure, VerificationError) and report.failure.layer_id == "conv0"
+
+
+def test_the_verifier_rejects_a_kernel_holding_another_layers_weights():
+    report = BuildReport()
+    with pytest.raises(RuntimeError, match=r"layer 'conv0'\] the float kernel built for this layer does not hold"):
+        _verify(_legalized(DECISIONS), {0: W_FLOAT[1], 1: W_FLOAT[0]}, report)
+    assert report.failure.pass_name == "precsearch.VerifyPlan"
