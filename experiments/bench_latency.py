@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import time
 from pathlib import Path
 
@@ -52,12 +51,12 @@ def kernel_table(model, built, inputs, precision: str) -> pd.DataFrame:
     macs = {layer.index: layer.macs for layer in model.layers}
     rows = []
     for entry in profile_kernels(built, inputs, threads=THREADS, runs=30):
-        match = re.search(r"ps_conv_L(\d+)_(int8|float)_(\w+?)_", entry.kernel + "_")
-        layer = int(match.group(1)) if match else None
+        layer = entry.layer_index
         gmacs = macs[layer] / entry.median_us / 1e3 if layer is not None and entry.median_us > 0 else None
-        peak = PEAK_INT8_GMACS if match and match.group(2) == "int8" else PEAK_FP32_GMACS
-        rows.append({"build": precision, "kernel": entry.kernel[:120], "layer": model.layers[layer].id if match else "",
-                     "layout": match.group(3) if match else "", "macs": macs.get(layer, 0) if match else 0,
+        peak = PEAK_INT8_GMACS if entry.precision == "int8" else PEAK_FP32_GMACS
+        rows.append({"build": precision, "kernel": entry.kernel[:120],
+                     "layer": model.layers[layer].id if layer is not None else "",
+                     "layout": entry.layout or "", "macs": macs.get(layer, 0) if layer is not None else 0,
                      "median_us": round(entry.median_us, 2), "gmac_s": round(gmacs, 2) if gmacs else None,
                      "pct_of_peak": round(100 * gmacs / peak, 1) if gmacs else None})
     frame = pd.DataFrame(rows)

@@ -45,7 +45,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -279,9 +278,8 @@ def kernel_bound_ms(spec: ModelSpec, workdir: Path) -> dict:
         conv_us: dict[int, float] = {}
         other_us = 0.0
         for entry in kernels:
-            match = re.search(r"ps_conv_L(\d+)_", entry.kernel)
-            if match:
-                conv_us[int(match.group(1))] = conv_us.get(int(match.group(1)), 0.0) + entry.median_us
+            if entry.layer_index is not None:
+                conv_us[entry.layer_index] = conv_us.get(entry.layer_index, 0.0) + entry.median_us
             else:
                 other_us += entry.median_us
         per_build[precision] = {"conv_us": conv_us, "other_us": other_us, "latency_ms": latency.median_ms,

@@ -44,3 +44,12 @@ def test_the_layer_named_in_an_error_text(text, expected):
 def test_an_index_the_model_does_not_have_is_skipped():
     assert layer_in_text("L9_acc then L1_acc", ["conv0", "conv1"]) == 1
     assert layer_in_text("L9_acc", ["conv0"]) is None
+
+
+def test_conv_kernel_parts_reads_fused_and_plain_kernel_names():
+    from precsearch.tvm._naming import conv_kernel_name, conv_kernel_parts
+
+    assert conv_kernel_parts(conv_kernel_name(7, "int8", "NCHW16c")) == (7, "int8", "NCHW16c")
+    assert conv_kernel_parts("fused_ps_conv_L12_float_NCHW_add3_relu") == (12, "float", "NCHW")
+    assert conv_kernel_parts("fused_ps_conv_L3_int8_NCHW8c1_add") == (3, "int8", "NCHW8c")
+    assert conv_kernel_parts("fused_add_relu") is None and conv_kernel_parts("ps_repack_L2") is None

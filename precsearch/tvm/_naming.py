@@ -93,3 +93,17 @@ def layer_in_text(text: str, layer_ids=None) -> int | None:
         if layer_ids is None or index < len(layer_ids):
             return index
     return None
+
+
+# A conv kernel's whole name, possibly fused: layer, precision and layout in one match.
+_CONV_KERNEL = re.compile(rf"{CONV_KERNEL_PREFIX}L(\d+)_(int8|float)_(NCHW(?:\d+c)?)")
+
+
+def conv_kernel_parts(name: str) -> tuple[int, str, str] | None:
+    """``(layer index, "int8" | "float", layout)`` of a (possibly fused) conv kernel's name, or None.
+
+    For kernel names read after the build (profiles, timing tables), where no
+    prim func attribute is left to read.
+    """
+    match = _CONV_KERNEL.search(name)
+    return (int(match.group(1)), match.group(2), match.group(3)) if match else None

@@ -12,16 +12,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._naming import conv_kernel_parts
 from ._timing import tvm_threads
 
 
 @dataclass(frozen=True)
 class KernelTime:
-    """Median time of one kernel per inference."""
+    """Median time of one kernel per inference; for a conv kernel, its layer, precision and layout."""
 
     kernel: str
     calls: int
     median_us: float
+    layer_index: int | None = None
+    precision: str | None = None  # "int8" or "float"
+    layout: str | None = None  # "NCHW", "NCHW16c", ...
 
 
 def profile_kernels(library, inputs: dict[str, np.ndarray], *, threads: int = 2, runs: int = 20) -> list[KernelTime]:
@@ -63,5 +67,7 @@ def _profile(library, inputs, runs: int) -> list[KernelTime]:
         per_run.append(dict(current))
     kernels = sorted({name for run in per_run for name in run})
     rows = [KernelTime(kernel=name, calls=calls.get(name, 0),
-                       median_us=float(np.median([run.get(name, 0.0) for run in per_run])) * 1e6) for name in kernels]
+                       median_us=float(np.median([run.get(name, 0.0) for run in per_run])) * 1e6,
+                       **dict(zip(("layer_index", "precision", "layout"), conv_kernel_parts(name) or ())))
+            for name in kernels]
     return sorted(rows, key=lambda row: -row.median_us)
