@@ -18,7 +18,7 @@ from pathlib import Path
 
 from precsearch.fidelity.reference import agreement, run_ort
 from precsearch.model import open_model
-from precsearch.plan import parse_plan
+from precsearch.model.plan import parse_plan
 from precsearch.workspace import DataSettings, Workspace
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,7 +26,7 @@ import pandas as pd
 
 from precsearch.jobs.bench import bench
 from precsearch.model import open_model
-from precsearch.plan import Plan, parse_plan
+from precsearch.model.plan import Plan, parse_plan
 from precsearch.jobs.tune import tune_model
 from precsearch.tvm import CompileOptions, profile_kernels
 from precsearch.workspace import DataSettings, Workspace

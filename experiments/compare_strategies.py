@@ -178,7 +178,7 @@ def _ranking(workdir: Path, column: str, ascending: bool) -> list[str]:
 def run_ranked(strategy: str, ranking: list[str], evaluator: CachingEvaluator, budget: int, goal: float | None
                ) -> list[dict]:
     """Return layers to float in ``ranking`` order, one build per step; stop at the goal when one is given."""
-    from precsearch.plan import Plan
+    from precsearch.model.plan import Plan
 
     rows = []
     for step in range(min(budget, len(ranking) + 1)):
@@ -265,7 +265,7 @@ def run_strategies(spec: ModelSpec, names: list[str], workdir: Path, budget: int
 def kernel_bound_ms(spec: ModelSpec, workdir: Path) -> dict:
     """Additive kernel estimate of the fastest any plan can be (see the module docstring)."""
     from precsearch.tvm import measure_library, profile_kernels
-    from precsearch.plan import Plan
+    from precsearch.model.plan import Plan
 
     model, config, evaluator = search_evaluator(spec, workdir)
     per_build = {}
@@ -361,7 +361,7 @@ def plot_curves(curves: pd.DataFrame, out: Path, title: str, goal: float, bound_
 
 
 def collect_steps(workdir: Path) -> pd.DataFrame:
-    from precsearch.plan import Plan
+    from precsearch.model.plan import Plan
 
     frames = [pd.read_csv(workdir / "strategies" / f"{name}.csv") for name in STRATEGIES if name != "tpe"]
     # The full search's plans, all of them: its curve goes on past the equal budget.

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     from precsearch.fidelity.reference import run_ort
     from precsearch.measure import measure_onnxruntime
     from precsearch.model import PACKAGED_MODELS, open_model
-    from precsearch.plan import Plan
+    from precsearch.model.plan import Plan
     from precsearch.workspace import DataSettings, Workspace
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

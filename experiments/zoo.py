@@ -2,7 +2,7 @@
 
     python experiments/zoo.py [MODEL ...] [--out results/zoo] [--check-batches N]
 
-For each model and each of :func:`precsearch.plan.standard_plans` (all-float,
+For each model and each of :func:`precsearch.model.plan.standard_plans` (all-float,
 all-int8, alternating, first+last float, a seeded random mix) it builds the plan
 untuned, runs it on packaged images that calibration did not use, and checks it as
 ``build --check`` does.  One row per (model, plan) goes to ``zoo.csv``; a model

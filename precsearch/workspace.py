@@ -22,7 +22,7 @@ from precsearch.fidelity.reference import reference_outputs
 from precsearch.model import LoadedModel
 from precsearch.model.data import load_batches, split_batches
 from precsearch.model.quantize import CalibrationRanges, build_qdq_model, calibrate, output_steps, user_int8_model
-from precsearch.plan import Plan
+from precsearch.model.plan import Plan
 from precsearch.tvm import BuiltPlan, CompileOptions, build_plan, fused_module, open_database
 
 logger = logging.getLogger(__name__)

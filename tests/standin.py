@@ -3,7 +3,7 @@
 from precsearch.errors import CompileError
 from precsearch.fidelity.reference import run_ort
 from precsearch.fidelity.metrics import compute_metrics
-from precsearch.plan import Plan
+from precsearch.model.plan import Plan
 from precsearch.model.quantize import build_qdq_model
 from precsearch.study.record import COMPILER_PROBLEM, PlanResult
 

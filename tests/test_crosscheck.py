@@ -8,7 +8,7 @@ from precsearch.fidelity.crosscheck import AGREES, COMPILER_PROBLEM, cross_check
 from precsearch.model.data import image_batches
 from precsearch.fidelity.reference import run_ort
 from precsearch.model import load_model
-from precsearch.plan import parse_plan
+from precsearch.model.plan import parse_plan
 from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
 
 

@@ -19,7 +19,7 @@ from precsearch.model.data import image_batches
 from precsearch.errors import CompileError
 from precsearch.fidelity.reference import agreement, max_relative_error, run_ort
 from precsearch.model import load_model
-from precsearch.plan import parse_plan
+from precsearch.model.plan import parse_plan
 from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
 
 pytestmark = pytest.mark.slow  # dozens of TVM builds (minutes)

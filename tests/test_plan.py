@@ -3,7 +3,7 @@ import pytest
 import models
 from precsearch.errors import PlanError
 from precsearch.model import load_model
-from precsearch.plan import Plan, parse_plan
+from precsearch.model.plan import Plan, parse_plan
 
 
 @pytest.fixture(scope="module")

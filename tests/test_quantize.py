@@ -12,7 +12,7 @@ from precsearch.model.data import image_batches
 from precsearch.errors import ConfigError, DataError
 from precsearch.fidelity.reference import run_ort
 from precsearch.model import load_model, resolve_model
-from precsearch.plan import parse_plan
+from precsearch.model.plan import parse_plan
 from precsearch.model.quantize import build_qdq_model, calibrate, calibration_key, output_steps, user_int8_model
 
 

@@ -14,7 +14,7 @@ from precsearch.tvm import build_plan
 from precsearch.model.data import image_batches
 from precsearch.fidelity.crosscheck import AGREES, NEAR_TIES, cross_check
 from precsearch.model import load_model, resolve_model
-from precsearch.plan import parse_plan
+from precsearch.model.plan import parse_plan
 from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
 
 pytestmark = pytest.mark.slow

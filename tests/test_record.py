@@ -6,7 +6,7 @@ import math
 import optuna
 import pytest
 
-from precsearch.plan import Plan
+from precsearch.model.plan import Plan
 from precsearch.study.record import (
     AGREES,
     COMPILER_PROBLEM,

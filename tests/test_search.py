@@ -18,7 +18,7 @@ from precsearch.errors import ConfigError
 from precsearch.fidelity.reference import run_ort
 from precsearch.model import load_model
 from precsearch.study.pareto import front_points, hypervolume
-from precsearch.plan import Plan
+from precsearch.model.plan import Plan
 from precsearch.model.quantize import calibrate
 from precsearch.report.writer import collect, write_report
 from precsearch.study.record import COMPILER_PROBLEM, PlanRejected

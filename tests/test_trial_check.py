@@ -18,7 +18,7 @@ from precsearch.fidelity.reference import reference_outputs
 from precsearch.study.evaluator import TvmEvaluator
 from precsearch.measure import CpuLock
 from precsearch.model import load_model
-from precsearch.plan import Plan
+from precsearch.model.plan import Plan
 from precsearch.model.quantize import calibrate
 from precsearch.report.writer import collect, write_report
 from precsearch.study.record import AGREES, COMPILER_PROBLEM, NEAR_TIES, PlanRejected

@@ -11,7 +11,7 @@ from precsearch.tvm._tune_database import FINISHED_FILE
 from precsearch.model.data import image_batches
 from precsearch.fidelity.reference import agreement, run_ort
 from precsearch.model import load_model
-from precsearch.plan import parse_plan
+from precsearch.model.plan import parse_plan
 from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
 from precsearch.jobs.tune import representative_plans, tune_model
 from precsearch.tvm import open_database

@@ -9,7 +9,7 @@ from precsearch.errors import CompileError, VerificationError
 from precsearch.model import load_model
 from precsearch.model.data import image_batches
 from precsearch.model.quantize import build_qdq_model, calibrate
-from precsearch.plan import parse_plan
+from precsearch.model.plan import parse_plan
 from precsearch.tvm import (BuildReport, CompileOptions, build_plan, fused_module, import_qdq_model, pipeline,
                             resolve_target)
 from precsearch.tvm import _build

@@ -17,7 +17,7 @@ from precsearch.fidelity import reference as reference_module
 from precsearch.measure import CpuLock
 from precsearch.model import load_model, quantize as quantize_module
 from precsearch.model.data import image_batches, load_batches, split_batches
-from precsearch.plan import Plan
+from precsearch.model.plan import Plan
 from precsearch.study.config import SearchConfig
 from precsearch.study.evaluator import TvmEvaluator
 from precsearch.tvm import CompileOptions

@@ -111,7 +111,7 @@ def _cmd_doctor(args) -> int:
 def _cmd_build(args) -> int:
     from precsearch.fidelity.crosscheck import COMPILER_PROBLEM
     from precsearch.jobs.build import build_and_export
-    from precsearch.plan import parse_plan
+    from precsearch.model.plan import parse_plan
 
     model, preset = _load(args)
     plan = parse_plan(args.float_ids, model)
@@ -210,7 +210,7 @@ def _cmd_tune(args) -> int:
 
 def _cmd_bench(args) -> int:
     from precsearch.jobs.bench import bench
-    from precsearch.plan import parse_plan
+    from precsearch.model.plan import parse_plan
     from precsearch.tvm import RpcTarget, check_tracker, parse_tracker
 
     quiet = args.json

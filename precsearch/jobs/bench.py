@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from precsearch.measure import Latency, measure_onnxruntime
-from precsearch.plan import Plan
+from precsearch.model.plan import Plan
 from precsearch.tvm import RpcTarget, measure_library, measure_remote
 from precsearch.workspace import Workspace
 

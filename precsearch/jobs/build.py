@@ -8,7 +8,7 @@ from pathlib import Path
 
 from precsearch.fidelity.crosscheck import check_build
 from precsearch.files import atomic_write
-from precsearch.plan import Plan
+from precsearch.model.plan import Plan
 from precsearch.tvm import LoadedLibrary
 from precsearch.workspace import Workspace
 

@@ -122,7 +122,7 @@ def diagnose(model: LoadedModel, preset: str | None, *, data="samples", options=
     progress : callable, optional
         Called with one status line per phase.
     """
-    from precsearch.plan import Plan
+    from precsearch.model.plan import Plan
     from precsearch.tvm import unsupported_operators
     from precsearch.workspace import DataSettings, Workspace
 
@@ -141,7 +141,7 @@ def diagnose(model: LoadedModel, preset: str | None, *, data="samples", options=
 
 def check_standard_plans(name: str, check_batches: int = 2, calibration_batches: int = 8, plans=None,
                          progress=None) -> list[dict]:
-    """Build and check :func:`precsearch.plan.standard_plans` of one model, untuned; one dict per plan.
+    """Build and check :func:`precsearch.model.plan.standard_plans` of one model, untuned; one dict per plan.
 
     Parameters
     ----------
@@ -156,7 +156,7 @@ def check_standard_plans(name: str, check_batches: int = 2, calibration_batches:
     """
     from precsearch.fidelity.crosscheck import check_build
     from precsearch.model import open_model
-    from precsearch.plan import standard_plans
+    from precsearch.model.plan import standard_plans
     from precsearch.workspace import DataSettings, Workspace
 
     model, preset = open_model(name)

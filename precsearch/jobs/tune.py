@@ -19,7 +19,7 @@ from precsearch.tvm import (TuningDatabase, TuningReport, check_trials, database
                             resolve_target, tune_tasks)
 from precsearch.files import atomic_write
 from precsearch.model import LoadedModel
-from precsearch.plan import Plan
+from precsearch.model.plan import Plan
 from precsearch.workspace import Workspace
 
 logger = logging.getLogger(__name__)

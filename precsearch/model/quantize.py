@@ -69,7 +69,7 @@ from onnxruntime.quantization.quantize import check_static_quant_arguments
 from precsearch.model.data import data_hash
 from precsearch.errors import ConfigError, DataError, ModelError, first_line
 from precsearch.model import LoadedModel
-from precsearch.plan import Plan
+from precsearch.model.plan import Plan
 from precsearch.files import atomic_write
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from precsearch.fidelity.early_stop import evaluate_plan
 from precsearch.fidelity.metrics import compute_metrics
 from precsearch.fidelity.reference import run_ort
 from precsearch.measure import CpuLock, Latency, measure_onnxruntime
-from precsearch.plan import Plan
+from precsearch.model.plan import Plan
 from precsearch.study.config import SearchConfig
 from precsearch.study.record import COMPILER_PROBLEM, PlanRejected, PlanResult
 from precsearch.tvm import measure_library

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 from precsearch.errors import PrecsearchError
-from precsearch.plan import Plan
+from precsearch.model.plan import Plan
 
 # Verdicts of the cross-check of a build with ONNX Runtime on the same QDQ model: the strings of
 # precsearch.fidelity.crosscheck (a test holds them equal), repeated so the search loop need not import TVM.

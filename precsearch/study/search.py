@@ -37,7 +37,7 @@ from precsearch.errors import ConfigError, PrecsearchError, first_line
 from precsearch.fidelity.metrics import METRICS
 from precsearch.model import LoadedModel
 from precsearch.study.pareto import FrontPoint, finite_objective, front_points
-from precsearch.plan import Plan
+from precsearch.model.plan import Plan
 from precsearch.study.record import (COMPILER_PROBLEM, PlanEvaluator, PlanRejected, StudyAttrs,
                                      TrialRecord, copy_result, set_attrs)
 from precsearch.study.storage import PlanClaims, quiet_experimental, redact_url

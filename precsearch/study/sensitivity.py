@@ -24,7 +24,7 @@ from precsearch.errors import ConfigError
 from precsearch.fidelity.metrics import METRICS, compute_metrics
 from precsearch.fidelity.reference import run_ort
 from precsearch.model import LoadedModel
-from precsearch.plan import Plan
+from precsearch.model.plan import Plan
 from precsearch.tvm import measure_library
 from precsearch.workspace import Workspace
 

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from precsearch.errors import PlanError
-from precsearch.model import LoadedModel, describe_ids
+from precsearch.model._load import LoadedModel, describe_ids
 
 logger = logging.getLogger(__name__)
 
