@@ -23,3 +23,8 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     finally:
         scratch.unlink(missing_ok=True)
     return path
+
+
+def cache_file(cache_dir: str | Path | None, name: str) -> Path | None:
+    """``<cache_dir>/<name>``, or None when the caller caches nothing (no ``cache_dir``)."""
+    return Path(cache_dir) / name if cache_dir is not None else None

@@ -7,6 +7,8 @@ shape (a mixed int8/float build).
 
 Conventions shared by every function here:
 
+* Every metric takes ``(ref, cand)``, two array_likes of the same shape, and
+  returns a float.
 * Arrays are compared in float64.  The first axis is the sample (batch) axis;
   a per-sample value flattens all the other axes (an output of shape ``(N,)``
   is ``N`` one-element samples, a 0-d array one sample).
@@ -161,15 +163,6 @@ def top1_agreement(ref, cand) -> float:
     """Fraction of samples whose reference top-1 class is the candidate's top-1.
 
     ``topk_agreement(ref, cand, k=1)``; see there for ties and NaN.
-
-    Parameters
-    ----------
-    ref, cand : array_like
-
-    Returns
-    -------
-    float
-        In [0, 1].
     """
     return topk_agreement(ref, cand, k=1)
 
@@ -179,15 +172,6 @@ def cosine_similarity(ref, cand) -> float:
 
     Two all-zero samples count 1.0, one all-zero sample 0.0, a candidate with
     NaN/Inf -1.0 (the worst value).
-
-    Parameters
-    ----------
-    ref, cand : array_like
-
-    Returns
-    -------
-    float
-        In [-1, 1].
     """
     r, c = _pair(ref, cand)
     return float(_cosine_rows(r, c).mean())
@@ -199,14 +183,6 @@ def sqnr_db(ref, cand) -> float:
     ``10 * log10(sum(ref**2) / sum((ref - cand)**2))``.  Identical arrays give
     ``+inf`` (also when both are zero); a zero reference with a non-zero error
     gives ``-inf``; a candidate with NaN/Inf gives ``-inf``.
-
-    Parameters
-    ----------
-    ref, cand : array_like
-
-    Returns
-    -------
-    float
     """
     r, c = _pair(ref, cand)
     return float(_sqnr_from(*_energies(r, c, axis=None)))
@@ -217,15 +193,6 @@ def normalized_mse(ref, cand) -> float:
 
     A zero reference gives 0 when the candidate is zero too and ``inf``
     otherwise; a candidate with NaN/Inf gives ``inf``.
-
-    Parameters
-    ----------
-    ref, cand : array_like
-
-    Returns
-    -------
-    float
-        >= 0.
     """
     r, c = _pair(ref, cand)
     return float(_nmse_from(*_energies(r, c, axis=None)))
@@ -233,14 +200,6 @@ def normalized_mse(ref, cand) -> float:
 
 def max_abs_error(ref, cand) -> float:
     """Largest ``|ref - cand|``; ``inf`` when the candidate holds NaN/Inf.
-
-    Parameters
-    ----------
-    ref, cand : array_like
-
-    Returns
-    -------
-    float
     """
     r, c = _pair(ref, cand)
     return float(_max_abs_rows(r, c).max())

@@ -15,8 +15,8 @@ import onnx
 import onnxruntime as ort
 
 from precsearch.model.data import data_hash
-from precsearch.errors import DataError
-from precsearch.files import atomic_write
+from precsearch.errors import DataError, first_line
+from precsearch.files import atomic_write, cache_file
 
 if TYPE_CHECKING:
     from precsearch.model import LoadedModel
@@ -125,21 +125,15 @@ def reference_outputs(
     """
     if not batches:
         raise DataError("The 'batches' parameter of reference_outputs must hold at least one batch; got none.")
-    cache_path = None
-    if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"reference-{reference_key(model, batches)}.npz"
-        if cache_path.is_file():
-            try:
-                outputs = _read_reference(cache_path, len(batches))
-                logger.info("reference: cache hit %s", cache_path)
-                return outputs
-            except Exception as exc:  # zipfile, numpy and our own checks raise various types
-                text = str(exc).strip().splitlines()
-                logger.warning(
-                    "reference: ignoring the unreadable cache file %s (%s); recomputing",
-                    cache_path,
-                    text[0] if text else type(exc).__name__,
-                )
+    cache_path = cache_file(cache_dir, f"reference-{reference_key(model, batches)}.npz")
+    if cache_path is not None and cache_path.is_file():
+        try:
+            outputs = _read_reference(cache_path, len(batches))
+            logger.info("reference: cache hit %s", cache_path)
+            return outputs
+        except Exception as exc:  # zipfile, numpy and our own checks raise various types
+            logger.warning("reference: ignoring the unreadable cache file %s (%s); recomputing", cache_path,
+                           first_line(exc))
     logger.info("reference: running the float model on %d batches", len(batches))
     outputs = run_ort(model.proto, batches, optimized=REFERENCE_OPTIMIZED)
     if cache_path is not None:

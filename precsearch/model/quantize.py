@@ -70,7 +70,7 @@ from precsearch.model.data import data_hash
 from precsearch.errors import ConfigError, DataError, ModelError, first_line
 from precsearch.model import LoadedModel
 from precsearch.model.plan import Plan
-from precsearch.files import atomic_write
+from precsearch.files import atomic_write, cache_file
 
 logger = logging.getLogger(__name__)
 
@@ -245,12 +245,10 @@ def calibrate(
         )
     if not batches:
         raise DataError("The 'batches' parameter of calibrate must hold at least one batch; got none.")
-    cache_path = None
-    if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"calibration-{calibration_key(model, batches, method)}.json"
-        if cache_path.is_file():
-            logger.info("calibration: cache hit %s", cache_path)
-            return CalibrationRanges.from_json(json.loads(cache_path.read_text()))
+    cache_path = cache_file(cache_dir, f"calibration-{calibration_key(model, batches, method)}.json")
+    if cache_path is not None and cache_path.is_file():
+        logger.info("calibration: cache hit %s", cache_path)
+        return CalibrationRanges.from_json(json.loads(cache_path.read_text()))
 
     op_types = _calibrated_op_types(model)
     logger.info("calibration: %s over %d batches, op types %s", method, len(batches), op_types)
