@@ -21,9 +21,9 @@ class Chain:
     def __init__(self, directory):
         self.model = load_model(models.save(models.chain_model(), directory, "chain"))
         self.ranges = calibrate(self.model, image_batches(self.model, None, count=4))
-        plan = parse_plan("conv1", self.model)
-        self.qdq = build_qdq_model(self.model, self.ranges, plan)
-        self.int8_ids = plan.int8_ids(self.model)
+        self.plan = parse_plan("conv1", self.model)
+        self.qdq = build_qdq_model(self.model, self.ranges, self.plan)
+        self.int8_ids = self.plan.int8_ids(self.model)
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +63,9 @@ def test_the_pipeline_lists_its_passes_and_stops_after_fusion_when_asked(chain):
                     "precsearch.VerifyPlan", "precsearch.ApplyTuning"]
     assert names.index("ConvertLayout") < names.index("precsearch.InspectLayout") < names.index("LegalizeOps") \
         < names.index("FoldConstant") < names.index("precsearch.VerifyPlan") < names.index("FuseTIR")
-    front = [p.info.name for p in pipeline(chain.model, imported, chain.int8_ids, fused_only=True).passes]
+    front = [p.info.name for p in pipeline(chain.model, imported, chain.plan, fused_only=True).passes]
     assert front == names[:names.index("FuseTIR") + 1]
-    fused = _run(pipeline(chain.model, imported, chain.int8_ids, fused_only=True), imported.mod)
+    fused = _run(pipeline(chain.model, imported, chain.plan, fused_only=True), imported.mod)  # a Plan will do
     tvm.ir.assert_structural_equal(fused, fused_module(chain.model, chain.qdq, chain.int8_ids))
 
 

@@ -29,8 +29,9 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
     imported : ImportedModel
         The plan's QDQ model imported with :func:`import_qdq_model`; the passes
         read its parameter values and weights, and run on ``imported.mod``.
-    int8_ids : iterable of str
-        Layer ids the plan runs int8; every other conv must come out float.
+    int8_ids : Plan or iterable of str
+        The plan (a :class:`~precsearch.plan.Plan`), or the layer ids it runs
+        int8; every other conv must come out float.
     options : CompileOptions, optional
         Target, block size, which precisions run blocked, requantization dtype.
     database : TuningDatabase, optional
@@ -66,6 +67,8 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
     """
     options = options or CompileOptions()
     report = report if report is not None else BuildReport()
+    if hasattr(int8_ids, "int8_ids"):  # a Plan: the layers it keeps float are named, the int8 ones follow
+        int8_ids = int8_ids.int8_ids(model)
     target = resolve_target(options)
     layer_ids = [layer.id for layer in model.layers]
     index_of = {layer.id: layer.index for layer in model.layers}
