@@ -81,3 +81,21 @@ class BuildReport:
         except CompileError as exc:
             self.failure = exc
             raise
+
+
+class ReportingPass:
+    """Base of precsearch's module passes: each writes what it finds into one :class:`BuildReport`.
+
+    ``transform_module`` runs :meth:`run` keeping any CompileError in the report
+    (:meth:`BuildReport.recording_failure`), so the build can re-raise it whole.
+    """
+
+    def __init__(self, report: BuildReport | None = None):
+        self.report = report if report is not None else BuildReport()
+
+    def transform_module(self, mod, _ctx):
+        with self.report.recording_failure():
+            return self.run(mod)
+
+    def run(self, mod):
+        raise NotImplementedError

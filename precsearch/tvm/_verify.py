@@ -15,7 +15,7 @@ import tvm
 from tvm import relax
 
 from precsearch.errors import CompileError, VerificationError
-from ._build_report import BuildReport, LayerRow
+from ._build_report import BuildReport, LayerRow, ReportingPass
 from ._importer import ImportedModel
 from ._layout import unpack_kernel
 from ._naming import layer_of_func, layer_of_weight
@@ -94,7 +94,7 @@ def _tensor_args(call):
 
 
 @tvm.transform.module_pass(opt_level=0, name="precsearch.InspectLayout")
-class InspectLayout:
+class InspectLayout(ReportingPass):
     """Record, per conv, its dtype, layout and the activation layout transforms around it.
 
     Changes nothing; writes ``rows``, ``boundary_transforms`` and
@@ -102,15 +102,11 @@ class InspectLayout:
     """
 
     def __init__(self, layer_ids, decisions, report: BuildReport | None = None):
+        super().__init__(report)
         self.layer_ids = tuple(layer_ids)
         self.decisions = decisions
-        self.report = report if report is not None else BuildReport()
 
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        with self.report.recording_failure():
-            return self._inspect(mod)
-
-    def _inspect(self, mod: tvm.IRModule) -> tvm.IRModule:
+    def run(self, mod: tvm.IRModule) -> tvm.IRModule:
         func = mod["main"]
         var2val = relax.analysis.get_var2val(func)
         users: dict = {}
@@ -188,7 +184,7 @@ def _transforms_after(var, users) -> list[str]:
 
 
 @tvm.transform.module_pass(opt_level=0, name="precsearch.VerifyPlan")
-class VerifyPlan:
+class VerifyPlan(ReportingPass):
     """Raise unless the graph holds exactly the plan's int8 convs, each with its own weights.
 
     Runs after legalization and FoldConstant: each conv kernel is a call_tir to a
@@ -200,17 +196,13 @@ class VerifyPlan:
 
     def __init__(self, imported: ImportedModel, layer_ids, int8_indices, float_indices,
                  report: BuildReport | None = None):
+        super().__init__(report)
         self.imported = imported
         self.layer_ids = tuple(layer_ids)
         self.int8_indices = set(int8_indices)
         self.float_indices = set(float_indices)
-        self.report = report if report is not None else BuildReport()
 
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        with self.report.recording_failure():
-            return self._verify(mod)
-
-    def _verify(self, mod: tvm.IRModule) -> tvm.IRModule:
+    def run(self, mod: tvm.IRModule) -> tvm.IRModule:
         func = mod["main"]
         var2val = relax.analysis.get_var2val(func)
         seen: dict[int, str] = {}
