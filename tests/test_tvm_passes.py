@@ -1,5 +1,7 @@
 """precsearch's passes one at a time on small hand-written Relax modules: structure, then numbers."""
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -242,10 +244,18 @@ def test_convert_layout_blocks_the_chosen_conv_and_transforms_at_the_boundary():
     InspectLayout(["conv0", "conv1"], DECISIONS, report)(converted)
     assert [(r.id, r.layout, r.transforms_in, r.transforms_out) for r in report.rows] == [
         ("conv0", "NCHW8c", ["NCHW→NCHW8c"], ["NCHW8c→NCHW"]), ("conv1", "NCHW", ["NCHW8c→NCHW"], [])]
-    # the weight's transform is a constant path, not a boundary (InspectLayout takes a parameter that is not a
-    # ps_w weight for a constant unless its name starts with "input", as the test models' input does)
+    # the weight's transform is a constant path (ps_w0 is a weight), not a boundary; the input's is one
     assert report.boundary_transforms == 2
     assert report.rows[1].note == "kept NCHW for the test"
+
+
+def test_an_input_of_any_name_is_a_boundary_and_a_weight_is_not():
+    # A detector's input is called "images": its transform into NCHW8c is a boundary all the same.
+    renamed = tvm.script.from_source(re.sub(r"\binput\b", "images", _convert(TwoConvs).script()))
+    assert [p.name for p in renamed["main"].params] == ["images", "ps_w0", "ps_w1"]
+    report = BuildReport()
+    InspectLayout(["conv0", "conv1"], DECISIONS, report)(renamed)
+    assert report.boundary_transforms == 2
 
 
 W_FLOAT = [RNG.normal(0, 0.2, size=(16, 16, 3, 3)).astype(np.float32) for _ in range(2)]

@@ -155,8 +155,8 @@ def _is_constant_path(expr, var2val) -> bool:
         if isinstance(expr, tvm.ir.expr.Constant):
             return True
         if isinstance(expr, relax.Var):
-            if expr not in var2val:  # a function parameter: weights, biases, scales
-                return layer_of_weight(expr.name) is not None or not expr.name.startswith("input")
+            if expr not in var2val:  # a parameter: a conv weight (ps_w<i>) or a model input, which is not constant
+                return layer_of_weight(expr.name) is not None
             expr = var2val[expr]
             if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.layout_transform":
                 expr = expr.args[0]
