@@ -99,6 +99,14 @@ def test_knee_point():
     assert knee_point(latency, -fidelity, higher_is_better=False) == 1
 
 
+def test_knee_point_of_a_front_ending_in_an_exact_plan():
+    # SQNR: the all-float plan is exact (+inf dB); the knee is where it would be with the best finite value there
+    latency = np.array([1.0, 2.0, 3.0, 10.0])
+    with np.errstate(all="raise"):  # no inf/inf or 0/0 on the way
+        assert knee_point(latency, np.array([20.0, 38.0, 39.0, np.inf])) == 1
+        assert knee_point(latency, np.array([20.0, 38.0, 39.0, 40.0])) == 1
+
+
 def _chromium() -> str:
     found = shutil.which("chromium")
     if found:

@@ -88,6 +88,12 @@ def knee_point(latency_ms: np.ndarray, fidelity: np.ndarray, higher_is_better: b
     if len(latency_ms) <= 2:
         return int(np.argmin(latency_ms))
     x = (latency_ms - latency_ms.min()) / max(np.ptp(latency_ms), 1e-12)
+    fidelity = np.asarray(fidelity, dtype=np.float64)
+    finite = fidelity[np.isfinite(fidelity)]
+    if finite.size:
+        # An exact plan's SQNR is +inf: as far along the fidelity axis as the best finite plan, not infinitely
+        # far (which would make every other point's normalized fidelity 0, or NaN).
+        fidelity = np.clip(np.nan_to_num(fidelity, nan=finite.min()), finite.min(), finite.max())
     f = fidelity if higher_is_better else -fidelity
     y = (f - f.min()) / max(np.ptp(f), 1e-12)
     a, b = np.argmin(x), np.argmax(x)
