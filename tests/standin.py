@@ -4,8 +4,8 @@ from precsearch.errors import CompileError
 from precsearch.fidelity.reference import run_ort
 from precsearch.fidelity.metrics import compute_metrics
 from precsearch.model.plan import Plan
-from precsearch.model.quantize import build_qdq_model
 from precsearch.study.record import COMPILER_PROBLEM, PlanResult
+from precsearch.workspace import Workspace
 
 MISCOMPILED = "compiler problem: image 0 diverges at conv1.out_q after conv1 (Conv), 0.25 steps from a tie"
 
@@ -19,6 +19,8 @@ class StandInEvaluator:
 
     def __init__(self, model, ranges, batches, reference, fail_plans=(), miscompiled_plans=()):
         self.model, self.ranges, self.batches, self.reference = model, ranges, batches, reference
+        # The search's own path from a plan to its QDQ model; nothing is built or cached.
+        self.workspace = Workspace.in_memory(model, None, [], batches, ranges=ranges, reference=reference)
         self.fail_plans = {plan.key() for plan in fail_plans}
         self.miscompiled_plans = {plan.key() for plan in miscompiled_plans}
         self.calls: list[str] = []
@@ -32,7 +34,7 @@ class StandInEvaluator:
 
     def fidelity(self, plan: Plan) -> dict:
         if plan.key() not in self._fidelity:
-            qdq = build_qdq_model(self.model, self.ranges, plan) if plan.int8_ids(self.model) else self.model.proto
+            qdq = self.workspace.qdq_model(plan)
             metrics = compute_metrics(self.reference, run_ort(qdq, self.batches)).values
             self._fidelity[plan.key()] = {k: v for k, v in metrics.items() if "/" not in k}
         return self._fidelity[plan.key()]
