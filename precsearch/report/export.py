@@ -57,21 +57,35 @@ OP_NAME_DICT = {{name: {{"activation": {{"dtype": ["fp32"]}}, "weight": {{"dtype
 '''
 
 
-QUANTIZE_STATIC_SNIPPET = '''"""Make trial {trial}'s ONNX Runtime model again: quantize_static with the float convs precsearch chose.
+QUANTIZE_STATIC_SNIPPET = '''"""Trial {trial}'s ONNX Runtime model: the quantize_static call that makes it, and the session it was measured in.
 
 model.onnx is the model as precsearch prepared it (BatchNorm folded into the convs, unnamed nodes named), so
 the names below are its node names.  With the calibration inputs the search used, quantize() writes a model
 identical to model.int8.onnx (made with onnxruntime {ort_version}).
+
+Load it with session(): ONNX Runtime's WeightBiasQuantization optimizer would otherwise re-quantize, at load
+time, every excluded conv whose input is dequantized, and the convs kept float would run int8 after all.
 """
+import onnxruntime
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
 NODES_TO_EXCLUDE = {names}
+DISABLED_OPTIMIZERS = {disabled}
 
 
 def quantize(calibration_data_reader, model_input="model.onnx", model_output="model.int8.onnx"):
     quantize_static(model_input, model_output, calibration_data_reader, quant_format=QuantFormat.QDQ,
                     per_channel=True, nodes_to_exclude=NODES_TO_EXCLUDE,
                     calibrate_method=CalibrationMethod.{method})
+
+
+def session(model_path="model.int8.onnx", threads={threads}):
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(model_path, options, providers=["CPUExecutionProvider"],
+                                        disabled_optimizers=list(DISABLED_OPTIMIZERS))
 '''
 _CALIBRATE_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
@@ -143,7 +157,7 @@ def _export_ort(study, trial, record: TrialRecord, config: SearchConfig, workspa
     """An ONNX Runtime trial: its quantized model, the float model it was made from, the call that makes it."""
     import onnxruntime
 
-    from precsearch.study.ort_backend import check_ort_plan
+    from precsearch.study.ort_backend import DISABLED_OPTIMIZERS, check_ort_plan
 
     model, plan = workspace.model, record.plan
     int8_ids = plan.int8_ids(model)
@@ -158,7 +172,8 @@ def _export_ort(study, trial, record: TrialRecord, config: SearchConfig, workspa
         files["int8_model"] = str(out / "model.int8.onnx")
         atomic_write(out / "quantize_static.py", QUANTIZE_STATIC_SNIPPET.format(
             trial=trial.number, names=json.dumps(every_float), ort_version=onnxruntime.__version__,
-            method=_CALIBRATE_METHODS[config.calibration]))
+            method=_CALIBRATE_METHODS[config.calibration], disabled=json.dumps(list(DISABLED_OPTIMIZERS)),
+            threads=config.threads))
         files["snippet"] = str(out / "quantize_static.py")
     summary = {"study": study.study_name, "trial": trial.number, "backend": ORT, "model": config.model,
                "plan": plan.key(), "float_layers": every_float, "int8_layers": list(int8_ids),
@@ -167,8 +182,10 @@ def _export_ort(study, trial, record: TrialRecord, config: SearchConfig, workspa
                **files, "onnxruntime": onnxruntime.__version__, "threads": config.threads,
                "inputs": list(model.input_shapes), "outputs": list(model.output_names),
                "nodes_to_exclude": every_float,
-               "note": ("load model.int8.onnx in an InferenceSession (graph optimizations on, as measured); "
-                        "quantize_static.py makes it from model.onnx" if int8_ids else
+               "session": {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": config.threads,
+                           "inter_op_num_threads": 1, "disabled_optimizers": list(DISABLED_OPTIMIZERS)},
+               "note": ("load model.int8.onnx with quantize_static.py's session() (graph optimizations on, "
+                        "WeightBiasQuantization off, as measured); quantize() makes it from model.onnx" if int8_ids else
                         "every conv is float: this plan is the float model itself (model.onnx)")}
     atomic_write(out / "plan.json", json.dumps(summary, indent=1))
     logger.info("exported ONNX Runtime trial %d of %s to %s", trial.number, study.study_name, out)

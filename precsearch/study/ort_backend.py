@@ -10,14 +10,27 @@ ORT float reference, and the same session is timed with the settings a TVM
 build is timed with, under the same :class:`~precsearch.measure.CpuLock`.
 
 There is no compiler to cross-check: the session is the runtime that ships.
-What is checked instead is the graph: every Conv that the plan keeps float must
-have float weights in the quantized model, and every other int8-capable conv
-quantized ones (:func:`float_convs`).
+What is checked instead is the graph, twice: in the quantized model every conv
+the plan keeps float has float weights and every other int8-capable conv
+quantized ones (:func:`check_ort_plan`), and in the graph the session runs no
+conv the plan keeps float is a ``QLinearConv`` (:func:`check_runtime_plan`).
+
+The second check needs one setting.  ONNX Runtime 1.32's graph optimizer
+``WeightBiasQuantization`` quantizes, at load time, the float weights of any
+Conv/Gemm whose input comes out of a DequantizeLinear (symmetric per-tensor
+int8), after which the conv fuses into a ``QLinearConv``.  An excluded conv
+between quantized neighbours, which is what ``nodes_to_exclude`` usually makes,
+would then run int8 after all, with other weight scales than the plan's: the
+float choice would be undone without a word.  Every session of this backend
+therefore disables that one transformer (:data:`DISABLED_OPTIMIZERS`), and the
+export writes the session settings beside the model.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +47,10 @@ from precsearch.study.record import PlanResult
 from precsearch.workspace import Workspace
 
 logger = logging.getLogger(__name__)
+
+#: ORT graph transformers this backend's sessions skip: WeightBiasQuantization would re-quantize excluded convs.
+DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
+_TOKEN = re.compile(r"_token_\d+$")
 
 
 def float_convs(proto: onnx.ModelProto) -> set[str]:
@@ -58,6 +75,30 @@ def check_ort_plan(model, proto: onnx.ModelProto, plan: Plan) -> None:
         raise ModelError(f"quantize_static did not build plan {plan.key()!r}: "
                          f"float convs it should have quantized {extra[:5]}, quantized convs the plan keeps float "
                          f"{missing[:5]}.")
+
+
+def runtime_int8_convs(optimized: onnx.ModelProto) -> set[str]:
+    """Names of the convs ORT runs as ``QLinearConv`` in an optimized graph (its ``_token_<n>`` suffixes removed)."""
+    return {_TOKEN.sub("", node.name) for node in optimized.graph.node if node.op_type == "QLinearConv"}
+
+
+def check_runtime_plan(model, optimized: onnx.ModelProto, plan: Plan) -> None:
+    """Raise when the graph ORT runs has made a conv the plan keeps float int8 (a ``QLinearConv``)."""
+    requantized = sorted(runtime_int8_convs(optimized) & set(plan.float_layer_ids(model)))
+    if requantized:
+        raise ModelError(f"ONNX Runtime's optimized graph runs convs that plan {plan.key()!r} keeps float as "
+                         f"QLinearConv: {requantized[:5]}.")
+
+
+def plan_session(model, proto: onnx.ModelProto, plan: Plan, *, threads: int):
+    """The optimized session of a plan's model, its float convs checked in the graph ORT runs."""
+    with tempfile.TemporaryDirectory(prefix="precsearch-ort-") as scratch:
+        optimized_path = Path(scratch) / "optimized.onnx"
+        session = onnxruntime_session(proto, optimized=True, threads=threads, disabled_optimizers=DISABLED_OPTIMIZERS,
+                                      optimized_model_path=optimized_path if plan.int8_ids(model) else None)
+        if plan.int8_ids(model):
+            check_runtime_plan(model, onnx.load(str(optimized_path)), plan)
+    return session
 
 
 def require_backend(plan: Plan, backend: str, who: str) -> None:
@@ -104,8 +145,8 @@ class OrtEvaluator:
         return proto
 
     def session(self, plan: Plan):
-        """An optimized ORT session on the plan's model, with the workspace's thread count."""
-        return onnxruntime_session(self.model_of(plan), optimized=True, threads=self.threads)
+        """An optimized ORT session on the plan's model (:func:`plan_session`), with the workspace's thread count."""
+        return plan_session(self.workspace.model, self.model_of(plan), plan, threads=self.threads)
 
     def evaluate(self, plan: Plan) -> PlanResult:
         """Quantize, score and time ``plan``; fidelity and latency come from the same optimized session."""
@@ -117,7 +158,7 @@ class OrtEvaluator:
             fidelity = evaluate_plan(lambda batches: [dict(zip(names, session.run(names, b))) for b in batches],
                                      self.workspace.reference, self.workspace.eval_batches, self.metric, self.goal)
         started = time.perf_counter()
-        latency = self._time(session, self.repeats)
+        latency = self._time(plan, session, self.repeats)
         measure_time_s = time.perf_counter() - started
         return PlanResult(latency_ms=latency.median_ms, latency_iqr_ms=latency.iqr_ms,
                           metrics={k: v for k, v in fidelity.values.items() if "/" not in k},
@@ -125,7 +166,7 @@ class OrtEvaluator:
                           measure_time_s=round(measure_time_s, 3), fidelity_batches=fidelity.batches_used,
                           stopped_early=fidelity.stopped_early)
 
-    def _time(self, session, repeats: int) -> Latency:
+    def _time(self, plan: Plan, session, repeats: int) -> Latency:
         with self.lock.exclusive():
             return time_session(session, self.workspace.timing_input, threads=self.threads, warmup=self.warmup,
                                 repeats=repeats, backend="ort")
@@ -134,7 +175,7 @@ class OrtEvaluator:
         """Open the plan's session again and time it with ``repeats`` runs."""
         with self.lock.shared():
             session = self.session(plan)
-        return self._time(session, repeats)
+        return self._time(plan, session, repeats)
 
     def measure_baselines(self) -> dict:
         return measure_ort_baselines(self.workspace, self.metric, warmup=self.warmup, repeats=self.repeats,
