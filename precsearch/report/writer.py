@@ -439,10 +439,14 @@ def _verdict_counts(trials: pd.DataFrame) -> str:
     """One sentence: how the evaluated plans' builds compared with ONNX Runtime on their own QDQ models."""
     counts = trials[trials["duplicate_of"].isna()]["verdict"].value_counts() if len(trials) else {}
     parts = [f"{int(counts[v])} {v}" for v in (AGREES, NEAR_TIES, COMPILER_PROBLEM) if v in counts]
+    ort_note = ""
+    if len(trials) and "backend" in trials and (trials["backend"] == "ort").any():
+        ort_note = (" ONNX Runtime plans are scored in the session that ships, so they have no cross-check; "
+                    "their graphs are checked to keep exactly the planned convs float.")
     if not parts:
-        return "Cross-check with ONNX Runtime: no trial was checked."
+        return "Cross-check with ONNX Runtime: no trial was checked." + ort_note
     return (f"Cross-check of each trial's build with ONNX Runtime on the same QDQ model: {', '.join(parts)} "
-            "(a compiler problem fails its trial).")
+            "(a compiler problem fails its trial)." + ort_note)
 
 
 def ship_line(recommended: dict) -> str:
@@ -480,7 +484,7 @@ def report_html(data: ReportData, png: bytes) -> str:
                    f"{html.escape(', '.join(floats) or 'none (all int8)')}. It is the knee of the feasible front: "
                    f"the plan where more speed starts to cost the most fidelity.</p>")
     elif data.ship_baseline is not None:
-        which = "plan" if len(_backends(data)) > 1 or _backends(data) != ["tvm"] else "TVM plan"
+        which = "TVM plan" if _backends(data) == ["tvm"] else "plan"
         summary = (f"<p class='rec'><b>Ship {html.escape(data.ship_baseline)}; no {which} beats it here.</b> "
                    f"Every plan on the front is slower than it at equal or worse {data.metric}.</p>")
     else:

@@ -55,7 +55,11 @@ class PlanRejected(PrecsearchError, RuntimeError):
 
 
 class PlanEvaluator(Protocol):
-    """Everything the search loop calls on a backend (TVM here, a stand-in in tests)."""
+    """Everything the search loop calls on a backend (TVM, ONNX Runtime, a stand-in in tests).
+
+    A plan carries the runtime it is for (``plan.backend``); a study over two
+    runtimes hands its plans to a dispatching evaluator.
+    """
 
     def evaluate(self, plan: Plan) -> PlanResult:
         """Build, score and time ``plan``; raise (or return a COMPILER_PROBLEM verdict) when its build is wrong."""
@@ -177,7 +181,7 @@ def _result_of(attrs: dict) -> PlanResult | None:
 
 
 # Attributes a duplicate does not copy from the trial it follows: they describe the trial, not the plan's result.
-OWN_ATTRS = ("seed", "worker", "plan", "float_layers", "backend", "reruns", "duplicate_of")
+OWN_ATTRS = ("seed", "worker", "plan", "float_layers", "reruns", "duplicate_of")
 
 
 # --------------------------------------------------------------------------- the study
