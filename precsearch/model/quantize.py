@@ -382,6 +382,24 @@ def output_steps(model: LoadedModel, ranges: CalibrationRanges) -> dict[str, flo
     return steps
 
 
+class _RootWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.WARNING
+
+
+@contextlib.contextmanager
+def _quiet_root_warnings():
+    """Drop the warnings ``quantize_static`` logs on the root logger ("Please consider pre-processing ...") on every
+    call; precsearch's models are prepared (shape-inferred, BatchNorm folded) before they reach it."""
+    quiet = _RootWarnings()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def user_int8_model(model: LoadedModel, batches: Sequence[dict[str, np.ndarray]], *,
                     nodes_to_exclude: Sequence[str] = (), calibration: str = "minmax",
                     cache_dir: Path | None = None) -> onnx.ModelProto:
@@ -420,7 +438,7 @@ def user_int8_model(model: LoadedModel, batches: Sequence[dict[str, np.ndarray]]
         source, target = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
         onnx.save_model(model.proto, str(source))
         captured = io.StringIO()
-        with contextlib.redirect_stdout(captured):
+        with contextlib.redirect_stdout(captured), _quiet_root_warnings():
             quantize_static(str(source), str(target), _ListReader(batches), quant_format=QuantFormat.QDQ,
                             per_channel=True, nodes_to_exclude=excluded,
                             calibrate_method=CALIBRATION_METHODS[calibration])
