@@ -154,13 +154,15 @@ class Workspace:
         """The tuning database of this CPU in the workdir (None when untuned or nothing was tuned there)."""
         return None if self.untuned else open_database(self.workdir, self.options)
 
-    def prepare(self, *, reference: bool = True, ort_int8: bool = True) -> Workspace:
+    def prepare(self, *, reference: bool = True, ort_int8: bool = True, tvm: bool = True) -> Workspace:
         """Compute (or load from the cache) now what the first plan would: calibration, reference, ORT int8 model.
 
         A command calls it before its clock or progress display starts, so the
-        first plan's time is not charged with the preparation.
+        first plan's time is not charged with the preparation.  ``tvm=False``
+        (ONNX Runtime plans only) skips precsearch's own calibration and the
+        tuning database.
         """
-        wanted = ["ranges", "database"] + ["reference"] * reference + ["ort_int8_model"] * ort_int8
+        wanted = ["ranges", "database"] * tvm + ["reference"] * reference + ["ort_int8_model"] * ort_int8
         for name in wanted:
             getattr(self, name)
         return self
@@ -170,6 +172,20 @@ class Workspace:
     def qdq_model(self, plan: Plan) -> onnx.ModelProto:
         """The plan's mixed QDQ model; the float model itself when every conv is float (nothing to calibrate)."""
         return build_qdq_model(self.model, self.ranges, plan) if plan.int8_ids(self.model) else self.model.proto
+
+    def ort_model(self, plan: Plan) -> onnx.ModelProto:
+        """The plan as ONNX Runtime runs it: ``quantize_static`` with the plan's float convs in ``nodes_to_exclude``.
+
+        Defaults as :attr:`ort_int8_model` (QDQ, every op type ORT quantizes,
+        per-channel weights) with this workspace's calibration method; ORT's
+        tool decides what happens to the ops around an excluded conv.  The
+        all-float plan is the float model itself; the all-int8 plan with MinMax
+        calibration is :attr:`ort_int8_model`.  Cached in ``<workdir>/cache``.
+        """
+        if not plan.int8_ids(self.model):
+            return self.model.proto
+        return user_int8_model(self.model, self.calibration_batches, nodes_to_exclude=plan.float_layer_ids(self.model),
+                               calibration=self.data.calibration, cache_dir=self.cache_dir)
 
     def build(self, plan: Plan, *, dump_ir_dir: str | Path | None = None, options: CompileOptions | None = None,
               tuned: bool = True) -> PlanBuild:

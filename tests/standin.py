@@ -10,6 +10,20 @@ from precsearch.workspace import Workspace
 MISCOMPILED = "compiler problem: image 0 diverges at conv1.out_q after conv1 (Conv), 0.25 steps from a tie"
 
 
+def standin_latency_ms(model, plan: Plan) -> float:
+    """A deterministic latency per backend.
+
+    TVM: an int8 conv costs a quarter of a float one, each int8/float boundary costs extra.
+    ONNX Runtime: float convs are cheaper than TVM's (0.8), int8 ones dearer (0.5), boundaries free.
+    So TVM wins the mostly-int8 plans and ORT the mostly-float ones.
+    """
+    ids = model.capable_ids()
+    float_cost, int8_cost, boundary_cost = (0.8, 0.5, 0.0) if plan.backend == "ort" else (1.0, 0.25, 0.05)
+    cost = sum(model.layer(i).macs * (float_cost if i in plan.float_ids else int8_cost) for i in ids) * 1e-6
+    boundaries = sum((a in plan.float_ids) != (b in plan.float_ids) for a, b in zip(ids, ids[1:]))
+    return cost + boundary_cost * boundaries
+
+
 class StandInEvaluator:
     """Real ORT fidelity, deterministic latency: int8 convs cost a quarter of float, boundaries cost extra.
 
@@ -27,10 +41,7 @@ class StandInEvaluator:
         self._fidelity: dict[str, dict] = {}
 
     def latency_ms(self, plan: Plan) -> float:
-        ids = self.model.capable_ids()
-        cost = sum(self.model.layer(i).macs * (1.0 if i in plan.float_ids else 0.25) for i in ids) * 1e-6
-        boundaries = sum((a in plan.float_ids) != (b in plan.float_ids) for a, b in zip(ids, ids[1:]))
-        return cost + 0.05 * boundaries
+        return standin_latency_ms(self.model, plan)
 
     def fidelity(self, plan: Plan) -> dict:
         if plan.key() not in self._fidelity:

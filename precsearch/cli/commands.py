@@ -147,16 +147,18 @@ def _cmd_sensitivity(args) -> int:
         left = elapsed / done * (total - done)
         status(f"[{done}/{total}] {layer_id}  {elapsed:.0f} s elapsed, ~{left:.0f} s left", quiet)
 
-    rows = run_sensitivity(workspace, measure_latency=not args.no_latency, progress=progress)
+    backends = ("tvm", "ort") if args.backend == "both" else (args.backend,)
+    rows = run_sensitivity(workspace, measure_latency=not args.no_latency, progress=progress, backends=backends)
     frame = to_frame(rows, metric)
     path = write_csv(frame, workdir)
     if args.json:
         print(json.dumps({"metric": metric, "csv": str(path), "layers": json.loads(frame.to_json(orient="records"))},
                          indent=1))
         return 0
-    columns = ["rank", "id", f"only_int8.{metric}", f"only_float.{metric}", "latency_saved_ms"]
+    columns = ["rank", "id", f"only_int8.{metric}", f"only_float.{metric}"]
     if metric != "sqnr_db":
-        columns.insert(4, "only_int8.sqnr_db")
+        columns.append("only_int8.sqnr_db")
+    columns += [c for c in ("latency_saved_ms", "ort_latency_saved_ms") if c in frame and frame[c].notna().any()]
     print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"most sensitive first, by {metric} with only that layer int8; written to {path}")
     return 0
@@ -228,8 +230,9 @@ def _cmd_bench(args) -> int:
     workspace.prepare(reference=False)
     if workspace.database is None and not args.untuned:
         status("no tuning database in the workdir: TVM builds run untuned kernels (run precsearch tune first)", quiet)
+    backends = ("tvm", "ort") if args.backend == "both" else (args.backend,)
     result = bench(workspace, plans=plans, threads=args.threads, warmup=args.warmup, repeats=args.repeats, rpc=rpc,
-                   progress=lambda m: status(m, quiet))
+                   progress=lambda m: status(m, quiet), backends=backends)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
         return 0
@@ -266,7 +269,7 @@ def _cmd_search(args) -> int:
                           sensitivity_k=args.sensitivity_k, workers=args.workers, threads=args.threads,
                           requant=args.requant, block_size=args.block_size, float_layout=args.float_layout,
                           check_batches=args.check_batches, warmup=args.warmup, repeats=args.repeats,
-                          untuned=args.untuned,
+                          untuned=args.untuned, backend=args.backend,
                           heartbeat_interval_s=args.heartbeat_interval, grace_period_s=args.grace_period)
     model, preset = _load(args)
     run = run_search(config, model, preset, workdir=workdir, storage_url=_storage_url(args, workdir),
@@ -320,9 +323,13 @@ def _cmd_export(args) -> int:
 
     study, workdir = _open_named_study(args)
     out_dir = _writable_dir(args.out, "out")
-    summary = export_trial(study, args.trial, out_dir, workdir)
+    summary = export_trial(study, args.trial, out_dir, workdir, backend=args.backend)
     if args.json:
         print(json.dumps(summary, indent=1))
+    elif summary["backend"] == "ort":
+        written = ", ".join(Path(summary[k]).name for k in ("int8_model", "float_model", "snippet") if k in summary)
+        print(f"trial {args.trial} (ONNX Runtime): {len(summary['float_layers'])} float / "
+              f"{len(summary['int8_layers'])} int8 convs; wrote {out_dir}/: {written}, plan.json")
     else:
         print(f"trial {args.trial}: {len(summary['float_layers'])} float / {len(summary['int8_layers'])} int8 convs; "
               f"wrote {out_dir}/model.so, model.qdq.onnx, plan.json, onnxruntime_quantize.py, nncf_ignored_scope.py, "

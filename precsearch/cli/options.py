@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     compile_options.add_argument("--untuned", action="store_true",
                                  help="ignore the tuning database in --workdir (default: apply it when present)")
 
+    backend_options = argparse.ArgumentParser(add_help=False)
+    backend_options.add_argument("--backend", choices=["tvm", "ort", "both"], default="tvm",
+                                 help="the runtime plans are built for: tvm (precsearch's TVM builds, default), ort "
+                                      "(ONNX Runtime: quantize_static with the plan's float convs in "
+                                      "nodes_to_exclude, timed in an optimized session) or both")
+
     def command(name, help_text, *parents):
         sub = commands.add_parser(name, help=help_text, parents=list(parents))
         sub.add_argument("--config", type=Path, help=argparse.SUPPRESS)  # also accepted after the command
@@ -81,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stop starting new kernels after this long, e.g. 90s, 30m, 2h (records are kept)")
 
     bench = command("bench", "latency of ORT float/int8 and TVM float/int8/plans, from one run",
-                    model_options, data_options, compile_options)
+                    model_options, data_options, compile_options, backend_options)
     bench.add_argument("--plan", action="append", default=[], metavar="ID[,ID...]",
                        help="float conv ids of an extra plan to measure, as build --float (repeatable)")
     bench.add_argument("--repeats", type=int, default=100, help="timed runs per build (default 100)")
@@ -94,16 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: this CPU)")
 
     sensitivity = command("sensitivity", "rank conv layers by the fidelity they cost as int8 and the latency they save",
-                          model_options, data_options, compile_options)
+                          model_options, data_options, compile_options, backend_options)
     sensitivity.add_argument("--metric", default=None,
                              help="ranking metric: top1, top5, cosine, sqnr_db, nmse, max_abs_error "
                                   "(default: top1 for a classifier output, else sqnr_db)")
     sensitivity.add_argument("--eval-batches", type=int, default=8, help="evaluation batches, disjoint from calibration")
     sensitivity.add_argument("--no-latency", action="store_true",
-                             help="skip the 1+N TVM builds that measure the latency each layer saves")
+                             help="skip the 1+N builds (TVM, or ORT sessions with --backend ort) that measure the "
+                                  "latency each layer saves")
 
     search = command("search", "search which convs stay float: an Optuna study of latency against fidelity",
-                     model_options, data_options, compile_options)
+                     model_options, data_options, compile_options, backend_options)
     search.add_argument("--eval-batches", type=int, default=32,
                         help="fidelity batches, disjoint from calibration (default 32)")
     search.add_argument("--check-batches", type=int, default=1,
@@ -151,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--study", default=None)
     export.add_argument("--trial", type=int, default=None, help="the trial number (see pareto.csv; required)")
     export.add_argument("--out", type=Path, default=None, help="output folder (required)")
+    export.add_argument("--backend", choices=["tvm", "ort"], default=None,
+                        help="the trial's runtime (optional: the trial records it; a mismatch is an error)")
     export.add_argument("--json", action="store_true")
 
     worker = command("worker", "join a search started elsewhere (same storage and study)")

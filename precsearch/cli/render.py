@@ -38,7 +38,7 @@ def progress_line(progress) -> str:
 
 
 def print_search(summary, as_json: bool, handle) -> int:
-    front = [{"trial": p.trial, "latency_ms": p.latency_ms, summary.metric: p.fidelity,
+    front = [{"trial": p.trial, "backend": p.backend, "latency_ms": p.latency_ms, summary.metric: p.fidelity,
               "float_layers": list(p.float_layers)} for p in summary.front]
     if as_json:
         print(json.dumps({"study": summary.study_name, "storage": summary.storage, "metric": summary.metric,
@@ -47,11 +47,11 @@ def print_search(summary, as_json: bool, handle) -> int:
                           "stopped_by": summary.stopped_by, "front": front}, indent=1))
         return 0
     goal = handle.config.fidelity_goal(summary.metric)
-    print(f"{'trial':>5} {'latency ms':>10} {summary.metric:>10} {'float':>5}  float layers")
+    print(f"{'trial':>5} {'backend':>7} {'latency ms':>10} {summary.metric:>10} {'float':>5}  float layers")
     for point in summary.front:
         layers = ",".join(point.float_layers) or "-"
-        print(f"{point.trial:>5} {point.latency_ms:>10.3f} {point.fidelity:>10.4g} {len(point.float_layers):>5}  "
-              f"{layers if len(layers) <= 60 else layers[:57] + '...'}")
+        print(f"{point.trial:>5} {point.backend:>7} {point.latency_ms:>10.3f} {point.fidelity:>10.4g} "
+              f"{len(point.float_layers):>5}  {layers if len(layers) <= 60 else layers[:57] + '...'}")
     constraint = f" with {summary.metric} >= {goal:g}" if goal is not None else ""
     print(f"front: {len(summary.front)} plans{constraint}; {summary.completed} plans completed, {summary.failed} "
           f"failed, {summary.duplicates} repeats served from storage; {summary.elapsed_s / 60:.1f} min "

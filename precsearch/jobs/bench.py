@@ -5,7 +5,9 @@ ONNX Runtime float (the model) and ONNX Runtime int8 as a user makes it
 optimized session) are the baselines every ratio is taken against.  ORT running
 precsearch's own Conv-only QDQ model is a second, informative row
 (``ort_int8_conv_only``).  TVM builds the all-float plan, the all-int8 plan and
-any given plans.
+any given plans; with the ONNX Runtime backend, each given plan is also (or
+only) measured as ``quantize_static`` with its float convs in
+``nodes_to_exclude`` (rows ``ort_<name>``; ORT's all-int8 plan is ``ort_int8``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import pandas as pd
 
 from precsearch.measure import Latency, measure_onnxruntime
 from precsearch.model.plan import Plan
+from precsearch.study.ort_backend import DISABLED_OPTIMIZERS, check_ort_plan
 from precsearch.tvm import RpcTarget, measure_library, measure_remote
 from precsearch.workspace import Workspace
 
@@ -62,7 +66,9 @@ class BenchResult:
         return pd.DataFrame([asdict(row) for row in self.rows])
 
     def to_dict(self) -> dict:
-        summary = {f"{name}_ms": self.row(name).median_ms for name in (ORT_FLOAT, ORT_INT8, TVM_FLOAT, TVM_INT8)}
+        names = {row.name for row in self.rows}
+        summary = {f"{name}_ms": self.row(name).median_ms if name in names else None
+                   for name in (ORT_FLOAT, ORT_INT8, TVM_FLOAT, TVM_INT8)}
         summary.update(threads=self.threads, tuned=self.tuned, remote=self.remote,
                        rows=json_safe(self.to_frame().to_dict(orient="records")))
         return summary
@@ -74,7 +80,8 @@ def json_safe(records: list[dict]) -> list[dict]:
 
 
 def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: int = 2, warmup: int = 10,
-          repeats: int = 50, rpc: RpcTarget | None = None, progress=None) -> BenchResult:
+          repeats: int = 50, rpc: RpcTarget | None = None, progress=None,
+          backends: tuple[str, ...] = ("tvm",)) -> BenchResult:
     """Measure ORT float, ORT int8, TVM float, TVM all-int8 and ``plans`` (name, plan) on the workspace's timing input.
 
     Parameters
@@ -87,6 +94,10 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
         Measure the TVM builds on a remote board; ONNX Runtime runs here either way.
     progress : callable, optional
         ``progress(message)`` before each build or measurement.
+    backends : tuple of str
+        ``"tvm"``: TVM float, TVM all-int8 and each plan built with TVM;
+        ``"ort"``: each plan as ``quantize_static`` with its float convs in
+        ``nodes_to_exclude``, in an optimized session (row ``ort_<name>``).
     """
     model = workspace.model
     inputs = workspace.timing_input
@@ -107,7 +118,19 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
     add(ORT_INT8_CONV_ONLY, measure_onnxruntime(workspace.qdq_model(all_int8), inputs, backend="ort", **settings),
         "int8 (Conv only)", len(model.capable_ids()), 0.0)
     every_float = Plan(frozenset(model.capable_ids()))
-    for name, plan in [(TVM_FLOAT, every_float), (TVM_INT8, all_int8), *plans]:
+    for name, plan in plans if "ort" in backends else ():
+        say(f"quantizing and measuring {name} on ONNX Runtime ({len(plan.float_layer_ids(model))} float convs)...")
+        started = time.perf_counter()
+        ort_plan = plan.on("ort")
+        proto = workspace.ort_model(ort_plan)
+        if ort_plan.int8_ids(model):
+            check_ort_plan(model, proto, ort_plan)
+        quantize_time_s = time.perf_counter() - started
+        add(f"ort_{name}", measure_onnxruntime(proto, inputs, backend="ort", disabled_optimizers=DISABLED_OPTIMIZERS,
+                                               **settings), ort_plan.key(),
+            len(plan.int8_ids(model)), quantize_time_s)
+    tvm_builds = [(TVM_FLOAT, every_float), (TVM_INT8, all_int8), *plans] if "tvm" in backends else []
+    for name, plan in tvm_builds:
         int8_ids = plan.int8_ids(model)
         say(f"building and measuring {name} ({len(int8_ids)} int8 convs)...")
         built = workspace.build(plan).built

@@ -21,7 +21,7 @@ from precsearch.fidelity.metrics import default_metric, validate_metric
 from precsearch.model import LoadedModel, open_model
 from precsearch.report.writer import REPORT_DIR, collect, write_report
 from precsearch.study.config import SearchConfig
-from precsearch.study.evaluator import TvmEvaluator
+from precsearch.study.evaluator import make_evaluator
 from precsearch.study.record import StudyAttrs
 from precsearch.study.search import (SearchProgress, SearchSummary, StudyHandle, measure_baselines, open_study,
                                      remeasure_front, run_worker, seed_plans, summarize_study)
@@ -82,9 +82,9 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
     study_name = study_name or f"precsearch-{Path(config.model).stem}-{metric}"
     handle = open_study(config, model, storage, storage_url, study_name, metric)
     sensitive = most_sensitive(workdir, model, config.sensitivity_k) if (workdir / CSV_NAME).is_file() else []
-    seeds = seed_plans(model, sensitive, config.sensitivity_k)
+    seeds = seed_plans(model, sensitive, config.sensitivity_k, config.backends)
     say(f"study {study_name!r} in {redact_url(storage_url)}; preparing calibration, inputs and the float reference...")
-    evaluator = TvmEvaluator.from_config(config, model, workdir, preset, metric)
+    evaluator = make_evaluator(config, model, workdir, preset, metric)
     if not StudyAttrs(handle.study).baselines:
         say("measuring ONNX Runtime float and int8 (the report's baselines)...")
     measure_baselines(handle, evaluator)
@@ -140,6 +140,6 @@ def join_search(study_name: str, *, workdir: str | Path, storage_url: str, worke
                            grace_period_s=config.grace_period_s, max_retry=config.max_retry)
     model, preset = open_model(config.model, config.input_shapes)
     handle = open_study(config, model, storage, storage_url, study_name, config.metric, create=False)
-    evaluator = TvmEvaluator.from_config(config, model, workdir, preset, config.metric)
+    evaluator = make_evaluator(config, model, workdir, preset, config.metric)
     summary = run_worker(handle, model, evaluator, worker_index=worker_index, progress=progress)
     return SearchRun(summary=summary, handle=handle, report_dir=workdir / REPORT_DIR)

@@ -6,7 +6,8 @@ A TVM build is timed by :mod:`precsearch.tvm` (``measure_library`` here,
 computed the same way.
 """
 
-from ._latency import Latency, check_settings, measure_onnxruntime, summarize
+from ._latency import Latency, check_settings, measure_onnxruntime, onnxruntime_session, summarize, time_session
 from ._lock import CpuLock
 
-__all__ = ["CpuLock", "Latency", "check_settings", "measure_onnxruntime", "summarize"]
+__all__ = ["CpuLock", "Latency", "check_settings", "measure_onnxruntime", "onnxruntime_session", "summarize",
+           "time_session"]

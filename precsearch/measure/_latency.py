@@ -44,19 +44,34 @@ def check_settings(threads: int, warmup: int, repeats: int) -> None:
         check_int(value, name, "measure", low)
 
 
-def measure_onnxruntime(proto: onnx.ModelProto, inputs: dict[str, np.ndarray], *, optimized: bool = True,
-                        threads: int = 2, warmup: int = 10, repeats: int = 50, backend: str = "ort") -> Latency:
-    """Latency of ONNX Runtime on ``proto`` with ``threads`` intra-op threads (optimized session by default)."""
+def onnxruntime_session(proto: onnx.ModelProto, *, optimized: bool = True, threads: int = 2,
+                        disabled_optimizers: tuple[str, ...] = (), optimized_model_path=None):
+    """The ONNX Runtime CPU session every ORT latency is measured in: ``threads`` intra-op threads, one inter-op.
+
+    ``disabled_optimizers`` names ORT graph transformers to skip;
+    ``optimized_model_path`` makes ORT write the graph it will run there.
+    """
     import onnxruntime as ort
 
-    check_settings(threads, warmup, repeats)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    extra = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"], **extra)
+
+
+def time_session(session, inputs: dict[str, np.ndarray], *, threads: int, warmup: int = 10, repeats: int = 50,
+                 backend: str = "ort") -> Latency:
+    """Latency of an open ONNX Runtime session on ``inputs``: ``warmup`` untimed runs, then ``repeats`` timed ones.
+
+    ``threads`` is what the session was opened with (recorded, not set here).
+    """
+    check_settings(threads, warmup, repeats)
     feed = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
     for _ in range(warmup):
         session.run(None, feed)
@@ -66,3 +81,13 @@ def measure_onnxruntime(proto: onnx.ModelProto, inputs: dict[str, np.ndarray], *
         session.run(None, feed)
         times.append(time.perf_counter() - started)
     return summarize(times, backend=backend, warmup=warmup, threads=threads)
+
+
+def measure_onnxruntime(proto: onnx.ModelProto, inputs: dict[str, np.ndarray], *, optimized: bool = True,
+                        threads: int = 2, warmup: int = 10, repeats: int = 50, backend: str = "ort",
+                        disabled_optimizers: tuple[str, ...] = ()) -> Latency:
+    """Latency of ONNX Runtime on ``proto`` with ``threads`` intra-op threads (optimized session by default)."""
+    check_settings(threads, warmup, repeats)
+    session = onnxruntime_session(proto, optimized=optimized, threads=threads,
+                                  disabled_optimizers=disabled_optimizers)
+    return time_session(session, inputs, threads=threads, warmup=warmup, repeats=repeats, backend=backend)

@@ -11,6 +11,9 @@ from precsearch.model._load import LoadedModel, describe_ids
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "float:"
+#: The runtimes a plan can be built for: TVM (precsearch's own build) and ONNX Runtime (``quantize_static``).
+TVM, ORT = "tvm", "ort"
+BACKENDS = (TVM, ORT)
 
 
 @dataclass(frozen=True)
@@ -24,17 +27,29 @@ class Plan:
     """
 
     float_ids: frozenset[str]
+    backend: str = TVM  # the runtime that builds and runs it: "tvm" or "ort"
 
     def __post_init__(self):
         object.__setattr__(self, "float_ids", frozenset(self.float_ids))
+        if self.backend not in BACKENDS:
+            raise PlanError(f"The 'backend' parameter of Plan must be one of {list(BACKENDS)}; "
+                            f"got {self.backend!r} instead.")
 
     def key(self) -> str:
         """Canonical string form: ``"float:"`` + the sorted float ids joined by ``","``.
 
-        The all-int8 plan is ``"float:"``.  Used as cache key, Optuna user
-        attribute and report column.
+        The all-int8 plan is ``"float:"``.  A plan for ONNX Runtime is prefixed
+        with its backend (``"ort:float:conv1"``): the same float set on two
+        runtimes is two plans.  TVM plans keep the bare form, so studies made
+        before there was a second backend keep their keys.  Used as cache key,
+        Optuna user attribute and report column.
         """
-        return KEY_PREFIX + ",".join(sorted(self.float_ids))
+        bare = KEY_PREFIX + ",".join(sorted(self.float_ids))
+        return bare if self.backend == TVM else f"{self.backend}:{bare}"
+
+    def on(self, backend: str) -> Plan:
+        """The same float layers on ``backend``."""
+        return Plan(self.float_ids, backend)
 
     def int8_ids(self, model: LoadedModel) -> tuple[str, ...]:
         """Int8-capable layers not kept float, in layer order."""
@@ -57,7 +72,8 @@ def parse_plan(spec: str, model: LoadedModel) -> Plan:
     spec : str
         ``"none"`` (no layer kept float: all int8), ``"all"`` (every conv
         float), or comma-separated layer ids (whitespace around ids ignored).
-        The key form ``"float:id,id"`` is accepted too.
+        The key form ``"float:id,id"`` is accepted too (``"ort:float:id,id"``
+        gives the ONNX Runtime plan).
     model : LoadedModel
 
     Returns
@@ -72,6 +88,9 @@ def parse_plan(spec: str, model: LoadedModel) -> Plan:
         Empty spec, empty item, or ids the model does not have.
     """
     text = str(spec).strip()
+    for backend in BACKENDS:
+        if backend != TVM and text.startswith(f"{backend}:{KEY_PREFIX}"):
+            return parse_plan(text[len(backend) + 1:], model).on(backend)
     if text.startswith(KEY_PREFIX):
         text = text[len(KEY_PREFIX) :].strip()
         if not text:

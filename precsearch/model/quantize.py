@@ -380,8 +380,27 @@ def output_steps(model: LoadedModel, ranges: CalibrationRanges) -> dict[str, flo
     return steps
 
 
+class _RootWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.WARNING
+
+
+@contextlib.contextmanager
+def _quiet_root_warnings():
+    """Drop the warnings ``quantize_static`` logs on the root logger ("Please consider pre-processing ...") on every
+    call; precsearch's models are prepared (shape-inferred, BatchNorm folded) before they reach it."""
+    quiet = _RootWarnings()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def user_int8_model(model: LoadedModel, batches: Sequence[dict[str, np.ndarray]], *,
-                    nodes_to_exclude: Sequence[str] = (), cache_dir: Path | None = None) -> onnx.ModelProto:
+                    nodes_to_exclude: Sequence[str] = (), calibration: str = "minmax",
+                    cache_dir: Path | None = None) -> onnx.ModelProto:
     """The int8 model a user of ONNX Runtime would make: ``quantize_static`` with its defaults, per channel.
 
     This is the "ORT int8" baseline: QDQ format, every op type ORT quantizes by
@@ -397,13 +416,19 @@ def user_int8_model(model: LoadedModel, batches: Sequence[dict[str, np.ndarray]]
         Calibration inputs (the same batches the plan builds calibrate on).
     nodes_to_exclude : sequence of str
         Node names ``quantize_static`` keeps float (the ONNX Runtime backend's plans).
+    calibration : str
+        ``calibrate_method`` (:data:`CALIBRATION_METHODS`); the default,
+        MinMax, is ``quantize_static``'s own.
     cache_dir : Path, optional
         Where ``ort-int8-<key>.onnx`` is read from / written to.
     """
     from onnxruntime.quantization import quantize_static
 
+    if calibration not in CALIBRATION_METHODS:
+        raise ConfigError(f"The 'calibration' parameter of user_int8_model must be one of "
+                          f"{sorted(CALIBRATION_METHODS)}; got {calibration!r} instead.")
     excluded = sorted(nodes_to_exclude)
-    key = hashlib.sha256("|".join([calibration_key(model, batches, "minmax"), *excluded]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("|".join([calibration_key(model, batches, calibration), *excluded]).encode()).hexdigest()[:16]
     cache_path = Path(cache_dir) / f"ort-int8-{key}.onnx" if cache_dir is not None else None
     if cache_path is not None and cache_path.is_file():
         return onnx.load(str(cache_path))
@@ -411,9 +436,10 @@ def user_int8_model(model: LoadedModel, batches: Sequence[dict[str, np.ndarray]]
         source, target = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
         onnx.save_model(model.proto, str(source))
         captured = io.StringIO()
-        with contextlib.redirect_stdout(captured):
+        with contextlib.redirect_stdout(captured), _quiet_root_warnings():
             quantize_static(str(source), str(target), _ListReader(batches), quant_format=QuantFormat.QDQ,
-                            per_channel=True, nodes_to_exclude=excluded)
+                            per_channel=True, nodes_to_exclude=excluded,
+                            calibrate_method=CALIBRATION_METHODS[calibration])
         quantized = onnx.load(str(target))
     if cache_path is not None:
         atomic_write(cache_path, quantized.SerializeToString())

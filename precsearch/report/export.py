@@ -1,10 +1,15 @@
-"""Export a trial of a study: the compiled library, the mixed QDQ model, and the float layers for other tools.
+"""Export a trial of a study: what ships (a TVM library, or an ONNX Runtime model), and the float layers for other tools.
 
 The plan is rebuilt by the search's own backend from the study's stored
 settings, with the same cached calibration and tuning database, so the library
 computes what the trial measured.  The float layer list is written in the forms three quantizers take:
 ONNX Runtime's ``nodes_to_exclude``, NNCF's ``IgnoredScope(names=...)`` and
 Intel Neural Compressor's ``op_name_dict``.
+
+A trial of the ONNX Runtime backend exports the quantized model itself
+(``model.int8.onnx``, ready for an ``InferenceSession``), the prepared float
+model it was made from (``model.onnx``) and ``quantize_static.py``, the exact
+call with ``nodes_to_exclude`` that makes one from the other.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 
 from precsearch.study.config import SearchConfig
 from precsearch.errors import ConfigError
+from precsearch.model.plan import ORT
 from precsearch.files import atomic_write
 from precsearch.study.record import StudyAttrs, TrialRecord
 from precsearch.workspace import Workspace
@@ -51,8 +57,47 @@ OP_NAME_DICT = {{name: {{"activation": {{"dtype": ["fp32"]}}, "weight": {{"dtype
 '''
 
 
-def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | Path) -> dict:
-    """Write ``model.so``, ``model.qdq.onnx``, ``plan.json`` and the three snippets for one completed trial.
+QUANTIZE_STATIC_SNIPPET = '''"""Trial {trial}'s ONNX Runtime model: the quantize_static call that makes it, and the session it was measured in.
+
+model.onnx is the model as precsearch prepared it (BatchNorm folded into the convs, unnamed nodes named), so
+the names below are its node names.  With the calibration inputs the search used, quantize() writes a model
+identical to model.int8.onnx (made with onnxruntime {ort_version}).
+
+Load it with session(): ONNX Runtime's WeightBiasQuantization optimizer would otherwise re-quantize, at load
+time, every excluded conv whose input is dequantized, and the convs kept float would run int8 after all.
+"""
+import onnxruntime
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+NODES_TO_EXCLUDE = {names}
+DISABLED_OPTIMIZERS = {disabled}
+
+
+def quantize(calibration_data_reader, model_input="model.onnx", model_output="model.int8.onnx"):
+    quantize_static(model_input, model_output, calibration_data_reader, quant_format=QuantFormat.QDQ,
+                    per_channel=True, nodes_to_exclude=NODES_TO_EXCLUDE,
+                    calibrate_method=CalibrationMethod.{method})
+
+
+def session(model_path="model.int8.onnx", threads={threads}):
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(model_path, options, providers=["CPUExecutionProvider"],
+                                        disabled_optimizers=list(DISABLED_OPTIMIZERS))
+'''
+_CALIBRATE_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | Path, *,
+                 backend: str | None = None) -> dict:
+    """Write what one completed trial ships, its ``plan.json`` and the quantizer snippets.
+
+    A TVM trial: ``model.so``, ``model.qdq.onnx`` and the three snippets.  An
+    ONNX Runtime trial: ``model.int8.onnx`` (when the plan has int8 convs),
+    ``model.onnx`` and ``quantize_static.py``.  ``backend``, when given, must
+    be the trial's.
 
     Returns
     -------
@@ -68,6 +113,9 @@ def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | P
         reason = f": {record.fail_reason}" if record.fail_reason else ""
         raise ConfigError(f"The 'trial' parameter of export must name a completed trial; trial {trial_number} is "
                           f"{record.state.lower()}{reason}.")
+    if backend is not None and backend != record.backend:
+        raise ConfigError(f"The 'backend' parameter of export must be the trial's backend; trial {trial_number} "
+                          f"ran on {record.backend!r}, got {backend!r} instead.")
     trial = trials[trial_number]
     attrs = StudyAttrs(study)
     config = SearchConfig.from_dict(attrs.config)
@@ -76,8 +124,11 @@ def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | P
         raise ConfigError(f"The model {config.model!r} is not the one study {study.study_name!r} was made for.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    workspace = Workspace.from_config(config, model, workdir, preset)
+    if record.backend == ORT:
+        return _export_ort(study, trial, record, config, workspace, out)
     # The search's own workspace, from the same cached calibration and tuning database: the same build.
-    build = Workspace.from_config(config, model, workdir, preset).build(record.plan)
+    build = workspace.build(record.plan)
     plan, qdq, built = record.plan, build.qdq, build.built
     int8_ids = plan.int8_ids(model)
     library = built.export_library(out / "model.so")
@@ -87,7 +138,8 @@ def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | P
     atomic_write(out / "onnxruntime_quantize.py", ORT_SNIPPET.format(trial=trial_number, names=names))
     atomic_write(out / "nncf_ignored_scope.py", NNCF_SNIPPET.format(trial=trial_number, names=names))
     atomic_write(out / "inc_op_name_dict.py", INC_SNIPPET.format(trial=trial_number, names=names))
-    summary = {"study": study.study_name, "trial": trial_number, "model": config.model, "plan": plan.key(),
+    summary = {"study": study.study_name, "trial": trial_number, "backend": record.backend, "model": config.model,
+               "plan": plan.key(),
                "float_layers": every_float, "int8_layers": list(int8_ids), "latency_ms": trial.values[0],
                config.metric: trial.values[1],
                "metrics": {k: v if math.isfinite(v) else str(v) for k, v in record.metrics.items()},
@@ -98,4 +150,43 @@ def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | P
                        "unnamed nodes got Conv_<k> names"}
     atomic_write(out / "plan.json", json.dumps(summary, indent=1))
     logger.info("exported trial %d of %s to %s", trial_number, study.study_name, out)
+    return summary
+
+
+def _export_ort(study, trial, record: TrialRecord, config: SearchConfig, workspace: Workspace, out: Path) -> dict:
+    """An ONNX Runtime trial: its quantized model, the float model it was made from, the call that makes it."""
+    import onnxruntime
+
+    from precsearch.study.ort_backend import DISABLED_OPTIMIZERS, check_ort_plan
+
+    model, plan = workspace.model, record.plan
+    int8_ids = plan.int8_ids(model)
+    every_float = list(plan.float_layer_ids(model))
+    atomic_write(out / "model.onnx", model.proto.SerializeToString())
+    files = {"float_model": str(out / "model.onnx")}
+    if int8_ids:
+        # From the same cached calibration inputs: the model the trial scored and timed.
+        quantized = workspace.ort_model(plan)
+        check_ort_plan(model, quantized, plan)
+        atomic_write(out / "model.int8.onnx", quantized.SerializeToString())
+        files["int8_model"] = str(out / "model.int8.onnx")
+        atomic_write(out / "quantize_static.py", QUANTIZE_STATIC_SNIPPET.format(
+            trial=trial.number, names=json.dumps(every_float), ort_version=onnxruntime.__version__,
+            method=_CALIBRATE_METHODS[config.calibration], disabled=json.dumps(list(DISABLED_OPTIMIZERS)),
+            threads=config.threads))
+        files["snippet"] = str(out / "quantize_static.py")
+    summary = {"study": study.study_name, "trial": trial.number, "backend": ORT, "model": config.model,
+               "plan": plan.key(), "float_layers": every_float, "int8_layers": list(int8_ids),
+               "latency_ms": trial.values[0], config.metric: trial.values[1],
+               "metrics": {k: v if math.isfinite(v) else str(v) for k, v in record.metrics.items()},
+               **files, "onnxruntime": onnxruntime.__version__, "threads": config.threads,
+               "inputs": list(model.input_shapes), "outputs": list(model.output_names),
+               "nodes_to_exclude": every_float,
+               "session": {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": config.threads,
+                           "inter_op_num_threads": 1, "disabled_optimizers": list(DISABLED_OPTIMIZERS)},
+               "note": ("load model.int8.onnx with quantize_static.py's session() (graph optimizations on, "
+                        "WeightBiasQuantization off, as measured); quantize() makes it from model.onnx" if int8_ids else
+                        "every conv is float: this plan is the float model itself (model.onnx)")}
+    atomic_write(out / "plan.json", json.dumps(summary, indent=1))
+    logger.info("exported ONNX Runtime trial %d of %s to %s", trial.number, study.study_name, out)
     return summary

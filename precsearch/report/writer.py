@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 _BASELINE_LABELS = {"ort_float": "ORT float", "ort_int8": "ORT int8 (quantize_static)"}
 
 REPORT_DIR = "report"
+# How each runtime's plans are drawn and named.
+_BACKEND_STYLE = {"tvm": ("o", "tab:blue", "circle"), "ort": ("^", "tab:purple", "triangle-up")}
+_RUNTIME = {"tvm": "TVM", "ort": "ONNX Runtime"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ def _trial_row(trial) -> dict:
     result = record.result
     has_plan = record.plan_key is not None
     row = {"trial": trial.number, "state": trial.state.name, "plan": record.plan_key,
+           "backend": record.backend if has_plan else None,
            "float_count": len(record.float_layers) if has_plan else None,
            "float_layers": json.dumps(list(record.float_layers)) if has_plan else None,
            "latency_ms": trial.values[0] if trial.values else (result.latency_ms if result else None),
@@ -135,7 +139,8 @@ def collect(study, *, workdir: str | Path | None = None, layer_ids=(), command_p
     by_number = {t.number: t for t in trials}
     for point in points:
         result = TrialRecord.from_trial(by_number[point.trial]).result
-        row = {"trial": point.trial, "plan": point.plan, "float_layers": json.dumps(list(point.float_layers)),
+        row = {"trial": point.trial, "plan": point.plan, "backend": point.backend,
+               "float_layers": json.dumps(list(point.float_layers)),
                "float_count": len(point.float_layers), "latency_ms": point.latency_ms,
                "latency_iqr_ms": result.latency_iqr_ms, metric: point.fidelity}
         row.update(result.metrics)
@@ -161,7 +166,8 @@ def collect(study, *, workdir: str | Path | None = None, layer_ids=(), command_p
     if workdir is not None and (Path(workdir) / "sensitivity.csv").is_file():
         sensitivity = pd.read_csv(Path(workdir) / "sensitivity.csv")
     recommended = None
-    beats, ship_baseline = beats_baselines(front, baselines, metric, higher_is_better)
+    beats, ship_baseline = beats_baselines(front, baselines, metric, higher_is_better,
+                                           same_as=_baseline_plans(front, len(layer_ids), config))
     if beats.any():
         # The knee only among plans that beat what the user already has.
         candidates = front[beats]
@@ -175,14 +181,34 @@ def collect(study, *, workdir: str | Path | None = None, layer_ids=(), command_p
                       recommended=recommended, commands=commands, ship_baseline=ship_baseline)
 
 
-def beats_baselines(front: pd.DataFrame, baselines: dict, metric: str, higher_is_better: bool):
+_FLOAT_BASELINE, _INT8_BASELINE = "ONNX Runtime float", "ONNX Runtime int8 (quantize_static)"
+
+
+def _baseline_plans(front: pd.DataFrame, layer_count: int, config) -> dict[str, np.ndarray]:
+    """Front plans that are a baseline itself: ONNX Runtime's all-float plan is ORT float, and its all-int8 plan
+    (MinMax calibration, ``quantize_static``'s default) is the user's ``quantize_static`` model."""
+    if not len(front) or "backend" not in front:
+        return {}
+    ort = (front["backend"] == "ort").to_numpy(bool)
+    floats = front["float_count"].to_numpy(int)
+    same = {_FLOAT_BASELINE: ort & (floats == layer_count)}
+    if config.calibration == "minmax":
+        same[_INT8_BASELINE] = ort & (floats == 0)
+    return same
+
+
+def beats_baselines(front: pd.DataFrame, baselines: dict, metric: str, higher_is_better: bool, *,
+                    same_as: dict[str, np.ndarray] | None = None):
     """Which front plans no ONNX Runtime baseline beats, and the baseline to ship when none is left.
 
     A baseline beats a plan when it is at least as fast and at least as faithful.
     ORT float is the reference itself, so it is faithful to every metric; ORT
-    int8's fidelity is the one measured on the same evaluation set.  Returns
-    ``(mask over front, ship)`` where ``ship`` names the baseline that beats
-    every plan (None when some plan survives or the front is empty).
+    int8's fidelity is the one measured on the same evaluation set.  A plan that
+    *is* a baseline (``same_as``: baseline name → mask over the front, e.g. the
+    ONNX Runtime backend's all-int8 plan, which is ``quantize_static``) counts
+    as beaten by it whatever its own timing says: it offers nothing new.
+    Returns ``(mask over front, ship)`` where ``ship`` names the baseline that
+    beats every plan (None when some plan survives or the front is empty).
     """
     if not len(front):
         return np.zeros(0, dtype=bool), None
@@ -191,11 +217,13 @@ def beats_baselines(front: pd.DataFrame, baselines: dict, metric: str, higher_is
     fidelity = front[metric].to_numpy(float)
     beaten_by = {}
     if "ort_float_ms" in baselines:
-        beaten_by["ONNX Runtime float"] = latency >= baselines["ort_float_ms"]
+        beaten_by[_FLOAT_BASELINE] = latency >= baselines["ort_float_ms"]
     int8_fidelity = baselines.get(f"ort_int8_{metric}")
     if "ort_int8_ms" in baselines and int8_fidelity is not None:
         faithful = fidelity <= int8_fidelity if higher_is_better else fidelity >= int8_fidelity
-        beaten_by["ONNX Runtime int8 (quantize_static)"] = (latency >= baselines["ort_int8_ms"]) & faithful
+        beaten_by[_INT8_BASELINE] = (latency >= baselines["ort_int8_ms"]) & faithful
+    for name, mask in (same_as or {}).items():
+        beaten_by[name] = beaten_by.get(name, np.zeros(len(front), dtype=bool)) | mask
     beaten = np.zeros(len(front), dtype=bool)
     for mask in beaten_by.values():
         beaten |= mask
@@ -208,6 +236,8 @@ def beats_baselines(front: pd.DataFrame, baselines: dict, metric: str, higher_is
 def _commands(config, study_name: str, workdir, recommended, prefix: str) -> dict[str, str]:
     where = ["--workdir", str(workdir)] if workdir is not None else []
     search = [prefix, "search", config.model, *where, "--study", study_name, "--metric", config.metric]
+    if config.backend != "tvm":
+        search += ["--backend", config.backend]
     for flag, value in (("--max-drop", config.max_drop), ("--goal", config.goal), ("--trials", config.trials),
                         ("--sampler", config.sampler), ("--seed", config.seed), ("--data", config.data),
                         ("--eval-batches", config.eval_batches), ("--threads", config.threads)):
@@ -219,8 +249,12 @@ def _commands(config, study_name: str, workdir, recommended, prefix: str) -> dic
         commands["export"] = shlex.join([prefix, "export", *where, "--study", study_name, "--trial", str(trial),
                                          "--out", f"export-trial-{trial}"])
         floats = ",".join(json.loads(recommended["float_layers"])) or "none"
-        commands["build"] = shlex.join([prefix, "build", config.model, "--float", floats, *where,
-                                        "--out", f"build-trial-{trial}", "--check"])
+        if recommended.get("backend", "tvm") == "tvm":
+            commands["build"] = shlex.join([prefix, "build", config.model, "--float", floats, *where,
+                                            "--out", f"build-trial-{trial}", "--check"])
+        else:
+            commands["bench"] = shlex.join([prefix, "bench", config.model, *where, "--backend", "ort",
+                                            "--plan", floats])
     return commands
 
 
@@ -243,17 +277,28 @@ def pareto_png(data: ReportData) -> bytes:
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     done = data.trials[data.trials["state"] == "COMPLETE"] if len(data.trials) else data.trials
+    backends = _backends(data)
     if len(done):
         feasible = done["feasible"].fillna(True).astype(bool)
-        ax.scatter(done.loc[feasible, "latency_ms"], done.loc[feasible, "fidelity"], s=14, color="0.6",
-                   label="feasible trials")
-        if (~feasible).any():
-            ax.scatter(done.loc[~feasible, "latency_ms"], done.loc[~feasible, "fidelity"], s=14, facecolors="none",
-                       edgecolors="0.6", label="infeasible trials")
+        for backend in backends:
+            mine = _of_backend(done, backend)
+            marker = _BACKEND_STYLE[backend][0]
+            name = f"{_RUNTIME[backend]} " if len(backends) > 1 else ""
+            ax.scatter(done.loc[feasible & mine, "latency_ms"], done.loc[feasible & mine, "fidelity"], s=14,
+                       marker=marker, color="0.6", label=f"{name}feasible trials")
+            if (~feasible & mine).any():
+                ax.scatter(done.loc[~feasible & mine, "latency_ms"], done.loc[~feasible & mine, "fidelity"], s=14,
+                           marker=marker, facecolors="none", edgecolors="0.6", label=f"{name}infeasible trials")
     if len(data.front):
         front = data.front
-        ax.errorbar(front["latency_ms"], front[data.metric], xerr=_spread_ms(front) / 2, fmt="-o",
-                    color="tab:blue", ms=5, capsize=2, label="Pareto front (bars: latency IQR)")
+        ax.plot(front["latency_ms"], front[data.metric], "-", color="0.3", linewidth=1)
+        for backend in backends:
+            mine = _of_backend(front, backend)
+            if mine.any():
+                marker, color, _ = _BACKEND_STYLE[backend]
+                ax.errorbar(front.loc[mine, "latency_ms"], front.loc[mine, data.metric],
+                            xerr=_spread_ms(front)[mine] / 2, fmt=marker, color=color, ms=6, capsize=2,
+                            label=f"Pareto front, {_RUNTIME[backend]} (bars: latency IQR)")
     if data.recommended is not None:
         ax.scatter([data.recommended["latency_ms"]], [data.recommended[data.metric]], s=160, marker="*",
                    color="tab:red", zorder=5, label=f"recommended (trial {int(data.recommended['trial'])})")
@@ -262,10 +307,12 @@ def pareto_png(data: ReportData) -> bytes:
             ax.axvline(data.baselines[f"{name}_ms"], color="tab:green", linestyle=style,
                        label=f"{_BASELINE_LABELS[name]} ({data.baselines[f'{name}_ms']:.3f} ms)")
     for seed, marker in (("all-float", "s"), ("all-int8", "D")):
-        rows = done[done["seed"] == seed] if len(done) and "seed" in done else []
-        if len(rows):
-            ax.scatter(rows["latency_ms"], rows["fidelity"], s=60, marker=marker, color="tab:orange", zorder=4,
-                       label=f"TVM {seed}")
+        for backend in backends:
+            rows = done[(done["seed"] == seed) & _of_backend(done, backend)] if len(done) and "seed" in done else []
+            if len(rows):
+                ax.scatter(rows["latency_ms"], rows["fidelity"], s=60, marker=marker,
+                           color="tab:orange" if backend == "tvm" else "tab:pink", zorder=4,
+                           label=f"{_RUNTIME[backend].replace('ONNX Runtime', 'ORT')} {seed}")
     if data.goal is not None:
         ax.axhline(data.goal, color="tab:red", linewidth=0.8, label=f"goal {data.metric} = {data.goal:g}")
     ax.ticklabel_format(axis="y", useOffset=False)
@@ -281,32 +328,64 @@ def pareto_png(data: ReportData) -> bytes:
     return buffer.getvalue()
 
 
+def _backends(data: ReportData) -> list[str]:
+    """The runtimes the study's plans ran on, TVM first (a study made before there was a choice: TVM)."""
+    seen = set(data.trials["backend"].dropna()) if len(data.trials) and "backend" in data.trials else set()
+    return [b for b in _BACKEND_STYLE if b in seen] or ["tvm"]
+
+
+def _of_backend(frame: pd.DataFrame, backend: str) -> pd.Series:
+    if "backend" not in frame:
+        return pd.Series(backend == "tvm", index=frame.index)
+    return frame["backend"].fillna("tvm") == backend
+
+
 def pareto_figure(data: ReportData):
     import plotly.graph_objects as go
 
     fig = go.Figure()
     done = data.trials[data.trials["state"] == "COMPLETE"] if len(data.trials) else data.trials
-    hover = "trial %{customdata[0]}<br>%{x:.3f} ms, " + data.metric + " %{y:.4g}<br>float: %{customdata[1]}" \
-            "<extra></extra>"
+    hover = "trial %{customdata[0]} (%{customdata[2]})<br>%{x:.3f} ms, " + data.metric + \
+            " %{y:.4g}<br>float: %{customdata[1]}<extra></extra>"
+    backends = _backends(data)
 
     def custom(frame):
+        runtime = (frame["backend"].fillna("tvm") if "backend" in frame else pd.Series("tvm", index=frame.index))
         return np.stack([frame["trial"].astype(int).astype(str),
-                         frame["float_layers"].map(lambda s: ", ".join(json.loads(s)) or "none (all int8)")], axis=1)
+                         frame["float_layers"].map(lambda s: ", ".join(json.loads(s)) or "none (all int8)"),
+                         runtime.map(_RUNTIME)], axis=1)
 
-    if len(done):
-        fig.add_trace(go.Scatter(x=done["latency_ms"], y=done["fidelity"], mode="markers", name="trials",
-                                 marker=dict(color="lightgray", size=7), customdata=custom(done),
-                                 hovertemplate=hover))
-    if len(data.front):
-        fig.add_trace(go.Scatter(x=data.front["latency_ms"], y=data.front[data.metric], mode="lines+markers",
-                                 name="Pareto front", customdata=custom(data.front), hovertemplate=hover,
-                                 error_x=dict(type="data", array=(_spread_ms(data.front) / 2).tolist())))
-    for seed, symbol in (("all-float", "square"), ("all-int8", "diamond")):
-        rows = done[done["seed"] == seed] if len(done) and "seed" in done else done.iloc[:0]
+    for backend in backends:
+        rows = done[_of_backend(done, backend)] if len(done) else done
         if len(rows):
-            fig.add_trace(go.Scatter(x=rows["latency_ms"], y=rows["fidelity"], mode="markers", name=f"TVM {seed}",
-                                     marker=dict(symbol=symbol, size=12, color="darkorange"),
+            name = f"{_RUNTIME[backend]} trials" if len(backends) > 1 else "trials"
+            fig.add_trace(go.Scatter(x=rows["latency_ms"], y=rows["fidelity"], mode="markers", name=name,
+                                     marker=dict(color="lightgray", size=7, symbol=_BACKEND_STYLE[backend][2]),
                                      customdata=custom(rows), hovertemplate=hover))
+    if len(data.front):
+        front = data.front
+        fig.add_trace(go.Scatter(x=front["latency_ms"], y=front[data.metric], mode="lines", name="Pareto front",
+                                 line=dict(color="gray"), hoverinfo="skip"))
+        for backend in backends:
+            mine = _of_backend(front, backend)
+            if mine.any():
+                rows = front[mine]
+                fig.add_trace(go.Scatter(
+                    x=rows["latency_ms"], y=rows[data.metric], mode="markers", name=f"front: {_RUNTIME[backend]}",
+                    marker=dict(symbol=_BACKEND_STYLE[backend][2], size=10,
+                                color=_BACKEND_STYLE[backend][1].removeprefix("tab:")),
+                    customdata=custom(rows), hovertemplate=hover,
+                    error_x=dict(type="data", array=(_spread_ms(front)[mine] / 2).tolist())))
+    for seed, symbol in (("all-float", "square"), ("all-int8", "diamond")):
+        for backend in backends:
+            rows = done[(done["seed"] == seed) & _of_backend(done, backend)] if len(done) and "seed" in done \
+                else done.iloc[:0]
+            if len(rows):
+                label = f"{_RUNTIME[backend].replace('ONNX Runtime', 'ORT')} {seed}"
+                fig.add_trace(go.Scatter(x=rows["latency_ms"], y=rows["fidelity"], mode="markers", name=label,
+                                         marker=dict(symbol=symbol, size=12,
+                                                     color="darkorange" if backend == "tvm" else "hotpink"),
+                                         customdata=custom(rows), hovertemplate=hover))
     if data.recommended is not None:
         rec = pd.DataFrame([data.recommended])
         fig.add_trace(go.Scatter(x=rec["latency_ms"], y=rec[data.metric], mode="markers", name="recommended",
@@ -366,10 +445,24 @@ def _verdict_counts(trials: pd.DataFrame) -> str:
     """One sentence: how the evaluated plans' builds compared with ONNX Runtime on their own QDQ models."""
     counts = trials[trials["duplicate_of"].isna()]["verdict"].value_counts() if len(trials) else {}
     parts = [f"{int(counts[v])} {v}" for v in (AGREES, NEAR_TIES, COMPILER_PROBLEM) if v in counts]
+    ort_note = ""
+    if len(trials) and "backend" in trials and (trials["backend"] == "ort").any():
+        ort_note = (" ONNX Runtime plans are scored in the session that ships, so they have no cross-check; "
+                    "their graphs are checked to keep exactly the planned convs float.")
     if not parts:
-        return "Cross-check with ONNX Runtime: no trial was checked."
+        return "Cross-check with ONNX Runtime: no trial was checked." + ort_note
     return (f"Cross-check of each trial's build with ONNX Runtime on the same QDQ model: {', '.join(parts)} "
-            "(a compiler problem fails its trial).")
+            "(a compiler problem fails its trial)." + ort_note)
+
+
+def ship_line(recommended: dict) -> str:
+    """What to ship, naming the runtime: the TVM library or the ``quantize_static`` model for ONNX Runtime."""
+    trial = int(recommended["trial"])
+    floats = json.loads(recommended["float_layers"])
+    if recommended.get("backend", "tvm") == "ort":
+        return (f"Ship trial {trial} with ONNX Runtime: quantize_static with nodes_to_exclude={json.dumps(floats)} "
+                "(export writes model.int8.onnx)")
+    return f"Ship trial {trial}, the TVM library (export writes model.so)"
 
 
 def report_html(data: ReportData, png: bytes) -> str:
@@ -390,14 +483,15 @@ def report_html(data: ReportData, png: bytes) -> str:
         speedups = ", ".join(f"{rec[k]:.2f}× vs {k.removeprefix('speedup_vs_').replace('_', ' ')}"
                              for k in ("speedup_vs_ort_float", "speedup_vs_ort_int8") if k in rec and rec[k])
         floats = json.loads(rec["float_layers"])
-        summary = (f"<p class='rec'><b>Ship trial {int(rec['trial'])}</b>: {latency:.3f} ms "
+        summary = (f"<p class='rec'><b>{html.escape(ship_line(rec))}</b>: {latency:.3f} ms "
                    f"({speedups or 'no ORT baseline measured'}), {data.metric} {rec[data.metric]:.4g}"
                    f"{f' (goal {data.goal:g})' if data.goal is not None else ''}; "
                    f"{len(floats)} float conv{'s' if len(floats) != 1 else ''}: "
                    f"{html.escape(', '.join(floats) or 'none (all int8)')}. It is the knee of the feasible front: "
                    f"the plan where more speed starts to cost the most fidelity.</p>")
     elif data.ship_baseline is not None:
-        summary = (f"<p class='rec'><b>Ship {html.escape(data.ship_baseline)}; no TVM plan beats it here.</b> "
+        which = "TVM plan" if _backends(data) == ["tvm"] else "plan"
+        summary = (f"<p class='rec'><b>Ship {html.escape(data.ship_baseline)}; no {which} beats it here.</b> "
                    f"Every plan on the front is slower than it at equal or worse {data.metric}.</p>")
     else:
         summary = "<p class='rec'><b>No feasible plan yet.</b></p>"
@@ -409,10 +503,10 @@ def report_html(data: ReportData, png: bytes) -> str:
     if ort_int8_fidelity is not None:
         baselines += f" (ORT int8 {data.metric} {ort_int8_fidelity:.4g})"
     metric_columns = [c for c in ("top1", "top5", "cosine", "sqnr_db", "nmse", "max_abs_error") if c in data.front]
-    table = _table(data.front, ["trial", "latency_ms", "latency_iqr_ms", "remeasured_median_ms", "remeasured_iqr_ms",
+    table = _table(data.front, ["trial", "backend", "latency_ms", "latency_iqr_ms", "remeasured_median_ms", "remeasured_iqr_ms",
                                 *metric_columns, "speedup_vs_ort_float", "speedup_vs_ort_int8", "verdict",
                                 "float_count", "float_layers"]) if len(data.front) else "<p>empty</p>"
-    failures = _table(failed, ["trial", "plan", "verdict", "fail_reason"]) if len(failed) else "<p>none</p>"
+    failures = _table(failed, ["trial", "backend", "plan", "verdict", "fail_reason"]) if len(failed) else "<p>none</p>"
     checked = _verdict_counts(data.trials)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>precsearch: {html.escape(data.study_name)}</title>
@@ -421,7 +515,7 @@ padding:10px}} code{{background:#f4f4f4;padding:2px 4px}} .table{{border-collaps
 .table td,.table th{{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}} dt{{font-weight:bold}}</style>
 </head><body>
 <h1>precsearch report: {html.escape(data.study_name)}</h1>
-<p>model <code>{html.escape(data.model)}</code>; fidelity metric <b>{html.escape(data.metric)}</b> against ONNX
+<p>model <code>{html.escape(data.model)}</code>; runtimes: {html.escape(", ".join(_RUNTIME[b] for b in _backends(data)))}; fidelity metric <b>{html.escape(data.metric)}</b> against ONNX
 Runtime float; {len(done)} completed trials ({done['plan'].nunique() if len(done) else 0} distinct plans),
 {len(failed)} failed; baselines: {html.escape(baselines)}.</p>
 <p>{html.escape(checked)}</p>

@@ -18,12 +18,14 @@ SAMPLERS = ("tpe", "nsga2", "gp", "random", "exhaustive")
 EXHAUSTIVE_MAX_PLANS = 1024
 #: Metrics whose float value is a perfect 1.0, so a relative drop is meaningful.
 DROP_METRICS = ("top1", "top5", "cosine")
+#: What a search builds its plans with: TVM, ONNX Runtime (``quantize_static``), or both in one study.
+SEARCH_BACKENDS = ("tvm", "ort", "both")
 
 # These settings decide what a trial's numbers mean: a resumed study or a joining
 # worker must use the same ones, or its trials would not be comparable.
 OBJECTIVE_FIELDS = ("model", "input_shapes", "data", "preset", "calibration", "calibration_batches", "eval_batches",
                     "metric", "max_drop", "goal", "threads", "requant", "block_size", "float_layout", "warmup",
-                    "repeats", "untuned", "check_batches")
+                    "repeats", "untuned", "check_batches", "backend")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,12 @@ class SearchConfig:
         ONNX Runtime on the same QDQ model, as ``build --check`` does; a
         compiler problem fails the trial.  Studies stored before this setting
         existed load with the default, 1.
+    backend : str
+        ``"tvm"`` (precsearch's TVM builds), ``"ort"`` (each plan is
+        ``quantize_static`` with the plan's float convs in ``nodes_to_exclude``,
+        timed and scored in an optimized ONNX Runtime session) or ``"both"``
+        (the backend is one more parameter of the plan space).  Studies stored
+        before this setting existed load as ``"tvm"``.
     """
 
     model: str
@@ -81,6 +89,7 @@ class SearchConfig:
     grace_period_s: int = 120
     max_retry: int = 2
     check_batches: int = 1
+    backend: str = "tvm"
 
     def __post_init__(self):
         for name, low in (("calibration_batches", 1), ("eval_batches", 1), ("sensitivity_k", 0), ("workers", 1),
@@ -107,6 +116,9 @@ class SearchConfig:
                                   "give --goal instead.")
         if self.goal is not None and not (isinstance(self.goal, (int, float)) and math.isfinite(self.goal)):
             raise ConfigError(f"The 'goal' parameter of search must be a finite number; got {self.goal!r} instead.")
+        if self.backend not in SEARCH_BACKENDS:
+            raise ConfigError(f"The 'backend' parameter of search must be one of {list(SEARCH_BACKENDS)}; "
+                              f"got {self.backend!r} instead.")
         if self.requant not in ("float64", "float32"):
             raise ConfigError(f"The 'requant' parameter of search must be 'float64' or 'float32'; "
                               f"got {self.requant!r} instead.")
@@ -122,6 +134,11 @@ class SearchConfig:
         if self.max_drop is not None:
             return 1.0 - self.max_drop
         return self.goal
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The runtimes this search builds plans for: ``("tvm",)``, ``("ort",)`` or ``("tvm", "ort")``."""
+        return ("tvm", "ort") if self.backend == "both" else (self.backend,)
 
     def replace(self, **changes) -> SearchConfig:
         return dataclasses.replace(self, **changes)

@@ -16,13 +16,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from precsearch.errors import ConfigError
 from precsearch.fidelity.crosscheck import check_build
 from precsearch.fidelity.early_stop import evaluate_plan
-from precsearch.fidelity.metrics import compute_metrics
-from precsearch.fidelity.reference import run_ort
-from precsearch.measure import CpuLock, Latency, measure_onnxruntime
-from precsearch.model.plan import Plan
+from precsearch.measure import CpuLock, Latency
+from precsearch.model.plan import ORT, TVM, Plan
 from precsearch.study.config import SearchConfig
+from precsearch.study.ort_backend import OrtEvaluator, require_backend, measure_ort_baselines
 from precsearch.study.record import COMPILER_PROBLEM, PlanRejected, PlanResult
 from precsearch.tvm import measure_library
 from precsearch.workspace import PlanBuild, Workspace
@@ -59,9 +59,9 @@ class TvmEvaluator:
 
     @classmethod
     def from_config(cls, config: SearchConfig, model, workdir: str | Path, preset: str | None,
-                    metric: str) -> TvmEvaluator:
+                    metric: str, *, workspace: Workspace | None = None) -> TvmEvaluator:
         """The search's workspace (calibration, evaluation inputs, reference, tuning database; cached) and settings."""
-        workspace = Workspace.from_config(config, model, workdir, preset)
+        workspace = workspace or Workspace.from_config(config, model, workdir, preset)
         workspace.prepare()
         if workspace.database is None and not config.untuned:
             logger.warning("no tuning database in %s: plans run untuned kernels, so latencies are far from what a "
@@ -87,6 +87,7 @@ class TvmEvaluator:
 
     def evaluate(self, plan: Plan) -> PlanResult:
         """Build, score and check ``plan``, then time it; raises :class:`PlanRejected` on a compiler problem."""
+        require_backend(plan, TVM, "TVM backend")
         with self.lock.shared():
             started = time.perf_counter()
             build = self.build(plan)
@@ -142,30 +143,52 @@ class TvmEvaluator:
 
     def remeasure(self, plan: Plan, repeats: int) -> Latency:
         """Build ``plan`` again and time it with ``repeats`` runs (the front is re-checked before the final report)."""
+        require_backend(plan, TVM, "TVM backend")
         with self.lock.shared():
             built = self.build(plan).built
         return self._time(built, repeats)
 
     def measure_baselines(self) -> dict:
-        """ONNX Runtime float and int8 latency, and ORT int8's fidelity.
+        """ONNX Runtime float and int8 latency, and ORT int8's fidelity (:func:`measure_ort_baselines`)."""
+        return measure_ort_baselines(self.workspace, self.metric, warmup=self.warmup, repeats=self.repeats,
+                                     lock=self.lock)
 
-        ORT int8 is the user's model (``quantize_static`` defaults, per channel,
-        optimized session); ORT running precsearch's Conv-only all-int8 QDQ model
-        is kept beside it as ``ort_int8_conv_*``.
-        """
-        conv_only = self.workspace.qdq_model(Plan(frozenset()))
-        user = self.workspace.ort_int8_model
-        settings = dict(threads=self.options.threads, warmup=self.warmup, repeats=self.repeats)
-        timing_input = self.workspace.timing_input
-        with self.lock.exclusive():
-            ort_float = measure_onnxruntime(self.model.proto, timing_input, **settings)
-            ort_int8 = measure_onnxruntime(user, timing_input, **settings)
-            ort_conv = measure_onnxruntime(conv_only, timing_input, **settings)
-        with self.lock.shared():
-            int8_metrics = compute_metrics(self.reference, run_ort(user, self.batches, optimized=True)).values
-            conv_metrics = compute_metrics(self.reference, run_ort(conv_only, self.batches, optimized=True)).values
-        return {"ort_float_ms": ort_float.median_ms, "ort_float_iqr_ms": ort_float.iqr_ms,
-                "ort_int8_ms": ort_int8.median_ms, "ort_int8_iqr_ms": ort_int8.iqr_ms,
-                f"ort_int8_{self.metric}": int8_metrics[self.metric],
-                "ort_int8_kind": "quantize_static",
-                "ort_int8_conv_ms": ort_conv.median_ms, f"ort_int8_conv_{self.metric}": conv_metrics[self.metric]}
+
+@dataclass
+class BackendDispatch:
+    """The evaluator of a study that searches more than one runtime: each plan goes to its backend's evaluator.
+
+    ``evaluators`` maps a backend name (``plan.backend``) to its
+    :class:`~precsearch.study.record.PlanEvaluator`.  The baselines (ONNX
+    Runtime float and ``quantize_static`` int8) do not depend on the plan's
+    backend: the first evaluator measures them.
+    """
+
+    evaluators: dict
+
+    def _for(self, plan: Plan):
+        if plan.backend not in self.evaluators:
+            raise ConfigError(f"The study evaluates plans for {sorted(self.evaluators)}; got plan {plan.key()!r} "
+                              f"for {plan.backend!r}.")
+        return self.evaluators[plan.backend]
+
+    def evaluate(self, plan: Plan) -> PlanResult:
+        return self._for(plan).evaluate(plan)
+
+    def remeasure(self, plan: Plan, repeats: int):
+        return self._for(plan).remeasure(plan, repeats)
+
+    def measure_baselines(self):
+        return next(iter(self.evaluators.values())).measure_baselines()
+
+
+def make_evaluator(config: SearchConfig, model, workdir: str | Path, preset: str | None, metric: str):
+    """The search's evaluator for ``config.backend``: TVM, ONNX Runtime, or both over one shared workspace."""
+    workspace = Workspace.from_config(config, model, workdir, preset)
+    evaluators = {}
+    if TVM in config.backends:
+        evaluators[TVM] = TvmEvaluator.from_config(config, model, workdir, preset, metric, workspace=workspace)
+    if ORT in config.backends:
+        workspace.prepare(tvm=TVM in config.backends)
+        evaluators[ORT] = OrtEvaluator.from_config(config, model, workdir, preset, metric, workspace=workspace)
+    return next(iter(evaluators.values())) if len(evaluators) == 1 else BackendDispatch(evaluators)

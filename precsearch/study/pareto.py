@@ -39,6 +39,7 @@ class FrontPoint:
     latency_ms: float
     fidelity: float
     float_layers: tuple[str, ...]
+    backend: str = "tvm"  # the runtime the plan was built for
 
 
 def front_points(trials, *, feasible_only: bool = True, higher_is_better: bool = True) -> list[FrontPoint]:
@@ -69,7 +70,7 @@ def front_points(trials, *, feasible_only: bool = True, higher_is_better: bool =
     losses = np.array([[t.values[0], -t.values[1] if higher_is_better else t.values[1]] for t, _ in unique])
     on_front = _non_dominated(losses)
     points = [FrontPoint(trial=t.number, plan=r.plan_key or "", latency_ms=t.values[0], fidelity=t.values[1],
-                         float_layers=r.float_layers)
+                         float_layers=r.float_layers, backend=r.backend)
               for (t, r), keep in zip(unique, on_front) if keep]
     return sorted(points, key=lambda p: (p.latency_ms, p.trial))
 

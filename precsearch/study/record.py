@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 from precsearch.errors import PrecsearchError
-from precsearch.model.plan import Plan
+from precsearch.model.plan import TVM, Plan
 
 # Verdicts of the cross-check of a build with ONNX Runtime on the same QDQ model: the strings of
 # precsearch.fidelity.crosscheck (a test holds them equal), repeated so the search loop need not import TVM.
@@ -55,7 +55,11 @@ class PlanRejected(PrecsearchError, RuntimeError):
 
 
 class PlanEvaluator(Protocol):
-    """Everything the search loop calls on a backend (TVM here, a stand-in in tests)."""
+    """Everything the search loop calls on a backend (TVM, ONNX Runtime, a stand-in in tests).
+
+    A plan carries the runtime it is for (``plan.backend``); a study over two
+    runtimes hands its plans to a dispatching evaluator.
+    """
 
     def evaluate(self, plan: Plan) -> PlanResult:
         """Build, score and time ``plan``; raise (or return a COMPILER_PROBLEM verdict) when its build is wrong."""
@@ -86,10 +90,14 @@ class TrialRecord:
     ``result`` is None for a trial that failed before anything was measured;
     a compiler-problem trial keeps the metrics and verdict of the wrong library
     (no latency).  Duplicates (``duplicate_of``) carry their owner's result.
+    ``backend`` is the runtime the plan was built for; it is written only when
+    it is not ``"tvm"``, so a trial without it (every study made before the
+    ONNX Runtime backend) reads as a TVM trial.
     """
 
     plan_key: str | None = None
     float_layers: tuple[str, ...] = ()
+    backend: str = TVM
     int8_convs: int | None = None
     result: PlanResult | None = None
     feasible: bool | None = None
@@ -110,6 +118,8 @@ class TrialRecord:
         if self.plan_key is not None:
             attrs["plan"] = self.plan_key
             attrs["float_layers"] = list(self.float_layers)
+        if self.backend != TVM:
+            attrs["backend"] = self.backend
         for name in ("int8_convs", "feasible", "fail_reason", "seed", "worker", "duplicate_of", "reruns", "skipped"):
             if getattr(self, name) is not None:
                 attrs[name] = getattr(self, name)
@@ -123,7 +133,7 @@ class TrialRecord:
     def from_attrs(cls, attrs: dict, *, number: int | None = None, state: str | None = None) -> TrialRecord:
         plan_key = attrs.get("plan")
         return cls(plan_key=plan_key, float_layers=tuple(attrs.get("float_layers", ())),
-                   int8_convs=attrs.get("int8_convs"), result=_result_of(attrs), feasible=attrs.get("feasible"),
+                   backend=attrs.get("backend", TVM), int8_convs=attrs.get("int8_convs"), result=_result_of(attrs), feasible=attrs.get("feasible"),
                    fail_reason=attrs.get("fail_reason"), seed=attrs.get("seed"), worker=attrs.get("worker"),
                    duplicate_of=attrs.get("duplicate_of"), reruns=attrs.get("reruns"), skipped=attrs.get("skipped"),
                    number=number, state=state)
@@ -135,7 +145,7 @@ class TrialRecord:
 
     @property
     def plan(self) -> Plan:
-        return Plan(frozenset(self.float_layers))
+        return Plan(frozenset(self.float_layers), self.backend)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -238,6 +248,8 @@ def set_attrs(trial, **values) -> None:
                 raise TypeError("set_attrs(result=None): a recorded result cannot be taken back")
             for key, item in result_attrs(value).items():
                 trial.set_user_attr(key, item)
+        elif name == "backend" and value == TVM:
+            continue  # the value an absent attribute reads as: TVM trials keep the attributes they always had
         else:
             stored = list(value) if name == "float_layers" and value is not None else value
             trial.set_user_attr(_ATTR_OF_FIELD.get(name, name), stored)

@@ -37,7 +37,7 @@ from precsearch.errors import ConfigError, PrecsearchError, first_line
 from precsearch.fidelity.metrics import METRICS
 from precsearch.model import LoadedModel
 from precsearch.study.pareto import FrontPoint, finite_objective, front_points
-from precsearch.model.plan import Plan
+from precsearch.model.plan import BACKENDS, TVM, Plan
 from precsearch.study.record import (COMPILER_PROBLEM, PlanEvaluator, PlanRejected, StudyAttrs,
                                      TrialRecord, copy_result, set_attrs)
 from precsearch.study.storage import PlanClaims, quiet_experimental, redact_url
@@ -45,6 +45,7 @@ from precsearch.study.storage import PlanClaims, quiet_experimental, redact_url
 logger = logging.getLogger(__name__)
 
 INT8, FLOAT = "int8", "float"
+BACKEND_PARAM = "backend"  # the Optuna parameter that picks the runtime when a study searches both
 INTERRUPTED = "interrupted"
 CONSTRAINT = "fidelity_goal"
 DEFAULT_TRIALS = 200
@@ -62,35 +63,61 @@ class TrialFailed(PrecsearchError, RuntimeError):
 
 
 class PlanSpace:
-    """The int8-capable convs of a model as Optuna parameters, one per conv."""
+    """The int8-capable convs of a model as Optuna parameters, one per conv, and the backend when there are two.
 
-    def __init__(self, model: LoadedModel):
+    With one backend (``("tvm",)``, the default, or ``("ort",)``) every plan
+    is built for it and the space has no backend parameter, so a TVM study's
+    parameters are what they were before there was a second backend.  With
+    ``("tvm", "ort")`` one more categorical parameter, ``backend``, chooses the
+    runtime: the same float set on two runtimes is two plans.
+    """
+
+    def __init__(self, model: LoadedModel, backends: Sequence[str] = (TVM,)):
         self.layer_ids = tuple(model.capable_ids())
         if not self.layer_ids:
             raise ConfigError(f"The model {str(model.source)!r} has no int8-capable conv layers to search over.")
+        self.backends = tuple(backends)
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if not self.backends or unknown:
+            raise ConfigError(f"The 'backends' parameter of PlanSpace must hold some of {list(BACKENDS)}; "
+                              f"got {list(self.backends)} instead.")
+        if len(self.backends) > 1 and BACKEND_PARAM in self.layer_ids:
+            raise ConfigError(f"The model {str(model.source)!r} has a conv named {BACKEND_PARAM!r}, the name of "
+                              "the search's backend parameter; rename the node to search both backends.")
 
     @property
     def size(self) -> int:
-        return 2 ** len(self.layer_ids)
+        return len(self.backends) * 2 ** len(self.layer_ids)
 
     def suggest(self, trial) -> Plan:
-        return Plan(frozenset(i for i in self.layer_ids if trial.suggest_categorical(i, [INT8, FLOAT]) == FLOAT))
+        float_ids = frozenset(i for i in self.layer_ids if trial.suggest_categorical(i, [INT8, FLOAT]) == FLOAT)
+        backend = trial.suggest_categorical(BACKEND_PARAM, list(self.backends)) if len(self.backends) > 1 \
+            else self.backends[0]
+        return Plan(float_ids, backend)
 
     def params(self, plan: Plan) -> dict[str, str]:
-        return {i: FLOAT if i in plan.float_ids else INT8 for i in self.layer_ids}
+        params = {i: FLOAT if i in plan.float_ids else INT8 for i in self.layer_ids}
+        if len(self.backends) > 1:
+            params[BACKEND_PARAM] = plan.backend
+        return params
 
     def plan_of(self, params: dict) -> Plan | None:
-        """The plan of a (possibly partial) parameter dict; None when some layer is missing."""
+        """The plan of a (possibly partial) parameter dict; None when some layer (or the backend) is missing."""
         if any(i not in params for i in self.layer_ids):
             return None
-        return Plan(frozenset(i for i in self.layer_ids if params[i] == FLOAT))
+        if len(self.backends) > 1 and BACKEND_PARAM not in params:
+            return None
+        backend = params[BACKEND_PARAM] if len(self.backends) > 1 else self.backends[0]
+        return Plan(frozenset(i for i in self.layer_ids if params[i] == FLOAT), backend)
 
 
-def seed_plans(model: LoadedModel, sensitive_ids: Sequence[str] = (), k: int = 0) -> list[tuple[str, Plan]]:
+def seed_plans(model: LoadedModel, sensitive_ids: Sequence[str] = (), k: int = 0,
+               backends: Sequence[str] = (TVM,)) -> list[tuple[str, Plan]]:
     """The plans every search starts from, named: all int8, all float, first and last conv float, top-k sensitive.
 
     ``sensitive_ids`` is the sensitivity ranking, most sensitive first; plans
-    with its first 1..k layers float are added.  Repeated plans appear once.
+    with its first 1..k layers float are added.  Each seed is queued on every
+    one of ``backends`` (TVM first); repeated plans appear once.
     """
     capable = list(model.capable_ids())
     candidates = [("all-int8", Plan(frozenset())), ("all-float", Plan(frozenset(capable))),
@@ -99,9 +126,11 @@ def seed_plans(model: LoadedModel, sensitive_ids: Sequence[str] = (), k: int = 0
         candidates.append((f"sensitive-top-{n}", Plan(frozenset(sensitive_ids[:n]))))
     seen, seeds = set(), []
     for name, plan in candidates:
-        if plan.key() not in seen:
-            seen.add(plan.key())
-            seeds.append((name, plan))
+        for backend in backends:
+            on_backend = plan.on(backend)
+            if on_backend.key() not in seen:
+                seen.add(on_backend.key())
+                seeds.append((name, on_backend))
     return seeds
 
 
@@ -336,7 +365,7 @@ class _Worker:
             plan = self.space.suggest(trial)
             key = plan.key()
             set_attrs(trial, plan_key=key, float_layers=sorted(plan.float_ids, key=self.space.layer_ids.index),
-                      worker=self.name)
+                      backend=plan.backend, worker=self.name)
             while True:
                 claim = self.handle.claims.claim(key, trial.number, self.budget)
                 if claim.outcome == "full":
@@ -394,8 +423,8 @@ class _Worker:
         set_attrs(trial, result=dataclasses.replace(result, latency_ms=latency),
                   int8_convs=len(self.space.layer_ids) - len(plan.float_ids))
         self._record_constraint(trial, fidelity)
-        logger.info("trial %d: %d float layers, %.3f ms, %s %.4g", trial.number, len(plan.float_ids), latency,
-                    self.handle.metric, fidelity)
+        logger.info("trial %d: %s, %d float layers, %.3f ms, %s %.4g", trial.number, plan.backend,
+                    len(plan.float_ids), latency, self.handle.metric, fidelity)
         return latency, fidelity
 
     def _follow(self, trial, key: str, owner: int):
@@ -561,8 +590,8 @@ def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator
     """
     import optuna
 
-    space = PlanSpace(model)
     config = handle.config
+    space = PlanSpace(model, config.backends)
     budget = trial_budget(config, space.size)
     sampler_name = config.sampler or default_sampler(space.size)
     with quiet_experimental():
@@ -619,7 +648,7 @@ def remeasure_front(handle: StudyHandle, evaluator: PlanEvaluator, *, repeats: i
             continue
         if progress is not None:
             progress(f"re-measuring front plan {done}/{len(points)} (trial {point.trial}, {repeats} runs)")
-        latency = evaluator.remeasure(Plan(frozenset(point.float_layers)), repeats)
+        latency = evaluator.remeasure(Plan(frozenset(point.float_layers), point.backend), repeats)
         if latency is None:
             return stored  # a backend that cannot time a plan again
         stored[point.trial] = {"median_ms": latency.median_ms, "iqr_ms": latency.iqr_ms, "runs": latency.runs}

@@ -3,7 +3,9 @@
 For every int8-capable conv it records the fidelity with only that layer int8
 (all others float), the fidelity with only that layer float (all others int8),
 and, optionally, the latency saved by that layer being int8: the latency of the
-plan with only it float minus the all-int8 latency, both TVM builds.
+plan with only it float minus the all-int8 latency, both TVM builds
+(``latency_saved_ms``) or both ONNX Runtime sessions on ``quantize_static``
+models, the layer in ``nodes_to_exclude`` (``ort_latency_saved_ms``), or both.
 
 Fidelity comes from ONNX Runtime running each plan's QDQ model with graph
 optimizations disabled: building 2·N TVM plans for it would take far longer, and
@@ -23,6 +25,8 @@ import pandas as pd
 from precsearch.errors import ConfigError
 from precsearch.fidelity.metrics import METRICS, compute_metrics
 from precsearch.fidelity.reference import run_ort
+from precsearch.measure import measure_onnxruntime
+from precsearch.study.ort_backend import DISABLED_OPTIMIZERS
 from precsearch.model import LoadedModel
 from precsearch.model.plan import Plan
 from precsearch.tvm import measure_library
@@ -42,11 +46,13 @@ class LayerSensitivity:
     macs: int
     only_int8: dict[str, float]  # metrics with only this layer int8
     only_float: dict[str, float]  # metrics with only this layer float
-    latency_saved_ms: float | None  # latency(only this float) - latency(all int8)
+    latency_saved_ms: float | None  # latency(only this float) - latency(all int8), TVM builds
+    ort_latency_saved_ms: float | None = None  # the same on ONNX Runtime (quantize_static, nodes_to_exclude)
 
 
 def run_sensitivity(workspace: Workspace, *, measure_latency: bool = True,
-                    progress: Callable[[int, int, str], None] | None = None) -> list[LayerSensitivity]:
+                    progress: Callable[[int, int, str], None] | None = None,
+                    backends: tuple[str, ...] = ("tvm",)) -> list[LayerSensitivity]:
     """Sensitivity of every int8-capable conv.
 
     Parameters
@@ -56,7 +62,10 @@ def run_sensitivity(workspace: Workspace, *, measure_latency: bool = True,
         set) and their float reference outputs; its compile options and tuning
         database build the timed plans.
     measure_latency : bool
-        Build and time ``1 + N`` TVM plans (minutes on a real model).
+        Build and time ``1 + N`` plans on each of ``backends`` (minutes on a real model).
+    backends : tuple of str
+        ``"tvm"`` (TVM builds) and/or ``"ort"`` (optimized ONNX Runtime
+        sessions on ``quantize_static`` models, timed as the search times them).
     progress : callable, optional
         Called as ``progress(done, total, layer_id)``.
     """
@@ -74,14 +83,21 @@ def run_sensitivity(workspace: Workspace, *, measure_latency: bool = True,
         built = workspace.build(Plan(frozenset(float_ids))).built
         return measure_library(built, workspace.timing_input, threads=workspace.options.threads).median_ms
 
-    base_latency = latency_ms(()) if measure_latency else None
+    def ort_latency_ms(float_ids) -> float:
+        proto = workspace.ort_model(Plan(frozenset(float_ids), "ort"))
+        return measure_onnxruntime(proto, workspace.timing_input, threads=workspace.options.threads,
+                                   disabled_optimizers=DISABLED_OPTIMIZERS).median_ms
+
+    timers = {"tvm": latency_ms, "ort": ort_latency_ms}
+    timed = [b for b in ("tvm", "ort") if b in backends] if measure_latency else []
+    base = {b: timers[b](()) for b in timed}
     rows = []
     started = time.perf_counter()
     for done, layer_id in enumerate(capable, start=1):
         layer = model.layer(layer_id)
-        saved = latency_ms({layer_id}) - base_latency if measure_latency else None
+        saved = {b: timers[b]({layer_id}) - base[b] for b in timed}
         rows.append(LayerSensitivity(layer_id, layer.index, layer.macs, fidelity(all_ids - {layer_id}),
-                                     fidelity({layer_id}), saved))
+                                     fidelity({layer_id}), saved.get("tvm"), saved.get("ort")))
         logger.info("sensitivity %d/%d %s (%.0f s)", done, len(capable), layer_id, time.perf_counter() - started)
         if progress is not None:
             progress(done, len(capable), layer_id)
@@ -96,6 +112,8 @@ def to_frame(rows: list[LayerSensitivity], metric: str) -> pd.DataFrame:
     records = []
     for row in rows:
         record = {"id": row.id, "index": row.index, "macs": row.macs, "latency_saved_ms": row.latency_saved_ms}
+        if row.ort_latency_saved_ms is not None:
+            record["ort_latency_saved_ms"] = row.ort_latency_saved_ms
         record.update({f"only_int8.{k}": v for k, v in row.only_int8.items() if "/" not in k})
         record.update({f"only_float.{k}": v for k, v in row.only_float.items() if "/" not in k})
         records.append(record)

@@ -30,7 +30,7 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
         The plan's QDQ model imported with :func:`import_qdq_model`; the passes
         read its parameter values and weights, and run on ``imported.mod``.
     int8_ids : Plan or iterable of str
-        The plan (a :class:`~precsearch.plan.Plan`), or the layer ids it runs
+        The plan (a :class:`~precsearch.model.plan.Plan`), or the layer ids it runs
         int8; every other conv must come out float.
     options : CompileOptions, optional
         Target, block size, which precisions run blocked, requantization dtype.
