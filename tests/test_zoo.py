@@ -15,7 +15,7 @@ from precsearch.model import PACKAGED_MODELS
 
 pytestmark = pytest.mark.slow
 
-ZOO = ["mobilenetv3-textcls", "pplcnet-orientation", "ddddocr-det", "ddddocr-rec"]
+ZOO = ["ddddocr-det", "ddddocr-rec", "mobilenetv3-textcls", "pplcnet-orientation"]  # the longest first
 PLANS = ["all-float", "all-int8", "alternating", "first+last float", "random"]
 # Operators each model's graph must be handled for (what the zoo exercises).
 REWRITTEN = {"ddddocr-rec": ["LSTM LSTM_79 unrolled"]}
@@ -39,7 +39,8 @@ def rows():
     return get
 
 
-@pytest.mark.parametrize("name", ZOO)
+# One xdist group per model (tests/conftest.py): the four models build in parallel, not one after another.
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xdist_group(f"zoo-{name}")) for name in ZOO])
 def test_every_plan_builds_and_agrees(rows, name):
     by_plan = rows(name)
     assert list(by_plan) == PLANS
