@@ -310,3 +310,14 @@ def test_bench_with_backend_ort_adds_ort_rows(ort_search):
     assert set(names) == {"ort_float", "ort_int8", "ort_int8_conv_only", "ort_plan1"}
     assert names["ort_plan1"]["plan"] == "ort:float:conv1" and names["ort_plan1"]["int8_convs"] == 3
     assert payload["tvm_float_ms"] is None
+
+
+def test_sensitivity_with_the_ort_backend_times_ort_sessions(chain):
+    from precsearch.study.sensitivity import run_sensitivity, to_frame
+
+    model, workspace = chain
+    rows = run_sensitivity(workspace, backends=("ort",))
+    assert [row.id for row in rows] == list(model.capable_ids())
+    assert all(row.latency_saved_ms is None and isinstance(row.ort_latency_saved_ms, float) for row in rows)
+    frame = to_frame(rows, "sqnr_db")
+    assert frame["ort_latency_saved_ms"].notna().all() and frame["latency_saved_ms"].isna().all()
