@@ -22,7 +22,7 @@ from onnx import numpy_helper
 import models
 from precsearch.errors import ModelError
 from precsearch.fidelity.metrics import compute_metrics
-from precsearch.fidelity.reference import ort_session, run_ort
+from precsearch.fidelity.reference import run_ort
 from precsearch.measure import Latency
 from precsearch.model import load_model
 from precsearch.model.data import image_batches
@@ -30,7 +30,6 @@ from precsearch.model.plan import Plan, parse_plan
 from precsearch.study.config import SearchConfig
 from precsearch.study.evaluator import BackendDispatch
 from precsearch.study.ort_backend import DISABLED_OPTIMIZERS, OrtEvaluator, check_ort_plan, check_runtime_plan
-from precsearch.study.pareto import front_points
 from precsearch.study.record import TrialRecord
 from precsearch.study.search import PlanSpace, open_study, run_worker, seed_plans
 from precsearch.study.storage import default_storage_url, open_storage
