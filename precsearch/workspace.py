@@ -11,7 +11,6 @@ the calibration, the reference outputs and the ORT int8 model.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,8 +23,6 @@ from precsearch.model.data import load_batches, split_batches
 from precsearch.model.quantize import CalibrationRanges, build_qdq_model, calibrate, output_steps, user_int8_model
 from precsearch.model.plan import Plan
 from precsearch.tvm import BuiltPlan, CompileOptions, build_plan, fused_module, open_database
-
-logger = logging.getLogger(__name__)
 
 CACHE_DIR = "cache"
 
