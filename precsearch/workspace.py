@@ -80,7 +80,8 @@ class Workspace:
         data = DataSettings(data=config.data, preset=config.preset or preset, calibration=config.calibration,
                             calibration_batches=config.calibration_batches, eval_batches=config.eval_batches)
         options = CompileOptions(block_size=config.block_size, float_blocked=config.float_layout == "blocked",
-                                 threads=config.threads, requant_dtype=config.requant)
+                                 threads=config.threads, requant_dtype=config.requant,
+                                 conv_backend=config.conv_backend)
         return cls(model, workdir, data, options, untuned=config.untuned)
 
     @classmethod

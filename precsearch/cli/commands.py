@@ -26,7 +26,7 @@ def _compile_options(args, **overrides):
     from precsearch.tvm import CompileOptions
 
     settings = dict(block_size=args.block_size, float_blocked=args.float_layout == "blocked", threads=args.threads,
-                    requant_dtype=args.requant)
+                    requant_dtype=args.requant, conv_backend=args.conv_backend)
     settings.update(overrides)
     return CompileOptions(**settings)
 
@@ -268,6 +268,7 @@ def _cmd_search(args) -> int:
                           sampler=args.sampler, trials=args.trials, timeout_s=timeout_s, seed=args.seed,
                           sensitivity_k=args.sensitivity_k, workers=args.workers, threads=args.threads,
                           requant=args.requant, block_size=args.block_size, float_layout=args.float_layout,
+                          conv_backend=args.conv_backend,
                           check_batches=args.check_batches, warmup=args.warmup, repeats=args.repeats,
                           untuned=args.untuned, backend=args.backend,
                           heartbeat_interval_s=args.heartbeat_interval, grace_period_s=args.grace_period)

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     compile_options.add_argument("--requant", choices=["float64", "float32"], default="float64",
                                  help="int8 requantization arithmetic: float64 rounds exactly (default), float32 is "
                                       "faster")
+    compile_options.add_argument("--conv-backend", choices=["tir", "onednn"], default="tir",
+                                 help="where float convs run: tir (TVM kernels, default) or onednn (oneDNN "
+                                      "primitives with bias and activation fused, where oneDNN has a jitted kernel)")
     compile_options.add_argument("--untuned", action="store_true",
                                  help="ignore the tuning database in --workdir (default: apply it when present)")
 

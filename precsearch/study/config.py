@@ -25,7 +25,7 @@ SEARCH_BACKENDS = ("tvm", "ort", "both")
 # worker must use the same ones, or its trials would not be comparable.
 OBJECTIVE_FIELDS = ("model", "input_shapes", "data", "preset", "calibration", "calibration_batches", "eval_batches",
                     "metric", "max_drop", "goal", "threads", "requant", "block_size", "float_layout", "warmup",
-                    "repeats", "untuned", "check_batches", "backend")
+                    "repeats", "untuned", "check_batches", "backend", "conv_backend")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class SearchConfig:
         timed and scored in an optimized ONNX Runtime session) or ``"both"``
         (the backend is one more parameter of the plan space).  Studies stored
         before this setting existed load as ``"tvm"``.
+    conv_backend : str
+        Where a TVM build's float convs run: ``"tir"`` or ``"onednn"`` (see
+        :class:`~precsearch.tvm.CompileOptions`).  Old studies load as ``"tir"``.
     """
 
     model: str
@@ -90,6 +93,7 @@ class SearchConfig:
     max_retry: int = 2
     check_batches: int = 1
     backend: str = "tvm"
+    conv_backend: str = "tir"
 
     def __post_init__(self):
         for name, low in (("calibration_batches", 1), ("eval_batches", 1), ("sensitivity_k", 0), ("workers", 1),
@@ -122,6 +126,9 @@ class SearchConfig:
         if self.requant not in ("float64", "float32"):
             raise ConfigError(f"The 'requant' parameter of search must be 'float64' or 'float32'; "
                               f"got {self.requant!r} instead.")
+        if self.conv_backend not in ("tir", "onednn"):
+            raise ConfigError(f"The 'conv_backend' parameter of search must be 'tir' or 'onednn'; "
+                              f"got {self.conv_backend!r} instead.")
         if self.float_layout not in ("blocked", "nchw"):
             raise ConfigError(f"The 'float_layout' parameter of search must be 'blocked' or 'nchw'; "
                               f"got {self.float_layout!r} instead.")

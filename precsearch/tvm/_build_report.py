@@ -48,6 +48,12 @@ class BuildReport:
     rows: list[LayerRow] = field(default_factory=list)
     boundary_transforms: int = 0
     operator_layouts: list[dict] = field(default_factory=list)
+    # OffloadOneDNN: layers whose conv runs on oneDNN, what each primitive fused, its kernel,
+    # and float convs left on TIR with the reason
+    onednn_layers: list[str] = field(default_factory=list)
+    onednn_fused: dict[str, str] = field(default_factory=dict)
+    onednn_kernels: dict[str, str] = field(default_factory=dict)
+    onednn_skipped: dict[str, str] = field(default_factory=dict)
     # VerifyPlan: the unpacked OIHW weights each conv kernel received, by layer id
     kernel_weights: dict[str, np.ndarray] = field(default_factory=dict)
     # ApplyTuning: kernel name → scheduled from the database; why a record did not apply;

@@ -10,6 +10,9 @@ import tvm
 from precsearch.errors import ConfigError
 
 
+CONV_BACKENDS = ("tir", "onednn")
+
+
 @dataclass(frozen=True)
 class CompileOptions:
     """Settings of the TVM build.
@@ -27,6 +30,10 @@ class CompileOptions:
     requant_dtype : {"float64", "float32"}
         Arithmetic of int8 requantization: float64 rounds exactly; float32 is
         faster but rounds some near-ties (within ~1e-6 of .5) the other way.
+    conv_backend : {"tir", "onednn"}
+        Where float convs run: TIR kernels (tuned by MetaSchedule), or oneDNN
+        primitives with bias and activation fused (where oneDNN has a jitted
+        kernel for the shape and layout; the rest stay TIR). int8 convs are TIR.
     """
 
     target: dict | str | None = None
@@ -35,8 +42,12 @@ class CompileOptions:
     int8_blocked: bool = True
     threads: int = 2
     requant_dtype: str = "float64"
+    conv_backend: str = "tir"
 
     def __post_init__(self):
+        if self.conv_backend not in CONV_BACKENDS:
+            raise ConfigError(f"The 'conv_backend' parameter of compile must be one of {', '.join(CONV_BACKENDS)}; "
+                              f"got {self.conv_backend!r} instead.")
         if self.requant_dtype not in ("float64", "float32"):
             raise ConfigError(f"The 'requant_dtype' parameter of compile must be 'float64' or 'float32'; "
                               f"got {self.requant_dtype!r} instead.")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.target import codegen
 
 from precsearch.errors import CompileError
 from precsearch.model import LoadedModel
 from ._build_report import BuildReport
 from ._importer import ImportedModel
 from ._int8_rewrite import Int8ConvRewrite
+from . import _onednn
 from ._layout import choose_block_size, decide_layouts, layout_callback, make_conv_legalizer
+from ._onednn_offload import OffloadOneDNN
 from ._options import CompileOptions, resolve_target
 from ._qdq_lower import LowerQDQ
 from ._tune_apply import ApplyTuning
@@ -79,7 +82,15 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
     if missing:
         raise CompileError(f"the QDQ model does not quantize planned int8 layers {[layer_ids[i] for i in missing]}",
                            pass_name="precsearch.Import", layer_id=layer_ids[missing[0]])
-    block = choose_block_size(model.layers, options.block_size)
+    offload = options.conv_backend == "onednn"
+    if offload and not _onednn.available():
+        report.onednn_skipped = {layer_ids[i]: _onednn.unavailable_reason() for i in sorted(float_indices)}
+        offload = False
+    requested_block = options.block_size
+    if offload and requested_block is None and not codegen.target_has_features("avx512f", target):
+        # oneDNN's AVX2 convs are jitted for nChw8c only (nChw16c falls to its reference kernel).
+        requested_block = 8
+    block = choose_block_size(model.layers, requested_block)
     decisions = decide_layouts(model.layers, int8_indices, block, float_blocked=options.float_blocked,
                                int8_blocked=options.int8_blocked)
     report.int8_layers = tuple(layer_ids[i] for i in sorted(int8_indices))
@@ -93,6 +104,8 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
         relax.transform.Normalize(),
         relax.transform.DeadCodeElimination(),
         InspectLayout(layer_ids, decisions, report=report),
+        OffloadOneDNN(imported.params, layer_ids, float_indices if offload else (), decisions, options.threads,
+                      report=report),
         *cpu_pipeline.library_dispatch_passes(target),
         relax.transform.LegalizeOps({"relax.nn.conv2d": make_conv_legalizer(layer_ids, decisions, report=report)}),
         relax.transform.AnnotateTIROpPattern(),

@@ -15,6 +15,7 @@ import tvm
 from tvm import relax
 
 from precsearch.errors import CompileError, VerificationError
+from . import _onednn
 from ._build_report import BuildReport, LayerRow, ReportingPass
 from ._importer import ImportedModel
 from ._layout import unpack_kernel
@@ -210,6 +211,9 @@ class VerifyPlan(ReportingPass):
             op_name = getattr(call.op, "name", "")
             if op_name == "relax.nn.conv2d":
                 raise VerificationError("a conv2d was not legalized", pass_name="precsearch.VerifyPlan")
+            if op_name == "relax.call_dps_packed" and str(call.args[0].global_symbol) == _onednn.CONV_FUNCTION:
+                index = self._check_onednn(call, var2val, seen)
+                continue
             if op_name != "relax.call_tir":
                 continue
             index = layer_of_func(mod[call.args[0]])
@@ -250,6 +254,27 @@ class VerifyPlan(ReportingPass):
                                     pass_name="precsearch.VerifyPlan",
                                     layer_id=self.layer_ids[first] if first is not None else None)
         return mod
+
+    def _check_onednn(self, call, var2val, seen: dict[int, str]) -> int:
+        """A oneDNN conv: its config names the layer; its packed weights must unpack to the layer's own."""
+        data, packed, _bias, config, post = call.args[1].fields
+        values = [self._weight_constant(arg, var2val, None) for arg in (packed, config, post)]
+        spec = _onednn.spec_from_config(values[1], values[2])
+        layer_id = self.layer_ids[spec.layer]
+        if spec.layer in seen:
+            raise VerificationError("layer appears twice in the built graph", pass_name="precsearch.VerifyPlan",
+                                    layer_id=layer_id)
+        seen[spec.layer] = "float"
+        if str(data.ty.dtype) != "float32":
+            raise VerificationError(f"oneDNN conv got {data.ty.dtype} data, expected float32",
+                                    pass_name="precsearch.VerifyPlan", layer_id=layer_id)
+        built = _onednn.unpack_weights(spec, values[0])
+        reference = self.imported.float_weights.get(spec.layer)
+        if reference is None or built.shape != reference.shape or not np.array_equal(built, reference):
+            raise VerificationError("the oneDNN kernel built for this layer does not hold its weights",
+                                    pass_name="precsearch.VerifyPlan", layer_id=layer_id)
+        self.report.kernel_weights[layer_id] = built
+        return spec.layer
 
     @staticmethod
     def _weight_constant(weight, var2val, layer_id) -> np.ndarray:

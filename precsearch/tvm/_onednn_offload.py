@@ -1,0 +1,279 @@
+"""The pass that hands float convs to oneDNN: ``conv2d [+ bias] [+ activation]`` → one packed call.
+
+It runs after ConvertLayout, so each conv already sits in its planned layout
+(NCHW or NCHW<b>c, which are oneDNN's nchw / nChw<b>c: no transform is added).
+The bias add and a following relu / clip / swish / hard-swish become oneDNN
+post-ops of the same primitive; the weights are packed into oneDNN's own blocked
+format here, at build time, and bound as a constant, so a call does no reorder.
+Only float convs are offloaded: int8 stays on TIR (see CompileOptions.conv_backend).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir.expr import Constant
+
+from precsearch.errors import CompileError
+from . import _onednn
+from ._build_report import ReportingPass
+from ._importer import emit_like
+from ._layout import LayerLayout
+from ._naming import layer_of_weight, WEIGHT_PREFIX
+
+PASS_NAME = "precsearch.OffloadOneDNN"
+
+
+def _block(layout: str) -> int | None:
+    if layout == "NCHW":
+        return 0
+    if layout.startswith("NCHW") and layout.endswith("c"):
+        return int(layout[4:-1])
+    return None
+
+
+def _op(expr) -> str:
+    return getattr(getattr(expr, "op", None), "name", "") if isinstance(expr, tvm.ir.expr.Call) else ""
+
+
+def _scalar(expr) -> float | None:
+    if isinstance(expr, Constant) and expr.value.numpy().size == 1:
+        return float(expr.value.numpy().reshape(-1)[0])
+    value = getattr(expr, "value", None)  # a PrimValue (clip bounds)
+    if value is not None and hasattr(value, "value"):
+        return float(value.value)
+    return None
+
+
+class _Graph:
+    """Bindings and users of ``main``'s dataflow block(s)."""
+
+    def __init__(self, func: relax.Function):
+        self.value = relax.analysis.get_var2val(func)
+        self.users: dict = {}
+        for block in func.body.blocks:
+            if isinstance(block, relax.DataflowBlock):
+                for var, users in relax.analysis.udchain(block).items():
+                    self.users[var] = list(users)
+        self.outputs = set()
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                if not isinstance(binding.var, relax.DataflowVar):
+                    self.outputs.add(binding.var)
+
+    def only_user(self, var):
+        """The single binding that uses ``var``, or None (several users, or ``var`` leaves the block)."""
+        users = self.users.get(var, [])
+        if len(users) != 1 or var in self.outputs:
+            return None
+        return users[0]
+
+    def trace(self, expr, params: dict):
+        """A constant's value through reshape / layout_transform / expand_dims, or None."""
+        for _ in range(8):
+            if isinstance(expr, Constant):
+                return expr.value.numpy()
+            if isinstance(expr, relax.Var):
+                if expr.name in params and not isinstance(expr, relax.DataflowVar):
+                    return np.asarray(params[expr.name])
+                if expr not in self.value:
+                    return None
+                expr = self.value[expr]
+            elif _op(expr) in ("relax.reshape", "relax.layout_transform", "relax.expand_dims"):
+                expr = expr.args[0]
+            else:
+                return None
+        return None
+
+    def weight_name(self, expr) -> str | None:
+        for _ in range(8):
+            if isinstance(expr, relax.Var):
+                if expr.name.startswith(WEIGHT_PREFIX) and layer_of_weight(expr.name) is not None:
+                    return expr.name
+                if expr not in self.value:
+                    return None
+                expr = self.value[expr]
+            elif _op(expr) == "relax.layout_transform":
+                expr = expr.args[0]
+            else:
+                return None
+        return None
+
+
+class _Fusion:
+    """One conv and what it absorbs: the binding it ends at, bias, post-op."""
+
+    def __init__(self, conv_var, conv, index: int):
+        self.conv_var, self.conv, self.index = conv_var, conv, index
+        self.end = conv_var
+        self.bias = None
+        self.post_op, self.alpha, self.beta = "none", 0.0, 0.0
+        self.weight_name = ""
+
+
+def _absorb_bias(graph: _Graph, fusion: _Fusion, params, channels: int) -> None:
+    user = graph.only_user(fusion.end)
+    if user is None or _op(graph.value[user]) != "relax.add":
+        return
+    lhs, rhs = graph.value[user].args
+    other = rhs if lhs.same_as(fusion.end) else lhs
+    bias = graph.trace(other, params)
+    if bias is None or bias.size != channels or bias.dtype != np.float32:
+        return
+    fusion.bias = bias.reshape(-1)
+    fusion.end = user
+
+
+def _absorb_activation(graph: _Graph, fusion: _Fusion) -> None:
+    x = fusion.end
+    users = graph.users.get(x, [])
+    if x in graph.outputs or not users:
+        return
+    if len(users) == 1:
+        value = graph.value[users[0]]
+        if _op(value) == "relax.nn.relu":
+            fusion.post_op, fusion.end = "relu", users[0]
+        elif _op(value) == "relax.clip":
+            low, high = _scalar(value.args[1]), _scalar(value.args[2])
+            if low is not None and high is not None:
+                fusion.post_op, fusion.alpha, fusion.beta, fusion.end = "clip", low, high, users[0]
+        return
+    if len(users) != 2:
+        return
+    ops = [_op(graph.value[u]) for u in users]
+    # swish: s = sigmoid(x); y = x * s
+    if sorted(ops) == ["relax.multiply", "relax.sigmoid"]:
+        sig, mul = (users if ops[0] == "relax.sigmoid" else users[::-1])
+        if graph.only_user(sig) is not None and graph.only_user(sig).same_as(mul):
+            fusion.post_op, fusion.end = "swish", mul
+        return
+    # hard-swish as ONNX's HardSwish imports: y = x * min(max(x * 1/6 + 0.5, 0), 1)
+    if sorted(ops) != ["relax.multiply", "relax.multiply"]:
+        return
+    for scale, result in (users, users[::-1]):
+        chain = [scale]
+        while len(chain) < 4 and graph.only_user(chain[-1]) is not None:
+            chain.append(graph.only_user(chain[-1]))
+        if len(chain) != 4 or graph.only_user(chain[-1]) is None or not graph.only_user(chain[-1]).same_as(result):
+            continue
+        kinds = [_op(graph.value[v]) for v in chain]
+        consts = [next((_scalar(a) for a in graph.value[v].args if _scalar(a) is not None), None) for v in chain]
+        if kinds == ["relax.multiply", "relax.add", "relax.maximum", "relax.minimum"] and None not in consts \
+                and abs(consts[0] - 1 / 6) < 1e-6 and consts[1:] == [0.5, 0.0, 1.0]:
+            fusion.post_op, fusion.end = "hardswish", result
+            return
+
+
+@tvm.transform.module_pass(opt_level=0, name=PASS_NAME)
+class OffloadOneDNN(ReportingPass):
+    """Replace the float convs in ``layers`` (indices) by calls to the oneDNN bridge.
+
+    Parameters
+    ----------
+    params : dict
+        The imported model's parameter values (weights are read from here).
+    layer_ids : sequence of str
+    layers : set of int
+        Layer indices to offload; float convs only (an int8 conv in it is an error).
+    decisions : dict
+        The layout decision per layer (checked against the conv's own layout).
+    threads : int
+        OpenMP threads oneDNN runs with.
+    """
+
+    def __init__(self, params, layer_ids, layers, decisions: dict[int, LayerLayout], threads: int, report=None):
+        super().__init__(report)
+        self.params = params
+        self.layer_ids = tuple(layer_ids)
+        self.layers = set(layers)
+        self.decisions = decisions
+        self.threads = threads
+
+    def run(self, mod: tvm.IRModule) -> tvm.IRModule:
+        if not self.layers:
+            return mod
+        func = mod["main"]
+        graph = _Graph(func)
+        fusions = {}
+        for var, value in graph.value.items():
+            if _op(value) != "relax.nn.conv2d":
+                continue
+            name = graph.weight_name(value.args[1])
+            index = layer_of_weight(name) if name else None
+            if index is None or index not in self.layers:
+                continue
+            layer_id = self.layer_ids[index]
+            if str(value.args[0].ty.dtype) != "float32":
+                raise CompileError("only float convs can run on oneDNN", pass_name=PASS_NAME, layer_id=layer_id)
+            fusion = _Fusion(var, value, index)
+            fusion.weight_name = name
+            _absorb_bias(graph, fusion, self.params, int(value.ty.shape[1]) * max(1, _channel_block(value)))
+            _absorb_activation(graph, fusion)
+            spec = self._spec(fusion, name, layer_id)
+            kernel = _onednn.implementation(spec)
+            if kernel.startswith("ref"):  # oneDNN's reference loops: far slower than any TIR kernel
+                self.report.onednn_skipped[layer_id] = f"oneDNN has only its reference kernel ({kernel}) here"
+                continue
+            self.report.onednn_kernels[layer_id] = kernel
+            fusions[fusion.end] = (fusion, spec)
+        mutator = _Offloader(mod, fusions, self.params)
+        mutator.builder_.update_func(mod.get_global_var("main"), mutator.visit_expr(func))
+        self.report.onednn_layers = sorted(self.layer_ids[f.index] for f, _ in fusions.values())
+        self.report.onednn_fused = {self.layer_ids[f.index]: ("bias+" if f.bias is not None else "") + f.post_op
+                                    for f, _ in fusions.values()}
+        return mutator.builder_.get()
+
+    def _spec(self, fusion: _Fusion, weight_name: str, layer_id: str) -> _onednn.ConvSpec:
+        attrs = fusion.conv.attrs
+        layout = str(attrs.data_layout)
+        block = _block(layout)
+        if block is None or str(attrs.out_layout) != layout:
+            raise CompileError(f"oneDNN conv cannot take layout {layout} → {attrs.out_layout}", pass_name=PASS_NAME,
+                               layer_id=layer_id)
+        planned = self.decisions.get(fusion.index)
+        if planned is not None and planned.data_layout != layout:
+            raise CompileError(f"conv got layout {layout}, planned {planned.data_layout}", pass_name=PASS_NAME,
+                               layer_id=layer_id)
+        weights = np.asarray(self.params[weight_name], dtype="float32")
+        data_shape = [int(d) for d in fusion.conv.args[0].ty.shape]
+        out_shape = [int(d) for d in fusion.conv.ty.shape]
+        if block:
+            data_shape = [data_shape[0], data_shape[1] * block, data_shape[2], data_shape[3]]
+            out_shape = [out_shape[0], out_shape[1] * block, out_shape[2], out_shape[3]]
+        return _onednn.ConvSpec(tuple(data_shape), tuple(out_shape), tuple(int(k) for k in weights.shape[2:]),
+                                tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
+                                tuple(int(d) for d in attrs.dilation), int(attrs.groups), block, block,
+                                fusion.post_op, fusion.alpha, fusion.beta, self.threads, fusion.index)
+
+
+def _channel_block(conv) -> int:
+    layout = str(conv.attrs.out_layout)
+    block = _block(layout)
+    return block or 1
+
+
+@relax.expr_functor.mutator
+class _Offloader(relax.PyExprMutator):
+    def __init__(self, mod, fusions, params):
+        super().__init__(mod)
+        self.fusions = fusions
+        self.params = params
+
+    def visit_var_binding_(self, binding):
+        entry = self.fusions.get(binding.var)
+        if entry is None:
+            return super().visit_var_binding_(binding)
+        fusion, spec = entry
+        weights = np.asarray(self.params[fusion.weight_name], dtype="float32")
+        packed = _onednn.pack_weights(spec, weights)
+        channels = spec.output_shape[1]
+        bias = fusion.bias if fusion.bias is not None else np.zeros(channels, dtype="float32")
+        data = self.visit_expr(fusion.conv.args[0])
+        call = relax.op.call_dps_packed(
+            _onednn.CONV_FUNCTION,
+            # relax.const turns int64 arrays into int32 unless told the dtype
+            relax.Tuple([data, relax.const(packed, "uint8"), relax.const(bias.astype("float32"), "float32"),
+                         relax.const(spec.config(), "int64"), relax.const(spec.post(), "float32")]),
+            out_ty=binding.var.ty)
+        self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, call))

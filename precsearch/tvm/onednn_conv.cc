@@ -1,0 +1,223 @@
+// oneDNN convolutions called from a Relax graph (R.call_dps_packed), see _onednn.py.
+//
+// Written by hand because the TVM wheel has no DNNL codegen (its BYOC path needs a
+// TVM source build); a packed function compiled against the PyPI oneDNN build is
+// the route that works with the wheel.  One primitive is created per distinct
+// config and cached; weights arrive already in the primitive's own blocked format,
+// packed once at build time by pack_weights, so a call does no reorder.
+
+#include <dnnl.hpp>
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+extern "C" void omp_set_num_threads(int);
+
+namespace {
+
+// The int64 config tensor, field by field (kept in sync with _onednn.py CONFIG_FIELDS).
+enum Field {
+  kN, kIC, kIH, kIW, kOC, kKH, kKW, kOH, kOW, kSH, kSW, kPT, kPL, kPB, kPR, kDH, kDW, kGroups,
+  kSrcBlock, kDstBlock, kPostOp, kThreads, kLayer, kNumFields
+};
+// Post-op codes; alpha/beta come from the float32 post tensor.
+enum PostOp { kNone = 0, kRelu = 1, kClip = 2, kSwish = 3, kHardSwish = 4, kSigmoid = 5 };
+
+using dnnl::memory;
+using tag = memory::format_tag;
+
+struct Conv {
+  dnnl::convolution_forward primitive;
+  memory::desc weights_desc;
+  std::string impl;
+  memory src, weights, bias, dst;
+  // set when the primitive writes a blocked staging buffer that a reorder turns into dst
+  bool staged = false;
+  memory staging;
+  dnnl::reorder to_plain;
+};
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+dnnl::stream& cpu_stream() {
+  static dnnl::stream stream(cpu_engine());
+  return stream;
+}
+
+// The first element (VM constants can sit at an offset inside a pooled buffer).
+void* address(const tvm::ffi::Tensor& t) {
+  const DLTensor* d = t.GetDLTensorPtr();
+  return static_cast<char*>(d->data) + d->byte_offset;
+}
+
+tag activation_tag(int64_t block) {
+  if (block == 16) return tag::nChw16c;
+  if (block == 8) return tag::nChw8c;
+  TVM_FFI_ICHECK(block == 0) << "oneDNN conv: unsupported channel block " << block;
+  return tag::nchw;
+}
+
+std::vector<int64_t> read_config(const tvm::ffi::Tensor& config) {
+  TVM_FFI_ICHECK(config.ndim() == 1 && config.shape()[0] == kNumFields && config.dtype().code == kDLInt &&
+                 config.dtype().bits == 64)
+      << "oneDNN conv: config must hold " << kNumFields << " int64 fields, got ndim " << config.ndim()
+      << " dtype code " << int(config.dtype().code) << " bits " << int(config.dtype().bits);
+  const int64_t* fields = static_cast<const int64_t*>(address(config));
+  return std::vector<int64_t>(fields, fields + kNumFields);
+}
+
+std::vector<float> read_post(const tvm::ffi::Tensor& post) {
+  const float* values = static_cast<const float*>(address(post));
+  return std::vector<float>(values, values + post.shape()[0]);
+}
+
+Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
+  static std::mutex lock;
+  static std::unordered_map<std::string, std::unique_ptr<Conv>> cache;
+  std::string key(reinterpret_cast<const char*>(c.data()), c.size() * sizeof(int64_t));
+  key.append(reinterpret_cast<const char*>(post.data()), post.size() * sizeof(float));
+  std::lock_guard<std::mutex> guard(lock);
+  auto found = cache.find(key);
+  if (found != cache.end()) return *found->second;
+
+  static int64_t threads_set = 0;
+  if (c[kThreads] > 0 && c[kThreads] != threads_set) {
+    omp_set_num_threads(static_cast<int>(c[kThreads]));
+    threads_set = c[kThreads];
+  }
+  const auto f32 = memory::data_type::f32;
+  const int64_t groups = c[kGroups];
+  memory::dims src_dims{c[kN], c[kIC], c[kIH], c[kIW]};
+  memory::dims dst_dims{c[kN], c[kOC], c[kOH], c[kOW]};
+  memory::dims weight_dims = groups > 1
+      ? memory::dims{groups, c[kOC] / groups, c[kIC] / groups, c[kKH], c[kKW]}
+      : memory::dims{c[kOC], c[kIC], c[kKH], c[kKW]};
+  memory::desc src_desc(src_dims, f32, activation_tag(c[kSrcBlock]));
+  memory::desc dst_desc(dst_dims, f32, activation_tag(c[kDstBlock]));
+  memory::desc any_weights(weight_dims, f32, tag::any);
+  memory::desc bias_desc({c[kOC]}, f32, tag::x);
+
+  dnnl::post_ops ops;
+  const float alpha = post.size() > 0 ? post[0] : 0.f, beta = post.size() > 1 ? post[1] : 0.f;
+  switch (c[kPostOp]) {
+    case kNone: break;
+    case kRelu: ops.append_eltwise(dnnl::algorithm::eltwise_relu, alpha, 0.f); break;
+    case kClip: ops.append_eltwise(dnnl::algorithm::eltwise_clip, alpha, beta); break;
+    case kSwish: ops.append_eltwise(dnnl::algorithm::eltwise_swish, 1.f, 0.f); break;
+    case kHardSwish: ops.append_eltwise(dnnl::algorithm::eltwise_hardswish, 1.f / 6.f, 0.5f); break;
+    case kSigmoid: ops.append_eltwise(dnnl::algorithm::eltwise_logistic, 0.f, 0.f); break;
+    default: TVM_FFI_THROW(ValueError) << "oneDNN conv: unknown post-op " << c[kPostOp];
+  }
+  dnnl::primitive_attr attr;
+  attr.set_post_ops(ops);
+  auto make = [&](const memory::desc& out_desc) {
+    return dnnl::convolution_forward::primitive_desc(
+        cpu_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src_desc,
+        any_weights, bias_desc, out_desc, {c[kSH], c[kSW]}, {c[kDH] - 1, c[kDW] - 1}, {c[kPT], c[kPL]},
+        {c[kPB], c[kPR]}, attr);
+  };
+  auto pd = make(dst_desc);
+  auto conv = std::make_unique<Conv>();
+  // A plain-layout output sends oneDNN to im2col + GEMM (10x slower on a 3-channel
+  // first conv); writing a blocked output and reordering it is far faster.
+  if (c[kDstBlock] == 0 && std::string(pd.impl_info_str()).find("gemm") != std::string::npos) {
+    for (int64_t block : {16, 8}) {
+      memory::desc blocked_desc(dst_dims, f32, activation_tag(block));
+      auto blocked_pd = make(blocked_desc);
+      std::string impl = blocked_pd.impl_info_str();
+      if (impl.find("gemm") == std::string::npos && impl.find("ref") == std::string::npos) {
+        pd = blocked_pd;
+        conv->staging = memory(blocked_desc, cpu_engine());
+        conv->to_plain = dnnl::reorder(conv->staging, memory(dst_desc, cpu_engine(), DNNL_MEMORY_NONE));
+        conv->staged = true;
+        break;
+      }
+    }
+  }
+  conv->primitive = dnnl::convolution_forward(pd);
+  conv->weights_desc = pd.weights_desc();
+  conv->impl = std::string(pd.impl_info_str()) + (conv->staged ? "+reorder" : "");
+  conv->src = memory(src_desc, cpu_engine(), DNNL_MEMORY_NONE);
+  conv->weights = memory(conv->weights_desc, cpu_engine(), DNNL_MEMORY_NONE);
+  conv->bias = memory(bias_desc, cpu_engine(), DNNL_MEMORY_NONE);
+  conv->dst = memory(dst_desc, cpu_engine(), DNNL_MEMORY_NONE);
+  Conv& result = *conv;
+  cache.emplace(std::move(key), std::move(conv));
+  return result;
+}
+
+}  // namespace
+
+// Bytes of the weights in the primitive's own format (the size pack_weights fills).
+int64_t weights_bytes(tvm::ffi::Tensor config, tvm::ffi::Tensor post) {
+  return static_cast<int64_t>(get_conv(read_config(config), read_post(post)).weights_desc.get_size());
+}
+
+// OIHW float32 weights → the primitive's blocked format, once at build time.
+void pack_weights(tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::Tensor oihw,
+                  tvm::ffi::Tensor packed) {
+  std::vector<int64_t> c = read_config(config);
+  Conv& conv = get_conv(c, read_post(post));
+  TVM_FFI_ICHECK(static_cast<size_t>(packed.shape()[0]) == conv.weights_desc.get_size())
+      << "oneDNN conv: packed weight buffer has the wrong size";
+  const int64_t groups = c[kGroups];
+  memory::dims plain_dims = groups > 1
+      ? memory::dims{groups, c[kOC] / groups, c[kIC] / groups, c[kKH], c[kKW]}
+      : memory::dims{c[kOC], c[kIC], c[kKH], c[kKW]};
+  memory plain({plain_dims, memory::data_type::f32, groups > 1 ? tag::goihw : tag::oihw}, cpu_engine(),
+               address(oihw));
+  memory blocked(conv.weights_desc, cpu_engine(), address(packed));
+  dnnl::reorder(plain, blocked).execute(cpu_stream(), plain, blocked);
+  cpu_stream().wait();
+}
+
+// The inverse of pack_weights, so the build can check a layer's packed weights are its own.
+void unpack_weights(tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::Tensor packed,
+                    tvm::ffi::Tensor oihw) {
+  std::vector<int64_t> c = read_config(config);
+  Conv& conv = get_conv(c, read_post(post));
+  const int64_t groups = c[kGroups];
+  memory::dims plain_dims = groups > 1
+      ? memory::dims{groups, c[kOC] / groups, c[kIC] / groups, c[kKH], c[kKW]}
+      : memory::dims{c[kOC], c[kIC], c[kKH], c[kKW]};
+  memory plain({plain_dims, memory::data_type::f32, groups > 1 ? tag::goihw : tag::oihw}, cpu_engine(),
+               address(oihw));
+  memory blocked(conv.weights_desc, cpu_engine(), address(packed));
+  dnnl::reorder(blocked, plain).execute(cpu_stream(), blocked, plain);
+  cpu_stream().wait();
+}
+
+// Which oneDNN implementation the primitive of this config runs ("ref:any" is the slow reference one).
+tvm::ffi::String implementation(tvm::ffi::Tensor config, tvm::ffi::Tensor post) {
+  Conv& conv = get_conv(read_config(config), read_post(post));
+  return tvm::ffi::String(conv.impl);
+}
+
+// The conv itself: dst = post_op(conv(src, weights) + bias).
+void conv2d(tvm::ffi::Tensor src, tvm::ffi::Tensor weights, tvm::ffi::Tensor bias,
+            tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::Tensor dst) {
+  Conv& conv = get_conv(read_config(config), read_post(post));
+  // One conv object serves every call with this config: handles are set per call.
+  static std::mutex run_lock;
+  std::lock_guard<std::mutex> guard(run_lock);
+  conv.src.set_data_handle(address(src));
+  conv.weights.set_data_handle(address(weights));
+  conv.bias.set_data_handle(address(bias));
+  conv.dst.set_data_handle(address(dst));
+  conv.primitive.execute(cpu_stream(), {{DNNL_ARG_SRC, conv.src}, {DNNL_ARG_WEIGHTS, conv.weights},
+                                        {DNNL_ARG_BIAS, conv.bias},
+                                        {DNNL_ARG_DST, conv.staged ? conv.staging : conv.dst}});
+  if (conv.staged) conv.to_plain.execute(cpu_stream(), conv.staging, conv.dst);
+  cpu_stream().wait();
+}
+
+// oneDNN's own per-primitive trace (level 2: creation and execution times), for profiling.
+void set_verbose(int64_t level) { dnnl::set_verbose(static_cast<int>(level)); }
