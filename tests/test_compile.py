@@ -92,7 +92,7 @@ def test_mixed_chain_plans_agree(chain, float_spec, expected_int8):
 
 def test_residual_add_of_an_int8_and_a_float_conv(residual):
     # conv1 (int8) and conv2 (float) both feed the Add.
-    plan, qdq, built = residual.build("conv2")
+    plan, qdq, built = residual.build("conv2", options=CompileOptions(conv_backend="tir"))
     rows = _rows(built)
     assert rows["conv1"].dtype == "int8" and rows["conv2"].dtype == "float32"
     assert rows["conv1"].layout == rows["conv2"].layout == "NCHW16c"  # one layout: no transform at the Add
@@ -104,7 +104,8 @@ def test_historic_bias_add_between_blocked_int8_and_nchw_float_conv(tmp_path):
     # Relay died on this with "Incompatible broadcast dims: [1,16,224,224,4] and [1,64,1,1]".
     case = Case(models.bias_add_model(), tmp_path, "bias_add")
     dump = tmp_path / "ir"
-    plan, qdq, built = case.build("conv1", options=CompileOptions(float_blocked=False), dump_ir_dir=dump)
+    plan, qdq, built = case.build("conv1", options=CompileOptions(float_blocked=False, conv_backend="tir"),
+                                   dump_ir_dir=dump)
     rows = _rows(built)
     assert (rows["conv0"].dtype, rows["conv0"].layout) == ("int8", "NCHW16c")
     assert (rows["conv1"].dtype, rows["conv1"].layout) == ("float32", "NCHW")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import models
-from precsearch.tvm import LoadedLibrary, build_plan
+from precsearch.tvm import CompileOptions, LoadedLibrary, build_plan
 from precsearch.errors import ConfigError, DataError
 from precsearch.tvm import RpcTarget, measure_remote, parse_tracker, run_remote
 from precsearch.model import load_model
@@ -81,7 +81,8 @@ def library(tmp_path_factory):
     """The all-float chain model exported as a shared library, with its names and one input batch."""
     tmp_path = tmp_path_factory.mktemp("rpc")
     model = load_model(models.save(models.chain_model(), tmp_path, "chain"))
-    built = build_plan(model, model.proto, [])
+    # TIR kernels only: a board runs the library without precsearch's oneDNN bridge
+    built = build_plan(model, model.proto, [], options=CompileOptions(conv_backend="tir"))
     path = built.export_library(tmp_path / "chain.so")
     inputs = {"input": np.random.default_rng(0).normal(size=(1, 8, 16, 16)).astype(np.float32)}
     return path, built.input_names, built.output_names, inputs

@@ -232,12 +232,13 @@ def _cmd_bench(args) -> int:
         status("no tuning database in the workdir: TVM builds run untuned kernels (run precsearch tune first)", quiet)
     backends = ("tvm", "ort") if args.backend == "both" else (args.backend,)
     result = bench(workspace, plans=plans, threads=args.threads, warmup=args.warmup, repeats=args.repeats, rpc=rpc,
-                   progress=lambda m: status(m, quiet), backends=backends)
+                   progress=lambda m: status(m, quiet), backends=backends,
+                   conv_backends=("tir", "onednn") if args.compare_conv_backends else None)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
         return 0
-    frame = result.to_frame()[["name", "int8_convs", "median_ms", "iqr_ms", "vs_ort_float", "vs_ort_int8",
-                               "build_time_s"]]
+    frame = result.to_frame()[["name", "int8_convs", "onednn_convs", "median_ms", "iqr_ms", "vs_ort_float",
+                               "vs_ort_int8", "build_time_s"]]
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     where = f"TVM builds on {result.remote} via RPC, ONNX Runtime here" if result.remote else "all on this machine"
     print(f"batch 1, {result.threads} threads, median of {args.repeats} runs after {args.warmup} warm-up; {where}; "

@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     compile_options.add_argument("--requant", choices=["float64", "float32"], default="float64",
                                  help="int8 requantization arithmetic: float64 rounds exactly (default), float32 is "
                                       "faster")
-    compile_options.add_argument("--conv-backend", choices=["tir", "onednn"], default="tir",
-                                 help="where float convs run: tir (TVM kernels, default) or onednn (oneDNN "
-                                      "primitives with bias and activation fused, where oneDNN has a jitted kernel)")
+    compile_options.add_argument("--conv-backend", choices=["tir", "onednn"], default="onednn",
+                                 help="where float convs run: onednn (oneDNN primitives with bias and activation "
+                                      "fused, where oneDNN has a jitted kernel; default) or tir (TVM kernels only)")
     compile_options.add_argument("--untuned", action="store_true",
                                  help="ignore the tuning database in --workdir (default: apply it when present)")
 
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                     model_options, data_options, compile_options, backend_options)
     bench.add_argument("--plan", action="append", default=[], metavar="ID[,ID...]",
                        help="float conv ids of an extra plan to measure, as build --float (repeatable)")
+    bench.add_argument("--compare-conv-backends", action="store_true",
+                       help="build every TVM row twice, float convs on TIR and on oneDNN, side by side")
     bench.add_argument("--repeats", type=int, default=100, help="timed runs per build (default 100)")
     bench.add_argument("--warmup", type=int, default=20, help="untimed runs first (default 20)")
     bench.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",

@@ -60,9 +60,11 @@ def print_search(summary, as_json: bool, handle) -> int:
 
 
 def print_build(summary: dict) -> None:
-    print(f"{'id':<16} {'dtype':<8} {'layout':<8} {'kernel':<8} {'transforms in':<16} {'transforms out':<16} note")
+    print(f"{'id':<16} {'dtype':<8} {'layout':<8} {'backend':<7} {'kernel':<14} {'transforms in':<16} "
+          f"{'transforms out':<16} note")
     for row in summary["layers"]:
-        print(f"{row['id']:<16} {row['dtype']:<8} {row['layout']:<8} {row['kernel']:<8} "
+        kernel = row["kernel"] + (f" ({row['fused']})" if row.get("fused") else "")
+        print(f"{row['id']:<16} {row['dtype']:<8} {row['layout']:<8} {row.get('backend', 'tir'):<7} {kernel:<14} "
               f"{', '.join(row['transforms_in']) or '-':<16} {', '.join(row['transforms_out']) or '-':<16} {row['note']}")
     print(f"{len(summary['int8_layers'])} int8, {len(summary['float_layers'])} float convs; block {summary['block_size']}; "
           f"{summary['boundary_transforms']} activation layout transforms; built in {summary['build_time_s']} s ("

@@ -16,7 +16,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -48,6 +48,8 @@ class BenchRow:
     build_time_s: float
     vs_ort_float: float = math.nan
     vs_ort_int8: float = math.nan
+    conv_backend: str = ""  # TVM rows: where float convs ran ("tir" or "onednn")
+    onednn_convs: int = 0
 
 
 @dataclass
@@ -81,7 +83,7 @@ def json_safe(records: list[dict]) -> list[dict]:
 
 def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: int = 2, warmup: int = 10,
           repeats: int = 50, rpc: RpcTarget | None = None, progress=None,
-          backends: tuple[str, ...] = ("tvm",)) -> BenchResult:
+          backends: tuple[str, ...] = ("tvm",), conv_backends: tuple[str, ...] | None = None) -> BenchResult:
     """Measure ORT float, ORT int8, TVM float, TVM all-int8 and ``plans`` (name, plan) on the workspace's timing input.
 
     Parameters
@@ -98,6 +100,10 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
         ``"tvm"``: TVM float, TVM all-int8 and each plan built with TVM;
         ``"ort"``: each plan as ``quantize_static`` with its float convs in
         ``nodes_to_exclude``, in an optimized session (row ``ort_<name>``).
+    conv_backends : tuple of str, optional
+        Build every TVM row with each of these (``"tir"``, ``"onednn"``), side
+        by side; rows of a backend other than the workspace's own are named
+        ``<name>@<backend>``.  Default: the workspace's own only.
     """
     model = workspace.model
     inputs = workspace.timing_input
@@ -105,10 +111,12 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
     all_int8 = Plan(frozenset())
     rows: list[BenchRow] = []
 
-    def add(name: str, latency: Latency, plan: str, int8_convs: int, build_time_s: float) -> None:
+    def add(name: str, latency: Latency, plan: str, int8_convs: int, build_time_s: float, conv_backend: str = "",
+            onednn_convs: int = 0) -> None:
         rows.append(BenchRow(name=name, backend=latency.backend, plan=plan, int8_convs=int8_convs,
                              median_ms=latency.median_ms, iqr_ms=latency.iqr_ms, runs=latency.runs,
-                             threads=latency.threads, build_time_s=round(build_time_s, 2)))
+                             threads=latency.threads, build_time_s=round(build_time_s, 2), conv_backend=conv_backend,
+                             onednn_convs=onednn_convs))
 
     say("measuring ONNX Runtime float and int8...")
     settings = dict(threads=threads, warmup=warmup, repeats=repeats)
@@ -130,17 +138,23 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
                                                **settings), ort_plan.key(),
             len(plan.int8_ids(model)), quantize_time_s)
     tvm_builds = [(TVM_FLOAT, every_float), (TVM_INT8, all_int8), *plans] if "tvm" in backends else []
-    for name, plan in tvm_builds:
+    own = workspace.options.conv_backend
+    if rpc is not None and "onednn" in (conv_backends or (own,)):
+        # The library runs on the board, which has no oneDNN bridge registered: TIR kernels only.
+        say("TVM builds for the RPC board keep every conv on TIR (the oneDNN bridge runs only in this process)")
+        conv_backends, own = ("tir",), "tir"
+    for (name, plan), conv_backend in ((build, cb) for build in tvm_builds for cb in (conv_backends or (own,))):
         int8_ids = plan.int8_ids(model)
-        say(f"building and measuring {name} ({len(int8_ids)} int8 convs)...")
-        built = workspace.build(plan).built
+        name = name if conv_backend == own else f"{name}@{conv_backend}"
+        say(f"building and measuring {name} ({len(int8_ids)} int8 convs, float convs on {conv_backend})...")
+        built = workspace.build(plan, options=replace(workspace.options, conv_backend=conv_backend)).built
         if rpc is None:
             latency = measure_library(built, inputs, **settings)
         else:
             with tempfile.TemporaryDirectory(prefix="precsearch-bench-") as scratch:
                 library = built.export_library(Path(scratch) / "model.so")
                 latency = measure_remote(library, built.input_names, inputs, rpc=rpc, **settings)
-        add(name, latency, plan.key(), len(int8_ids), built.build_time_s)
+        add(name, latency, plan.key(), len(int8_ids), built.build_time_s, conv_backend, len(built.onednn_kernels))
     ort_float, ort_int8 = rows[0].median_ms, rows[1].median_ms  # ORT float, the user's ORT int8
     rows = [BenchRow(**{**asdict(row), "vs_ort_float": row.median_ms / ort_float,
                         "vs_ort_int8": row.median_ms / ort_int8}) for row in rows]

@@ -9,7 +9,7 @@ from pathlib import Path
 from precsearch.fidelity.crosscheck import check_build
 from precsearch.files import atomic_write
 from precsearch.model.plan import Plan
-from precsearch.tvm import LoadedLibrary
+from precsearch.tvm import ONEDNN_REQUIREMENT, LoadedLibrary
 from precsearch.workspace import Workspace
 
 
@@ -57,9 +57,13 @@ def build_and_export(workspace: Workspace, plan: Plan, out_dir: str | Path, *, c
         "operators": {"rewritten": [note.to_dict() for note in built.operator_notes],
                       "layouts": built.operator_layouts},
         "layout_fallback": built.layout_fallback,
+        "conv_backend": workspace.options.conv_backend,
+        "onednn_skipped": built.onednn_skipped,
         "inputs": {name: list(shape) for name, shape in model.input_shapes.items()},
         "outputs": list(built.output_names),
     }
+    if built.onednn_kernels:
+        summary["requires"] = ONEDNN_REQUIREMENT
     if dump_ir_dir:
         summary["dump_ir"] = {"dir": str(dump_ir_dir), "files": len(built.dump_files)}
     if check:
@@ -79,13 +83,18 @@ def build_and_export(workspace: Workspace, plan: Plan, out_dir: str | Path, *, c
 
 def layer_table(model, built, tuned: bool = False) -> list[dict]:
     """One row per conv of the model: dtype, layout, transforms around it, tuned or not, why it is float."""
-    rows = {row.index: {**row.to_dict(), "kernel": "untuned" if not tuned or row.id in built.untuned_convs
-                        else "tuned"} for row in built.rows}
+    def kernel(row) -> str:
+        if row.backend == "onednn":
+            return built.onednn_kernels.get(row.id, "onednn")
+        return "untuned" if not tuned or row.id in built.untuned_convs else "tuned"
+
+    rows = {row.index: {**row.to_dict(), "kernel": kernel(row)} for row in built.rows}
     table = []
     for layer in model.layers:
         if layer.index in rows:
             table.append(rows[layer.index])
         else:  # not a conv2d in the graph (ConvTranspose): always float, never blocked
             table.append({"index": layer.index, "id": layer.id, "dtype": "float32", "layout": "NCHW",
-                          "transforms_in": [], "transforms_out": [], "note": layer.reason, "kernel": "-"})
+                          "transforms_in": [], "transforms_out": [], "note": layer.reason, "kernel": "-",
+                          "backend": "tir", "fused": ""})
     return table

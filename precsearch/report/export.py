@@ -26,6 +26,7 @@ from precsearch.files import atomic_write
 from precsearch.study.record import StudyAttrs, TrialRecord
 from precsearch.workspace import Workspace
 from precsearch.model import open_model
+from precsearch.tvm import ONEDNN_REQUIREMENT
 
 
 logger = logging.getLogger(__name__)
@@ -146,8 +147,11 @@ def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | P
                "library": str(library), "qdq_model": str(out / "model.qdq.onnx"), "target": built.target,
                "inputs": list(built.input_names), "outputs": list(built.output_names),
                "tuned_kernels": built.tuned_kernels, "total_kernels": built.total_kernels,
+               "onednn_convs": sorted(built.onednn_kernels),
                "note": "layer names are node names of the model as precsearch prepared it (BatchNorm folded); "
                        "unnamed nodes got Conv_<k> names"}
+    if built.onednn_kernels:
+        summary["requires"] = ONEDNN_REQUIREMENT
     atomic_write(out / "plan.json", json.dumps(summary, indent=1))
     logger.info("exported trial %d of %s to %s", trial_number, study.study_name, out)
     return summary

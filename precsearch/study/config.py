@@ -61,7 +61,7 @@ class SearchConfig:
         before this setting existed load as ``"tvm"``.
     conv_backend : str
         Where a TVM build's float convs run: ``"tir"`` or ``"onednn"`` (see
-        :class:`~precsearch.tvm.CompileOptions`).  Old studies load as ``"tir"``.
+        :class:`~precsearch.tvm.CompileOptions`; default ``"onednn"``).
     """
 
     model: str
@@ -93,7 +93,7 @@ class SearchConfig:
     max_retry: int = 2
     check_batches: int = 1
     backend: str = "tvm"
-    conv_backend: str = "tir"
+    conv_backend: str = "onednn"
 
     def __post_init__(self):
         for name, low in (("calibration_batches", 1), ("eval_batches", 1), ("sensitivity_k", 0), ("workers", 1),

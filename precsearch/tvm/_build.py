@@ -17,6 +17,7 @@ from tvm import relax
 from precsearch.errors import CompileError, ConfigError, VerificationError
 from precsearch.model import LoadedModel
 from ._build_report import BuildReport, LayerRow
+from . import _onednn
 from ._importer import import_qdq_model
 from ._naming import layer_in_text
 from ._options import CompileOptions, host_target, resolve_target
@@ -52,6 +53,8 @@ class BuiltPlan:
     operator_notes: tuple = ()  # OperatorNote: ONNX nodes rewritten before import
     operator_layouts: list[dict] = field(default_factory=list)  # per Relax op: blocked / NCHW fallback counts
     layout_fallback: str = ""  # why every conv was built NCHW (the blocked graph failed ConvertLayout)
+    onednn_kernels: dict[str, str] = field(default_factory=dict)  # layer id → oneDNN implementation it runs
+    onednn_skipped: dict[str, str] = field(default_factory=dict)  # float convs kept on TIR, and why
     _vm: object = None
 
     def export_library(self, path: str | Path) -> Path:
@@ -82,6 +85,8 @@ class LoadedLibrary:
                               f"got {str(path)!r} instead.")
         self.input_names = tuple(input_names)
         self.output_names = tuple(output_names)
+        if _onednn.available():  # a library with oneDNN convs calls the bridge's registered function
+            _onednn.load()
         self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.path)), tvm.cpu())
 
     def virtual_machine(self):
@@ -211,6 +216,8 @@ def _build_plan(model, qdq_model, int8_ids, options: CompileOptions, dump_ir_dir
         operator_notes=imported.operator_notes,
         operator_layouts=report.operator_layouts,
         untuned_convs=report.untuned_convs,
+        onednn_kernels={layer: report.onednn_kernels[layer] for layer in report.onednn_layers},
+        onednn_skipped=dict(report.onednn_skipped),
     )
 
 

@@ -27,10 +27,13 @@ class LayerRow:
     transforms_in: list[str] = field(default_factory=list)
     transforms_out: list[str] = field(default_factory=list)
     note: str = ""
+    backend: str = "tir"  # "onednn" when OffloadOneDNN handed the conv to oneDNN
+    fused: str = ""  # what the oneDNN primitive absorbed (bias, activation)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "id": self.id, "dtype": self.dtype, "layout": self.layout,
-                "transforms_in": self.transforms_in, "transforms_out": self.transforms_out, "note": self.note}
+                "transforms_in": self.transforms_in, "transforms_out": self.transforms_out, "note": self.note,
+                "backend": self.backend, "fused": self.fused}
 
 
 @dataclass

@@ -21,6 +21,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 CONV_FUNCTION = "precsearch.onednn.conv2d"
+#: What an exported library with oneDNN convs needs at run time (plan.json says it).
+ONEDNN_REQUIREMENT = ("its float convs call precsearch.onednn.conv2d: load it with precsearch.tvm.LoadedLibrary "
+                      "(which compiles and registers the oneDNN bridge) in an environment with precsearch installed")
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 
 # The int64 config the C++ side reads, in order (its enum Field).

@@ -220,8 +220,12 @@ class OffloadOneDNN(ReportingPass):
         mutator = _Offloader(mod, fusions, self.params)
         mutator.builder_.update_func(mod.get_global_var("main"), mutator.visit_expr(func))
         self.report.onednn_layers = sorted(self.layer_ids[f.index] for f, _ in fusions.values())
-        self.report.onednn_fused = {self.layer_ids[f.index]: ("bias+" if f.bias is not None else "") + f.post_op
-                                    for f, _ in fusions.values()}
+        self.report.onednn_fused = {self.layer_ids[f.index]: "+".join(
+            part for part in ("bias" if f.bias is not None else "", "" if f.post_op == "none" else f.post_op) if part)
+            for f, _ in fusions.values()}
+        for row in self.report.rows:
+            if row.id in self.report.onednn_fused:
+                row.backend, row.fused = "onednn", self.report.onednn_fused[row.id]
         return mutator.builder_.get()
 
     def _spec(self, fusion: _Fusion, weight_name: str, layer_id: str) -> _onednn.ConvSpec:

@@ -30,10 +30,11 @@ class CompileOptions:
     requant_dtype : {"float64", "float32"}
         Arithmetic of int8 requantization: float64 rounds exactly; float32 is
         faster but rounds some near-ties (within ~1e-6 of .5) the other way.
-    conv_backend : {"tir", "onednn"}
-        Where float convs run: TIR kernels (tuned by MetaSchedule), or oneDNN
-        primitives with bias and activation fused (where oneDNN has a jitted
-        kernel for the shape and layout; the rest stay TIR). int8 convs are TIR.
+    conv_backend : {"onednn", "tir"}
+        Where float convs run: oneDNN primitives with bias and activation fused
+        (default; where oneDNN has a jitted kernel for the shape and layout, and
+        where the bridge can be built, else TIR), or TIR kernels only (tuned by
+        MetaSchedule). int8 convs are TIR either way.
     """
 
     target: dict | str | None = None
@@ -42,7 +43,7 @@ class CompileOptions:
     int8_blocked: bool = True
     threads: int = 2
     requant_dtype: str = "float64"
-    conv_backend: str = "tir"
+    conv_backend: str = "onednn"
 
     def __post_init__(self):
         if self.conv_backend not in CONV_BACKENDS:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._naming import conv_kernel_parts
+from . import _onednn
+from ._naming import conv_kernel_name, conv_kernel_parts
 from ._timing import tvm_threads
 
 
@@ -26,6 +27,24 @@ class KernelTime:
     layer_index: int | None = None
     precision: str | None = None  # "int8" or "float"
     layout: str | None = None  # "NCHW", "NCHW16c", ...
+
+    @property
+    def backend(self) -> str:
+        """"onednn" for a conv run by the oneDNN bridge, else "tir"."""
+        return "onednn" if self.kernel.startswith(ONEDNN_PREFIX) else "tir"
+
+
+# Every oneDNN conv is one packed function; its config names the layer, so the
+# profile reports each call under the conv kernel name the TIR build would use.
+ONEDNN_PREFIX = "onednn_"
+_LAYER_FIELD = _onednn.CONFIG_FIELDS.index("layer")
+_BLOCK_FIELD = _onednn.CONFIG_FIELDS.index("src_block")
+
+
+def _onednn_symbol(config) -> str:
+    fields = config.numpy()
+    block = int(fields[_BLOCK_FIELD])
+    return ONEDNN_PREFIX + conv_kernel_name(int(fields[_LAYER_FIELD]), "float", f"NCHW{block}c" if block else "NCHW")
 
 
 def profile_kernels(library, inputs: dict[str, np.ndarray], *, threads: int = 2, runs: int = 20) -> list[KernelTime]:
@@ -51,6 +70,8 @@ def _profile(library, inputs, runs: int) -> list[KernelTime]:
     current: dict[str, float] = defaultdict(float)
 
     def instrument(func, symbol, before_run, ret_value, *call_args):
+        if symbol == _onednn.CONV_FUNCTION:
+            symbol = _onednn_symbol(call_args[3])
         if before_run:
             started[symbol] = time.perf_counter()
         else:

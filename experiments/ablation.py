@@ -1,0 +1,149 @@
+"""Each speed lever on its own, off and on, against ONNX Runtime float measured in the same process.
+
+Levers measured (batch 1, 2 threads, the packaged image the search times on):
+
+* ``conv_backend``: float convs on TIR kernels vs on oneDNN primitives (bias and
+  activation fused), all-float plan and all-int8 plan;
+* ``tvm_threads``: the oneDNN all-float build with TVM's own pool at 1 vs 2 threads;
+* ``omp_wait``: how GNU OpenMP's threads wait between oneDNN calls (sleep, a short
+  spin, spin forever); libgomp reads it when it loads, so each setting runs in a
+  child process, and ORT float is measured in that same process after the TVM
+  build ran (spinning threads would slow it).
+
+Machines differ and this one's speed drifts between processes, so every row holds
+the ratio to ORT float measured interleaved with it (rounds of ORT, TVM, ORT, ...;
+the median of each side's per-round medians).  TIR kernels use the workdir's
+tuning database when there is one (``tuned`` column), else TVM's default schedules.
+
+    python experiments/ablation.py [--models ddddocr-det pplcnet-orientation mobilenetv3-textcls]
+
+Writes results/latency/ablation.csv and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+THREADS = 2
+ROUNDS = 5
+WAIT_SETTINGS = {"sleep (OMP_WAIT_POLICY=PASSIVE)": {"OMP_WAIT_POLICY": "PASSIVE"},
+                 "short spin (GOMP_SPINCOUNT=10000, precsearch's default)": {"GOMP_SPINCOUNT": "10000"},
+                 "spin forever (OMP_WAIT_POLICY=ACTIVE)": {"OMP_WAIT_POLICY": "ACTIVE"}}
+
+
+def _workspace(name: str, workdir: Path):
+    from precsearch.model import open_model
+    from precsearch.tvm import CompileOptions
+    from precsearch.workspace import DataSettings, Workspace
+
+    model, preset = open_model(name)
+    return Workspace(model, workdir, DataSettings(data="samples", preset=preset or "imagenet", calibration_batches=8,
+                                                  eval_batches=1), CompileOptions(threads=THREADS))
+
+
+def _interleaved(workspace, built, tvm_threads: int = THREADS, repeats: int = 50) -> tuple[float, float]:
+    """(ORT float ms, TVM ms): medians over ROUNDS alternating measurements."""
+    from precsearch.measure import measure_onnxruntime
+    from precsearch.tvm import measure_library
+
+    inputs = workspace.timing_input
+    # An untuned TIR build of the detector runs seconds per inference: fewer runs, same rounds.
+    probe_ms = measure_library(built, inputs, threads=tvm_threads, warmup=1, repeats=3).median_ms
+    tvm_repeats = int(min(repeats, max(5, 4000 / probe_ms)))
+    ort_ms, tvm_ms = [], []
+    for _ in range(ROUNDS):
+        ort_ms.append(measure_onnxruntime(workspace.model.proto, inputs, backend="ort", threads=THREADS,
+                                          repeats=repeats).median_ms)
+        tvm_ms.append(measure_library(built, inputs, threads=tvm_threads, warmup=min(10, tvm_repeats),
+                                      repeats=tvm_repeats).median_ms)
+    return float(np.median(ort_ms)), float(np.median(tvm_ms))
+
+
+def _row(model: str, lever: str, setting: str, plan: str, ort_ms: float, tvm_ms: float, built, tuned: bool) -> dict:
+    return {"model": model, "lever": lever, "setting": setting, "plan": plan, "tvm_ms": round(tvm_ms, 3),
+            "ort_float_ms": round(ort_ms, 3), "vs_ort_float": round(tvm_ms / ort_ms, 3),
+            "onednn_convs": len(built.onednn_kernels), "tuned": tuned}
+
+
+def in_process_levers(name: str, workdir: Path) -> list[dict]:
+    from precsearch.model.plan import Plan
+
+    workspace = _workspace(name, workdir)
+    model = workspace.model
+    tuned = workspace.database is not None
+    rows = []
+    plans = {"all-float": Plan(frozenset(model.capable_ids())), "all-int8": Plan(frozenset())}
+    for plan_name, plan in plans.items():
+        for conv_backend in ("tir", "onednn"):
+            print(f"  {name} {plan_name} conv_backend={conv_backend}: building...", flush=True)
+            built = workspace.build(plan, options=replace(workspace.options, conv_backend=conv_backend)).built
+            ort_ms, tvm_ms = _interleaved(workspace, built)
+            rows.append(_row(name, "conv_backend", conv_backend, plan_name, ort_ms, tvm_ms, built, tuned))
+            if plan_name == "all-float" and conv_backend == "onednn":
+                for threads in (1, 2):
+                    ort_ms, tvm_ms = _interleaved(workspace, built, tvm_threads=threads)
+                    rows.append(_row(name, "tvm_threads", str(threads), plan_name, ort_ms, tvm_ms, built, tuned))
+            print(f"    {rows[-1]}", flush=True)
+    return rows
+
+
+def wait_policy_child(name: str, workdir: Path, setting: str) -> None:
+    from precsearch.model.plan import Plan
+
+    workspace = _workspace(name, workdir)
+    built = workspace.build(Plan(frozenset(workspace.model.capable_ids())),
+                            options=replace(workspace.options, conv_backend="onednn")).built
+    ort_ms, tvm_ms = _interleaved(workspace, built)
+    print("ROW " + json.dumps(_row(name, "omp_wait", setting, "all-float", ort_ms, tvm_ms, built,
+                                   workspace.database is not None)), flush=True)
+
+
+def wait_policy_levers(name: str, workdir: Path) -> list[dict]:
+    rows = []
+    for setting, env in WAIT_SETTINGS.items():
+        print(f"  {name} omp_wait={setting}: child process...", flush=True)
+        child_env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        child = subprocess.run([sys.executable, __file__, "--child", name, "--workdir", str(workdir), "--setting",
+                                setting], env={**child_env, **env}, capture_output=True, text=True, check=True)
+        rows += [json.loads(line[4:]) for line in child.stdout.splitlines() if line.startswith("ROW ")]
+        print(f"    {rows[-1]}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["pplcnet-orientation", "mobilenetv3-textcls", "ddddocr-det"])
+    parser.add_argument("--workdir", type=Path, default=ROOT / "precsearch-work")
+    parser.add_argument("--wait-models", nargs="*", default=["pplcnet-orientation", "mobilenetv3-textcls"],
+                        help="models for the OpenMP wait lever (one child process and build per setting)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--setting", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.child:
+        wait_policy_child(args.child, args.workdir, args.setting)
+        return
+    out = ROOT / "results" / "latency" / "ablation.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models:
+        rows += in_process_levers(name, args.workdir)
+        if name in args.wait_models:
+            rows += wait_policy_levers(name, args.workdir)
+        pd.DataFrame(rows).to_csv(out, index=False)  # after each model: a killed run keeps what it measured
+    print(pd.DataFrame(rows).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

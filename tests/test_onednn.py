@@ -1,0 +1,187 @@
+"""Float convs on oneDNN: the bridge's numbers, the offload pass, builds and exported libraries."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tvm
+from onnx import TensorProto, helper, numpy_helper
+
+import models
+from precsearch.errors import CompileError, VerificationError
+from precsearch.model import load_model
+from precsearch.model.data import image_batches
+from precsearch.model.plan import parse_plan
+from precsearch.model.quantize import build_qdq_model, calibrate
+from precsearch.tvm import CompileOptions, LoadedLibrary, build_plan, import_qdq_model, pipeline, resolve_target
+from precsearch.tvm import _onednn
+from precsearch.tvm._onednn_offload import OffloadOneDNN
+
+pytestmark = pytest.mark.skipif(not _onednn.available(), reason=_onednn.unavailable_reason() or "oneDNN missing")
+
+ONEDNN = CompileOptions(conv_backend="onednn")
+
+
+def _ort_conv(x, w, b, strides, pads, dilations, group, activation=None):
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c" if activation else "y"], strides=list(strides),
+                              pads=list(pads), dilations=list(dilations), group=group)]
+    if activation == "swish":
+        nodes += [helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["c", "s"], ["y"])]
+    elif activation:
+        nodes.append(helper.make_node(activation, ["c"], ["y"]))
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def _blocked(array, block):
+    if not block:
+        return array
+    n, c, h, w = array.shape
+    return np.ascontiguousarray(array.reshape(n, c // block, block, h, w).transpose(0, 1, 3, 4, 2))
+
+
+CASES = [  # ic, oc, size, kernel, stride, pads (t, l, b, r), dilation, groups, block, post-op
+    (16, 16, 9, 3, 1, (1, 1, 1, 1), 1, 1, 8, "relu"),
+    (8, 16, 10, 3, 2, (0, 1, 1, 0), 1, 1, 8, "none"),  # asymmetric padding, stride 2
+    (16, 16, 9, 3, 1, (2, 2, 2, 2), 2, 16, 8, "clip"),  # depthwise, dilated
+    (3, 8, 12, 3, 2, (1, 1, 1, 1), 1, 1, 0, "swish"),  # a first conv: plain NCHW in and out
+    (16, 32, 7, 1, 1, (0, 0, 0, 0), 1, 1, 8, "hardswish"),
+]
+
+
+@pytest.mark.parametrize("ic, oc, size, kernel, stride, pads, dilation, groups, block, post", CASES)
+def test_the_bridge_computes_the_conv_onnx_runtime_computes(ic, oc, size, kernel, stride, pads, dilation, groups,
+                                                            block, post):
+    rng = np.random.default_rng(ic * oc + size)
+    x = rng.standard_normal((1, ic, size, size)).astype("float32")
+    w = rng.standard_normal((oc, ic // groups, kernel, kernel)).astype("float32")
+    b = rng.standard_normal(oc).astype("float32")
+    activation = {"none": None, "relu": "Relu", "clip": "Clip", "swish": "swish", "hardswish": "HardSwish"}[post]
+    expected = _ort_conv(x, w, b, (stride, stride), (pads[0], pads[1], pads[2], pads[3]), (dilation, dilation),
+                         groups, activation)
+    if post == "clip":  # ONNX Clip without bounds is the identity: use the ReLU6 bounds explicitly
+        expected = np.clip(_ort_conv(x, w, b, (stride,) * 2, pads, (dilation,) * 2, groups), 0.0, 6.0)
+    spec = _onednn.ConvSpec((1, ic, size, size), expected.shape, (kernel, kernel), (stride, stride), pads,
+                            (dilation, dilation), groups, block, block, post, 0.0, 6.0 if post == "clip" else 0.0,
+                            threads=2)
+    packed = _onednn.pack_weights(spec, w)
+    np.testing.assert_array_equal(_onednn.unpack_weights(spec, packed), w)
+    out = tvm.runtime.tensor(np.zeros(_blocked(expected, block).shape, dtype="float32"))
+    tvm.get_global_func(_onednn.CONV_FUNCTION)(
+        tvm.runtime.tensor(_blocked(x, block)), tvm.runtime.tensor(packed), tvm.runtime.tensor(b),
+        tvm.runtime.tensor(spec.config()), tvm.runtime.tensor(spec.post()), out)
+    np.testing.assert_allclose(out.numpy(), _blocked(expected, block), rtol=1e-4, atol=1e-4)
+    assert _onednn.spec_from_config(spec.config(), spec.post()) == spec
+    assert not _onednn.implementation(spec).startswith("ref")
+
+
+def _front(model, imported, int8_ids, options):
+    """The pipeline up to and including OffloadOneDNN, then dead-code elimination."""
+    passes = pipeline(model, imported, int8_ids, options)
+    names = [p.info.name for p in passes.passes]
+    front = tvm.transform.Sequential([*passes.passes[:names.index("precsearch.OffloadOneDNN") + 1],
+                                      tvm.relax.transform.DeadCodeElimination()])
+    with resolve_target(options), tvm.transform.PassContext(opt_level=3):
+        return front(imported.mod)
+
+
+def _calls(mod, op_name):
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, tvm.ir.expr.Call) and getattr(expr.op, "name", "") == op_name:
+            found.append(expr)
+
+    tvm.relax.analysis.post_order_visit(mod["main"], visit)
+    return found
+
+
+@pytest.fixture(scope="module")
+def activations(tmp_path_factory):
+    model = load_model(models.save(models.activations_model(), tmp_path_factory.mktemp("onednn"), "act"))
+    ranges = calibrate(model, image_batches(model, None, count=2))
+    plan = parse_plan("all", model)  # every conv float
+    return model, build_qdq_model(model, ranges, plan), plan.int8_ids(model)
+
+
+def test_the_pass_fuses_bias_and_the_activations_onednn_has(activations):
+    model, qdq, int8_ids = activations
+    imported = import_qdq_model(qdq, model)
+    mod = _front(model, imported, int8_ids, ONEDNN)
+    assert _calls(mod, "relax.nn.conv2d") == []
+    offloaded = _calls(mod, "relax.call_dps_packed")
+    specs = [_onednn.spec_from_config(call.args[1].fields[3].value.numpy(), call.args[1].fields[4].value.numpy())
+             for call in offloaded]
+    # SiLU and HardSwish become post-ops; HardSigmoid has none in oneDNN and stays a TIR kernel
+    assert {spec.layer: spec.post_op for spec in specs} == {0: "swish", 1: "none", 2: "hardswish", 3: "none"}
+    assert len(_calls(mod, "relax.sigmoid")) == 0 and len(_calls(mod, "relax.minimum")) == 1
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.proto.graph.initializer}
+    bias_of = {node.name: initializers[node.input[2]] for node in model.proto.graph.node if node.op_type == "Conv"}
+    for call, spec in zip(offloaded, specs):
+        np.testing.assert_array_equal(call.args[1].fields[2].value.numpy(), bias_of[model.layers[spec.layer].id])
+
+
+def test_the_pass_leaves_a_module_without_chosen_layers_unchanged(activations):
+    model, qdq, int8_ids = activations
+    imported = import_qdq_model(qdq, model)
+    offload = OffloadOneDNN(imported.params, [layer.id for layer in model.layers], (), {}, 2)
+    with resolve_target(ONEDNN), tvm.transform.PassContext(opt_level=3):
+        tvm.ir.assert_structural_equal(offload(imported.mod), imported.mod)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    model = load_model(models.save(models.chain_model(), tmp_path_factory.mktemp("onednn"), "chain"))
+    ranges = calibrate(model, image_batches(model, None, count=4))
+    plan = parse_plan("conv1", model)  # int8 → float → int8
+    qdq = build_qdq_model(model, ranges, plan)
+    return model, qdq, plan.int8_ids(model), next(iter(image_batches(model, None, count=1)))
+
+
+def test_a_mixed_plan_on_onednn_gives_the_outputs_of_the_tir_build(chain, tmp_path):
+    model, qdq, int8_ids, batch = chain
+    tir = build_plan(model, qdq, int8_ids)
+    onednn = build_plan(model, qdq, int8_ids, options=ONEDNN)
+    assert {row.id: row.backend for row in onednn.rows} == {"conv0": "tir", "conv1": "onednn", "conv2": "tir"}
+    assert next(row.fused for row in onednn.rows if row.id == "conv1") == "bias+relu"
+    assert list(onednn.onednn_kernels) == ["conv1"]
+    np.testing.assert_array_equal(onednn.kernel_weights["conv1"], tir.kernel_weights["conv1"])
+    expected = tir.run(batch)["logits"]
+    np.testing.assert_allclose(onednn.run(batch)["logits"], expected, rtol=1e-4, atol=1e-4)
+    loaded = LoadedLibrary(onednn.export_library(tmp_path / "model.so"), onednn.input_names, onednn.output_names)
+    np.testing.assert_allclose(loaded.run(batch)["logits"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_that_are_not_the_layers_own_fail_verification_naming_the_layer(chain, monkeypatch):
+    model, qdq, int8_ids, _ = chain
+    real_pack = _onednn.pack_weights
+    monkeypatch.setattr(_onednn, "pack_weights", lambda spec, weights: real_pack(spec, weights * 2))
+    with pytest.raises(CompileError) as caught:
+        build_plan(model, qdq, int8_ids, options=ONEDNN)
+    assert isinstance(caught.value, VerificationError) or "VerifyPlan" in str(caught.value)
+    assert "conv1" in str(caught.value) and "oneDNN" in str(caught.value)
+
+
+def test_a_conv_onednn_has_only_its_reference_kernel_for_stays_tir(chain, monkeypatch):
+    model, qdq, int8_ids, _ = chain
+    monkeypatch.setattr(_onednn, "implementation", lambda spec: "ref:any")
+    built = build_plan(model, qdq, int8_ids, options=ONEDNN)
+    assert {row.backend for row in built.rows} == {"tir"}
+    assert "reference kernel" in built.onednn_skipped["conv1"]
+
+
+def test_without_onednn_every_conv_stays_tir_and_says_why(chain, monkeypatch):
+    model, qdq, int8_ids, batch = chain
+    monkeypatch.setattr(_onednn, "unavailable_reason", lambda: "libdnnl not found in /nowhere")
+    built = build_plan(model, qdq, int8_ids, options=ONEDNN)
+    assert {row.backend for row in built.rows} == {"tir"}
+    assert built.onednn_skipped == {"conv1": "libdnnl not found in /nowhere"}
+
+
+def test_an_unknown_conv_backend_is_a_config_error():
+    from precsearch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="conv_backend"):
+        CompileOptions(conv_backend="mkl")
