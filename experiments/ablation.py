@@ -4,11 +4,16 @@ Levers measured (batch 1, 2 threads, the packaged image the search times on):
 
 * ``conv_backend``: float convs on TIR kernels vs on oneDNN primitives (bias and
   activation fused), all-float plan and all-int8 plan;
+* ``parallel_fallback``: kernels without a tuning record as TVM leaves them (one
+  serial loop nest) vs with their outer spatial loops parallel;
 * ``tvm_threads``: the oneDNN all-float build with TVM's own pool at 1 vs 2 threads;
-* ``omp_wait``: how GNU OpenMP's threads wait between oneDNN calls (sleep, a short
-  spin, spin forever); libgomp reads it when it loads, so each setting runs in a
-  child process, and ORT float is measured in that same process after the TVM
-  build ran (spinning threads would slow it).
+* environment levers, each setting in a child process (read once, when libgomp
+  loads or TVM's pool starts), with ORT float measured in that same process after
+  the TVM build ran (threads left spinning would slow it):
+  ``omp_wait`` (how oneDNN's OpenMP threads wait between calls), ``tvm_pool_spin``
+  (how long TVM's workers spin after a parallel loop), ``tvm_pool_size`` (TVM's
+  default pool of half the hardware threads, which ``config_threadpool`` cannot
+  enlarge, vs all cores).
 
 Machines differ and this one's speed drifts between processes, so every row holds
 the ratio to ORT float measured interleaved with it (rounds of ORT, TVM, ORT, ...;
@@ -37,9 +42,17 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2
 ROUNDS = 5
-WAIT_SETTINGS = {"sleep (OMP_WAIT_POLICY=PASSIVE)": {"OMP_WAIT_POLICY": "PASSIVE"},
+# Child-process levers: environment variables read once, when libgomp loads or TVM's pool starts.
+ENV_LEVERS = {
+    "omp_wait": {"sleep (OMP_WAIT_POLICY=PASSIVE)": {"OMP_WAIT_POLICY": "PASSIVE"},
                  "short spin (GOMP_SPINCOUNT=10000, precsearch's default)": {"GOMP_SPINCOUNT": "10000"},
-                 "spin forever (OMP_WAIT_POLICY=ACTIVE)": {"OMP_WAIT_POLICY": "ACTIVE"}}
+                 "spin forever (OMP_WAIT_POLICY=ACTIVE)": {"OMP_WAIT_POLICY": "ACTIVE"}},
+    "tvm_pool_spin": {"TVM default (300000 rounds)": {"TVM_THREAD_POOL_SPIN_COUNT": "300000"},
+                      "1000 rounds (precsearch's default)": {"TVM_THREAD_POOL_SPIN_COUNT": "1000"}},
+    "tvm_pool_size": {"TVM default (TVM_NUM_THREADS unset: half the hardware threads)": {"TVM_NUM_THREADS": ""},
+                      "all cores (precsearch's default)": {}},
+}
+ENV_NAMES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TVM_THREAD_POOL_SPIN_COUNT", "TVM_NUM_THREADS")
 
 
 def _workspace(name: str, workdir: Path):
@@ -90,6 +103,11 @@ def in_process_levers(name: str, workdir: Path) -> list[dict]:
             built = workspace.build(plan, options=replace(workspace.options, conv_backend=conv_backend)).built
             ort_ms, tvm_ms = _interleaved(workspace, built)
             rows.append(_row(name, "conv_backend", conv_backend, plan_name, ort_ms, tvm_ms, built, tuned))
+            if conv_backend == "onednn":  # untuned TIR kernels: serial (TVM's default) vs parallel outer loops
+                serial = workspace.build(plan, options=replace(workspace.options, parallel_fallback=False)).built
+                ort_ms, tvm_ms = _interleaved(workspace, serial)
+                rows.append(_row(name, "parallel_fallback", "off (TVM's serial default)", plan_name, ort_ms, tvm_ms,
+                                 serial, tuned))
             if plan_name == "all-float" and conv_backend == "onednn":
                 for threads in (1, 2):
                     ort_ms, tvm_ms = _interleaved(workspace, built, tvm_threads=threads)
@@ -98,26 +116,32 @@ def in_process_levers(name: str, workdir: Path) -> list[dict]:
     return rows
 
 
-def wait_policy_child(name: str, workdir: Path, setting: str) -> None:
+def env_child(name: str, workdir: Path, lever: str, setting: str) -> None:
     from precsearch.model.plan import Plan
 
     workspace = _workspace(name, workdir)
     built = workspace.build(Plan(frozenset(workspace.model.capable_ids())),
                             options=replace(workspace.options, conv_backend="onednn")).built
     ort_ms, tvm_ms = _interleaved(workspace, built)
-    print("ROW " + json.dumps(_row(name, "omp_wait", setting, "all-float", ort_ms, tvm_ms, built,
+    print("ROW " + json.dumps(_row(name, lever, setting, "all-float", ort_ms, tvm_ms, built,
                                    workspace.database is not None)), flush=True)
 
 
-def wait_policy_levers(name: str, workdir: Path) -> list[dict]:
+def env_levers(name: str, workdir: Path) -> list[dict]:
     rows = []
-    for setting, env in WAIT_SETTINGS.items():
-        print(f"  {name} omp_wait={setting}: child process...", flush=True)
-        child_env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-        child = subprocess.run([sys.executable, __file__, "--child", name, "--workdir", str(workdir), "--setting",
-                                setting], env={**child_env, **env}, capture_output=True, text=True, check=True)
-        rows += [json.loads(line[4:]) for line in child.stdout.splitlines() if line.startswith("ROW ")]
-        print(f"    {rows[-1]}", flush=True)
+    for lever, settings in ENV_LEVERS.items():
+        for setting, env in settings.items():
+            print(f"  {name} {lever}={setting}: child process...", flush=True)
+            child_env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
+            # an empty value means "unset": TVM's own default; the precsearch default is set on import
+            child_env.update({k: v for k, v in env.items() if v})
+            if env.get("TVM_NUM_THREADS") == "":
+                child_env["PRECSEARCH_KEEP_TVM_DEFAULT_THREADS"] = "1"
+            child = subprocess.run([sys.executable, __file__, "--child", name, "--workdir", str(workdir), "--lever",
+                                    lever, "--setting", setting], env=child_env, capture_output=True, text=True,
+                                   check=True)
+            rows += [json.loads(line[4:]) for line in child.stdout.splitlines() if line.startswith("ROW ")]
+            print(f"    {rows[-1]}", flush=True)
     return rows
 
 
@@ -126,13 +150,17 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["pplcnet-orientation", "mobilenetv3-textcls", "ddddocr-det"])
     parser.add_argument("--workdir", type=Path, default=ROOT / "precsearch-work")
     parser.add_argument("--wait-models", nargs="*", default=["pplcnet-orientation", "mobilenetv3-textcls"],
-                        help="models for the OpenMP wait lever (one child process and build per setting)")
+                        help="models for the environment levers (one child process and build per setting)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--lever", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--setting", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.child:
-        wait_policy_child(args.child, args.workdir, args.setting)
+        if os.environ.get("PRECSEARCH_KEEP_TVM_DEFAULT_THREADS"):
+            import tvm  # noqa: F401 — TVM's pool before precsearch sets TVM_NUM_THREADS
+            tvm.get_global_func("runtime.NumThreads")()  # starts the pool with TVM's default size
+        env_child(args.child, args.workdir, args.lever, args.setting)
         return
     out = ROOT / "results" / "latency" / "ablation.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +168,7 @@ def main() -> None:
     for name in args.models:
         rows += in_process_levers(name, args.workdir)
         if name in args.wait_models:
-            rows += wait_policy_levers(name, args.workdir)
+            rows += env_levers(name, args.workdir)
         pd.DataFrame(rows).to_csv(out, index=False)  # after each model: a killed run keeps what it measured
     print(pd.DataFrame(rows).to_string(index=False))
 

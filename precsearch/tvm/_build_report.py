@@ -64,6 +64,7 @@ class BuildReport:
     kernels_tuned: dict[str, bool] = field(default_factory=dict)
     not_applied: dict[str, str] = field(default_factory=dict)
     untuned_convs: tuple[str, ...] = ()
+    fallback_scheduled: int = 0  # kernels without a record that got parallel outer loops instead
     # any precsearch pass: the error it raised, as raised (see recording_failure)
     failure: CompileError | None = None
 

@@ -35,6 +35,9 @@ class CompileOptions:
         (default; where oneDNN has a jitted kernel for the shape and layout, and
         where the bridge can be built, else TIR), or TIR kernels only (tuned by
         MetaSchedule). int8 convs are TIR either way.
+    parallel_fallback : bool
+        Kernels without a tuning record run their outer spatial loops in
+        parallel (True, default) or keep TVM's serial default schedule.
     """
 
     target: dict | str | None = None
@@ -44,6 +47,7 @@ class CompileOptions:
     threads: int = 2
     requant_dtype: str = "float64"
     conv_backend: str = "onednn"
+    parallel_fallback: bool = True
 
     def __post_init__(self):
         if self.conv_backend not in CONV_BACKENDS:

@@ -122,7 +122,7 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
     return tvm.transform.Sequential(
         [
             *front,
-            ApplyTuning(database, target, layer_ids, report=report),
+            ApplyTuning(database, target, layer_ids, report=report, parallel_fallback=options.parallel_fallback),
             *cpu_pipeline.dataflow_lower_passes(target),
             *cpu_pipeline.finalize_passes(target),
         ],

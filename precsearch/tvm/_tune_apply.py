@@ -16,6 +16,7 @@ import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 
 from ._build_report import BuildReport
+from ._fallback_schedule import parallel_schedule
 from ._naming import kernel_layer
 from ._trace import tvm_error_line
 from ._tune_database import TuningDatabase
@@ -32,25 +33,31 @@ class ApplyTuning:
     anchor-trace replay, which can fail on a kernel whose fused neighbours differ
     from the tuned one (a check in the trace replay fires). TVM's pass then fails
     the whole build; here other records are tried (:func:`best_schedule`), and a
-    kernel no record applies to keeps TVM's default schedule and is reported.
+    kernel no record applies to keeps TVM's default schedule and is reported;
+    its outer spatial loops are then run in parallel (:func:`parallel_schedule`),
+    since the default schedule is one serial loop nest.
 
     Parameters
     ----------
     database : TuningDatabase or None
-        None schedules nothing and only counts kernels.
+        None applies no record (every kernel gets the fallback) and only counts kernels.
     target : tvm.target.Target
     layer_ids : sequence of str
         Layer id by index, to name the convs left untuned.
     report : BuildReport, optional
-        Gets ``kernels_tuned``, ``not_applied`` and ``untuned_convs``.
+        Gets ``kernels_tuned``, ``not_applied``, ``untuned_convs`` and ``fallback_scheduled``.
+    parallel_fallback : bool
+        Give kernels without a record parallel outer loops (False: TVM's serial default).
     """
 
     def __init__(self, database: TuningDatabase | None, target: tvm.target.Target, layer_ids=(),
-                 report: BuildReport | None = None):
+                 report: BuildReport | None = None, parallel_fallback: bool = True):
         self.database = database
         self.target = target
         self.layer_ids = tuple(layer_ids)
         self.report = report if report is not None else BuildReport()
+        self.cores = int(target.attrs.get("num-cores", 1)) if "num-cores" in target.attrs else 1
+        self.parallel_fallback = parallel_fallback
 
     def transform_module(self, mod, ctx):
         untuned: set[int] = set()
@@ -63,6 +70,10 @@ class ApplyTuning:
             if tuned is not None:
                 mod[gvar] = tuned
                 continue
+            fallback = parallel_schedule(func, self.cores) if self.parallel_fallback else None
+            if fallback is not None:
+                mod[gvar] = fallback
+                self.report.fallback_scheduled += 1
             index = kernel_layer(name, func)
             if index is not None and index < len(self.layer_ids):
                 untuned.add(index)
