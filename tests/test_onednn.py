@@ -185,3 +185,17 @@ def test_an_unknown_conv_backend_is_a_config_error():
 
     with pytest.raises(ConfigError, match="conv_backend"):
         CompileOptions(conv_backend="mkl")
+
+
+def test_a_build_with_onednn_convs_is_timed_at_both_tvm_pool_sizes(chain):
+    from precsearch.tvm import measure_library
+
+    model, qdq, int8_ids, batch = chain
+    onednn = build_plan(model, qdq, int8_ids, options=ONEDNN)
+    tir = build_plan(model, qdq, int8_ids, options=CompileOptions(conv_backend="tir"))
+    for size in (2, 1):
+        latency = measure_library(onednn, batch, threads=2, warmup=2, repeats=5, pool_sizes=(size,))
+        assert latency.tvm_pool_threads == size and latency.threads == 2
+    best = measure_library(onednn, batch, threads=2, warmup=2, repeats=5)
+    assert best.tvm_pool_threads in (1, 2) and best.threads == 2
+    assert measure_library(tir, batch, threads=2, warmup=2, repeats=5).tvm_pool_threads == 2  # TIR only: all cores

@@ -50,6 +50,7 @@ class BenchRow:
     vs_ort_int8: float = math.nan
     conv_backend: str = ""  # TVM rows: where float convs ran ("tir" or "onednn")
     onednn_convs: int = 0
+    tvm_pool_threads: int | None = None  # TVM rows: TVM's own pool size the figure was measured with
 
 
 @dataclass
@@ -116,7 +117,7 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
         rows.append(BenchRow(name=name, backend=latency.backend, plan=plan, int8_convs=int8_convs,
                              median_ms=latency.median_ms, iqr_ms=latency.iqr_ms, runs=latency.runs,
                              threads=latency.threads, build_time_s=round(build_time_s, 2), conv_backend=conv_backend,
-                             onednn_convs=onednn_convs))
+                             onednn_convs=onednn_convs, tvm_pool_threads=latency.tvm_pool_threads))
 
     say("measuring ONNX Runtime float and int8...")
     settings = dict(threads=threads, warmup=warmup, repeats=repeats)

@@ -24,6 +24,10 @@ class Latency:
     runs: int
     warmup: int
     threads: int
+    # TVM builds: the size of TVM's own thread pool the figure was measured with
+    # (a build whose convs run on oneDNN can be faster with TVM's pool smaller
+    # than ``threads``: the two pools hand the cores back and forth).
+    tvm_pool_threads: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
