@@ -161,9 +161,9 @@ int64_t weights_bytes(tvm::ffi::Tensor config, tvm::ffi::Tensor post) {
   return static_cast<int64_t>(get_conv(read_config(config), read_post(post)).weights_desc.get_size());
 }
 
-// OIHW float32 weights → the primitive's blocked format, once at build time.
-void pack_weights(tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::Tensor oihw,
-                  tvm::ffi::Tensor packed) {
+// Reorders between the plain (g)oihw float32 weights and the primitive's blocked format.
+void reorder_weights(tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::Tensor oihw, tvm::ffi::Tensor packed,
+                     bool to_blocked) {
   std::vector<int64_t> c = read_config(config);
   Conv& conv = get_conv(c, read_post(post));
   TVM_FFI_ICHECK(static_cast<size_t>(packed.shape()[0]) == conv.weights_desc.get_size())
@@ -175,24 +175,22 @@ void pack_weights(tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::Tens
   memory plain({plain_dims, memory::data_type::f32, groups > 1 ? tag::goihw : tag::oihw}, cpu_engine(),
                address(oihw));
   memory blocked(conv.weights_desc, cpu_engine(), address(packed));
-  dnnl::reorder(plain, blocked).execute(cpu_stream(), plain, blocked);
+  memory& from = to_blocked ? plain : blocked;
+  memory& to = to_blocked ? blocked : plain;
+  dnnl::reorder(from, to).execute(cpu_stream(), from, to);
   cpu_stream().wait();
+}
+
+// OIHW float32 weights → the primitive's blocked format, once at build time.
+void pack_weights(tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::Tensor oihw,
+                  tvm::ffi::Tensor packed) {
+  reorder_weights(config, post, oihw, packed, true);
 }
 
 // The inverse of pack_weights, so the build can check a layer's packed weights are its own.
 void unpack_weights(tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::Tensor packed,
                     tvm::ffi::Tensor oihw) {
-  std::vector<int64_t> c = read_config(config);
-  Conv& conv = get_conv(c, read_post(post));
-  const int64_t groups = c[kGroups];
-  memory::dims plain_dims = groups > 1
-      ? memory::dims{groups, c[kOC] / groups, c[kIC] / groups, c[kKH], c[kKW]}
-      : memory::dims{c[kOC], c[kIC], c[kKH], c[kKW]};
-  memory plain({plain_dims, memory::data_type::f32, groups > 1 ? tag::goihw : tag::oihw}, cpu_engine(),
-               address(oihw));
-  memory blocked(conv.weights_desc, cpu_engine(), address(packed));
-  dnnl::reorder(blocked, plain).execute(cpu_stream(), blocked, plain);
-  cpu_stream().wait();
+  reorder_weights(config, post, oihw, packed, false);
 }
 
 // Which oneDNN implementation the primitive of this config runs ("ref:any" is the slow reference one).
