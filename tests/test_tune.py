@@ -121,8 +121,9 @@ def test_the_tuning_runner_times_kernels_on_the_deployed_thread_count(monkeypatc
     from precsearch.tvm._tune_tasks import local_runner, runtime_threads
 
     monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
-    # A stock LocalRunner's fresh worker sizes its pool as hardware threads / 2: 1 here.
+    # A stock LocalRunner's fresh worker would size its pool as hardware threads / 2 (1 here), but unpickling
+    # runtime_threads imports precsearch.tvm, which sets TVM_NUM_THREADS to every core before the pool starts.
     stock = ms.runner.LocalRunner(timeout_sec=30)
-    assert stock.pool.submit(runtime_threads).result() == max(1, __import__("os").cpu_count() // 2)
+    assert stock.pool.submit(runtime_threads).result() == __import__("os").cpu_count()
     for threads in (1, 2):
         assert local_runner(threads).pool.submit(runtime_threads).result() == threads
