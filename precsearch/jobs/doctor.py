@@ -140,7 +140,7 @@ def diagnose(model: LoadedModel, preset: str | None, *, data="samples", options=
 
 
 def check_standard_plans(name: str, check_batches: int = 2, calibration_batches: int = 8, plans=None,
-                         progress=None) -> list[dict]:
+                         progress=None, options=None) -> list[dict]:
     """Build and check :func:`precsearch.model.plan.standard_plans` of one model, untuned; one dict per plan.
 
     Parameters
@@ -153,6 +153,8 @@ def check_standard_plans(name: str, check_batches: int = 2, calibration_batches:
         Only these plan names.
     progress : callable, optional
         Called with one line per plan.
+    options : CompileOptions, optional
+        How the plans are built (default: the default CompileOptions).
     """
     from precsearch.fidelity.crosscheck import check_build
     from precsearch.model import open_model
@@ -162,7 +164,7 @@ def check_standard_plans(name: str, check_batches: int = 2, calibration_batches:
     model, preset = open_model(name)
     workspace = Workspace(model, None, DataSettings(data="samples", preset=preset,
                                                     calibration_batches=calibration_batches,
-                                                    eval_batches=check_batches))
+                                                    eval_batches=check_batches), options)
     workspace.prepare(reference=False, ort_int8=False)  # calibration is not part of any plan's build time
     check = workspace.eval_batches
     rows = []
