@@ -208,7 +208,7 @@ class OffloadOneDNN(ReportingPass):
                 raise CompileError("only float convs can run on oneDNN", pass_name=PASS_NAME, layer_id=layer_id)
             fusion = _Fusion(var, value, index)
             fusion.weight_name = name
-            _absorb_bias(graph, fusion, self.params, int(value.ty.shape[1]) * max(1, _channel_block(value)))
+            _absorb_bias(graph, fusion, self.params, int(value.ty.shape[1]) * (_block(str(value.attrs.out_layout)) or 1))
             _absorb_activation(graph, fusion)
             spec = self._spec(fusion, name, layer_id)
             kernel = _onednn.implementation(spec)
@@ -249,12 +249,6 @@ class OffloadOneDNN(ReportingPass):
                                 tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
                                 tuple(int(d) for d in attrs.dilation), int(attrs.groups), block, block,
                                 fusion.post_op, fusion.alpha, fusion.beta, self.threads, fusion.index)
-
-
-def _channel_block(conv) -> int:
-    layout = str(conv.attrs.out_layout)
-    block = _block(layout)
-    return block or 1
 
 
 @relax.expr_functor.mutator
