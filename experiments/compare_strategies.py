@@ -140,6 +140,9 @@ class CachingEvaluator:
     def remeasure(self, plan, repeats: int):
         return self.evaluator.remeasure(plan, repeats) if self.evaluator is not None else None
 
+    def remeasure_baselines(self, repeats: int):
+        return self.evaluator.remeasure_baselines(repeats) if self.evaluator is not None else None
+
 
 def result_from_trial(trial):
     """The PlanResult a finished search trial recorded (to seed the cache)."""

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import onnx
 
+from precsearch.fidelity.metrics import default_eval_batches, default_metric
 from precsearch.fidelity.reference import reference_outputs
 from precsearch.model import LoadedModel
-from precsearch.model.data import load_batches, split_batches
+from precsearch.model.data import batch_size_of, load_batches, split_batches
 from precsearch.model.quantize import CalibrationRanges, build_qdq_model, calibrate, output_steps, user_int8_model
 from precsearch.model.plan import Plan
 from precsearch.tvm import BuiltPlan, CompileOptions, build_plan, fused_module, open_database
@@ -77,8 +78,12 @@ class Workspace:
     @classmethod
     def from_config(cls, config, model: LoadedModel, workdir: str | Path, preset: str | None = None) -> Workspace:
         """The workspace of a search (:class:`~precsearch.study.config.SearchConfig`): what its trials build."""
+        # A config straight from the user may leave the metric and the evaluation set size open (the search's
+        # resolve_settings fills both in before it stores them).
+        metric = config.metric or default_metric(model.output_shapes)
+        eval_batches = config.eval_batches or default_eval_batches(metric, batch_size_of(model))
         data = DataSettings(data=config.data, preset=config.preset or preset, calibration=config.calibration,
-                            calibration_batches=config.calibration_batches, eval_batches=config.eval_batches)
+                            calibration_batches=config.calibration_batches, eval_batches=eval_batches)
         options = CompileOptions(block_size=config.block_size, float_blocked=config.float_layout == "blocked",
                                  threads=config.threads, requant_dtype=config.requant,
                                  conv_backend=config.conv_backend)

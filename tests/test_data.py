@@ -7,7 +7,9 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 import models
+from precsearch.model import data as data_module
 from precsearch.model.data import (
+    CALIBRATION_SOURCES,
     PRESETS,
     DataSource,
     Preprocess,
@@ -17,6 +19,7 @@ from precsearch.model.data import (
     preprocess,
     read_image,
     sample_images,
+    sample_pool,
     split_batches,
 )
 from precsearch.errors import ConfigError, DataError
@@ -72,16 +75,45 @@ def test_imagenet_preprocess_centre_crops_and_normalizes():
 
 
 def test_image_batches_shapes_determinism_and_offsets(textcls):
-    batches = image_batches(textcls, "mobilenetv3-textcls", count=20)
-    assert len(batches) == 20
+    batches = image_batches(textcls, "mobilenetv3-textcls", count=30)
+    assert len(batches) == 30
     assert all(set(b) == {"x"} and b["x"].shape == (1, 3, 48, 192) and b["x"].dtype == np.float32 for b in batches)
-    # 20 > 13 raw images: the extra ones are crops/mirrors, still all distinct.
-    assert len({b["x"].tobytes() for b in batches}) == 20
-    assert data_hash(batches) == data_hash(image_batches(textcls, "mobilenetv3-textcls", count=20))
-    later = image_batches(textcls, "mobilenetv3-textcls", count=3, offset=17)
-    assert data_hash(later) == data_hash(batches[17:20])
-    other_seed = image_batches(textcls, "mobilenetv3-textcls", count=20, seed=1)
+    # 30 > 22 raw images: the extra ones are crops/mirrors/rescalings, still all distinct.
+    assert len(sample_images()) == 22
+    assert len({b["x"].tobytes() for b in batches}) == 30
+    assert data_hash(batches) == data_hash(image_batches(textcls, "mobilenetv3-textcls", count=30))
+    later = image_batches(textcls, "mobilenetv3-textcls", count=3, offset=27)
+    assert data_hash(later) == data_hash(batches[27:30])
+    other_seed = image_batches(textcls, "mobilenetv3-textcls", count=30, seed=1)
     assert data_hash(other_seed) != data_hash(batches)
+
+
+def test_sample_pools_never_share_a_source_image(textcls, monkeypatch):
+    names = [name for name, _ in sample_images()]
+    calibration, evaluation = sample_pool("calibration"), sample_pool("evaluation")
+    assert len(calibration) == CALIBRATION_SOURCES and not set(calibration) & set(evaluation)
+    assert sorted(calibration + evaluation) == list(range(len(names)))
+    assert sample_pool(None) == calibration + evaluation  # one seeded order, split
+    assert sample_pool("calibration", seed=1) != calibration
+    by_identity = {id(image): name for name, image in sample_images()}
+    drawn = []
+    real_variant = data_module._variant
+
+    def recording(image, seed, index):
+        drawn.append(by_identity[id(image)])
+        return real_variant(image, seed, index)
+
+    monkeypatch.setattr(data_module, "_variant", recording)
+    cal, ev = split_batches(textcls, "samples", "mobilenetv3-textcls", calibration_count=40, evaluation_count=300)
+    calibration_draws, evaluation_draws = drawn[:40 - CALIBRATION_SOURCES], drawn[40 - CALIBRATION_SOURCES:]
+    assert set(calibration_draws) == {names[i] for i in calibration}
+    assert set(evaluation_draws) == {names[i] for i in evaluation}  # crops of every evaluation image, of no other
+    assert len(evaluation_draws) == 300 - len(evaluation)
+    # The raw images come first, then distinct derived ones: 300 different inputs.
+    assert len({b["x"].tobytes() for b in ev}) == 300
+    assert not {b["x"].tobytes() for b in cal} & {b["x"].tobytes() for b in ev}
+    with pytest.raises(ConfigError, match="'pool' parameter"):
+        image_batches(textcls, None, 1, pool="test")
 
 
 def test_default_preset_follows_the_input_size(textcls):
@@ -291,9 +323,11 @@ def test_split_is_disjoint_and_seeded(tiny, tmp_path):
     assert len(calibration) == len(evaluation) == 8 and len(shared) == 6
     with pytest.raises(DataError, match="even with overlap"):
         split_batches(tiny["rgb"], tmp_path / "imgs", calibration_count=11, evaluation_count=1, allow_overlap=True)
-    # The endless sample stream: disjoint offsets, as image_batches always did.
+    # The endless sample stream: each set from its own pool of source images.
     cal, ev = split_batches(tiny["rgb"], "samples", calibration_count=2, evaluation_count=3)
-    assert data_hash(cal + ev) == data_hash(image_batches(tiny["rgb"], None, count=5))
+    assert data_hash(cal) == data_hash(image_batches(tiny["rgb"], None, count=2, pool="calibration"))
+    assert data_hash(ev) == data_hash(image_batches(tiny["rgb"], None, count=3, pool="evaluation"))
+    assert data_hash(load_batches(tiny["rgb"], "samples", count=2)) == data_hash(cal)
     with pytest.raises(ConfigError, match="'evaluation_count' parameter of split_batches"):
         split_batches(tiny["rgb"], "samples", calibration_count=2)
 

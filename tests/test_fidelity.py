@@ -49,6 +49,27 @@ def test_top1_stop_is_exact_not_a_guess():
     assert run.seen == 10 and not result.stopped_early and result.values["top1"] == pytest.approx(0.9)
 
 
+def test_goal_on_the_lower_bound_stops_what_the_value_would_keep():
+    # 1 miss in the first 4 of 256: the best case is 255/256 = 0.996 (meets 0.99), but its 95 % lower
+    # bound is 0.978, which can never reach 0.99.
+    reference = _batches(256)
+    candidate = [dict(batch) for batch in reference]
+    candidate[0] = {"logits": -reference[0]["logits"]}
+    inputs = [{"x": np.zeros((1, 1))}] * 256
+    on_value = evaluate_plan(Counting(candidate), reference, inputs, "top1", goal=0.99, first_batches=4)
+    assert not on_value.stopped_early and on_value.values["top1"] == pytest.approx(255 / 256)
+    assert on_value.values["top1_low"] == pytest.approx(0.9782, abs=1e-4)
+    on_bound = evaluate_plan(Counting(candidate), reference, inputs, "top1", goal=0.99, first_batches=4,
+                             goal_on="lower_bound")
+    assert on_bound.stopped_early and on_bound.batches_used == 4
+    exact = evaluate_plan(Counting(reference), reference, inputs, "top1", goal=0.98, goal_on="lower_bound")
+    assert not exact.stopped_early and exact.values["top1_low"] == pytest.approx(0.98522, abs=1e-5)
+    with pytest.raises(ConfigError, match="'lower_bound' only for the metrics"):
+        evaluate_plan(Counting(reference), reference, inputs, "sqnr_db", goal=20.0, goal_on="lower_bound")
+    with pytest.raises(ConfigError, match="'goal_on' parameter of evaluate_plan"):
+        evaluate_plan(Counting(reference), reference, inputs, "top1", goal=0.9, goal_on="upper")
+
+
 def test_sqnr_stops_only_beyond_its_margin():
     reference = _batches(8, classes=16)
     noisy = [{"logits": batch["logits"] * 1.5} for batch in reference]  # SQNR = 20*log10(1/0.5) ≈ 6.0 dB

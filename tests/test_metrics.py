@@ -9,14 +9,17 @@ from precsearch.fidelity.metrics import (
     MetricResults,
     compute_metrics,
     cosine_similarity,
+    default_eval_batches,
     default_metric,
     is_classifier_output,
+    kl_divergence,
     max_abs_error,
     normalized_mse,
     sqnr_db,
     top1_agreement,
     topk_agreement,
     validate_metric,
+    wilson_interval,
 )
 
 
@@ -125,13 +128,15 @@ def test_is_classifier_output_and_default_metric():
 
 
 def test_validate_metric():
-    assert set(METRICS) == {"top1", "top5", "cosine", "sqnr_db", "nmse", "max_abs_error"}
+    assert set(METRICS) == {"top1", "top5", "cosine", "sqnr_db", "nmse", "max_abs_error", "kl_div"}
     assert METRICS["sqnr_db"][1] is True and METRICS["nmse"][1] is False
     assert validate_metric("cosine") == "cosine"
     with pytest.raises(ConfigError, match=r"The 'metric' parameter must be one of \['cosine', .*\]; got 'acc' instead"):
         validate_metric("acc")
     with pytest.raises(ConfigError, match=r"needs a classifier main output .* got shape \(1, 8, 4, 4\)"):
         validate_metric("top1", (1, 8, 4, 4))
+    with pytest.raises(ConfigError, match="needs a classifier main output"):
+        validate_metric("kl_div", (1, 8, 4, 4))
     assert METRICS["top5"][0]([[0, 1, 2, 3, 4, 5, 6]], [[6, 5, 4, 3, 2, 1, 0]]) == 0.0
 
 
@@ -158,7 +163,10 @@ def test_compute_metrics_over_batches_and_outputs():
     assert got.values["max_abs_error/feat"] == 0.5
     assert got.per_item["top1"] == [1.0, 0.0]
     assert got.per_item["sqnr_db"][0] == math.inf and got.per_item["sqnr_db"][1] == pytest.approx(10 * math.log10(4 / 8))
-    assert set(got.per_item) == {"top1", "top5", "cosine", "sqnr_db", "nmse", "max_abs_error"}
+    assert set(got.per_item) == {"top1", "top5", "cosine", "sqnr_db", "nmse", "max_abs_error", "kl_div"}
+    # 1 of 2 agree: the 95 % Wilson interval of 0.5 over two samples.
+    assert (got.values["top1_low"], got.values["top1_high"]) == pytest.approx((0.0945, 0.9055), abs=1e-4)
+    assert "kl_div/feat" not in got.values and got.per_item["kl_div"][0] == 0.0
     # Choosing the outputs picks the main one.
     feat_first = compute_metrics(reference, candidate, outputs=["feat"])
     assert feat_first.values["sqnr_db"] == got.values["sqnr_db/feat"] and "top1" not in feat_first.values
@@ -177,3 +185,32 @@ def test_compute_metrics_rejects_mismatches():
         compute_metrics([{"y": np.array([[np.inf, 0.0]])}], [{"y": np.zeros((1, 2))}])
     with pytest.raises(DataError, match="holds no batch"):
         compute_metrics([], [])
+
+
+def test_wilson_interval_by_hand():
+    # 32 of 32 agree: the interval of "all agree" is not a point, its lower bound is 0.893.
+    assert wilson_interval(32, 32) == pytest.approx((0.8928, 1.0), abs=1e-4)
+    assert wilson_interval(256, 256)[0] == pytest.approx(0.98522, abs=1e-5)
+    assert wilson_interval(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    with pytest.raises(ConfigError, match="'samples' parameter of wilson_interval"):
+        wilson_interval(0, 0)
+
+
+def test_kl_divergence_of_logits_and_of_probabilities():
+    # p = (1/2, 1/2), q = (3/4, 1/4): KL = 1/2 ln(2/3) + 1/2 ln 2.
+    expected = 0.5 * math.log(2 / 3) + 0.5 * math.log(2)
+    assert kl_divergence([[0.0, 0.0]], [[math.log(3), 0.0]]) == pytest.approx(expected)
+    assert kl_divergence([[0.5, 0.5]], [[0.75, 0.25]]) == pytest.approx(expected)  # probabilities as they are
+    assert kl_divergence([[1.0, 2.0, 3.0]], [[1.0, 2.0, 3.0]]) == 0.0
+    # A mean over samples, continuous where top-1 is a step: same argmax, growing divergence.
+    closer, farther = kl_divergence([[2.0, 0.0]], [[1.5, 0.0]]), kl_divergence([[2.0, 0.0]], [[0.5, 0.0]])
+    assert 0 < closer < farther and top1_agreement([[2.0, 0.0]], [[0.5, 0.0]]) == 1.0
+    assert kl_divergence([[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [math.nan, 0.0]]) == math.inf
+    assert METRICS["kl_div"][1] is False
+
+
+def test_default_evaluation_set_sizes():
+    assert default_eval_batches("top1", 1) == 256 and default_eval_batches("top5", 8) == 32
+    assert default_eval_batches("top1", 3) == 86  # at least 256 samples
+    assert default_eval_batches("sqnr_db", 1) == 32 == default_eval_batches("cosine", 4)

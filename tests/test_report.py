@@ -164,6 +164,10 @@ def test_export_reproduces_the_trial_and_report_regenerates_from_storage(tmp_pat
     study = optuna.load_study(study_name=summary["study"], storage=default_storage_url(workdir))
     assert set(map(int, study.user_attrs["remeasured"])) == {p["trial"] for p in summary["front"]}
     assert {"ort_float_ms", "ort_int8_ms", "ort_int8_sqnr_db"} <= set(study.user_attrs["baselines"])
+    # The baselines were timed again around the front, and the report compares with those figures.
+    again = study.user_attrs["remeasured_baselines"]
+    assert again["runs"] == 10 and again["ort_float_ms"] == pytest.approx(
+        (again["before"]["ort_float_ms"] + again["after"]["ort_float_ms"]) / 2)
 
     shutil.rmtree(workdir / "report")
     regenerated = run("report", "--workdir", workdir)

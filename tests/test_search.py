@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import models
-from precsearch.study.config import SearchConfig
+from precsearch.fidelity.metrics import TIE_BREAK
+from precsearch.study.config import SearchConfig, resolve_settings
 from precsearch.model.data import image_batches
 from precsearch.errors import ConfigError
 from precsearch.fidelity.reference import run_ort
@@ -186,6 +187,40 @@ def test_max_drop_is_a_constraint_and_the_front_is_feasible_only(eight_convs, tm
     assert summary.front and all(p.fidelity >= 1 - 1e-5 for p in summary.front)
     # Optuna's own constrained front agrees.
     assert {t.user_attrs["plan"] for t in handle.study.best_trials} == {p.plan for p in summary.front}
+
+
+def test_goal_on_and_the_evaluation_set_are_settled_before_the_study_stores_them(eight_convs):
+    model = eight_convs[0]  # a (1, 10) classifier output, batch 1
+    config = resolve_settings(model, SearchConfig(model="m", max_drop=0.01, goal_on="lower_bound"))
+    assert (config.metric, config.eval_batches, config.goal_on) == ("top1", 256, "lower_bound")
+    assert resolve_settings(model, SearchConfig(model="m", metric="sqnr_db")).eval_batches == 32
+    assert resolve_settings(model, SearchConfig(model="m", eval_batches=7)).eval_batches == 7
+    stored = SearchConfig(model="m", metric="top1", eval_batches=32).to_dict()
+    del stored["goal_on"]  # a study made before the interval existed
+    old = SearchConfig.from_dict(stored)
+    assert old.goal_on == "value"
+    assert config.replace(max_drop=None).differences(old) == ["eval_batches: 256 != 32",
+                                                              "goal_on: 'lower_bound' != 'value'"]
+    with pytest.raises(ConfigError, match="'lower_bound' only for the metrics"):
+        resolve_settings(model, SearchConfig(model="m", metric="cosine", goal_on="lower_bound"))
+    with pytest.raises(ConfigError, match="'goal_on' parameter of search must be one of"):
+        SearchConfig(model="m", goal_on="upper")
+
+
+def test_front_ties_of_agreement_are_broken_by_the_continuous_metric():
+    import optuna
+
+    study = optuna.create_study(directions=["minimize", "maximize"])
+    for latency, top1, kl in ((3.0, 1.0, 0.02), (3.5, 1.0, 0.001), (4.0, 1.0, 0.01), (2.0, 0.9, 0.5)):
+        study.add_trial(optuna.trial.create_trial(
+            values=[latency, top1], user_attrs={"plan": f"p{latency}", "float_layers": [], "latency_ms": latency,
+                                                "metric.top1": top1, "metric.kl_div": kl}))
+    trials = study.get_trials()
+    assert [p.latency_ms for p in front_points(trials)] == [2.0, 3.0]
+    # Equal top-1: the slower plan closer to the reference stays, the one worse in both goes.
+    tied = front_points(trials, tie_break=TIE_BREAK["top1"])
+    assert [p.latency_ms for p in tied] == [2.0, 3.0, 3.5]
+    assert tied[2].metrics["kl_div"] == 0.001 and tied[2].interval("top1") is None
 
 
 def test_seed_plans_with_sensitivity():

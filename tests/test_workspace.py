@@ -290,8 +290,9 @@ def test_from_config_defaults_and_the_configs_own_preset(model, tmp_path):
     config = SearchConfig(model="chain.onnx", preset="ddddocr-rec")
     workspace = Workspace.from_config(config, model, tmp_path, preset="imagenet")
     assert workspace.options == CompileOptions(block_size=None, float_blocked=True, threads=2, requant_dtype="float64")
+    # The chain model ends in a classifier: top-1 by default, so 256 evaluation samples.
     assert workspace.data == DataSettings(data="samples", preset="ddddocr-rec", calibration="minmax",
-                                          calibration_batches=8, eval_batches=32)
+                                          calibration_batches=8, eval_batches=256)
     assert workspace.untuned is False
 
 

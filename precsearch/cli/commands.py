@@ -266,6 +266,7 @@ def _cmd_search(args) -> int:
     config = SearchConfig(model=model_spec, input_shapes=shapes, data=args.data, preset=args.preset,
                           calibration=args.calibration, calibration_batches=args.calibration_batches,
                           eval_batches=args.eval_batches, metric=args.metric, max_drop=args.max_drop, goal=args.goal,
+                          goal_on=args.goal_on.replace("-", "_"),
                           sampler=args.sampler, trials=args.trials, timeout_s=timeout_s, seed=args.seed,
                           sensitivity_k=args.sensitivity_k, workers=args.workers, threads=args.threads,
                           requant=args.requant, block_size=args.block_size, float_layout=args.float_layout,

@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = command("search", "search which convs stay float: an Optuna study of latency against fidelity",
                      model_options, data_options, compile_options, backend_options)
-    search.add_argument("--eval-batches", type=int, default=32,
-                        help="fidelity batches, disjoint from calibration (default 32)")
+    search.add_argument("--eval-batches", type=int, default=None,
+                        help="fidelity batches, from other source images than calibration (default: 256 samples for "
+                             "top1/top5, whose 95%% interval is then about +-1%% near 0.99; else 32)")
     search.add_argument("--check-batches", type=int, default=1,
                         help="evaluation batches each trial's library is cross-checked on against ORT (default 1)")
     search.add_argument("--metric", default=None,
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allowed fidelity drop relative to float (top1/top5/cosine), e.g. 0.01; a constraint")
     search.add_argument("--goal", type=float, default=None,
                         help="least acceptable metric value (greatest for nmse/max_abs_error); a constraint")
+    search.add_argument("--goal-on", choices=["value", "lower-bound"], default="value",
+                        help="hold --max-drop/--goal against the metric (default) or, for top1/top5, the lower "
+                             "bound of its 95%% interval")
     search.add_argument("--trials", type=int, default=None,
                         help="distinct plans to evaluate (default: every plan when the space is <= 1024, else 200)")
     search.add_argument("--timeout", default=None, metavar="DURATION",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from precsearch.fidelity.metrics import TIE_BREAK
+
 def print_operators(notes: list[dict], layouts: list[dict], fallback: str) -> None:
     if fallback:
         print(f"  every conv kept NCHW: the blocked graph failed: {fallback}")
@@ -39,6 +41,8 @@ def progress_line(progress) -> str:
 
 def print_search(summary, as_json: bool, handle) -> int:
     front = [{"trial": p.trial, "backend": p.backend, "latency_ms": p.latency_ms, summary.metric: p.fidelity,
+              **({f"{summary.metric}_interval": list(p.interval(summary.metric))} if p.interval(summary.metric) else {}),
+              **({tie: p.metrics[tie]} if (tie := TIE_BREAK.get(summary.metric)) in p.metrics else {}),
               "float_layers": list(p.float_layers)} for p in summary.front]
     if as_json:
         print(json.dumps({"study": summary.study_name, "storage": summary.storage, "metric": summary.metric,
@@ -47,12 +51,16 @@ def print_search(summary, as_json: bool, handle) -> int:
                           "stopped_by": summary.stopped_by, "front": front}, indent=1))
         return 0
     goal = handle.config.fidelity_goal(summary.metric)
-    print(f"{'trial':>5} {'backend':>7} {'latency ms':>10} {summary.metric:>10} {'float':>5}  float layers")
+    print(f"{'trial':>5} {'backend':>7} {'latency ms':>10} {summary.metric:>10} {'95% interval':>14} {'float':>5}  "
+          "float layers")
     for point in summary.front:
         layers = ",".join(point.float_layers) or "-"
-        print(f"{point.trial:>5} {point.backend:>7} {point.latency_ms:>10.3f} {point.fidelity:>10.4g} "
+        interval = point.interval(summary.metric)
+        shown = f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "-"
+        print(f"{point.trial:>5} {point.backend:>7} {point.latency_ms:>10.3f} {point.fidelity:>10.4g} {shown:>14} "
               f"{len(point.float_layers):>5}  {layers if len(layers) <= 60 else layers[:57] + '...'}")
-    constraint = f" with {summary.metric} >= {goal:g}" if goal is not None else ""
+    bound = "'s 95% lower bound" if handle.config.goal_on == "lower_bound" else ""
+    constraint = f" with {summary.metric}{bound} >= {goal:g}" if goal is not None else ""
     print(f"front: {len(summary.front)} plans{constraint}; {summary.completed} plans completed, {summary.failed} "
           f"failed, {summary.duplicates} repeats served from storage; {summary.elapsed_s / 60:.1f} min "
           f"(stopped by {summary.stopped_by}); study {summary.study_name!r} in {summary.storage}")

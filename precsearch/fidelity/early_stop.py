@@ -15,13 +15,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from precsearch.errors import ConfigError
-from precsearch.fidelity.metrics import METRICS, MetricResults, compute_metrics
+from precsearch.fidelity.metrics import METRICS, PROPORTION_METRICS, MetricResults, compute_metrics, wilson_interval
 
 logger = logging.getLogger(__name__)
 
 # Non-top-k metrics stop early only when the subset misses the goal by this much
 # (their full-set value has no bound from a subset).
-MARGINS = {"sqnr_db": 3.0, "cosine": 0.02, "nmse": 0.5, "max_abs_error": 0.5}
+MARGINS = {"sqnr_db": 3.0, "cosine": 0.02, "nmse": 0.5, "max_abs_error": 0.5, "kl_div": 0.5}
+#: What a goal is compared with: the metric's value, or (top-k agreement) its 95 % interval's lower bound.
+GOAL_ON = ("value", "lower_bound")
 
 
 @dataclass(frozen=True)
@@ -40,20 +42,39 @@ class Fidelity:
         return self.metrics.values
 
 
-def _cannot_reach(metric: str, subset_value: float, goal: float, used: int, total: int) -> bool:
+def goal_value(values: dict[str, float], metric: str, goal_on: str = "value") -> float:
+    """The number a goal is compared with: ``values[metric]``, or its interval's lower bound."""
+    if goal_on == "lower_bound":
+        return values[f"{metric}_low"]
+    return values[metric]
+
+
+def check_goal_on(goal_on: str, metric: str | None, owner: str) -> None:
+    """Refuse an unknown ``goal_on``, or ``lower_bound`` for a metric without an interval."""
+    if goal_on not in GOAL_ON:
+        raise ConfigError(f"The 'goal_on' parameter of {owner} must be one of {list(GOAL_ON)}; got {goal_on!r} instead.")
+    if goal_on == "lower_bound" and metric is not None and metric not in PROPORTION_METRICS:
+        raise ConfigError(f"The 'goal_on' parameter of {owner} can be 'lower_bound' only for the metrics "
+                          f"{list(PROPORTION_METRICS)} (they have an interval); got it with {metric!r}.")
+
+
+def _cannot_reach(metric: str, subset_value: float, goal: float, used: int, total: int,
+                  goal_on: str = "value") -> bool:
     higher_is_better = METRICS[metric][1]
-    if metric in ("top1", "top5"):
-        # Even if every remaining sample agreed, the full-set fraction stays below the goal.
-        best_case = (subset_value * used + (total - used)) / total
+    if metric in PROPORTION_METRICS:
+        # Even if every remaining sample agreed, the full-set fraction (or its lower bound) stays below the goal.
+        best_hits = subset_value * used + (total - used)
+        best_case = best_hits / total if goal_on == "value" else wilson_interval(best_hits, total)[0]
         return best_case < goal
     margin = MARGINS.get(metric, 0.0)
-    if metric == "nmse" or metric == "max_abs_error":
+    if metric in ("nmse", "max_abs_error", "kl_div"):
         return subset_value > goal * (1 + margin)
     return subset_value < goal - margin if higher_is_better else subset_value > goal + margin
 
 
 def evaluate_plan(run: Callable[[Sequence[dict]], list[dict]], reference: Sequence[dict], batches: Sequence[dict],
-                  metric: str, goal: float | None = None, first_batches: int = 4, keep: int = 0) -> Fidelity:
+                  metric: str, goal: float | None = None, first_batches: int = 4, keep: int = 0,
+                  goal_on: str = "value") -> Fidelity:
     """Score a plan, stopping after ``first_batches`` when it cannot reach ``goal``.
 
     Parameters
@@ -72,10 +93,13 @@ def evaluate_plan(run: Callable[[Sequence[dict]], list[dict]], reference: Sequen
         Keep the candidate's outputs on the first ``keep`` batches in
         :attr:`Fidelity.outputs` (fewer when the plan stopped early before
         them), so a caller can check them further without running them again.
+    goal_on : {"value", "lower_bound"}
+        Compare ``goal`` with the metric, or with its 95 % interval's lower bound (top-k agreement only).
     """
     if metric not in METRICS:
         raise ConfigError(f"The 'metric' parameter of evaluate_plan must be one of {sorted(METRICS)}; "
                           f"got {metric!r} instead.")
+    check_goal_on(goal_on, metric, "evaluate_plan")
     if len(reference) != len(batches) or not batches:
         raise ConfigError(f"The 'reference' parameter of evaluate_plan must match the {len(batches)} batches; "
                           f"got {len(reference)} instead.")
@@ -89,7 +113,7 @@ def evaluate_plan(run: Callable[[Sequence[dict]], list[dict]], reference: Sequen
         # Samples, not batches: a batch may hold several (the reference's leading axis).
         used_samples = sum(next(iter(r.values())).shape[0] for r in reference[:first])
         total_samples = sum(next(iter(r.values())).shape[0] for r in reference)
-        if _cannot_reach(metric, value, goal, used_samples, total_samples):
+        if _cannot_reach(metric, value, goal, used_samples, total_samples, goal_on):
             logger.info("fidelity: %s = %.4g on %d/%d batches cannot reach %.4g; stopping", metric, value, first,
                         total, goal)
             return Fidelity(subset, first, total, True, time.perf_counter() - started, tuple(outputs[:keep]))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 #: Default ``k`` of the "top5" metric.
 TOP_K = 5
+#: Two-sided 95 % normal quantile, for the Wilson interval of top-k agreement.
+Z_95 = 1.959963984540054
+# A candidate probability below this counts as this (float32 softmax underflows to 0).
+_KL_FLOOR = 1e-30
 
 
 # --------------------------------------------------------------------------- helpers
@@ -123,6 +128,26 @@ def _nmse_from(signal, noise, finite) -> np.ndarray:
     return np.where(finite, out, np.inf)
 
 
+def _probabilities(x: np.ndarray) -> np.ndarray:
+    """Rows as class probabilities: kept when they already are (>= 0, summing to 1), else a softmax of them."""
+    sums = x.sum(axis=1)
+    if (x >= 0).all() and np.allclose(sums, 1.0, atol=1e-3):
+        return x / sums[:, None]
+    shifted = x - x.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _kl_rows(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """KL(reference class distribution || candidate's) per sample, in nats; inf for a non-finite candidate."""
+    finite = _finite_rows(c)
+    p = _probabilities(r)
+    q = _probabilities(np.where(finite[:, None], c, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * (np.log(p) - np.log(np.maximum(q, _KL_FLOOR))), 0.0)
+    return np.where(finite, np.maximum(terms.sum(axis=1), 0.0), np.inf)
+
+
 def _max_abs_rows(r: np.ndarray, c: np.ndarray) -> np.ndarray:
     finite = _finite_rows(c)
     with np.errstate(invalid="ignore"):
@@ -198,6 +223,34 @@ def normalized_mse(ref, cand) -> float:
     return float(_nmse_from(*_energies(r, c, axis=None)))
 
 
+def kl_divergence(ref, cand) -> float:
+    """Mean over samples of KL(reference || candidate) between class distributions, in nats.
+
+    Rows that already are probabilities (non-negative, summing to 1) are used
+    as they are, other rows (logits) go through a softmax.  It is continuous
+    where top-k agreement moves in steps of one sample, so it ranks plans with
+    equal agreement.  0 for identical outputs; ``inf`` when the candidate holds
+    NaN/Inf.
+    """
+    r, c = _pair(ref, cand)
+    return float(_kl_rows(r, c).mean())
+
+
+def wilson_interval(successes: float, samples: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a proportion, 95 % by default: ``(low, high)``.
+
+    Chosen over the normal (Wald) interval because agreement is often exactly
+    1.0, where Wald's interval collapses to a point; Wilson's lower bound for
+    32 of 32 is 0.893, for 256 of 256 0.985.
+    """
+    check_int(samples, "samples", "wilson_interval", 1)
+    p = float(successes) / samples
+    denominator = 1.0 + z * z / samples
+    centre = (p + z * z / (2 * samples)) / denominator
+    half = z * math.sqrt(p * (1 - p) / samples + z * z / (4 * samples * samples)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def max_abs_error(ref, cand) -> float:
     """Largest ``|ref - cand|``; ``inf`` when the candidate holds NaN/Inf.
     """
@@ -213,9 +266,18 @@ METRICS: dict[str, tuple[Callable[..., float], bool]] = {
     "sqnr_db": (sqnr_db, True),
     "nmse": (normalized_mse, False),
     "max_abs_error": (max_abs_error, False),
+    "kl_div": (kl_divergence, False),
 }
 #: Metrics that only make sense on classifier outputs (see :func:`is_classifier_output`).
-CLASSIFIER_METRICS = ("top1", "top5")
+CLASSIFIER_METRICS = ("top1", "top5", "kl_div")
+#: Proportions over samples: each gets a 95 % interval, ``<metric>_low`` / ``<metric>_high``.
+PROPORTION_METRICS = ("top1", "top5")
+#: The continuous metric that orders plans of equal agreement (lower is better).
+TIE_BREAK = {"top1": "kl_div", "top5": "kl_div"}
+#: Evaluation samples a search takes by default: agreement needs many (one
+#: sample of 256 is 0.4 %), the continuous metrics few.
+DEFAULT_EVAL_SAMPLES = {"top1": 256, "top5": 256}
+DEFAULT_EVAL_BATCHES = 32
 
 # Per-sample versions, for MetricResults.per_item: (r, c) 2-D float64 -> (N,).
 _PER_SAMPLE: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
@@ -225,7 +287,16 @@ _PER_SAMPLE: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "sqnr_db": lambda r, c: _sqnr_from(*_energies(r, c, axis=1)),
     "nmse": lambda r, c: _nmse_from(*_energies(r, c, axis=1)),
     "max_abs_error": _max_abs_rows,
+    "kl_div": _kl_rows,
 }
+
+
+def default_eval_batches(metric: str, batch_size: int) -> int:
+    """Evaluation batches a search uses unless told: 256 samples for top-k agreement, else 32 batches."""
+    samples = DEFAULT_EVAL_SAMPLES.get(metric)
+    if samples is None:
+        return DEFAULT_EVAL_BATCHES
+    return max(1, math.ceil(samples / max(1, int(batch_size))))
 
 
 def is_classifier_output(shape: Sequence[int]) -> bool:
@@ -315,8 +386,9 @@ class MetricResults:
 
     ``values`` maps ``"<metric>"`` to the value on the main (first) output and
     ``"<metric>/<output name>"`` to the value on each output, every batch
-    together.  ``top1``/``top5`` appear only for classifier outputs.
-    ``per_item`` maps each metric to its per-sample values on the main output,
+    together.  ``top1``/``top5``/``kl_div`` appear only for classifier
+    outputs; ``top1_low``/``top1_high`` (and top5's) are the 95 % Wilson
+    interval of the main output's agreement over its samples.  ``per_item`` maps each metric to its per-sample values on the main output,
     in batch order.  ``time_s`` is the wall time of the computation.
     """
 
@@ -403,6 +475,9 @@ def compute_metrics(
             if position == 0:
                 values[metric] = value
                 per_item[metric] = [float(v) for v in per_sample]
+                if metric in PROPORTION_METRICS:
+                    values[f"{metric}_low"], values[f"{metric}_high"] = wilson_interval(per_sample.sum(),
+                                                                                        len(per_sample))
     elapsed = time.perf_counter() - start
     logger.debug("metrics over %d batches, outputs %s: %s", len(reference_batches), names, values)
     return MetricResults(values=values, per_item=per_item, time_s=elapsed)

@@ -17,10 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from precsearch.fidelity.metrics import default_metric, validate_metric
 from precsearch.model import LoadedModel, open_model
 from precsearch.report.writer import REPORT_DIR, collect, write_report
-from precsearch.study.config import SearchConfig
+from precsearch.study.config import SearchConfig, resolve_settings
 from precsearch.study.evaluator import make_evaluator
 from precsearch.study.record import StudyAttrs
 from precsearch.study.search import (SearchProgress, SearchSummary, StudyHandle, measure_baselines, open_study,
@@ -45,8 +44,7 @@ class SearchRun:
 
 def resolve_metric(model: LoadedModel, metric: str | None) -> str:
     """``metric`` checked against the model's first output, or the default for that output's shape."""
-    shapes = {out.name: [d.dim_value for d in out.type.tensor_type.shape.dim] for out in model.proto.graph.output}
-    return validate_metric(metric, next(iter(shapes.values()))) if metric else default_metric(shapes)
+    return resolve_settings(model, SearchConfig(model=model.source, metric=metric)).metric
 
 
 def write_study_report(study, workdir: Path, out_dir: Path | None = None) -> Path:
@@ -77,8 +75,8 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
     workdir = Path(workdir)
     storage = open_storage(storage_url, heartbeat_interval_s=config.heartbeat_interval_s,
                            grace_period_s=config.grace_period_s, max_retry=config.max_retry)
-    metric = resolve_metric(model, config.metric)
-    config = config.replace(metric=metric)  # validates max_drop against the resolved metric
+    config = resolve_settings(model, config)  # the study stores concrete values: a later default changes nothing
+    metric = config.metric
     study_name = study_name or f"precsearch-{Path(config.model).stem}-{metric}"
     handle = open_study(config, model, storage, storage_url, study_name, metric)
     sensitive = most_sensitive(workdir, model, config.sensitivity_k) if (workdir / CSV_NAME).is_file() else []

@@ -130,6 +130,11 @@ class LoadedModel:
     def __post_init__(self):
         object.__setattr__(self, "_by_id", {layer.id: layer for layer in self.layers})
 
+    @property
+    def output_shapes(self) -> dict[str, list[int]]:
+        """Each graph output's declared shape (0 for a dim without a fixed size), in output order."""
+        return {out.name: [d.dim_value for d in out.type.tensor_type.shape.dim] for out in self.proto.graph.output}
+
     def layer(self, layer_id: str) -> ConvLayer:
         """Return the conv layer named ``layer_id``.
 

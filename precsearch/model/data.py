@@ -11,7 +11,9 @@ order, layout, dtype), not coded per model.
 Calibration and evaluation never share an item unless asked to: both are
 slices of one seeded order of the source's items, calibration first
 (:func:`split_batches`, or disjoint ``offset`` ranges of :func:`load_batches` /
-:func:`image_batches`).
+:func:`image_batches`).  The packaged images go further: they are split into a
+calibration pool and an evaluation pool of *source images*, so no evaluation
+sample is a crop of an image the ranges were calibrated on.
 """
 
 from __future__ import annotations
@@ -48,10 +50,30 @@ _SKIMAGE_NAMES = (
     "text",
     "coins",
     "moon",
+    # Added later; appended so the first images keep their place in the seeded order.
+    # (skimage's "cat" is "chelsea" again.)
+    "hubble_deep_field",
+    "retina",
+    "clock",
+    "cell",
+    "brick",
+    "grass",
+    "gravel",
+    "colorwheel",
 )
+# Returned as a (left, right) pair; the left view is the image.
+_SKIMAGE_PAIRS = ("stereo_motorcycle",)
+# The first images of the seeded order are the calibration pool, the rest the
+# evaluation pool: as many as the default calibration takes raw (8 batches of 1).
+CALIBRATION_SOURCES = 8
+POOLS = ("calibration", "evaluation")
 # Crops of derived images cover at least this fraction of each side, so they
 # still look like the source image and not like texture.
 _MIN_CROP_FRACTION = 0.5
+# Offset of the evaluation pool's variant draws, so they never repeat a calibration draw's crop.
+_EVALUATION_DRAWS = 1 << 20
+# Derived images keep at least this fraction of their crop's resolution.
+_MIN_RESOLUTION = 0.6
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,6 +86,8 @@ def _load_sample_images() -> tuple[tuple[str, np.ndarray], ...]:
     try:
         for name in _SKIMAGE_NAMES:
             images.append((name, getattr(skimage.data, name)()))
+        for name in _SKIMAGE_PAIRS:
+            images.append((name, getattr(skimage.data, name)()[0]))
         for name in ("china.jpg", "flower.jpg"):
             images.append((name.removesuffix(".jpg"), load_sample_image(name)))
         name = "grace_hopper.jpg"
@@ -239,7 +263,12 @@ def preprocess(image: np.ndarray, spec: Preprocess) -> np.ndarray:
 
 
 def _variant(image: np.ndarray, seed: int, index: int) -> np.ndarray:
-    """A deterministic crop (and maybe mirror) of ``image``; index picks the draw."""
+    """A deterministic crop, maybe mirrored, maybe at a lower resolution, of ``image``; index picks the draw.
+
+    The crop's side fraction is its scale (a zoom of up to 2x); the resolution
+    step (down to 0.6 of the crop, resampled) changes how fine the detail is
+    once preprocessing resizes it to the model's input.
+    """
     rng = np.random.default_rng([seed, index])
     h, w = image.shape[:2]
     crop_h = int(h * rng.uniform(_MIN_CROP_FRACTION, 1.0))
@@ -249,7 +278,28 @@ def _variant(image: np.ndarray, seed: int, index: int) -> np.ndarray:
     out = image[top : top + crop_h, left : left + crop_w]
     if rng.random() < 0.5:
         out = out[:, ::-1]
+    resolution = rng.uniform(_MIN_RESOLUTION, 1.0)
+    if resolution < 0.95:
+        size = (max(8, round(crop_w * resolution)), max(8, round(crop_h * resolution)))
+        out = np.asarray(Image.fromarray(np.ascontiguousarray(out)).resize(size, Image.Resampling.BILINEAR))
     return np.ascontiguousarray(out)
+
+
+def sample_pool(pool: str | None, seed: int = 0) -> list[int]:
+    """Indices into :func:`sample_images` that the stream of ``pool`` draws from, in seeded order.
+
+    ``"calibration"`` is the first :data:`CALIBRATION_SOURCES` images of the
+    seeded permutation, ``"evaluation"`` the rest (disjoint source images), and
+    None every image.
+    """
+    if pool is not None and pool not in POOLS:
+        raise ConfigError(f"The 'pool' parameter must be one of {list(POOLS)} or None; got {pool!r} instead.")
+    order = [int(i) for i in np.random.default_rng(seed).permutation(len(sample_images()))]
+    if pool == "calibration":
+        return order[:CALIBRATION_SOURCES]
+    if pool == "evaluation":
+        return order[CALIBRATION_SOURCES:]
+    return order
 
 
 @dataclass(frozen=True)
@@ -311,16 +361,23 @@ def _spec_for(image_input: _ImageInput, preset: str | Preprocess | None) -> Prep
     return spec
 
 
+def _model_image_input(model: LoadedModel, preset) -> _ImageInput | None:
+    _, base = _base_spec(preset)
+    return _image_input(model, base.layout, 1 if base.channel_order == "GRAY" else 3)
+
+
 def image_batches(
-    model: LoadedModel, preset: str | Preprocess | None, count: int, offset: int = 0, seed: int = 0
+    model: LoadedModel, preset: str | Preprocess | None, count: int, offset: int = 0, seed: int = 0,
+    pool: str | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Input batches for ``model``: preprocessed sample images, or seeded noise.
 
-    Image ``j`` of the whole stream (``j = batch * batch_size + slot``) is a
-    sample image chosen by a seeded permutation; once the raw images are used
-    up, later ``j`` are seeded crops/mirrors of them.  Batches ``offset`` ..
-    ``offset + count - 1`` are returned, so two calls with disjoint batch
-    ranges use disjoint images.
+    Image ``j`` of the stream (``j = batch * batch_size + slot``) is an image
+    of the pool (see :func:`sample_pool`) in seeded order; once the pool's raw
+    images are used up, later ``j`` are seeded crops/mirrors/rescalings of
+    them.  Batches ``offset`` .. ``offset + count - 1`` are returned, so two
+    calls with disjoint batch ranges use disjoint images, and the two pools
+    never share a source image.
 
     Parameters
     ----------
@@ -335,6 +392,8 @@ def image_batches(
     offset : int, default 0
         Index of the first batch in the stream.
     seed : int, default 0
+    pool : {"calibration", "evaluation"} or None, default None
+        The source images drawn from; None draws from every one.
 
     Returns
     -------
@@ -347,23 +406,22 @@ def image_batches(
         raise ConfigError(f"The 'count' parameter of image_batches must be an int >= 1; got {count!r} instead.")
     if not isinstance(offset, (int, np.integer)) or offset < 0:
         raise ConfigError(f"The 'offset' parameter of image_batches must be an int >= 0; got {offset!r} instead.")
-    _, base = _base_spec(preset)
-
-    image_input = _image_input(model, base.layout, 1 if base.channel_order == "GRAY" else 3)
+    order = sample_pool(pool, seed)
+    image_input = _model_image_input(model, preset)
     if image_input is None:
-        return _random_batches(model, count, offset, seed)
+        return _random_batches(model, count, offset, seed)  # noise has no pools: only offsets keep sets apart
 
     spec = _spec_for(image_input, preset)
     batch_size = image_input.shape[0]
     images = sample_images()
-    order = np.random.default_rng(seed).permutation(len(images))
     batches = []
     for b in range(offset, offset + count):
         arrays = []
         for j in range(b * batch_size, (b + 1) * batch_size):
-            source = images[order[j % len(images)]][1]
-            if j >= len(images):
-                source = _variant(source, seed, j)
+            source = images[order[j % len(order)]][1]
+            if j >= len(order):
+                # Draws of the two pools differ even for equal j.
+                source = _variant(source, seed, j if pool != "evaluation" else j + _EVALUATION_DRAWS)
             arrays.append(preprocess(source, spec))
         batches.append({image_input.name: np.stack(arrays).astype(image_input.dtype, copy=False)})
     return batches
@@ -621,7 +679,8 @@ def _tensor_items(source: DataSource, model: LoadedModel) -> _Items:
     )
 
 
-def _batch_size(model: LoadedModel) -> int:
+def batch_size_of(model: LoadedModel) -> int:
+    """The batch size of every input (their first dim); DataError when they disagree."""
     sizes = {name: shape[0] for name, shape in model.input_shapes.items() if len(shape)}
     if len(set(sizes.values())) != 1:
         raise DataError(f"The model's inputs disagree on the batch size (first dim): {sizes}.")
@@ -638,7 +697,7 @@ class _Stream:
             self.items = _folder_items(source, model, preset)
         else:
             self.items = _tensor_items(source, model)
-        self.batch_size = _batch_size(model)
+        self.batch_size = batch_size_of(model)
         self.batches = self.items.count // self.batch_size
         self.order = (
             np.arange(self.items.count) if seed is None else np.random.default_rng(seed).permutation(self.items.count)
@@ -724,13 +783,16 @@ def load_batches(
     _base_spec(preset)
     source = DataSource.from_spec(source, recursive)
     if source.kind == "samples":
+        s = 0 if seed is None else seed
         if count is None:
-            count = len(sample_images()) // _batch_size(model) - offset
+            count = len(sample_pool(None, s)) // batch_size_of(model) - offset
             if count < 1:
                 raise DataError(
                     f"The data source {SAMPLES!r} holds no raw sample images after batch {offset}; give 'count'."
                 )
-        return image_batches(model, preset, count, offset, 0 if seed is None else seed)
+            return image_batches(model, preset, count, offset, s)
+        # The calibration pool: a build calibrates on exactly what a search's split_batches calibrates on.
+        return image_batches(model, preset, count, offset, s, pool="calibration")
     stream = _Stream(model, source, preset, seed)
     if count is None:
         count = stream.batches - offset
@@ -760,9 +822,11 @@ def split_batches(
     item is in both.  When the source is too small for that and
     ``allow_overlap`` is True, evaluation is instead the *last*
     ``evaluation_count`` batches, which keeps the overlap as small as
-    possible (logged as a warning).  The ``"samples"`` source is endless, so
-    its two sets never overlap (past the raw images, evaluation uses crops of
-    them).
+    possible (logged as a warning).  The ``"samples"`` source is endless and
+    split by source image (:func:`sample_pool`): calibration draws from the
+    calibration pool, evaluation from the evaluation pool (its raw images, then
+    seeded crops, mirrors and rescalings of them), so no evaluation sample
+    comes from an image the ranges were calibrated on.
 
     Parameters
     ----------
@@ -799,8 +863,11 @@ def split_batches(
                 f"{SAMPLES!r} source; got None instead."
             )
         s = 0 if seed is None else seed
-        calibration = image_batches(model, preset, calibration_count, 0, s)
-        return calibration, image_batches(model, preset, evaluation_count, calibration_count, s)
+        if _model_image_input(model, preset) is None:  # noise: consecutive batch ranges
+            calibration = image_batches(model, preset, calibration_count, 0, s)
+            return calibration, image_batches(model, preset, evaluation_count, calibration_count, s)
+        return (image_batches(model, preset, calibration_count, 0, s, pool="calibration"),
+                image_batches(model, preset, evaluation_count, 0, s, pool="evaluation"))
     stream = _Stream(model, source, preset, seed)
     total = stream.batches
     evaluation = evaluation_count if evaluation_count is not None else total - calibration_count

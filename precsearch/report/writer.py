@@ -124,7 +124,7 @@ def _hv_history(trials, higher_is_better: bool, reference) -> pd.DataFrame:
 def collect(study, *, workdir: str | Path | None = None, layer_ids=(), command_prefix: str = "precsearch") -> ReportData:
     """Gather a precsearch study into report data (no I/O but ``<workdir>/sensitivity.csv`` when present)."""
     from precsearch.study.config import SearchConfig
-    from precsearch.fidelity.metrics import METRICS
+    from precsearch.fidelity.metrics import METRICS, TIE_BREAK
     attrs = StudyAttrs(study)
     config = SearchConfig.from_dict(attrs.config)
     metric = config.metric
@@ -132,9 +132,11 @@ def collect(study, *, workdir: str | Path | None = None, layer_ids=(), command_p
     trials = study.get_trials(deepcopy=False)
     layer_ids = tuple(layer_ids) or attrs.layer_ids
     frame = pd.DataFrame([_trial_row(t) for t in trials])
-    baselines = attrs.baselines
+    # Latencies timed again around the front's re-measurement replace the first ones (same machine, same minutes).
+    again = attrs.remeasured_baselines
+    baselines = {**attrs.baselines, **{k: v for k, v in again.items() if k.startswith("ort_")}}
     remeasured = attrs.remeasured
-    points = front_points(trials, higher_is_better=higher_is_better)
+    points = front_points(trials, higher_is_better=higher_is_better, tie_break=TIE_BREAK.get(metric))
     front_rows = []
     by_number = {t.number: t for t in trials}
     for point in points:
@@ -238,6 +240,8 @@ def _commands(config, study_name: str, workdir, recommended, prefix: str) -> dic
     search = [prefix, "search", config.model, *where, "--study", study_name, "--metric", config.metric]
     if config.backend != "tvm":
         search += ["--backend", config.backend]
+    if config.goal_on != "value":
+        search += ["--goal-on", config.goal_on.replace("_", "-")]
     for flag, value in (("--max-drop", config.max_drop), ("--goal", config.goal), ("--trials", config.trials),
                         ("--sampler", config.sampler), ("--seed", config.seed), ("--data", config.data),
                         ("--eval-batches", config.eval_batches), ("--threads", config.threads)):

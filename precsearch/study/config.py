@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from precsearch.errors import ConfigError, check_int
+from precsearch.fidelity.early_stop import check_goal_on
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "exhaustive")
 #: The exhaustive sampler is offered (and is the default) up to this many plans.
@@ -25,7 +26,7 @@ SEARCH_BACKENDS = ("tvm", "ort", "both")
 # worker must use the same ones, or its trials would not be comparable.
 OBJECTIVE_FIELDS = ("model", "input_shapes", "data", "preset", "calibration", "calibration_batches", "eval_batches",
                     "metric", "max_drop", "goal", "threads", "requant", "block_size", "float_layout", "warmup",
-                    "repeats", "untuned", "check_batches", "backend", "conv_backend")
+                    "repeats", "untuned", "check_batches", "backend", "conv_backend", "goal_on")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,15 @@ class SearchConfig:
     goal : float or None
         The least acceptable metric value (greatest for ``nmse``,
         ``max_abs_error``), for any metric; exclusive with ``max_drop``.
+    goal_on : str
+        What ``max_drop``/``goal`` is held against: ``"value"`` (the metric
+        itself, default) or ``"lower_bound"`` (the lower end of top-k
+        agreement's 95 % interval, so a plan passes only when the evaluation
+        set is large enough to show it does).
+    eval_batches : int or None
+        Fidelity batches; None: 256 samples for top-k agreement, else 32
+        batches (resolved once the model and metric are known, see
+        :func:`~precsearch.fidelity.metrics.default_eval_batches`).
     check_batches : int
         Evaluation batches on which every trial's build is cross-checked with
         ONNX Runtime on the same QDQ model, as ``build --check`` does; a
@@ -70,7 +80,7 @@ class SearchConfig:
     preset: str | None = None
     calibration: str = "minmax"
     calibration_batches: int = 8
-    eval_batches: int = 32
+    eval_batches: int | None = None
     metric: str | None = None
     max_drop: float | None = None
     goal: float | None = None
@@ -94,9 +104,13 @@ class SearchConfig:
     check_batches: int = 1
     backend: str = "tvm"
     conv_backend: str = "onednn"
+    goal_on: str = "value"
 
     def __post_init__(self):
-        for name, low in (("calibration_batches", 1), ("eval_batches", 1), ("sensitivity_k", 0), ("workers", 1),
+        if self.eval_batches is not None:
+            check_int(self.eval_batches, "eval_batches", "search", 1)
+        check_goal_on(self.goal_on, self.metric, "search")
+        for name, low in (("calibration_batches", 1), ("sensitivity_k", 0), ("workers", 1),
                           ("threads", 1), ("warmup", 0), ("repeats", 3), ("heartbeat_interval_s", 1),
                           ("grace_period_s", 1), ("max_retry", 0), ("seed", 0), ("check_batches", 1)):
             check_int(getattr(self, name), name, "search", low)
@@ -166,3 +180,21 @@ class SearchConfig:
         """The objective-defining settings that differ from ``other``'s, as ``name: mine != theirs``."""
         return [f"{name}: {getattr(self, name)!r} != {getattr(other, name)!r}" for name in OBJECTIVE_FIELDS
                 if getattr(self, name) != getattr(other, name)]
+
+
+def resolve_settings(model, config: SearchConfig) -> SearchConfig:
+    """``config`` with the model's default metric and evaluation set size filled in, checked against the model.
+
+    ``model`` is a :class:`~precsearch.model.LoadedModel`.  The metric must
+    apply to its first output (top-k only for a classifier output); the
+    evaluation set defaults to :func:`~precsearch.fidelity.metrics.default_eval_batches`.
+    A search stores these concrete values with its study.
+    """
+    from precsearch.fidelity.metrics import default_eval_batches, default_metric, validate_metric
+    from precsearch.model.data import batch_size_of
+
+    shapes = model.output_shapes
+    metric = validate_metric(config.metric, next(iter(shapes.values()))) if config.metric else default_metric(shapes)
+    # replace() validates max_drop and goal_on against the resolved metric.
+    return config.replace(metric=metric,
+                          eval_batches=config.eval_batches or default_eval_batches(metric, batch_size_of(model)))

@@ -22,7 +22,7 @@ from precsearch.fidelity.early_stop import evaluate_plan
 from precsearch.measure import CpuLock, Latency
 from precsearch.model.plan import ORT, TVM, Plan
 from precsearch.study.config import SearchConfig
-from precsearch.study.ort_backend import OrtEvaluator, require_backend, measure_ort_baselines
+from precsearch.study.ort_backend import OrtEvaluator, measure_ort_baselines, require_backend, retime_ort_baselines
 from precsearch.study.record import COMPILER_PROBLEM, PlanRejected, PlanResult
 from precsearch.tvm import measure_library
 from precsearch.workspace import PlanBuild, Workspace
@@ -52,6 +52,7 @@ class TvmEvaluator:
     workspace: Workspace
     metric: str
     goal: float | None
+    goal_on: str = "value"
     warmup: int = 10
     repeats: int = 50
     check_batches: int = 1
@@ -66,7 +67,8 @@ class TvmEvaluator:
         if workspace.database is None and not config.untuned:
             logger.warning("no tuning database in %s: plans run untuned kernels, so latencies are far from what a "
                            "tuned build reaches (run 'precsearch tune' first)", workdir)
-        return cls(workspace=workspace, metric=metric, goal=config.fidelity_goal(metric), warmup=config.warmup,
+        return cls(workspace=workspace, metric=metric, goal=config.fidelity_goal(metric),
+                   goal_on=config.goal_on, warmup=config.warmup,
                    repeats=config.repeats, check_batches=config.check_batches)
 
     @property
@@ -94,7 +96,8 @@ class TvmEvaluator:
             built = build.built
             build_time_s = time.perf_counter() - started
             fidelity = evaluate_plan(lambda batches: [built.run(batch) for batch in batches], self.reference,
-                                     self.batches, self.metric, self.goal, keep=self.check_batches)
+                                     self.batches, self.metric, self.goal, keep=self.check_batches,
+                                     goal_on=self.goal_on)
             started = time.perf_counter()
             verdict, verdict_detail = self.check(plan, build.qdq, fidelity.outputs)
             check_time_s = time.perf_counter() - started
@@ -153,6 +156,10 @@ class TvmEvaluator:
         return measure_ort_baselines(self.workspace, self.metric, warmup=self.warmup, repeats=self.repeats,
                                      lock=self.lock)
 
+    def remeasure_baselines(self, repeats: int) -> dict:
+        """ONNX Runtime float and int8 timed again (:func:`retime_ort_baselines`)."""
+        return retime_ort_baselines(self.workspace, warmup=self.warmup, repeats=repeats, lock=self.lock)
+
 
 @dataclass
 class BackendDispatch:
@@ -180,6 +187,9 @@ class BackendDispatch:
 
     def measure_baselines(self):
         return next(iter(self.evaluators.values())).measure_baselines()
+
+    def remeasure_baselines(self, repeats: int):
+        return next(iter(self.evaluators.values())).remeasure_baselines(repeats)
 
 
 def make_evaluator(config: SearchConfig, model, workdir: str | Path, preset: str | None, metric: str):

@@ -118,6 +118,7 @@ class OrtEvaluator:
     workspace: Workspace
     metric: str
     goal: float | None
+    goal_on: str = "value"
     warmup: int = 10
     repeats: int = 50
     lock: CpuLock = field(default_factory=CpuLock)
@@ -129,7 +130,8 @@ class OrtEvaluator:
         if workspace is None:
             workspace = Workspace.from_config(config, model, workdir, preset)
             workspace.prepare(tvm=False)
-        return cls(workspace=workspace, metric=metric, goal=config.fidelity_goal(metric), warmup=config.warmup,
+        return cls(workspace=workspace, metric=metric, goal=config.fidelity_goal(metric),
+                   goal_on=config.goal_on, warmup=config.warmup,
                    repeats=config.repeats)
 
     @property
@@ -156,7 +158,8 @@ class OrtEvaluator:
             build_time_s = time.perf_counter() - started
             names = [out.name for out in session.get_outputs()]
             fidelity = evaluate_plan(lambda batches: [dict(zip(names, session.run(names, b))) for b in batches],
-                                     self.workspace.reference, self.workspace.eval_batches, self.metric, self.goal)
+                                     self.workspace.reference, self.workspace.eval_batches, self.metric, self.goal,
+                                     goal_on=self.goal_on)
         started = time.perf_counter()
         latency = self._time(plan, session, self.repeats)
         measure_time_s = time.perf_counter() - started
@@ -181,6 +184,23 @@ class OrtEvaluator:
         return measure_ort_baselines(self.workspace, self.metric, warmup=self.warmup, repeats=self.repeats,
                                      lock=self.lock)
 
+    def remeasure_baselines(self, repeats: int) -> dict:
+        return retime_ort_baselines(self.workspace, warmup=self.warmup, repeats=repeats, lock=self.lock)
+
+
+def _time_baselines(workspace: Workspace, models, *, warmup: int, repeats: int, lock: CpuLock) -> list:
+    settings = dict(threads=workspace.options.threads, warmup=warmup, repeats=repeats)
+    with lock.exclusive():
+        return [measure_onnxruntime(model, workspace.timing_input, **settings) for model in models]
+
+
+def retime_ort_baselines(workspace: Workspace, *, warmup: int, repeats: int, lock: CpuLock) -> dict:
+    """ONNX Runtime float and ``quantize_static`` int8 timed again (``ort_float_ms``, ``ort_int8_ms`` and IQRs)."""
+    ort_float, ort_int8 = _time_baselines(workspace, (workspace.model.proto, workspace.ort_int8_model),
+                                          warmup=warmup, repeats=repeats, lock=lock)
+    return {"ort_float_ms": ort_float.median_ms, "ort_float_iqr_ms": ort_float.iqr_ms,
+            "ort_int8_ms": ort_int8.median_ms, "ort_int8_iqr_ms": ort_int8.iqr_ms}
+
 
 def measure_ort_baselines(workspace: Workspace, metric: str, *, warmup: int, repeats: int, lock: CpuLock) -> dict:
     """ONNX Runtime float and int8 latency, and ORT int8's fidelity: every backend's baselines.
@@ -191,12 +211,8 @@ def measure_ort_baselines(workspace: Workspace, metric: str, *, warmup: int, rep
     """
     conv_only = workspace.qdq_model(Plan(frozenset()))
     user = workspace.ort_int8_model
-    settings = dict(threads=workspace.options.threads, warmup=warmup, repeats=repeats)
-    timing_input = workspace.timing_input
-    with lock.exclusive():
-        ort_float = measure_onnxruntime(workspace.model.proto, timing_input, **settings)
-        ort_int8 = measure_onnxruntime(user, timing_input, **settings)
-        ort_conv = measure_onnxruntime(conv_only, timing_input, **settings)
+    ort_float, ort_int8, ort_conv = _time_baselines(workspace, (workspace.model.proto, user, conv_only),
+                                                    warmup=warmup, repeats=repeats, lock=lock)
     with lock.shared():
         int8_metrics = compute_metrics(workspace.reference, run_ort(user, workspace.eval_batches,
                                                                     optimized=True)).values

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,9 +40,16 @@ class FrontPoint:
     fidelity: float
     float_layers: tuple[str, ...]
     backend: str = "tvm"  # the runtime the plan was built for
+    metrics: dict = field(default_factory=dict)  # every recorded metric (intervals, the tie-break)
+
+    def interval(self, metric: str) -> tuple[float, float] | None:
+        """The 95 % interval of ``metric`` when it has one (top-k agreement)."""
+        low, high = self.metrics.get(f"{metric}_low"), self.metrics.get(f"{metric}_high")
+        return (low, high) if low is not None and high is not None else None
 
 
-def front_points(trials, *, feasible_only: bool = True, higher_is_better: bool = True) -> list[FrontPoint]:
+def front_points(trials, *, feasible_only: bool = True, higher_is_better: bool = True,
+                 tie_break: str | None = None) -> list[FrontPoint]:
     """The non-dominated completed trials, one per plan, fastest first.
 
     Parameters
@@ -53,6 +60,11 @@ def front_points(trials, *, feasible_only: bool = True, higher_is_better: bool =
         Drop trials whose constraints are not all ``<= 0`` first.
     higher_is_better : bool
         Direction of the fidelity metric.
+    tie_break : str, optional
+        A recorded metric (lower is better, e.g. ``kl_div``) that orders plans
+        of equal fidelity: of two such plans, the slower one stays on the front
+        when it is closer to the reference by this metric.  A trial without it
+        ranks last among its equals.
     """
     from optuna.trial import TrialState
 
@@ -67,10 +79,18 @@ def front_points(trials, *, feasible_only: bool = True, higher_is_better: bool =
     unique = list(seen.values())
     if not unique:
         return []
-    losses = np.array([[t.values[0], -t.values[1] if higher_is_better else t.values[1]] for t, _ in unique])
+    fidelity_loss = np.array([-t.values[1] if higher_is_better else t.values[1] for t, _ in unique], dtype=float)
+    if tie_break is not None:
+        ties = np.array([r.metrics.get(tie_break, math.inf) for _, r in unique], dtype=float)
+        ties = np.where(np.isnan(ties), math.inf, ties)
+        # Fidelity then tie-break, lexicographically, as one rank: the front stays two-dimensional.
+        pairs = sorted(set(zip(fidelity_loss.tolist(), ties.tolist())))
+        rank = {pair: index for index, pair in enumerate(pairs)}
+        fidelity_loss = np.array([rank[pair] for pair in zip(fidelity_loss.tolist(), ties.tolist())], dtype=float)
+    losses = np.column_stack([[t.values[0] for t, _ in unique], fidelity_loss])
     on_front = _non_dominated(losses)
     points = [FrontPoint(trial=t.number, plan=r.plan_key or "", latency_ms=t.values[0], fidelity=t.values[1],
-                         float_layers=r.float_layers, backend=r.backend)
+                         float_layers=r.float_layers, backend=r.backend, metrics=r.metrics)
               for (t, r), keep in zip(unique, on_front) if keep]
     return sorted(points, key=lambda p: (p.latency_ms, p.trial))
 

@@ -73,6 +73,10 @@ class PlanEvaluator(Protocol):
         """A :class:`~precsearch.measure.Latency` of ``plan`` from ``repeats`` runs; None when it cannot time again."""
         ...
 
+    def remeasure_baselines(self, repeats: int) -> dict | None:
+        """ONNX Runtime float and int8 timed again (``ort_float_ms``, ``ort_int8_ms``, IQRs); None without ORT."""
+        ...
+
 
 # --------------------------------------------------------------------------- one trial
 
@@ -200,6 +204,7 @@ class StudyAttrs:
     SEEDED = "seeds_enqueued"
     BASELINES = "baselines"
     REMEASURED = "remeasured"
+    REMEASURED_BASELINES = "remeasured_baselines"
 
     @property
     def config(self) -> dict | None:
@@ -226,6 +231,11 @@ class StudyAttrs:
     def remeasured(self) -> dict[int, dict]:
         """Trial number → ``{"median_ms", "iqr_ms", "runs"}`` of the front's re-measurement."""
         return {int(k): v for k, v in (self.study.user_attrs.get(self.REMEASURED) or {}).items()}
+
+    @property
+    def remeasured_baselines(self) -> dict:
+        """The baselines' latencies timed again around the front's re-measurement (empty before it)."""
+        return dict(self.study.user_attrs.get(self.REMEASURED_BASELINES) or {})
 
     def set(self, name: str, value) -> None:
         self.study.set_user_attr(name, value)

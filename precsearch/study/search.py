@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 from precsearch.study.config import EXHAUSTIVE_MAX_PLANS, SAMPLERS, SearchConfig
 from precsearch.errors import ConfigError, PrecsearchError, first_line
-from precsearch.fidelity.metrics import METRICS
+from precsearch.fidelity.early_stop import goal_value
+from precsearch.fidelity.metrics import METRICS, TIE_BREAK
 from precsearch.model import LoadedModel
 from precsearch.study.pareto import FrontPoint, finite_objective, front_points
 from precsearch.model.plan import BACKENDS, TVM, Plan
@@ -422,7 +423,8 @@ class _Worker:
         latency = finite_objective(result.latency_ms)
         set_attrs(trial, result=dataclasses.replace(result, latency_ms=latency),
                   int8_convs=len(self.space.layer_ids) - len(plan.float_ids))
-        self._record_constraint(trial, fidelity)
+        self._record_constraint(trial, finite_objective(goal_value(result.metrics, self.handle.metric,
+                                                                     self.handle.config.goal_on)))
         logger.info("trial %d: %s, %d float layers, %.3f ms, %s %.4g", trial.number, plan.backend,
                     len(plan.float_ids), latency, self.handle.metric, fidelity)
         return latency, fidelity
@@ -492,7 +494,8 @@ class _Worker:
         completed, failed = _plan_outcomes(trials)
         done = len(completed) + len(failed)
         running = sum(t.state == TrialState.RUNNING for t in trials)
-        front = front_points(trials, feasible_only=True, higher_is_better=self.handle.higher_is_better)
+        front = front_points(trials, feasible_only=True, higher_is_better=self.handle.higher_is_better,
+                             tie_break=TIE_BREAK.get(self.handle.metric))
         elapsed_s = time.perf_counter() - self.started
         timeout_s = self.handle.config.timeout_s
         left_s = None
@@ -616,7 +619,8 @@ def summarize_study(handle: StudyHandle, summary: SearchSummary) -> SearchSummar
     trials = handle.study.get_trials(deepcopy=False)
     completed, failed = _plan_outcomes(trials)
     return dataclasses.replace(summary, completed=len(completed), failed=len(failed),
-                               front=front_points(trials, higher_is_better=handle.higher_is_better))
+                               front=front_points(trials, higher_is_better=handle.higher_is_better,
+                                                 tie_break=TIE_BREAK.get(handle.metric)))
 
 
 def measure_baselines(handle: StudyHandle, evaluator: PlanEvaluator) -> dict | None:
@@ -642,10 +646,16 @@ def remeasure_front(handle: StudyHandle, evaluator: PlanEvaluator, *, repeats: i
     """
     attrs = StudyAttrs(handle.study)
     stored = attrs.remeasured
-    points = front_points(handle.study.get_trials(deepcopy=False), higher_is_better=handle.higher_is_better)
-    for done, point in enumerate(points, start=1):
-        if stored.get(point.trial, {}).get("runs", 0) >= repeats:
-            continue
+    points = front_points(handle.study.get_trials(deepcopy=False), higher_is_better=handle.higher_is_better,
+                          tie_break=TIE_BREAK.get(handle.metric))
+    todo = [(done, point) for done, point in enumerate(points, start=1)
+            if stored.get(point.trial, {}).get("runs", 0) < repeats]
+    if not todo:
+        return stored
+    # The machine's speed drifts over an overnight run: the baselines measured when the study began are timed
+    # again just before and after the front, and the report compares with their mean.
+    before = evaluator.remeasure_baselines(repeats)
+    for done, point in todo:
         if progress is not None:
             progress(f"re-measuring front plan {done}/{len(points)} (trial {point.trial}, {repeats} runs)")
         latency = evaluator.remeasure(Plan(frozenset(point.float_layers), point.backend), repeats)
@@ -653,5 +663,10 @@ def remeasure_front(handle: StudyHandle, evaluator: PlanEvaluator, *, repeats: i
             return stored  # a backend that cannot time a plan again
         stored[point.trial] = {"median_ms": latency.median_ms, "iqr_ms": latency.iqr_ms, "runs": latency.runs}
         attrs.set_remeasured(stored)
+    after = evaluator.remeasure_baselines(repeats)
+    if before and after:
+        attrs.set(StudyAttrs.REMEASURED_BASELINES,
+                  {**{key: (before[key] + after[key]) / 2 for key in before}, "runs": repeats,
+                   "before": before, "after": after})
     return stored
 
