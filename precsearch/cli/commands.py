@@ -267,6 +267,7 @@ def _cmd_search(args) -> int:
                           calibration=args.calibration, calibration_batches=args.calibration_batches,
                           eval_batches=args.eval_batches, metric=args.metric, max_drop=args.max_drop, goal=args.goal,
                           goal_on=args.goal_on.replace("-", "_"),
+                          guided=args.guided,
                           sampler=args.sampler, trials=args.trials, timeout_s=timeout_s, seed=args.seed,
                           sensitivity_k=args.sensitivity_k, workers=args.workers, threads=args.threads,
                           requant=args.requant, block_size=args.block_size, float_layout=args.float_layout,

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allowed fidelity drop relative to float (top1/top5/cosine), e.g. 0.01; a constraint")
     search.add_argument("--goal", type=float, default=None,
                         help="least acceptable metric value (greatest for nmse/max_abs_error); a constraint")
+    search.add_argument("--no-guided", dest="guided", action="store_false",
+                        help="do not queue the guided estimate's plans between the sampler's (default: every other "
+                             "trial after the seeds is the estimate's next plan)")
     search.add_argument("--goal-on", choices=["value", "lower-bound"], default="value",
                         help="hold --max-drop/--goal against the metric (default) or, for top1/top5, the lower "
                              "bound of its 95%% interval")

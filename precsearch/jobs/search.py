@@ -24,7 +24,8 @@ from precsearch.study.evaluator import make_evaluator
 from precsearch.study.record import StudyAttrs
 from precsearch.study.search import (SearchProgress, SearchSummary, StudyHandle, measure_baselines, open_study,
                                      remeasure_front, run_worker, seed_plans, summarize_study)
-from precsearch.study.sensitivity import CSV_NAME, most_sensitive
+from precsearch.study.guided import LAYER_NOISE_ATTR, GuidedProposals
+from precsearch.study.sensitivity import CSV_NAME, layer_noise, most_sensitive, noise_from_table
 from precsearch.study.storage import StorageError, open_storage, redact_url
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,11 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
     if not StudyAttrs(handle.study).baselines:
         say("measuring ONNX Runtime float and int8 (the report's baselines)...")
     measure_baselines(handle, evaluator)
+    guide = None
+    if config.guided:
+        say("measuring each conv's quantization noise alone (the guided estimate's prior)...")
+        guide = GuidedProposals(model, _layer_noise(handle, evaluator.workspace, workdir), backends=config.backends,
+                                higher_is_better=handle.higher_is_better, metric=metric)
 
     def on_trial(snapshot: SearchProgress) -> None:
         if progress is not None:
@@ -94,7 +100,7 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
 
     children = _start_workers(config, study_name, workdir, storage_url, say)
     try:
-        summary = run_worker(handle, model, evaluator, seeds=seeds, progress=on_trial)
+        summary = run_worker(handle, model, evaluator, seeds=seeds, progress=on_trial, guide=guide)
     except KeyboardInterrupt:
         # The trial in flight is already failed as "interrupted"; the report shows it so.
         write_study_report(handle.study, workdir)
@@ -105,6 +111,17 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
     remeasure_front(handle, evaluator, repeats=remeasure_repeats or REMEASURE_FACTOR * config.repeats, progress=say)
     report_dir = write_study_report(handle.study, workdir)
     return SearchRun(summary=summarize_study(handle, summary), handle=handle, report_dir=report_dir)
+
+
+def _layer_noise(handle: StudyHandle, workspace, workdir: Path) -> dict[str, float]:
+    """The study's stored per-conv noise, else ``sensitivity.csv``'s, else measured now (and stored)."""
+    attrs = StudyAttrs(handle.study)
+    stored = handle.study.user_attrs.get(LAYER_NOISE_ATTR)
+    if stored:
+        return dict(stored)
+    noise = noise_from_table(workdir, workspace.model) or layer_noise(workspace)
+    attrs.set(LAYER_NOISE_ATTR, noise)
+    return noise
 
 
 def _start_workers(config: SearchConfig, study_name: str, workdir: Path, storage_url: str, say) -> list:

@@ -54,6 +54,9 @@ class SearchConfig:
         itself, default) or ``"lower_bound"`` (the lower end of top-k
         agreement's 95 % interval, so a plan passes only when the evaluation
         set is large enough to show it does).
+    guided : bool
+        Queue the guided estimate's proposals between the sampler's trials
+        (:mod:`precsearch.study.guided`); default True.
     eval_batches : int or None
         Fidelity batches; None: 256 samples for top-k agreement, else 32
         batches (resolved once the model and metric are known, see
@@ -105,6 +108,7 @@ class SearchConfig:
     backend: str = "tvm"
     conv_backend: str = "onednn"
     goal_on: str = "value"
+    guided: bool = True
 
     def __post_init__(self):
         if self.eval_batches is not None:

@@ -173,6 +173,11 @@ class BackendDispatch:
 
     evaluators: dict
 
+    @property
+    def workspace(self) -> Workspace:
+        """The one workspace the backends share."""
+        return next(iter(self.evaluators.values())).workspace
+
     def _for(self, plan: Plan):
         if plan.backend not in self.evaluators:
             raise ConfigError(f"The study evaluates plans for {sorted(self.evaluators)}; got plan {plan.key()!r} "

@@ -111,6 +111,8 @@ class TrialRecord:
     duplicate_of: int | None = None
     reruns: int | None = None  # the trial whose interrupted or dead plan this one runs again
     skipped: str | None = None  # why the trial was pruned without a plan (the budget was spent)
+    estimate_latency_ms: float | None = None  # what the guided estimate expected of a proposed plan
+    estimate_fidelity: float | None = None
     number: int | None = None  # read from the trial; not an attribute
     state: str | None = None  # Optuna's TrialState name; not an attribute
 
@@ -124,7 +126,8 @@ class TrialRecord:
             attrs["float_layers"] = list(self.float_layers)
         if self.backend != TVM:
             attrs["backend"] = self.backend
-        for name in ("int8_convs", "feasible", "fail_reason", "seed", "worker", "duplicate_of", "reruns", "skipped"):
+        for name in ("int8_convs", "feasible", "fail_reason", "seed", "worker", "duplicate_of", "reruns", "skipped",
+                     "estimate_latency_ms", "estimate_fidelity"):
             if getattr(self, name) is not None:
                 attrs[name] = getattr(self, name)
         if self.result is not None:
@@ -140,6 +143,7 @@ class TrialRecord:
                    backend=attrs.get("backend", TVM), int8_convs=attrs.get("int8_convs"), result=_result_of(attrs), feasible=attrs.get("feasible"),
                    fail_reason=attrs.get("fail_reason"), seed=attrs.get("seed"), worker=attrs.get("worker"),
                    duplicate_of=attrs.get("duplicate_of"), reruns=attrs.get("reruns"), skipped=attrs.get("skipped"),
+                   estimate_latency_ms=attrs.get("estimate_latency_ms"), estimate_fidelity=attrs.get("estimate_fidelity"),
                    number=number, state=state)
 
     @classmethod
@@ -185,7 +189,8 @@ def _result_of(attrs: dict) -> PlanResult | None:
 
 
 # Attributes a duplicate does not copy from the trial it follows: they describe the trial, not the plan's result.
-OWN_ATTRS = ("seed", "worker", "plan", "float_layers", "reruns", "duplicate_of")
+OWN_ATTRS = ("seed", "worker", "plan", "float_layers", "reruns", "duplicate_of", "estimate_latency_ms",
+             "estimate_fidelity")
 
 
 # --------------------------------------------------------------------------- the study

@@ -36,6 +36,7 @@ from precsearch.study.config import EXHAUSTIVE_MAX_PLANS, SAMPLERS, SearchConfig
 from precsearch.errors import ConfigError, PrecsearchError, first_line
 from precsearch.fidelity.early_stop import goal_value
 from precsearch.fidelity.metrics import METRICS, TIE_BREAK
+from precsearch.study.guided import ESTIMATE_ATTR, GUIDED_SEED, GuidedProposals
 from precsearch.model import LoadedModel
 from precsearch.study.pareto import FrontPoint, finite_objective, front_points
 from precsearch.model.plan import BACKENDS, TVM, Plan
@@ -343,8 +344,9 @@ class _Worker:
     """One worker's loop over the study: claim, evaluate or follow, record, report."""
 
     def __init__(self, handle: StudyHandle, space: PlanSpace, evaluator: PlanEvaluator, budget: int,
-                 progress: Callable[[SearchProgress], None] | None):
+                 progress: Callable[[SearchProgress], None] | None, guide: GuidedProposals | None = None):
         self.handle = handle
+        self.guide = guide
         self.study = handle.study
         self.space = space
         self.evaluator = evaluator
@@ -481,8 +483,32 @@ class _Worker:
         trials = self.study.get_trials(deepcopy=False)
         if self.finished_plans(trials) >= self.budget or self.handle.claims.count() >= self.space.size:
             study.stop()
+        elif self.guide is not None:
+            self._propose(trials)
         if self.progress is not None:
             self.progress(self.snapshot(trials))
+
+    def _propose(self, trials) -> None:
+        """Queue the guided estimate's next plan when the queue is empty and the proposals are due."""
+        from optuna.trial import TrialState
+
+        if any(t.state == TrialState.WAITING for t in trials):
+            return  # seeds or a proposal still queued
+        records = [TrialRecord.from_trial(t) for t in trials]
+        if not self.guide.due(records):
+            return
+        self.guide.refit([(r, t.values[0], t.values[1]) for r, t in zip(records, trials)
+                          if t.state == TrialState.COMPLETE and t.values is not None])
+        proposal = self.guide.next_plan(self.goal, [r.plan for r in records if r.plan_key is not None])
+        if proposal is None:
+            return
+        plan, latency_ms, fidelity = proposal
+        finite = [value if math.isfinite(value) else None for value in (latency_ms, fidelity)]
+        self.study.enqueue_trial(self.space.params(plan), user_attrs=TrialRecord(
+            seed=GUIDED_SEED, estimate_latency_ms=finite[0], estimate_fidelity=finite[1]).to_attrs())
+        StudyAttrs(self.study).set(ESTIMATE_ATTR, self.guide.errors())
+        logger.info("guided proposal: %s plan with %d float convs, expected %.3f ms, %s %.4g", plan.backend,
+                    len(plan.float_ids), latency_ms, self.handle.metric, fidelity)
 
     def finished_plans(self, trials=None) -> int:
         completed, failed = _plan_outcomes(self.study.get_trials(deepcopy=False) if trials is None else trials)
@@ -574,7 +600,7 @@ class _Worker:
 def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator, *,
                progress: Callable[[SearchProgress], None] | None = None,
                seeds: list[tuple[str, Plan]] | None = None, worker_index: int = 0,
-               sampler=None) -> SearchSummary:
+               sampler=None, guide: GuidedProposals | None = None) -> SearchSummary:
     """Run one worker on an opened study until the budget, the timeout or the space is spent.
 
     Parameters
@@ -590,6 +616,8 @@ def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator
         Offsets the sampler's seed, so parallel workers do not propose the same sequence.
     sampler : optuna.samplers.BaseSampler, optional
         Used instead of the configured one (experiments compare sampler settings the CLI does not offer).
+    guide : GuidedProposals, optional
+        Queues the guided estimate's plans between the sampler's (:mod:`precsearch.study.guided`).
     """
     import optuna
 
@@ -603,7 +631,7 @@ def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator
         enqueue_seeds(handle, space, seeds)
     # Optuna logs every failed trial with a traceback; the search logs its own one line.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    worker = _Worker(handle, space, evaluator, budget, progress)
+    worker = _Worker(handle, space, evaluator, budget, progress, guide)
     logger.info("worker %s on study %s (%s, %s sampler, budget %d plans)", worker.name, handle.study.study_name,
                 redact_url(handle.storage_url), sampler_name, budget)
     with quiet_experimental(), worker.interrupt:

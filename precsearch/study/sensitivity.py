@@ -104,6 +104,37 @@ def run_sensitivity(workspace: Workspace, *, measure_latency: bool = True,
     return rows
 
 
+def layer_noise(workspace: Workspace, batches: int = 8) -> dict[str, float]:
+    """Each int8-capable conv's output noise (``nmse`` of the main output) with only it int8.
+
+    One ONNX Runtime run of a QDQ model per layer, on the first ``batches``
+    evaluation batches: the guided estimate's prior, seconds on a small model.
+    """
+    model = workspace.model
+    evaluation = workspace.eval_batches[:batches]
+    reference = workspace.reference[:batches]
+    all_ids = frozenset(model.capable_ids())
+    out = {}
+    started = time.perf_counter()
+    for layer_id in model.capable_ids():
+        qdq = workspace.qdq_model(Plan(all_ids - {layer_id}))
+        out[layer_id] = compute_metrics(reference, run_ort(qdq, evaluation)).values["nmse"]
+    logger.info("layer noise of %d convs on %d batches in %.1f s", len(out), len(evaluation),
+                time.perf_counter() - started)
+    return out
+
+
+def noise_from_table(workdir: Path, model: LoadedModel) -> dict[str, float] | None:
+    """``only_int8.nmse`` of ``<workdir>/sensitivity.csv`` when it covers this model's convs, else None."""
+    path = Path(workdir) / CSV_NAME
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path)
+    if "only_int8.nmse" not in frame or set(frame["id"]) != set(model.capable_ids()):
+        return None
+    return dict(zip(frame["id"], frame["only_int8.nmse"].astype(float)))
+
+
 def to_frame(rows: list[LayerSensitivity], metric: str) -> pd.DataFrame:
     """The table, most sensitive first: worst ``metric`` with only that layer int8 (SQNR breaks ties)."""
     if metric not in METRICS:

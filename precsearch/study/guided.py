@@ -1,0 +1,431 @@
+"""Model-guided proposals: a cheap estimate of every plan, and the plans along the estimate's front.
+
+Before the samplers have learnt anything, the search already knows a lot about
+a plan: how much quantization noise each conv adds on its own (one ONNX Runtime
+run of the QDQ model per layer, or ``sensitivity.csv``), how many MACs each conv
+has, and, once the seeds are measured, what the all-int8 and all-float plans
+cost.  :class:`PlanEstimate` turns that into two cheap models of a plan ``x``
+(``x_i = 1`` when conv ``i`` is int8):
+
+* **latency** ``a + sum_i s_i x_i + c * boundaries(x)``: a per-layer change in
+  latency when the conv is int8 (negative when int8 is faster), and a cost per
+  int8/float boundary between neighbouring convs (a layout transform and a
+  quantize/dequantize pair).  The prior puts ``s_i`` in proportion to the MACs,
+  scaled to the measured all-int8 − all-float difference; every measured trial
+  refits it (ridge regression towards that prior).
+* **fidelity**: quantization noise adds up roughly independently, so the
+  output's noise-to-signal ratio (``nmse``) of a plan is estimated as
+  ``sum_i w_i x_i``, ``w_i`` starting from the layer's noise when it alone is
+  int8 and refitted by non-negative least squares on the measured plans (which
+  also absorbs the average interaction between layers).  A monotone map fitted
+  on the measured trials (isotonic regression) turns noise into the metric.
+
+:meth:`PlanEstimate.propose` solves the estimate's front exactly as an integer
+program (HAWQ-V3 does the same for bit widths): minimum latency subject to a
+noise budget, over a sweep of budgets, with the boundaries as variables, via
+SciPy's HiGHS MILP.  The budget that meets the search's goal is solved first.
+Plans already measured are cut off, so every proposal is new.
+
+Written here because no library does it: Optuna's samplers know nothing of the
+model's structure, and HAWQ-V3's ILP is code inside a PyTorch training repo.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from precsearch.model import LoadedModel
+from precsearch.model.plan import Plan
+
+logger = logging.getLogger(__name__)
+
+# Ridge weight of the latency prior, in units of one measured trial.
+PRIOR_WEIGHT = 1.0
+# The prior's noise of a layer counts as this many measured plans in the noise fit.
+NOISE_PRIOR_WEIGHT = 0.5
+# Budgets swept along the estimated front, besides the goal's.
+FRONT_BUDGETS = 12
+# A layer quantized alone that adds no measurable noise still costs this much (keeps log-noise finite).
+NOISE_FLOOR = 1e-12
+
+
+def conv_edges(model: LoadedModel) -> list[tuple[int, int]]:
+    """Pairs of int8-capable convs (indices into ``model.capable_ids()``) joined by a path without another conv.
+
+    Where the two differ in precision the build puts a boundary (a layout
+    transform and a quantize or dequantize) between them.
+    """
+    ids = model.capable_ids()
+    position = {layer_id: i for i, layer_id in enumerate(ids)}
+    nodes = list(model.proto.graph.node)
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    all_convs = {layer.id for layer in model.layers}
+    edges = set()
+    for node in nodes:
+        if node.name not in position:
+            continue
+        frontier, seen = list(node.output), set()
+        while frontier:
+            tensor = frontier.pop()
+            for consumer in consumers.get(tensor, []):
+                if id(consumer) in seen:
+                    continue
+                seen.add(id(consumer))
+                if consumer.name in all_convs:
+                    if consumer.name in position:
+                        edges.add((position[node.name], position[consumer.name]))
+                    continue
+                frontier.extend(consumer.output)
+    return sorted(edges)
+
+
+@dataclass
+class Observation:
+    """One measured plan of one backend: its int8 mask, latency, metric and noise."""
+
+    int8: np.ndarray
+    latency_ms: float
+    fidelity: float
+    nmse: float
+
+
+@dataclass
+class PlanEstimate:
+    """The cheap latency and fidelity model of the plans of one backend (see the module docstring).
+
+    Parameters
+    ----------
+    layer_ids : sequence of str
+        The int8-capable convs, in the model's order (``model.capable_ids()``).
+    macs : sequence of int
+    layer_noise : sequence of float
+        Each layer's output ``nmse`` when it alone is int8.
+    edges : list of (int, int)
+        :func:`conv_edges`.
+    higher_is_better : bool
+        The direction of the search's metric.
+    """
+
+    layer_ids: tuple[str, ...]
+    macs: np.ndarray
+    layer_noise: np.ndarray
+    edges: list[tuple[int, int]]
+    higher_is_better: bool = True
+    backend: str = "tvm"
+    metric: str | None = None  # sqnr_db and nmse follow from the noise exactly; other metrics by a fitted map
+    observations: list[Observation] = field(default_factory=list)
+    latency_coef: np.ndarray | None = None  # [a, s_1..s_n, c]
+    noise_coef: np.ndarray | None = None  # a factor per layer (on its prior noise), then per edge
+
+    def __post_init__(self):
+        self.layer_ids = tuple(self.layer_ids)
+        self.macs = np.asarray(self.macs, dtype=np.float64)
+        self.layer_noise = np.maximum(np.asarray(self.layer_noise, dtype=np.float64), NOISE_FLOOR)
+
+    # ---- the data
+
+    def mask(self, plan: Plan) -> np.ndarray:
+        """``x``: 1.0 for each int8 conv of ``plan``."""
+        return np.array([0.0 if layer_id in plan.float_ids else 1.0 for layer_id in self.layer_ids])
+
+    def plan(self, int8: np.ndarray) -> Plan:
+        return Plan(frozenset(i for i, q in zip(self.layer_ids, int8) if q < 0.5), self.backend)
+
+    def boundaries(self, int8: np.ndarray) -> float:
+        return float(sum(abs(int8[u] - int8[v]) for u, v in self.edges))
+
+    def observe(self, observations: Iterable[Observation]) -> None:
+        """Replace the measured plans and refit both models."""
+        self.observations = [o for o in observations if math.isfinite(o.latency_ms) and math.isfinite(o.nmse)]
+        self._fit_latency()
+        self._fit_noise()
+
+    # ---- latency
+
+    def _features(self, int8: np.ndarray) -> np.ndarray:
+        return np.concatenate([[1.0], int8, [self.boundaries(int8)]])
+
+    def _prior(self) -> np.ndarray | None:
+        n = len(self.layer_ids)
+        by_count = {int(o.int8.sum()): o for o in self.observations}
+        all_float, all_int8 = by_count.get(0), by_count.get(n)
+        if all_float is None:
+            return None
+        difference = (all_int8.latency_ms - all_float.latency_ms) if all_int8 is not None else 0.0
+        share = self.macs / self.macs.sum() if self.macs.sum() > 0 else np.full(n, 1.0 / n)
+        return np.concatenate([[all_float.latency_ms], difference * share, [0.0]])
+
+    def _fit_latency(self) -> None:
+        prior = self._prior()
+        if prior is None:
+            self.latency_coef = None
+            return
+        features = np.array([self._features(o.int8) for o in self.observations])
+        target = np.array([o.latency_ms for o in self.observations])
+        # Ridge towards the prior: (F'F + λI) θ = F'y + λ θ0, solved in the offset θ - θ0.
+        scale = PRIOR_WEIGHT * max(1.0, float(np.mean(features ** 2)))
+        lhs = features.T @ features + scale * np.eye(features.shape[1])
+        rhs = features.T @ (target - features @ prior)
+        coef = prior + np.linalg.solve(lhs, rhs)
+        coef[-1] = max(coef[-1], 0.0)  # a boundary never saves time
+        self.latency_coef = coef
+
+    def latency_ms(self, plan_or_mask) -> float:
+        int8 = self.mask(plan_or_mask) if isinstance(plan_or_mask, Plan) else np.asarray(plan_or_mask, float)
+        if self.latency_coef is None:
+            return math.nan
+        return float(self._features(int8) @ self.latency_coef)
+
+    # ---- fidelity
+
+    def _noise_features(self, int8: np.ndarray) -> np.ndarray:
+        """Per layer its prior noise when int8; per edge the pair's product (both int8), in the same units."""
+        pairs = [int8[u] * int8[v] * math.sqrt(self.layer_noise[u] * self.layer_noise[v]) for u, v in self.edges]
+        return np.concatenate([int8 * self.layer_noise, pairs])
+
+    def _fit_noise(self) -> None:
+        n, m = len(self.layer_ids), len(self.edges)
+        # Unknowns: a factor per layer on its prior noise (prior 1) and per edge on the pair's geometric mean
+        # (prior 0): neighbours quantized together share the activation between them, so their noise is
+        # less than the sum; these interactions are learnt from the measured plans.
+        features, targets = [], []
+        for o in self.observations:
+            if o.int8.sum() == 0:
+                continue
+            scale = 1.0 / max(o.nmse, NOISE_FLOOR)  # relative error: plans of every noise level count alike
+            features.append(self._noise_features(o.int8) * scale)
+            targets.append(o.nmse * scale)
+        prior = np.concatenate([np.ones(n), np.zeros(m)])
+        lhs = NOISE_PRIOR_WEIGHT * np.eye(n + m)
+        rhs = np.zeros(n + m)
+        if features:
+            f, y = np.array(features), np.array(targets)
+            lhs = lhs + f.T @ f
+            rhs = f.T @ (y - f @ prior)
+        self.noise_coef = prior + np.linalg.solve(lhs, rhs)
+
+    def noise(self, plan_or_mask) -> float:
+        int8 = self.mask(plan_or_mask) if isinstance(plan_or_mask, Plan) else np.asarray(plan_or_mask, float)
+        coef = self.noise_coef if self.noise_coef is not None else np.concatenate([np.ones(len(self.layer_ids)),
+                                                                                  np.zeros(len(self.edges))])
+        return max(float(self._noise_features(int8) @ coef), 0.0)
+
+    def fidelity(self, plan_or_mask) -> float:
+        """The metric the estimate expects: the measured noise → metric relation at the estimated noise."""
+        return self._metric_of_noise(np.array([self.noise(plan_or_mask)]))[0]
+
+    def _metric_of_noise(self, noise: np.ndarray) -> np.ndarray:
+        from sklearn.isotonic import IsotonicRegression
+
+        floor = np.maximum(noise, NOISE_FLOOR)
+        if self.metric == "sqnr_db":  # by definition, on the same output
+            return -10.0 * np.log10(floor)
+        if self.metric == "nmse":
+            return np.asarray(noise, dtype=np.float64)
+
+        points = [(o.nmse, o.fidelity) for o in self.observations if math.isfinite(o.fidelity)]
+        if len(points) < 2:
+            return np.full(len(noise), math.nan)
+        x = np.log10(np.maximum([p[0] for p in points], NOISE_FLOOR))
+        y = np.array([p[1] for p in points])
+        # More noise never makes a plan more faithful.
+        model = IsotonicRegression(increasing=not self.higher_is_better, out_of_bounds="clip")
+        model.fit(x, y)
+        return model.predict(np.log10(np.maximum(noise, NOISE_FLOOR)))
+
+    def goal_budget(self, goal: float | None) -> float | None:
+        """The largest noise whose expected metric still meets ``goal`` (None without a goal or a fit)."""
+        if goal is None or len(self.observations) < 2:
+            return None
+        grid = np.geomspace(max(self.layer_noise.min(), NOISE_FLOOR) / 10, max(self.noise(np.ones(len(self.layer_ids))), NOISE_FLOOR) * 10, 400)
+        metric = self._metric_of_noise(grid)
+        meets = metric >= goal if self.higher_is_better else metric <= goal
+        return float(grid[meets].max()) if meets.any() else None
+
+    # ---- the front of the estimate
+
+    def _noise_terms(self) -> tuple[np.ndarray, np.ndarray]:
+        """The noise per int8 layer and per int8 pair of neighbours, in nmse units."""
+        n = len(self.layer_ids)
+        coef = self.noise_coef if self.noise_coef is not None else np.concatenate([np.ones(n), np.zeros(len(self.edges))])
+        pair_scale = np.array([math.sqrt(self.layer_noise[u] * self.layer_noise[v]) for u, v in self.edges])
+        return coef[:n] * self.layer_noise, coef[n:] * pair_scale
+
+    def solve(self, budget: float, excluded: Sequence[np.ndarray] = ()) -> np.ndarray | None:
+        """The fastest mask (by the estimate) whose estimated noise is at most ``budget``; None if none is left.
+
+        Variables: ``x`` (int8 per conv, binary), ``b`` (a boundary per edge,
+        ``b >= |x_u - x_v|``) and ``y`` (both ends of an edge int8,
+        ``y = x_u x_v`` linearized), so the integer program is exact for the
+        estimate.
+        """
+        from scipy.optimize import Bounds, LinearConstraint, milp
+
+        if self.latency_coef is None:
+            return None
+        n, m = len(self.layer_ids), len(self.edges)
+        single, pair = self._noise_terms()
+        size = n + 2 * m
+        cost = np.concatenate([self.latency_coef[1:n + 1], np.full(m, self.latency_coef[-1]), np.zeros(m)])
+        rows, low, high = [np.concatenate([single, np.zeros(m), pair])], [-np.inf], [budget]
+
+        def add(entries: dict[int, float], lo: float, hi: float) -> None:
+            row = np.zeros(size)
+            for index, value in entries.items():
+                row[index] += value
+            rows.append(row)
+            low.append(lo)
+            high.append(hi)
+
+        for e, (u, v) in enumerate(self.edges):
+            add({n + e: 1.0, u: -1.0, v: 1.0}, 0.0, np.inf)  # b >= x_u - x_v
+            add({n + e: 1.0, u: 1.0, v: -1.0}, 0.0, np.inf)  # b >= x_v - x_u
+            y = n + m + e
+            add({y: 1.0, u: -1.0}, -np.inf, 0.0)  # y <= x_u
+            add({y: 1.0, v: -1.0}, -np.inf, 0.0)  # y <= x_v
+            add({y: 1.0, u: -1.0, v: -1.0}, -1.0, np.inf)  # y >= x_u + x_v - 1
+        for mask in excluded:  # "no-good" cuts: not this mask again
+            add({i: (1.0 if q > 0.5 else -1.0) for i, q in enumerate(mask)}, -np.inf, float((mask > 0.5).sum()) - 1.0)
+        result = milp(cost, constraints=LinearConstraint(np.array(rows), low, high),
+                      integrality=np.concatenate([np.ones(n), np.zeros(2 * m)]), bounds=Bounds(0, 1),
+                      options={"time_limit": 10.0})
+        if result.x is None:
+            return None
+        return np.round(result.x[:n])
+
+    def budgets(self, goal: float | None) -> list[float]:
+        """Noise budgets to solve, the goal's first, then a sweep from the least noisy layer to all-int8."""
+        total = self.noise(np.ones(len(self.layer_ids)))
+        single, _ = self._noise_terms()
+        low = max(float(single[single > 0].min()) if (single > 0).any() else NOISE_FLOOR, NOISE_FLOOR)
+        sweep = list(np.geomspace(low, max(total, low), FRONT_BUDGETS)) if total > 0 else [0.0]
+        target = self.goal_budget(goal)
+        if target is None:
+            return sweep
+        # Nearest the goal first: that is where the plan a user ships lies.
+        return [target] + sorted(sweep, key=lambda b: abs(math.log(max(b, NOISE_FLOOR)) - math.log(target)))
+
+    def propose(self, goal: float | None, measured: Sequence[Plan], count: int = 1) -> list[Plan]:
+        """Up to ``count`` new plans from the estimated front.
+
+        The goal's budget comes first (the plan a user ships lies there).  Then,
+        of the integer program's solutions over the budget sweep, the one whose
+        estimated point adds the most hypervolume to the measured front.
+        """
+        from precsearch.study.pareto import hypervolume
+
+        excluded = [self.mask(p) for p in measured if p.backend == self.backend]
+        proposals: list[Plan] = []
+        target = self.goal_budget(goal)
+        if target is not None:
+            mask = self.solve(target, excluded)
+            if mask is not None:
+                excluded.append(mask)
+                proposals.append(self.plan(mask))
+        points = [(o.latency_ms, o.fidelity) for o in self.observations if math.isfinite(o.fidelity)]
+        budgets = self.budgets(goal)
+        while len(proposals) < count:
+            candidates = {}
+            for budget in budgets:
+                mask = self.solve(budget, excluded)
+                if mask is not None:
+                    candidates[tuple(mask)] = mask
+            if not candidates:
+                break
+            estimated = {key: (self.latency_ms(mask), self.fidelity(mask)) for key, mask in candidates.items()}
+            if points and all(math.isfinite(v) for pair in estimated.values() for v in pair):
+                every = points + list(estimated.values())
+                worst = (max(p[0] for p in every) * 1.1,
+                         min(p[1] for p in every) if self.higher_is_better else max(p[1] for p in every))
+                base = hypervolume(points, worst, higher_is_better=self.higher_is_better)
+                key = max(estimated, key=lambda k: hypervolume(points + [estimated[k]], worst,
+                                                               higher_is_better=self.higher_is_better) - base)
+            else:
+                key = next(iter(candidates))
+            excluded.append(candidates[key])
+            points.append(estimated[key])
+            proposals.append(self.plan(candidates[key]))
+        return proposals
+
+    def errors(self) -> dict[str, float]:
+        """Leave-nothing-out fit error on the measured plans: mean |relative latency error| and |metric error|."""
+        if self.latency_coef is None or not self.observations:
+            return {}
+        latency = [abs(self.latency_ms(o.int8) - o.latency_ms) / o.latency_ms for o in self.observations
+                   if o.latency_ms > 0]
+        fidelity = [abs(self.fidelity(o.int8) - o.fidelity) for o in self.observations if math.isfinite(o.fidelity)]
+        return {"latency_rel_error": float(np.mean(latency)) if latency else math.nan,
+                "fidelity_abs_error": float(np.mean(fidelity)) if fidelity else math.nan,
+                "plans": len(self.observations)}
+
+
+# --------------------------------------------------------------------------- in a search
+
+GUIDED_SEED = "guided"  # the ``seed`` attribute of a proposed trial
+#: Study attribute holding each backend's fit error on the measured plans.
+ESTIMATE_ATTR = "guided_estimate"
+#: Study attribute holding each conv's noise when it alone is int8 (the prior; measured once per study).
+LAYER_NOISE_ATTR = "layer_noise"
+
+
+class GuidedProposals:
+    """One :class:`PlanEstimate` per backend of a study, and its proposals queued between the sampler's trials.
+
+    After every finished trial the estimates are refitted on the measured
+    plans; when the study's queue is empty and the proposals have not had
+    their share (every other trial by default), the next plan of the
+    estimate's front is queued with ``study.enqueue_trial``, so the study stays
+    a plain Optuna study whose sampler also learns from the proposals.
+    """
+
+    def __init__(self, model: LoadedModel, layer_noise: dict[str, float], *, backends: Sequence[str],
+                 higher_is_better: bool, metric: str | None = None, share: float = 0.5):
+        ids = model.capable_ids()
+        edges = conv_edges(model)
+        macs = [model.layer(i).macs for i in ids]
+        noise = [layer_noise.get(i, NOISE_FLOOR) for i in ids]
+        self.estimates = {b: PlanEstimate(ids, macs, noise, edges, higher_is_better, b, metric) for b in backends}
+        self.share = share
+        self._proposed: dict[str, int] = {}
+
+    def refit(self, records: Sequence) -> None:
+        """Refit every backend's estimate on completed trials: ``(TrialRecord, latency_ms, fidelity)`` tuples."""
+        for backend, estimate in self.estimates.items():
+            seen, observations = set(), []
+            for record, latency_ms, fidelity in records:
+                if record.backend != backend or record.plan_key in seen or record.result is None:
+                    continue
+                seen.add(record.plan_key)
+                observations.append(Observation(estimate.mask(record.plan), latency_ms, fidelity,
+                                                record.metrics.get("nmse", math.nan)))
+            estimate.observe(observations)
+
+    def due(self, records: Sequence) -> bool:
+        """Whether the proposals are behind their share of the sampler's trials (``TrialRecord``s of the study)."""
+        guided = sum(1 for r in records if r.seed == GUIDED_SEED)
+        sampled = sum(1 for r in records if r.seed is None and r.plan_key is not None)
+        if self.share >= 1:
+            return True
+        return guided <= self.share / (1 - self.share) * sampled
+
+    def next_plan(self, goal: float | None, known: Sequence[Plan]) -> tuple[Plan, float, float] | None:
+        """The next proposal (plan, expected latency, expected fidelity), from the backend proposed least."""
+        for backend in sorted(self.estimates, key=lambda b: self._proposed.get(b, 0)):
+            estimate = self.estimates[backend]
+            plans = estimate.propose(goal, known, count=1)
+            if plans:
+                self._proposed[backend] = self._proposed.get(backend, 0) + 1
+                plan = plans[0]
+                return plan, estimate.latency_ms(plan), estimate.fidelity(plan)
+        return None
+
+    def errors(self) -> dict[str, dict]:
+        return {backend: estimate.errors() for backend, estimate in self.estimates.items() if estimate.errors()}
