@@ -231,7 +231,7 @@ class PlanEstimate:
         if self.metric == "nmse":
             return np.asarray(noise, dtype=np.float64)
 
-        points = [(o.nmse, o.fidelity) for o in self.observations if math.isfinite(o.fidelity)]
+        points = [(o.nmse, o.fidelity) for o in self._scored()]
         if len(points) < 2:
             return np.full(len(noise), math.nan)
         x = np.log10(np.maximum([p[0] for p in points], NOISE_FLOOR))
@@ -355,13 +355,20 @@ class PlanEstimate:
             proposals.append(self.plan(candidates[key]))
         return proposals
 
+    def _scored(self) -> list[Observation]:
+        """Measured plans with a finite metric: an exact plan's +inf SQNR (stored clipped to 1e6) says nothing."""
+        from precsearch.study.pareto import FINITE_LIMIT
+
+        return [o for o in self.observations if o.int8.sum() > 0 and math.isfinite(o.fidelity)
+                and abs(o.fidelity) < FINITE_LIMIT]
+
     def errors(self) -> dict[str, float]:
         """Leave-nothing-out fit error on the measured plans: mean |relative latency error| and |metric error|."""
         if self.latency_coef is None or not self.observations:
             return {}
         latency = [abs(self.latency_ms(o.int8) - o.latency_ms) / o.latency_ms for o in self.observations
                    if o.latency_ms > 0]
-        fidelity = [abs(self.fidelity(o.int8) - o.fidelity) for o in self.observations if math.isfinite(o.fidelity)]
+        fidelity = [abs(self.fidelity(o.int8) - o.fidelity) for o in self._scored()]
         return {"latency_rel_error": float(np.mean(latency)) if latency else math.nan,
                 "fidelity_abs_error": float(np.mean(fidelity)) if fidelity else math.nan,
                 "plans": len(self.observations)}
