@@ -151,9 +151,14 @@ def test_residual_add_between_int8_and_float_convs(tmp_path):
     qdq = build_qdq_model(model, calibrate(model, batches), parse_plan("conv2", model))
     producers = _producers(qdq)
     add = next(n for n in qdq.graph.node if n.op_type == "Add")
-    # One input comes from int8 conv1 (through Q/DQ and the float Relu), the other straight from float conv2.
-    assert producers[add.input[0]].op_type == "Relu"
-    assert producers[producers[add.input[0]].input[0]].op_type == "DequantizeLinear"
+    # One input comes from int8 conv1 through Q/DQ, its Relu folded into the conv's output quantization (as
+    # quantize_static folds it); the other straight from float conv2, whose Relu stays float.
+    dq = producers[add.input[0]]
+    assert dq.op_type == "DequantizeLinear" and producers[producers[dq.input[0]].input[0]].name == "conv1"
+    # relu0 and relu1 follow int8 convs and are folded; relu2 follows the Add and stays.
+    assert [n.name for n in qdq.graph.node if n.op_type == "Relu"] == ["relu2"]
+    float_relu = build_qdq_model(model, calibrate(model, batches), parse_plan("conv0,conv1", model))
+    assert sorted(n.name for n in float_relu.graph.node if n.op_type == "Relu") == ["relu0", "relu1", "relu2"]
     assert producers[add.input[1]].name == "conv2"
     assert _weight_source(qdq, "conv2")[0] == "float" and _weight_source(qdq, "conv1")[0] == "dq"
     out = run_ort(qdq, batches)
