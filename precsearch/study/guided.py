@@ -363,7 +363,7 @@ class PlanEstimate:
                 and abs(o.fidelity) < FINITE_LIMIT]
 
     def errors(self) -> dict[str, float]:
-        """Leave-nothing-out fit error on the measured plans: mean |relative latency error| and |metric error|."""
+        """In-sample fit error on the measured plans: mean |relative latency error| and |metric error|."""
         if self.latency_coef is None or not self.observations:
             return {}
         latency = [abs(self.latency_ms(o.int8) - o.latency_ms) / o.latency_ms for o in self.observations
