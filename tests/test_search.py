@@ -22,8 +22,8 @@ from precsearch.study.pareto import front_points, hypervolume
 from precsearch.model.plan import Plan
 from precsearch.model.quantize import calibrate
 from precsearch.report.writer import collect, write_report
-from precsearch.study.record import COMPILER_PROBLEM, PlanRejected
-from precsearch.study.guided import ESTIMATE_ATTR, GUIDED_SEED, GuidedProposals, Observation
+from precsearch.study.record import COMPILER_PROBLEM, PlanRejected, StudyAttrs
+from precsearch.study.guided import GUIDED_SEED, GuidedProposals, Observation
 from precsearch.study.search import PlanSpace, make_sampler, open_study, run_worker, seed_plans
 from precsearch.study.storage import default_storage_url, open_storage
 from standin import MISCOMPILED, StandInEvaluator
@@ -123,7 +123,7 @@ def test_guided_search_beats_tpe_in_a_tenth_of_the_plans(eight_convs, tmp_path):
     # Half the trials after the seeds were proposals; each recorded what the estimate expected of it.
     proposed = [t for t in guided.study.get_trials() if t.user_attrs.get("seed") == GUIDED_SEED]
     assert len(proposed) >= (budget - 3) // 2 - 1 and all("estimate_latency_ms" in t.user_attrs for t in proposed)
-    errors = guided.study.user_attrs[ESTIMATE_ATTR]["tvm"]
+    errors = guided.study.user_attrs[StudyAttrs.GUIDED_ESTIMATE]["tvm"]
     assert errors["latency_rel_error"] < 0.05 and errors["plans"] >= budget - 2  # stand-in latency is additive
 
 

@@ -24,7 +24,7 @@ from precsearch.study.evaluator import make_evaluator
 from precsearch.study.record import StudyAttrs
 from precsearch.study.search import (SearchProgress, SearchSummary, StudyHandle, measure_baselines, open_study,
                                      remeasure_front, run_worker, seed_plans, summarize_study)
-from precsearch.study.guided import LAYER_NOISE_ATTR, GuidedProposals
+from precsearch.study.guided import GuidedProposals
 from precsearch.study.sensitivity import CSV_NAME, layer_noise, most_sensitive, noise_from_table
 from precsearch.study.storage import StorageError, open_storage, redact_url
 
@@ -116,11 +116,10 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
 def _layer_noise(handle: StudyHandle, workspace, workdir: Path) -> dict[str, float]:
     """The study's stored per-conv noise, else ``sensitivity.csv``'s, else measured now (and stored)."""
     attrs = StudyAttrs(handle.study)
-    stored = handle.study.user_attrs.get(LAYER_NOISE_ATTR)
-    if stored:
-        return dict(stored)
+    if attrs.layer_noise:
+        return attrs.layer_noise
     noise = noise_from_table(workdir, workspace.model) or layer_noise(workspace)
-    attrs.set(LAYER_NOISE_ATTR, noise)
+    attrs.set(StudyAttrs.LAYER_NOISE, noise)
     return noise
 
 

@@ -377,10 +377,6 @@ class PlanEstimate:
 # --------------------------------------------------------------------------- in a search
 
 GUIDED_SEED = "guided"  # the ``seed`` attribute of a proposed trial
-#: Study attribute holding each backend's fit error on the measured plans.
-ESTIMATE_ATTR = "guided_estimate"
-#: Study attribute holding each conv's noise when it alone is int8 (the prior; measured once per study).
-LAYER_NOISE_ATTR = "layer_noise"
 
 
 class GuidedProposals:
@@ -435,4 +431,5 @@ class GuidedProposals:
         return None
 
     def errors(self) -> dict[str, dict]:
-        return {backend: estimate.errors() for backend, estimate in self.estimates.items() if estimate.errors()}
+        errors = {backend: estimate.errors() for backend, estimate in self.estimates.items()}
+        return {backend: error for backend, error in errors.items() if error}

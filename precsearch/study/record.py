@@ -210,6 +210,8 @@ class StudyAttrs:
     BASELINES = "baselines"
     REMEASURED = "remeasured"
     REMEASURED_BASELINES = "remeasured_baselines"
+    LAYER_NOISE = "layer_noise"  # each conv's noise when it alone is int8: the guided estimate's prior
+    GUIDED_ESTIMATE = "guided_estimate"  # each backend's guided-estimate fit error on the measured plans
 
     @property
     def config(self) -> dict | None:
@@ -241,6 +243,10 @@ class StudyAttrs:
     def remeasured_baselines(self) -> dict:
         """The baselines' latencies timed again around the front's re-measurement (empty before it)."""
         return dict(self.study.user_attrs.get(self.REMEASURED_BASELINES) or {})
+
+    @property
+    def layer_noise(self) -> dict[str, float]:
+        return dict(self.study.user_attrs.get(self.LAYER_NOISE) or {})
 
     def set(self, name: str, value) -> None:
         self.study.set_user_attr(name, value)

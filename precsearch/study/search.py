@@ -36,7 +36,7 @@ from precsearch.study.config import EXHAUSTIVE_MAX_PLANS, SAMPLERS, SearchConfig
 from precsearch.errors import ConfigError, PrecsearchError, first_line
 from precsearch.fidelity.early_stop import goal_value
 from precsearch.fidelity.metrics import METRICS, TIE_BREAK
-from precsearch.study.guided import ESTIMATE_ATTR, GUIDED_SEED, GuidedProposals
+from precsearch.study.guided import GUIDED_SEED, GuidedProposals
 from precsearch.model import LoadedModel
 from precsearch.study.pareto import FrontPoint, finite_objective, front_points
 from precsearch.model.plan import BACKENDS, TVM, Plan
@@ -506,7 +506,7 @@ class _Worker:
         finite = [value if math.isfinite(value) else None for value in (latency_ms, fidelity)]
         self.study.enqueue_trial(self.space.params(plan), user_attrs=TrialRecord(
             seed=GUIDED_SEED, estimate_latency_ms=finite[0], estimate_fidelity=finite[1]).to_attrs())
-        StudyAttrs(self.study).set(ESTIMATE_ATTR, self.guide.errors())
+        StudyAttrs(self.study).set(StudyAttrs.GUIDED_ESTIMATE, self.guide.errors())
         logger.info("guided proposal: %s plan with %d float convs, expected %.3f ms, %s %.4g", plan.backend,
                     len(plan.float_ids), latency_ms, self.handle.metric, fidelity)
 
