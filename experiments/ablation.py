@@ -7,6 +7,10 @@ Levers measured (batch 1, 2 threads, the packaged image the search times on):
 * ``parallel_fallback``: kernels without a tuning record as TVM leaves them (one
   serial loop nest) vs with their outer spatial loops parallel;
 * ``tvm_threads``: the oneDNN all-float build with TVM's own pool at 1 vs 2 threads;
+* ``onednn_int8``: all-int8 convs on TIR vs on oneDNN's u8 × s8 primitives (requantization inside);
+* ``fallback_inline``: the fallback schedule with each op of a fused kernel in its own loop nest vs
+  producers inlined (one pass over memory);
+* ``fast_sigmoid``: sigmoids left to TIR through libm ``expf`` per element vs TVM's ``fast_exp``;
 * environment levers, each setting in a child process (read once, when libgomp
   loads or TVM's pool starts), with ORT float measured in that same process after
   the TVM build ran (threads left spinning would slow it):
@@ -108,12 +112,29 @@ def in_process_levers(name: str, workdir: Path) -> list[dict]:
                 ort_ms, tvm_ms = _interleaved(workspace, serial)
                 rows.append(_row(name, "parallel_fallback", "off (TVM's serial default)", plan_name, ort_ms, tvm_ms,
                                  serial, tuned))
+            if conv_backend == "onednn":  # each lever off, the rest as precsearch builds by default
+                levers = {"fallback_inline": {"fallback_inline": False}, "fast_sigmoid": {"fast_sigmoid": False}}
+                if plan_name == "all-int8":
+                    levers["onednn_int8"] = {"onednn_int8": False}
+                for lever, off in levers.items():
+                    print(f"  {name} {plan_name} {lever} off: building...", flush=True)
+                    without = workspace.build(plan, options=replace(workspace.options, **off)).built
+                    ort_ms, tvm_ms = _interleaved(workspace, without)
+                    rows.append(_row(name, lever, "off", plan_name, ort_ms, tvm_ms, without, tuned))
+                    rows.append({**rows[-1], "setting": "on (default)", **_on_row(rows, name, plan_name)})
             if plan_name == "all-float" and conv_backend == "onednn":
                 for threads in (1, 2):
                     ort_ms, tvm_ms = _interleaved(workspace, built, tvm_threads=threads)
                     rows.append(_row(name, "tvm_threads", str(threads), plan_name, ort_ms, tvm_ms, built, tuned))
             print(f"    {rows[-1]}", flush=True)
     return rows
+
+
+def _on_row(rows: list[dict], name: str, plan_name: str) -> dict:
+    """The default build's figures (the conv_backend=onednn row of this plan), for a lever's "on" row."""
+    default = next(r for r in rows if r["model"] == name and r["plan"] == plan_name and r["lever"] == "conv_backend"
+                   and r["setting"] == "onednn")
+    return {key: default[key] for key in default if key not in ("lever", "setting")}
 
 
 def env_child(name: str, workdir: Path, lever: str, setting: str) -> None:
@@ -151,6 +172,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "precsearch-work")
     parser.add_argument("--wait-models", nargs="*", default=["pplcnet-orientation", "mobilenetv3-textcls"],
                         help="models for the environment levers (one child process and build per setting)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "latency" / "ablation.csv")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lever", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--setting", default=None, help=argparse.SUPPRESS)
@@ -162,7 +184,7 @@ def main() -> None:
             tvm.get_global_func("runtime.NumThreads")()  # starts the pool with TVM's default size
         env_child(args.child, args.workdir, args.lever, args.setting)
         return
-    out = ROOT / "results" / "latency" / "ablation.csv"
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models:

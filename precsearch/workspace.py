@@ -23,7 +23,7 @@ from precsearch.model import LoadedModel
 from precsearch.model.data import batch_size_of, load_batches, split_batches
 from precsearch.model.quantize import CalibrationRanges, build_qdq_model, calibrate, output_steps, user_int8_model
 from precsearch.model.plan import Plan
-from precsearch.tvm import BuiltPlan, CompileOptions, build_plan, fused_module, open_database
+from precsearch.tvm import ONEDNN_INT8_SETTINGS, BuiltPlan, CompileOptions, build_plan, fused_module, open_database
 
 CACHE_DIR = "cache"
 
@@ -86,7 +86,8 @@ class Workspace:
                             calibration_batches=config.calibration_batches, eval_batches=eval_batches)
         options = CompileOptions(block_size=config.block_size, float_blocked=config.float_layout == "blocked",
                                  threads=config.threads, requant_dtype=config.requant,
-                                 conv_backend=config.conv_backend)
+                                 conv_backend=config.conv_backend,
+                                 onednn_int8=ONEDNN_INT8_SETTINGS[config.onednn_int8])
         return cls(model, workdir, data, options, untuned=config.untuned)
 
     @classmethod

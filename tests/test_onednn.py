@@ -1,4 +1,5 @@
-"""Float convs on oneDNN: the bridge's numbers, the offload pass, builds and exported libraries."""
+"""Convs on oneDNN (float, and int8 with requantization inside): the bridge's numbers, the offload pass, builds and
+exported libraries."""
 
 import numpy as np
 import onnxruntime as ort
@@ -18,7 +19,10 @@ from precsearch.tvm._onednn_offload import OffloadOneDNN
 
 pytestmark = pytest.mark.skipif(not _onednn.available(), reason=_onednn.unavailable_reason() or "oneDNN missing")
 
-ONEDNN = CompileOptions(conv_backend="onednn")
+# Float convs on oneDNN, int8 on TIR (what every CPU without VNNI gets); int8 on oneDNN too (forced, so these tests
+# run on any CPU: without VNNI oneDNN's int8 kernels are only slower, not different).
+ONEDNN = CompileOptions(conv_backend="onednn", onednn_int8=False)
+ONEDNN_INT8 = CompileOptions(conv_backend="onednn", onednn_int8=True)
 
 
 def _ort_conv(x, w, b, strides, pads, dilations, group, activation=None):
@@ -199,3 +203,136 @@ def test_a_build_with_onednn_convs_is_timed_at_both_tvm_pool_sizes(chain):
     best = measure_library(onednn, batch, threads=2, warmup=2, repeats=5)
     assert best.tvm_pool_threads in (1, 2) and best.threads == 2
     assert measure_library(tir, batch, threads=2, warmup=2, repeats=5).tvm_pool_threads == 2  # TIR only: all cores
+
+
+def _integer_conv(x, w, zero, stride, pads, groups):
+    """conv(x - zero, w) in int64, padding with the zero point (ONNX QLinearConv's semantics)."""
+    top, left, bottom, right = pads
+    shifted = np.pad(x.astype(np.int64) - zero, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    out_channels, group_channels, kh, kw = w.shape
+    oh = (shifted.shape[2] - kh) // stride + 1
+    ow = (shifted.shape[3] - kw) // stride + 1
+    out = np.zeros((1, out_channels, oh, ow), np.int64)
+    per_group = out_channels // groups
+    for g in range(groups):
+        xs = shifted[:, g * group_channels:(g + 1) * group_channels]
+        for i in range(kh):
+            for j in range(kw):
+                patch = xs[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
+                out[:, g * per_group:(g + 1) * per_group] += np.einsum(
+                    "nchw,oc->nohw", patch, w[g * per_group:(g + 1) * per_group, :, i, j].astype(np.int64))
+    return out
+
+
+INT8_CASES = [  # ic, oc, size, kernel, stride, pads, groups, block, src zero, dst zero (None: float output)
+    (16, 32, 11, 3, 1, (1, 1, 1, 1), 1, 8, 5, 7),  # input zero point: padding must count as the zero point
+    (32, 32, 9, 3, 2, (0, 1, 1, 0), 32, 16, 0, 0),  # depthwise, stride 2, asymmetric padding
+    (16, 16, 7, 1, 1, (0, 0, 0, 0), 1, 16, 3, 0),
+    (3, 16, 12, 3, 2, (1, 1, 1, 1), 1, 0, 10, 2),  # a first conv: plain NCHW
+    (16, 8, 6, 3, 1, (1, 1, 1, 1), 1, 8, 4, None),  # an int8 conv whose output stays float
+]
+
+
+@pytest.mark.parametrize("ic, oc, size, kernel, stride, pads, groups, block, src_zero, dst_zero", INT8_CASES)
+def test_the_bridge_requantizes_int8_convs_exactly_as_integer_arithmetic_does(ic, oc, size, kernel, stride, pads,
+                                                                             groups, block, src_zero, dst_zero):
+    rng = np.random.default_rng(ic + 7 * oc + size)
+    x = rng.integers(0, 256, (1, ic, size, size)).astype(np.uint8)
+    w = rng.integers(-127, 128, (oc, ic // groups, kernel, kernel)).astype(np.int8)
+    bias_q = rng.integers(-3000, 3000, oc)
+    src_scale, dst_scale = float(np.float32(0.02)), float(np.float32(0.7))  # the bridge holds float32
+    weight_scales = rng.uniform(0.001, 0.01, oc).astype(np.float32)
+    # oneDNN multiplies in float32: the exact real value, from the float32 scales it is given
+    accumulator_scale = (np.float32(src_scale) * weight_scales).astype(np.float64)[None, :, None, None]
+    acc = _integer_conv(x, w, src_zero, stride, pads, groups) + bias_q[None, :, None, None]
+    real = acc * accumulator_scale
+    if dst_zero is None:
+        expected, dtype, out_dtype = real.astype(np.float32), "int8_float_out", "float32"
+    else:
+        steps = real / np.float32(dst_scale)
+        # a value within 1e-4 of a .5 tie may round either way in float32 arithmetic
+        near_tie = np.abs(np.abs(steps - np.floor(steps)) - 0.5) < 1e-4
+        assert near_tie.mean() < 0.01
+        expected, dtype, out_dtype = np.clip(np.round(steps) + dst_zero, 0, 255).astype(np.uint8), "int8", "uint8"
+    spec = _onednn.ConvSpec((1, ic, size, size), expected.shape, (kernel, kernel), (stride, stride), pads, (1, 1),
+                            groups, block, block, threads=2, dtype=dtype, src_zero=src_zero, dst_zero=dst_zero or 0,
+                            src_scale=src_scale, dst_scale=dst_scale,
+                            weight_scales=tuple(float(v) for v in weight_scales))
+    assert _onednn.spec_from_config(spec.config(), spec.post()) == spec
+    assert not _onednn.implementation(spec).startswith("ref")
+    bias = (bias_q * accumulator_scale.reshape(-1)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros(_blocked(expected, block).shape, dtype=out_dtype))
+    tvm.get_global_func(_onednn.CONV_FUNCTION)(
+        tvm.runtime.tensor(_blocked(x, block)), tvm.runtime.tensor(_onednn.pack_weights(spec, w)),
+        tvm.runtime.tensor(bias), tvm.runtime.tensor(spec.config()), tvm.runtime.tensor(spec.post()), out)
+    if dst_zero is None:
+        np.testing.assert_allclose(out.numpy(), _blocked(expected, block), rtol=1e-5, atol=1e-5)
+    else:
+        difference = np.abs(out.numpy().astype(int) - _blocked(expected, block).astype(int))
+        tie = _blocked(near_tie, block)
+        assert difference[~tie].max() == 0 and (difference[tie] <= 1).all()
+
+
+def test_int8_convs_on_onednn_give_the_outputs_of_the_tir_build(chain, tmp_path):
+    model, qdq, int8_ids, batch = chain
+    tir = build_plan(model, qdq, int8_ids, options=CompileOptions(conv_backend="tir"))
+    onednn = build_plan(model, qdq, int8_ids, options=ONEDNN_INT8)
+    assert {row.id: (row.dtype, row.backend) for row in onednn.rows} == {
+        "conv0": ("int8", "onednn"), "conv1": ("float32", "onednn"), "conv2": ("int8", "onednn")}
+    assert set(onednn.onednn_kernels) == {"conv0", "conv1", "conv2"}
+    for layer in ("conv0", "conv2"):
+        np.testing.assert_array_equal(onednn.kernel_weights[layer], tir.kernel_weights[layer])
+        assert onednn.kernel_weights[layer].dtype == np.int8
+    # conv2 is the graph's last conv: its output is dequantized, so the logits are float; the int8 chain itself
+    # (conv0's u8 output) must be the same integers TIR's float64 requantization gives
+    expected = tir.run(batch)["logits"]
+    np.testing.assert_allclose(onednn.run(batch)["logits"], expected, rtol=1e-5, atol=1e-5)
+    loaded = LoadedLibrary(onednn.export_library(tmp_path / "model.so"), onednn.input_names, onednn.output_names)
+    np.testing.assert_allclose(loaded.run(batch)["logits"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_weights_that_are_not_the_layers_own_fail_verification_naming_the_layer(chain, monkeypatch):
+    model, qdq, int8_ids, _ = chain
+    real_pack = _onednn.pack_weights
+
+    def wrong_for_conv2(spec, weights):
+        return real_pack(spec, -weights if spec.layer == 2 else weights)
+
+    monkeypatch.setattr(_onednn, "pack_weights", wrong_for_conv2)
+    # VerifyPlan packs the layer's weights again to compare: only the pass that builds the graph gets the wrong ones
+    monkeypatch.setattr("precsearch.tvm._verify._onednn", _Unwrapped(real_pack))
+    with pytest.raises(CompileError) as caught:
+        build_plan(model, qdq, int8_ids, options=ONEDNN_INT8)
+    assert "conv2" in str(caught.value) and "oneDNN int8" in str(caught.value)
+
+
+class _Unwrapped:
+    """The _onednn module as VerifyPlan sees it, with the real pack_weights."""
+
+    def __init__(self, pack):
+        self.pack_weights = pack
+
+    def __getattr__(self, name):
+        return getattr(_onednn, name)
+
+
+def test_int8_convs_go_to_onednn_by_default_only_where_the_cpu_has_vnni(chain):
+    model, qdq, int8_ids, _ = chain
+    built = build_plan(model, qdq, int8_ids, options=CompileOptions(conv_backend="onednn"))
+    int8_backends = {row.backend for row in built.rows if row.dtype == "int8"}
+    assert int8_backends == ({"onednn"} if _onednn.int8_fast_on(resolve_target(CompileOptions())) else {"tir"})
+
+
+def test_int8_convs_below_the_mac_threshold_stay_tir_and_say_why(chain):
+    model, qdq, int8_ids, batch = chain
+    macs = {layer.id: layer.macs for layer in model.layers}
+    threshold = max(macs["conv0"], macs["conv2"])  # conv2 or conv0 (whichever is smaller) falls below it
+    options = CompileOptions(conv_backend="onednn", onednn_int8=True, onednn_int8_min_macs=threshold)
+    built = build_plan(model, qdq, int8_ids, options=options)
+    for layer in ("conv0", "conv2"):
+        row = next(r for r in built.rows if r.id == layer)
+        assert row.backend == ("onednn" if macs[layer] >= threshold else "tir")
+        if macs[layer] < threshold:
+            assert "onednn_int8_min_macs" in built.onednn_skipped[layer]
+    tir = build_plan(model, qdq, int8_ids, options=CompileOptions(conv_backend="tir"))
+    np.testing.assert_allclose(built.run(batch)["logits"], tir.run(batch)["logits"], rtol=1e-5, atol=1e-5)

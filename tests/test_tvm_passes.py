@@ -335,3 +335,59 @@ def test_the_verifier_rejects_a_kernel_holding_another_layers_weights():
     with pytest.raises(RuntimeError, match=r"layer 'conv0'\] the float kernel built for this layer does not hold"):
         _verify(_legalized(DECISIONS), {0: W_FLOAT[1], 1: W_FLOAT[0]}, report)
     assert report.failure.pass_name == "precsearch.VerifyPlan"
+
+
+# ------------------------------------------------------------------- fallback schedule and FastSigmoid
+def _legalized_chain():
+    """``(x * 0.5 + 0.25)`` then ``max(·, 0) * x``: one multiply that feeds an add, the rest inlinable."""
+    x = relax.Var("x", relax.TensorType((2, 8, 6, 32), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            scaled = bb.emit(relax.op.multiply(x, relax.const(0.5, "float32")))
+            shifted = bb.emit(relax.op.add(scaled, relax.const(0.25, "float32")))
+            clamped = bb.emit(relax.op.maximum(shifted, relax.const(0.0, "float32")))
+            out = bb.emit_output(relax.op.multiply(clamped, x))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    mod = relax.transform.AnnotateTIROpPattern()(mod)
+    mod = relax.transform.FuseOps()(mod)
+    return relax.transform.FuseTIR()(mod)
+
+
+def test_the_fallback_schedule_inlines_vectorizes_and_parallelizes_without_contracting_a_multiply_add():
+    from precsearch.tvm._fallback_schedule import parallel_schedule
+
+    mod = _legalized_chain()
+    (gv, func), = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    scheduled = parallel_schedule(func, 2)
+    text = scheduled.script()
+    # x * 0.5 stays its own loop nest (inlined, LLVM could fuse it with + 0.25 into one FMA); the add, the
+    # maximum and the final multiply become one nest: two nests in all, each parallel and vectorized
+    assert len(re.findall(r"^\s+with T\.sblock\(", text, re.MULTILINE)) == 2
+    assert text.count("T.parallel(") == 2 and text.count("T.vectorized(") == 2
+    x = np.random.default_rng(0).standard_normal((2, 8, 6, 32)).astype("float32")
+    outputs = []
+    for f in (func, scheduled):
+        lib = tvm.compile(f.with_attr("global_symbol", "main"), TARGET)
+        out = tvm.runtime.tensor(np.zeros_like(x))
+        lib["main"](tvm.runtime.tensor(x), out)
+        outputs.append(out.numpy())
+    np.testing.assert_array_equal(outputs[1], outputs[0])  # the same arithmetic, bit for bit
+    np.testing.assert_array_equal(outputs[0], np.maximum(x * np.float32(0.5) + np.float32(0.25), 0) * x)
+
+
+def test_fast_sigmoid_replaces_every_float_sigmoid_and_keeps_its_values():
+    from precsearch.tvm._fast_sigmoid import FastSigmoid
+
+    x = relax.Var("x", relax.TensorType((1, 16, 5, 5), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.multiply(x, relax.op.sigmoid(x)))
+        bb.emit_func_output(out)
+    mod = FastSigmoid()(bb.get())
+    assert "relax.sigmoid" not in mod.script() and "R.sigmoid" not in mod.script()
+    values = np.linspace(-100, 100, 400, dtype="float32").reshape(1, 16, 5, 5)
+    silu = values / (1 + np.exp(-values.astype(np.float64)))
+    np.testing.assert_allclose(_run(mod, values), silu, rtol=5e-6, atol=1e-12)

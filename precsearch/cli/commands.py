@@ -23,10 +23,11 @@ EXIT_CHECK_FAILED = 4
 
 def _compile_options(args, **overrides):
     """The CompileOptions every building command derives from its shared compile options."""
-    from precsearch.tvm import CompileOptions
+    from precsearch.tvm import ONEDNN_INT8_SETTINGS, CompileOptions
 
     settings = dict(block_size=args.block_size, float_blocked=args.float_layout == "blocked", threads=args.threads,
-                    requant_dtype=args.requant, conv_backend=args.conv_backend)
+                    requant_dtype=args.requant, conv_backend=args.conv_backend,
+                    onednn_int8=ONEDNN_INT8_SETTINGS[args.onednn_int8])
     settings.update(overrides)
     return CompileOptions(**settings)
 
@@ -271,7 +272,7 @@ def _cmd_search(args) -> int:
                           sampler=args.sampler, trials=args.trials, timeout_s=timeout_s, seed=args.seed,
                           sensitivity_k=args.sensitivity_k, workers=args.workers, threads=args.threads,
                           requant=args.requant, block_size=args.block_size, float_layout=args.float_layout,
-                          conv_backend=args.conv_backend,
+                          conv_backend=args.conv_backend, onednn_int8=args.onednn_int8,
                           check_batches=args.check_batches, warmup=args.warmup, repeats=args.repeats,
                           untuned=args.untuned, backend=args.backend,
                           heartbeat_interval_s=args.heartbeat_interval, grace_period_s=args.grace_period)

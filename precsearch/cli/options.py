@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     compile_options.add_argument("--conv-backend", choices=["tir", "onednn"], default="onednn",
                                  help="where float convs run: onednn (oneDNN primitives with bias and activation "
                                       "fused, where oneDNN has a jitted kernel; default) or tir (TVM kernels only)")
+    compile_options.add_argument("--onednn-int8", choices=["auto", "on", "off"], default="auto",
+                                 help="with --conv-backend onednn, int8 convs on oneDNN's u8 x s8 primitives too: "
+                                      "auto (default) where the CPU has VNNI, on, or off (TIR, exact float64 "
+                                      "requantization)")
     compile_options.add_argument("--untuned", action="store_true",
                                  help="ignore the tuning database in --workdir (default: apply it when present)")
 

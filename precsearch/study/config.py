@@ -26,7 +26,8 @@ SEARCH_BACKENDS = ("tvm", "ort", "both")
 # worker must use the same ones, or its trials would not be comparable.
 OBJECTIVE_FIELDS = ("model", "input_shapes", "data", "preset", "calibration", "calibration_batches", "eval_batches",
                     "metric", "max_drop", "goal", "threads", "requant", "block_size", "float_layout", "warmup",
-                    "repeats", "untuned", "check_batches", "backend", "conv_backend", "goal_on")
+                    "repeats", "untuned", "check_batches", "backend", "conv_backend", "goal_on",
+                    "onednn_int8")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ class SearchConfig:
     conv_backend : str
         Where a TVM build's float convs run: ``"tir"`` or ``"onednn"`` (see
         :class:`~precsearch.tvm.CompileOptions`; default ``"onednn"``).
+    onednn_int8 : str
+        ``"auto"`` (default: int8 convs on oneDNN where the CPU has VNNI), ``"on"`` or ``"off"``; studies
+        stored before this setting existed load as ``"auto"``.
     """
 
     model: str
@@ -108,6 +112,7 @@ class SearchConfig:
     backend: str = "tvm"
     conv_backend: str = "onednn"
     goal_on: str = "value"
+    onednn_int8: str = "auto"
     guided: bool = True
 
     def __post_init__(self):
@@ -144,6 +149,9 @@ class SearchConfig:
         if self.requant not in ("float64", "float32"):
             raise ConfigError(f"The 'requant' parameter of search must be 'float64' or 'float32'; "
                               f"got {self.requant!r} instead.")
+        if self.onednn_int8 not in ("auto", "on", "off"):
+            raise ConfigError(f"The 'onednn_int8' parameter of search must be 'auto', 'on' or 'off'; "
+                              f"got {self.onednn_int8!r} instead.")
         if self.conv_backend not in ("tir", "onednn"):
             raise ConfigError(f"The 'conv_backend' parameter of search must be 'tir' or 'onednn'; "
                               f"got {self.conv_backend!r} instead.")

@@ -45,14 +45,15 @@ class BuildReport:
     float_layers: tuple[str, ...] = ()
     block_size: int = 0
     layouts: dict = field(default_factory=dict)  # layer index → LayerLayout
-    # Int8ConvRewrite: layers rewritten to an integer conv
+    # Int8ConvRewrite: layers rewritten to an integer conv, and each one's quantization by layer index
     rewritten_int8: list[str] = field(default_factory=list)
+    int8_quantization: dict = field(default_factory=dict)
     # InspectLayout: the per-layer table, activation transforms, per-op layout counts
     rows: list[LayerRow] = field(default_factory=list)
     boundary_transforms: int = 0
     operator_layouts: list[dict] = field(default_factory=list)
     # OffloadOneDNN: layers whose conv runs on oneDNN, what each primitive fused, its kernel,
-    # and float convs left on TIR with the reason
+    # and convs left on TIR with the reason
     onednn_layers: list[str] = field(default_factory=list)
     onednn_fused: dict[str, str] = field(default_factory=dict)
     onednn_kernels: dict[str, str] = field(default_factory=dict)

@@ -18,6 +18,8 @@ ops that do have layout inference, so a whole int8 chain stays blocked.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -28,7 +30,8 @@ from precsearch.errors import CompileError
 from ._build_report import BuildReport
 from ._importer import ImportedModel, emit_like
 from ._naming import binding_name, layer_of_weight
-from ._requant import bias_scale_matches, channel_scales, integer_bias, requantization, valid_weight_sums
+from ._requant import (Int8Quantization, bias_scale_matches, channel_scales, integer_bias, requantization,
+                       valid_weight_sums)
 from ._trace import tvm_error_line
 
 __all__ = ["Int8ConvRewrite", "valid_weight_sums"]
@@ -152,6 +155,8 @@ class Int8ConvRewrite:
         bias_int = integer_bias(out_channels, b_q, x_zero, sums)
         acc = mutator.builder_.emit(relax.op.add(acc, relax.const(bias_int)), binding_name(index, "acc_bias"))
         mutator.rewritten.add(index)
+        quantization = Int8Quantization(x_scale, x_zero, w_scale, b_q, None)
+        self.report.int8_quantization[index] = quantization
         if not quantize_out:
             scales = requantization(x_scale, w_scale, out_channels)
             acc_f = mutator.builder_.emit(relax.op.astype(acc, "float32"), binding_name(index, "acc_f32"))
@@ -166,6 +171,9 @@ class Int8ConvRewrite:
         # exact rounding of the real value.  In float32 a product like -18.5000011
         # comes out as -18.4999990 and rounds the wrong way (seen on the real
         # MobileNetV3); float32 is offered because untuned it ran 2.3x faster.
+        self.report.int8_quantization[index] = dataclasses.replace(
+            quantization, dst_scale=float(np.asarray(y_scale, dtype=np.float64).reshape(-1)[0]),
+            dst_zero=int(y_zero_arr.reshape(-1)[0]))
         dtype = self.requant_dtype
         scales = requantization(x_scale, w_scale, out_channels, y_scale, y_zero_arr, dtype=dtype)
         acc_f = mutator.builder_.emit(relax.op.astype(acc, dtype), binding_name(index, f"acc_{dtype}"))

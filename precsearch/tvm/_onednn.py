@@ -1,4 +1,7 @@
-"""oneDNN float convs as packed functions a Relax graph calls (``R.call_dps_packed``).
+"""oneDNN convs as packed functions a Relax graph calls (``R.call_dps_packed``).
+
+Float32 convs, and int8 convs (u8 activations × s8 per-channel weights) whose
+requantization runs inside the primitive, as oneDNN's scales and zero points.
 
 The C++ side (``onednn_conv.cc``) is compiled once per machine with
 ``tvm_ffi.cpp.load_inline`` against the PyPI oneDNN build (``onednn-cpu-gomp``,
@@ -22,18 +25,30 @@ logger = logging.getLogger(__name__)
 
 CONV_FUNCTION = "precsearch.onednn.conv2d"
 #: What an exported library with oneDNN convs needs at run time (plan.json says it).
-ONEDNN_REQUIREMENT = ("its float convs call precsearch.onednn.conv2d: load it with precsearch.tvm.LoadedLibrary "
+ONEDNN_REQUIREMENT = ("its oneDNN convs call precsearch.onednn.conv2d: load it with precsearch.tvm.LoadedLibrary "
                       "(which compiles and registers the oneDNN bridge) in an environment with precsearch installed")
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 
 # The int64 config the C++ side reads, in order (its enum Field).
 CONFIG_FIELDS = ("n", "ic", "ih", "iw", "oc", "kh", "kw", "oh", "ow", "sh", "sw", "pt", "pl", "pb", "pr", "dh", "dw",
-                 "groups", "src_block", "dst_block", "post_op", "threads", "layer")
+                 "groups", "src_block", "dst_block", "post_op", "threads", "layer", "dtype", "src_zero", "dst_zero")
+#: What a conv reads → writes: float32; u8 → u8 (requantized); u8 → float32 (an int8 conv with a float consumer).
+DTYPES = {"float32": 0, "int8": 1, "int8_float_out": 2}
 POST_OPS = {"none": 0, "relu": 1, "clip": 2, "swish": 3, "hardswish": 4, "sigmoid": 5}
 
 _lock = threading.Lock()
 _module = None
 _unavailable: str | None = None
+
+
+def int8_fast_on(target) -> bool:
+    """Whether oneDNN's int8 convs beat TIR's on ``target``: where it has VNNI (AMX comes with it).
+
+    Without VNNI oneDNN's u8 × s8 kernels emulate the dot product and lost to the tuned TIR kernels (Zen 3).
+    """
+    from tvm.target import codegen
+
+    return any(bool(codegen.target_has_features(feature, target)) for feature in ("avx512vnni", "avxvnni"))
 
 
 def _prefix_dirs() -> tuple[Path, Path]:
@@ -93,7 +108,12 @@ def load():
 
 @dataclass(frozen=True)
 class ConvSpec:
-    """One float conv as oneDNN sees it (NCHW dims; activations plain or channel-blocked)."""
+    """One conv as oneDNN sees it (NCHW dims; activations plain or channel-blocked).
+
+    For an int8 conv (``dtype`` "int8" / "int8_float_out") the quantization is
+    ``y = saturate(round_half_even((src_scale·weight_scales[c]·conv(x - src_zero, w) + bias) / dst_scale)
+    + dst_zero)``, with ``bias`` in float (the model's integer bias × its scale).
+    """
 
     input_shape: tuple[int, int, int, int]
     output_shape: tuple[int, int, int, int]
@@ -109,30 +129,43 @@ class ConvSpec:
     post_beta: float = 0.0
     threads: int = 0
     layer: int = -1  # the layer index, read back by VerifyPlan (oneDNN ignores it)
+    dtype: str = "float32"
+    src_zero: int = 0
+    dst_zero: int = 0
+    src_scale: float = 1.0
+    dst_scale: float = 1.0
+    weight_scales: tuple[float, ...] = ()
+
+    @property
+    def is_int8(self) -> bool:
+        return self.dtype != "float32"
 
     def config(self) -> np.ndarray:
         n, ic, ih, iw = self.input_shape
         _, oc, oh, ow = self.output_shape
         values = (n, ic, ih, iw, oc, *self.kernel, oh, ow, *self.strides, *self.padding, *self.dilation, self.groups,
                   self.src_block, self.dst_block, POST_OPS[self.post_op], self.threads,
-                  self.layer)
+                  self.layer, DTYPES[self.dtype], self.src_zero, self.dst_zero)
         assert len(values) == len(CONFIG_FIELDS)
         return np.asarray(values, dtype="int64")
 
     def post(self) -> np.ndarray:
-        return np.asarray([self.post_alpha, self.post_beta], dtype="float32")
+        values = [self.post_alpha, self.post_beta]
+        if self.is_int8:
+            values += [self.src_scale, self.dst_scale, *self.weight_scales]
+        return np.asarray(values, dtype="float32")
 
 
 def pack_weights(spec: ConvSpec, weights_oihw: np.ndarray) -> np.ndarray:
-    """The OIHW float32 weights in the format oneDNN's primitive for ``spec`` reads (a uint8 blob)."""
+    """The OIHW weights (float32, or int8 for an int8 spec) in the format oneDNN's primitive reads (a uint8 blob)."""
     import tvm
 
     module = load()
     config, post = _tensors(spec)
     size = int(module.weights_bytes(config, post))
     packed = tvm.runtime.tensor(np.zeros(size, dtype="uint8"))
-    module.pack_weights(config, post, tvm.runtime.tensor(np.ascontiguousarray(weights_oihw, dtype="float32")),
-                        packed)
+    dtype = "int8" if spec.is_int8 else "float32"
+    module.pack_weights(config, post, tvm.runtime.tensor(np.ascontiguousarray(weights_oihw, dtype=dtype)), packed)
     return packed.numpy()
 
 
@@ -148,9 +181,12 @@ def weight_dims(spec: ConvSpec) -> tuple[int, int, int, int]:
 
 
 def unpack_weights(spec: ConvSpec, packed: np.ndarray) -> np.ndarray:
-    """The OIHW float32 weights a packed blob holds (for verification)."""
+    """The OIHW float32 weights a packed blob holds (for verification; float specs only: an int8 blob carries
+    oneDNN's zero-point compensation, which has no inverse reorder, so VerifyPlan re-packs and compares bytes)."""
     import tvm
 
+    if spec.is_int8:
+        raise ValueError("int8 oneDNN weights have no inverse reorder: compare pack_weights(spec, w) instead")
     module = load()
     config, post = _tensors(spec)
     oihw = tvm.runtime.tensor(np.zeros(weight_dims(spec), dtype="float32"))
@@ -167,6 +203,12 @@ def spec_from_config(config: np.ndarray, post: np.ndarray) -> ConvSpec:
     """The inverse of :meth:`ConvSpec.config` (VerifyPlan reads a call's spec back)."""
     f = dict(zip(CONFIG_FIELDS, (int(v) for v in config)))
     post_op = {code: name for name, code in POST_OPS.items()}[f["post_op"]]
+    dtype = {code: name for name, code in DTYPES.items()}[f["dtype"]]
+    post = [float(v) for v in post]
+    quantization = {}
+    if dtype != "float32":
+        quantization = dict(src_scale=post[2], dst_scale=post[3], weight_scales=tuple(post[4:]))
     return ConvSpec((f["n"], f["ic"], f["ih"], f["iw"]), (f["n"], f["oc"], f["oh"], f["ow"]), (f["kh"], f["kw"]),
                     (f["sh"], f["sw"]), (f["pt"], f["pl"], f["pb"], f["pr"]), (f["dh"], f["dw"]), f["groups"],
-                    f["src_block"], f["dst_block"], post_op, float(post[0]), float(post[1]), f["threads"], f["layer"])
+                    f["src_block"], f["dst_block"], post_op, post[0], post[1], f["threads"], f["layer"], dtype,
+                    f["src_zero"], f["dst_zero"], **quantization)

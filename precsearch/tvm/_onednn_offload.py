@@ -1,11 +1,14 @@
-"""The pass that hands float convs to oneDNN: ``conv2d [+ bias] [+ activation]`` → one packed call.
+"""The pass that hands convs to oneDNN: ``conv2d [+ bias] [+ activation]`` → one packed call.
 
 It runs after ConvertLayout, so each conv already sits in its planned layout
 (NCHW or NCHW<b>c, which are oneDNN's nchw / nChw<b>c: no transform is added).
-The bias add and a following relu / clip / swish / hard-swish become oneDNN
-post-ops of the same primitive; the weights are packed into oneDNN's own blocked
-format here, at build time, and bound as a constant, so a call does no reorder.
-Only float convs are offloaded: int8 stays on TIR (see CompileOptions.conv_backend).
+For a float conv the bias add and a following relu / clip / swish / hard-swish
+become oneDNN post-ops of the same primitive.  For an int8 conv the whole integer
+chain Int8ConvRewrite emitted (int32 conv, integer bias, requantization to u8, or
+the dequantizing multiply) becomes one u8 × s8 primitive with the layer's scales
+and zero points, which rounds half to even in float32 as MLAS does.  The weights
+are packed into oneDNN's own format here, at build time, and bound as a constant,
+so a call does no reorder of them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from ._build_report import ReportingPass
 from ._importer import emit_like
 from ._layout import LayerLayout
 from ._naming import layer_of_weight, WEIGHT_PREFIX
+from ._requant import Int8Quantization
 
 PASS_NAME = "precsearch.OffloadOneDNN"
 
@@ -102,7 +106,7 @@ class _Graph:
 
 
 class _Fusion:
-    """One conv and what it absorbs: the binding it ends at, bias, post-op."""
+    """One conv and what it absorbs: the binding it ends at, bias, post-op (int8: its quantization)."""
 
     def __init__(self, conv_var, conv, index: int):
         self.conv_var, self.conv, self.index = conv_var, conv, index
@@ -110,6 +114,29 @@ class _Fusion:
         self.bias = None
         self.post_op, self.alpha, self.beta = "none", 0.0, 0.0
         self.weight_name = ""
+        self.quantization: Int8Quantization | None = None
+
+
+# Int8ConvRewrite's chain after the int32 conv: integer bias, to float, × scale, then (requantized)
+# round, + zero point, clamp to [0, 255], to u8.  A float output ends at the multiply.
+_DEQUANTIZED_CHAIN = ("relax.add", "relax.astype", "relax.multiply")
+_REQUANTIZED_CHAIN = _DEQUANTIZED_CHAIN + ("relax.round", "relax.add", "relax.maximum", "relax.minimum",
+                                           "relax.astype")
+
+
+def _absorb_int8_chain(graph: _Graph, fusion: _Fusion) -> str:
+    """Move ``fusion.end`` to the end of the integer chain; empty, or why the chain is not the expected one."""
+    expected = _DEQUANTIZED_CHAIN if fusion.quantization.dst_scale is None else _REQUANTIZED_CHAIN
+    var = fusion.conv_var
+    for op in expected:
+        user = graph.only_user(var)
+        if user is None or _op(graph.value[user]) != op:
+            return f"its requantization is not the chain Int8ConvRewrite emits (expected {op} after {var.name_hint})"
+        var = user
+    if fusion.quantization.dst_scale is not None and str(var.ty.dtype) != "uint8":
+        return f"its requantized output is {var.ty.dtype}, not uint8"
+    fusion.end = var
+    return ""
 
 
 def _absorb_bias(graph: _Graph, fusion: _Fusion, params, channels: int) -> None:
@@ -167,7 +194,7 @@ def _absorb_activation(graph: _Graph, fusion: _Fusion) -> None:
 
 @tvm.transform.module_pass(opt_level=0, name=PASS_NAME)
 class OffloadOneDNN(ReportingPass):
-    """Replace the float convs in ``layers`` (indices) by calls to the oneDNN bridge.
+    """Replace the convs in ``layers`` and ``int8_layers`` (indices) by calls to the oneDNN bridge.
 
     Parameters
     ----------
@@ -175,23 +202,28 @@ class OffloadOneDNN(ReportingPass):
         The imported model's parameter values (weights are read from here).
     layer_ids : sequence of str
     layers : set of int
-        Layer indices to offload; float convs only (an int8 conv in it is an error).
+        Float layer indices to offload (an int8 conv in it is an error).
     decisions : dict
         The layout decision per layer (checked against the conv's own layout).
     threads : int
         OpenMP threads oneDNN runs with.
+    int8_layers : set of int
+        Int8 layer indices to offload, after Int8ConvRewrite (their quantization is read from the report it
+        filled in).
     """
 
-    def __init__(self, params, layer_ids, layers, decisions: dict[int, LayerLayout], threads: int, report=None):
+    def __init__(self, params, layer_ids, layers, decisions: dict[int, LayerLayout], threads: int, report=None,
+                 int8_layers=()):
         super().__init__(report)
         self.params = params
         self.layer_ids = tuple(layer_ids)
         self.layers = set(layers)
+        self.int8_layers = set(int8_layers)
         self.decisions = decisions
         self.threads = threads
 
     def run(self, mod: tvm.IRModule) -> tvm.IRModule:
-        if not self.layers:
+        if not self.layers and not self.int8_layers:
             return mod
         func = mod["main"]
         graph = _Graph(func)
@@ -201,15 +233,27 @@ class OffloadOneDNN(ReportingPass):
                 continue
             name = graph.weight_name(value.args[1])
             index = layer_of_weight(name) if name else None
-            if index is None or index not in self.layers:
+            if index is None or index not in self.layers | self.int8_layers:
                 continue
             layer_id = self.layer_ids[index]
-            if str(value.args[0].ty.dtype) != "float32":
-                raise CompileError("only float convs can run on oneDNN", pass_name=PASS_NAME, layer_id=layer_id)
             fusion = _Fusion(var, value, index)
             fusion.weight_name = name
-            _absorb_bias(graph, fusion, self.params, int(value.ty.shape[1]) * (_block(str(value.attrs.out_layout)) or 1))
-            _absorb_activation(graph, fusion)
+            if index in self.int8_layers:
+                fusion.quantization = self.report.int8_quantization.get(index)
+                if str(value.args[0].ty.dtype) != "uint8" or fusion.quantization is None:
+                    raise CompileError("an int8 conv on oneDNN must be Int8ConvRewrite's u8 conv", pass_name=PASS_NAME,
+                                       layer_id=layer_id)
+                reason = _absorb_int8_chain(graph, fusion)
+                if reason:
+                    self.report.onednn_skipped[layer_id] = reason
+                    continue
+            else:
+                if str(value.args[0].ty.dtype) != "float32":
+                    raise CompileError("only float convs can run on oneDNN as float", pass_name=PASS_NAME,
+                                       layer_id=layer_id)
+                _absorb_bias(graph, fusion, self.params,
+                             int(value.ty.shape[1]) * (_block(str(value.attrs.out_layout)) or 1))
+                _absorb_activation(graph, fusion)
             spec = self._spec(fusion, name, layer_id)
             kernel = _onednn.implementation(spec)
             if kernel.startswith("ref"):  # oneDNN's reference loops: far slower than any TIR kernel
@@ -239,16 +283,23 @@ class OffloadOneDNN(ReportingPass):
         if planned is not None and planned.data_layout != layout:
             raise CompileError(f"conv got layout {layout}, planned {planned.data_layout}", pass_name=PASS_NAME,
                                layer_id=layer_id)
-        weights = np.asarray(self.params[weight_name], dtype="float32")
+        weights = np.asarray(self.params[weight_name])
         data_shape = [int(d) for d in fusion.conv.args[0].ty.shape]
         out_shape = [int(d) for d in fusion.conv.ty.shape]
         if block:
             data_shape = [data_shape[0], data_shape[1] * block, data_shape[2], data_shape[3]]
             out_shape = [out_shape[0], out_shape[1] * block, out_shape[2], out_shape[3]]
+        quantization = {}
+        q = fusion.quantization
+        if q is not None:
+            quantization = dict(dtype="int8" if q.dst_scale is not None else "int8_float_out", src_zero=q.src_zero,
+                                dst_zero=q.dst_zero, src_scale=q.src_scale,
+                                dst_scale=q.dst_scale if q.dst_scale is not None else 1.0,
+                                weight_scales=tuple(float(v) for v in q.weight_scales))
         return _onednn.ConvSpec(tuple(data_shape), tuple(out_shape), tuple(int(k) for k in weights.shape[2:]),
                                 tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
                                 tuple(int(d) for d in attrs.dilation), int(attrs.groups), block, block,
-                                fusion.post_op, fusion.alpha, fusion.beta, self.threads, fusion.index)
+                                fusion.post_op, fusion.alpha, fusion.beta, self.threads, fusion.index, **quantization)
 
 
 @relax.expr_functor.mutator
@@ -263,10 +314,12 @@ class _Offloader(relax.PyExprMutator):
         if entry is None:
             return super().visit_var_binding_(binding)
         fusion, spec = entry
-        weights = np.asarray(self.params[fusion.weight_name], dtype="float32")
-        packed = _onednn.pack_weights(spec, weights)
+        packed = _onednn.pack_weights(spec, np.asarray(self.params[fusion.weight_name]))
         channels = spec.output_shape[1]
-        bias = fusion.bias if fusion.bias is not None else np.zeros(channels, dtype="float32")
+        if fusion.quantization is not None:
+            bias = fusion.quantization.float_bias()
+        else:
+            bias = fusion.bias if fusion.bias is not None else np.zeros(channels, dtype="float32")
         data = self.visit_expr(fusion.conv.args[0])
         call = relax.op.call_dps_packed(
             _onednn.CONV_FUNCTION,

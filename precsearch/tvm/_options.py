@@ -34,10 +34,25 @@ class CompileOptions:
         Where float convs run: oneDNN primitives with bias and activation fused
         (default; where oneDNN has a jitted kernel for the shape and layout, and
         where the bridge can be built, else TIR), or TIR kernels only (tuned by
-        MetaSchedule). int8 convs are TIR either way.
+        MetaSchedule). With "onednn", int8 convs go to oneDNN too where ``onednn_int8`` says so.
+    onednn_int8 : bool or None
+        Whether int8 convs run on oneDNN's u8 × s8 primitives (requantization inside) under
+        ``conv_backend="onednn"``. None (default) decides by the target: yes where it has VNNI
+        (AVX512-VNNI or AVX-VNNI, and AMX where present), no elsewhere, where oneDNN's int8 kernels
+        are slower than TIR's (measured on Zen 3).
+    onednn_int8_min_macs : int
+        Int8 convs with fewer MACs stay on TIR: below it a oneDNN call (with the
+        reorders to and from its nhwc layout) costs more than the conv.
     parallel_fallback : bool
-        Kernels without a tuning record run their outer spatial loops in
-        parallel (True, default) or keep TVM's serial default schedule.
+        Kernels without a tuning record get precsearch's fallback schedule
+        (elementwise producers inlined, outer spatial loops parallel, innermost
+        vectorized; True, default) or keep TVM's serial default schedule.
+    fallback_inline : bool
+        Whether that fallback schedule inlines producers (True, default); off, each
+        op of a fused kernel keeps its own loop nest (for the ablation).
+    fast_sigmoid : bool
+        Float sigmoids left to TIR use TVM's vectorizable ``fast_exp`` (True,
+        default) rather than one libm ``expf`` call per element.
     """
 
     target: dict | str | None = None
@@ -48,6 +63,10 @@ class CompileOptions:
     requant_dtype: str = "float64"
     conv_backend: str = "onednn"
     parallel_fallback: bool = True
+    fallback_inline: bool = True
+    fast_sigmoid: bool = True
+    onednn_int8: bool | None = None
+    onednn_int8_min_macs: int = 0
 
     def __post_init__(self):
         if self.conv_backend not in CONV_BACKENDS:
@@ -62,6 +81,10 @@ class CompileOptions:
         if not isinstance(self.threads, int) or self.threads < 1:
             raise ConfigError(f"The 'threads' parameter of compile must be a positive int; got {self.threads!r} "
                               "instead.")
+
+
+#: The user-facing spelling of CompileOptions.onednn_int8 (CLI --onednn-int8, SearchConfig.onednn_int8).
+ONEDNN_INT8_SETTINGS = {"auto": None, "on": True, "off": False}
 
 
 def host_target(threads: int = 2) -> tvm.target.Target:

@@ -11,6 +11,7 @@ from precsearch.errors import CompileError
 from precsearch.model import LoadedModel
 from ._build_report import BuildReport
 from ._importer import ImportedModel
+from ._fast_sigmoid import FastSigmoid
 from ._int8_rewrite import Int8ConvRewrite
 from . import _onednn
 from ._layout import choose_block_size, decide_layouts, layout_callback, make_conv_legalizer
@@ -86,6 +87,18 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
     if offload and not _onednn.available():
         report.onednn_skipped = {layer_ids[i]: _onednn.unavailable_reason() for i in sorted(float_indices)}
         offload = False
+    offload_int8 = offload and (options.onednn_int8 if options.onednn_int8 is not None
+                                else _onednn.int8_fast_on(target))
+    onednn_int8 = set()
+    if offload_int8:
+        for layer in model.layers:
+            if layer.index not in int8_indices:
+                continue
+            if layer.macs >= options.onednn_int8_min_macs:
+                onednn_int8.add(layer.index)
+            else:
+                report.onednn_skipped[layer.id] = (f"{layer.macs} MACs, below onednn_int8_min_macs "
+                                                   f"({options.onednn_int8_min_macs}): a oneDNN call costs more")
     requested_block = options.block_size
     if offload and requested_block is None and not codegen.target_has_features("avx512f", target):
         # oneDNN's AVX2 convs are jitted for nChw8c only (nChw16c falls to its reference kernel).
@@ -105,7 +118,8 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
         relax.transform.DeadCodeElimination(),
         InspectLayout(layer_ids, decisions, report=report),
         OffloadOneDNN(imported.params, layer_ids, float_indices if offload else (), decisions, options.threads,
-                      report=report),
+                      report=report, int8_layers=onednn_int8),
+        *([FastSigmoid()] if options.fast_sigmoid else []),
         *cpu_pipeline.library_dispatch_passes(target),
         relax.transform.LegalizeOps({"relax.nn.conv2d": make_conv_legalizer(layer_ids, decisions, report=report)}),
         relax.transform.AnnotateTIROpPattern(),
@@ -122,7 +136,8 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
     return tvm.transform.Sequential(
         [
             *front,
-            ApplyTuning(database, target, layer_ids, report=report, parallel_fallback=options.parallel_fallback),
+            ApplyTuning(database, target, layer_ids, report=report, parallel_fallback=options.parallel_fallback,
+                        fallback_inline=options.fallback_inline),
             *cpu_pipeline.dataflow_lower_passes(target),
             *cpu_pipeline.finalize_passes(target),
         ],

@@ -39,12 +39,14 @@ class KernelTime:
 ONEDNN_PREFIX = "onednn_"
 _LAYER_FIELD = _onednn.CONFIG_FIELDS.index("layer")
 _BLOCK_FIELD = _onednn.CONFIG_FIELDS.index("src_block")
+_DTYPE_FIELD = _onednn.CONFIG_FIELDS.index("dtype")
 
 
 def _onednn_symbol(config) -> str:
     fields = config.numpy()
     block = int(fields[_BLOCK_FIELD])
-    return ONEDNN_PREFIX + conv_kernel_name(int(fields[_LAYER_FIELD]), "float", f"NCHW{block}c" if block else "NCHW")
+    precision = "float" if int(fields[_DTYPE_FIELD]) == _onednn.DTYPES["float32"] else "int8"
+    return ONEDNN_PREFIX + conv_kernel_name(int(fields[_LAYER_FIELD]), precision, f"NCHW{block}c" if block else "NCHW")
 
 
 def profile_kernels(library, inputs: dict[str, np.ndarray], *, threads: int = 2, runs: int = 20) -> list[KernelTime]:

@@ -32,6 +32,25 @@ class Requantization:
     output_zero_point: int  # zy (0 for a float output)
 
 
+@dataclass(frozen=True)
+class Int8Quantization:
+    """One int8 conv's quantization as the QDQ model states it (what a oneDNN int8 primitive is given)."""
+
+    src_scale: float
+    src_zero: int
+    weight_scales: np.ndarray  # (C,) float64
+    bias_q: np.ndarray | None  # (C,) the model's integer bias (scale src_scale·weight_scales), or None
+    dst_scale: float | None  # None: the conv's output is dequantized to float (no output quantization)
+    dst_zero: int = 0
+
+    def float_bias(self) -> np.ndarray:
+        """The bias in real units, float32 (oneDNN adds it after scaling the accumulator)."""
+        if self.bias_q is None:
+            return np.zeros(self.weight_scales.size, dtype=np.float32)
+        scale = np.float32(self.src_scale) * self.weight_scales.astype(np.float32)
+        return (self.bias_q.astype(np.float64) * scale).astype(np.float32)
+
+
 def _positive_scale(value, what: str) -> float:
     scale = float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
     if not np.isfinite(scale) or scale <= 0:

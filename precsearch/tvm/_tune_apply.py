@@ -47,17 +47,21 @@ class ApplyTuning:
     report : BuildReport, optional
         Gets ``kernels_tuned``, ``not_applied``, ``untuned_convs`` and ``fallback_scheduled``.
     parallel_fallback : bool
-        Give kernels without a record parallel outer loops (False: TVM's serial default).
+        Give kernels without a record the fallback schedule (False: TVM's serial default).
+    fallback_inline : bool
+        Whether that schedule inlines elementwise producers.
     """
 
     def __init__(self, database: TuningDatabase | None, target: tvm.target.Target, layer_ids=(),
-                 report: BuildReport | None = None, parallel_fallback: bool = True):
+                 report: BuildReport | None = None, parallel_fallback: bool = True,
+                 fallback_inline: bool = True):
         self.database = database
         self.target = target
         self.layer_ids = tuple(layer_ids)
         self.report = report if report is not None else BuildReport()
         self.cores = int(target.attrs.get("num-cores", 1)) if "num-cores" in target.attrs else 1
         self.parallel_fallback = parallel_fallback
+        self.fallback_inline = fallback_inline
 
     def transform_module(self, mod, ctx):
         untuned: set[int] = set()
@@ -70,7 +74,7 @@ class ApplyTuning:
             if tuned is not None:
                 mod[gvar] = tuned
                 continue
-            fallback = parallel_schedule(func, self.cores) if self.parallel_fallback else None
+            fallback = parallel_schedule(func, self.cores, inline=self.fallback_inline) if self.parallel_fallback else None
             if fallback is not None:
                 mod[gvar] = fallback
                 self.report.fallback_scheduled += 1

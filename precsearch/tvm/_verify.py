@@ -256,7 +256,11 @@ class VerifyPlan(ReportingPass):
         return mod
 
     def _check_onednn(self, call, var2val, seen: dict[int, str]) -> int:
-        """A oneDNN conv: its config names the layer; its packed weights must unpack to the layer's own."""
+        """A oneDNN conv: its config names the layer and its precision; its packed weights must be the layer's own.
+
+        Float weights are unpacked through oneDNN's inverse reorder; int8 ones carry oneDNN's zero-point
+        compensation, which has no inverse, so the layer's int8 weights are packed again and compared byte for byte.
+        """
         data, packed, _bias, config, post = call.args[1].fields
         values = [self._weight_constant(arg, var2val, None) for arg in (packed, config, post)]
         spec = _onednn.spec_from_config(values[1], values[2])
@@ -264,14 +268,22 @@ class VerifyPlan(ReportingPass):
         if spec.layer in seen:
             raise VerificationError("layer appears twice in the built graph", pass_name="precsearch.VerifyPlan",
                                     layer_id=layer_id)
-        seen[spec.layer] = "float"
-        if str(data.ty.dtype) != "float32":
-            raise VerificationError(f"oneDNN conv got {data.ty.dtype} data, expected float32",
+        precision = "int8" if spec.is_int8 else "float"
+        seen[spec.layer] = precision
+        expected = "uint8" if spec.is_int8 else "float32"
+        if str(data.ty.dtype) != expected:
+            raise VerificationError(f"oneDNN {precision} conv got {data.ty.dtype} data, expected {expected}",
                                     pass_name="precsearch.VerifyPlan", layer_id=layer_id)
-        built = _onednn.unpack_weights(spec, values[0])
-        reference = self.imported.float_weights.get(spec.layer)
-        if reference is None or built.shape != reference.shape or not np.array_equal(built, reference):
-            raise VerificationError("the oneDNN kernel built for this layer does not hold its weights",
+        if spec.is_int8:
+            reference = self.imported.int8_weights.get(spec.layer)
+            holds = reference is not None and np.array_equal(_onednn.pack_weights(spec, reference), values[0])
+            built = reference
+        else:
+            built = _onednn.unpack_weights(spec, values[0])
+            reference = self.imported.float_weights.get(spec.layer)
+            holds = reference is not None and built.shape == reference.shape and np.array_equal(built, reference)
+        if not holds:
+            raise VerificationError(f"the oneDNN {precision} kernel built for this layer does not hold its weights",
                                     pass_name="precsearch.VerifyPlan", layer_id=layer_id)
         self.report.kernel_weights[layer_id] = built
         return spec.layer

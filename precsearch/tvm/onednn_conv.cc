@@ -1,4 +1,6 @@
-// oneDNN convolutions called from a Relax graph (R.call_dps_packed), see _onednn.py.
+// oneDNN convolutions called from a Relax graph (R.call_dps_packed), see _onednn.py:
+// float32, and int8 (u8 activations × s8 per-channel weights) with the requantization
+// inside the primitive (its scales and zero points), as MLAS's QLinearConv does it.
 //
 // Written by hand because the TVM wheel has no DNNL codegen (its BYOC path needs a
 // TVM source build); a packed function compiled against the PyPI oneDNN build is
@@ -23,8 +25,12 @@ namespace {
 // The int64 config tensor, field by field (kept in sync with _onednn.py CONFIG_FIELDS).
 enum Field {
   kN, kIC, kIH, kIW, kOC, kKH, kKW, kOH, kOW, kSH, kSW, kPT, kPL, kPB, kPR, kDH, kDW, kGroups,
-  kSrcBlock, kDstBlock, kPostOp, kThreads, kLayer, kNumFields
+  kSrcBlock, kDstBlock, kPostOp, kThreads, kLayer, kDtype, kSrcZero, kDstZero, kNumFields
 };
+// kDtype: what the conv reads and writes.
+enum Dtype { kFloat = 0, kInt8 = 1, kInt8FloatOut = 2 };
+// The float32 post tensor: [alpha, beta] and, for int8, [src_scale, dst_scale, weight_scale[oc]...].
+enum PostField { kAlpha = 0, kBeta = 1, kSrcScale = 2, kDstScale = 3, kWeightScales = 4 };
 // Post-op codes; alpha/beta come from the float32 post tensor.
 enum PostOp { kNone = 0, kRelu = 1, kClip = 2, kSwish = 3, kHardSwish = 4, kSigmoid = 5 };
 
@@ -36,10 +42,18 @@ struct Conv {
   memory::desc weights_desc;
   std::string impl;
   memory src, weights, bias, dst;
-  // set when the primitive writes a blocked staging buffer that a reorder turns into dst
+  // set when the primitive writes a staging buffer in its own layout that a reorder turns into dst
   bool staged = false;
   memory staging;
   dnnl::reorder to_plain;
+  // set when the primitive reads its own layout (int8: nhwc), filled from src by a reorder
+  bool src_staged = false;
+  memory src_staging;
+  dnnl::reorder from_plain;
+  // int8: the quantization arguments, fixed per layer
+  std::unordered_map<int, memory> quantization;
+  // every argument of the primitive (memory objects are shared handles: set_data_handle on src/dst reaches them)
+  std::unordered_map<int, memory> args;
 };
 
 dnnl::engine& cpu_engine() {
@@ -94,19 +108,24 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
     threads_set = c[kThreads];
   }
   const auto f32 = memory::data_type::f32;
+  const bool int8 = c[kDtype] != kFloat;
+  TVM_FFI_ICHECK(c[kDtype] >= kFloat && c[kDtype] <= kInt8FloatOut) << "oneDNN conv: unknown dtype " << c[kDtype];
+  const auto src_dt = int8 ? memory::data_type::u8 : f32;
+  const auto dst_dt = c[kDtype] == kInt8 ? memory::data_type::u8 : f32;
+  const auto weights_dt = int8 ? memory::data_type::s8 : f32;
   const int64_t groups = c[kGroups];
   memory::dims src_dims{c[kN], c[kIC], c[kIH], c[kIW]};
   memory::dims dst_dims{c[kN], c[kOC], c[kOH], c[kOW]};
   memory::dims weight_dims = groups > 1
       ? memory::dims{groups, c[kOC] / groups, c[kIC] / groups, c[kKH], c[kKW]}
       : memory::dims{c[kOC], c[kIC], c[kKH], c[kKW]};
-  memory::desc src_desc(src_dims, f32, activation_tag(c[kSrcBlock]));
-  memory::desc dst_desc(dst_dims, f32, activation_tag(c[kDstBlock]));
-  memory::desc any_weights(weight_dims, f32, tag::any);
+  memory::desc src_desc(src_dims, src_dt, activation_tag(c[kSrcBlock]));
+  memory::desc dst_desc(dst_dims, dst_dt, activation_tag(c[kDstBlock]));
+  memory::desc any_weights(weight_dims, weights_dt, tag::any);
   memory::desc bias_desc({c[kOC]}, f32, tag::x);
 
   dnnl::post_ops ops;
-  const float alpha = post.size() > 0 ? post[0] : 0.f, beta = post.size() > 1 ? post[1] : 0.f;
+  const float alpha = post.size() > kAlpha ? post[kAlpha] : 0.f, beta = post.size() > kBeta ? post[kBeta] : 0.f;
   switch (c[kPostOp]) {
     case kNone: break;
     case kRelu: ops.append_eltwise(dnnl::algorithm::eltwise_relu, alpha, 0.f); break;
@@ -118,22 +137,71 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
   }
   dnnl::primitive_attr attr;
   attr.set_post_ops(ops);
-  auto make = [&](const memory::desc& out_desc) {
+  auto conv = std::make_unique<Conv>();
+  if (int8) {
+    // dst = saturate(round_half_even((src_scale·w_scale[c]·conv(src - src_zero, w) + bias) / dst_scale) + dst_zero)
+    TVM_FFI_ICHECK(post.size() == static_cast<size_t>(kWeightScales + c[kOC]))
+        << "oneDNN int8 conv: post tensor must hold 4 + " << c[kOC] << " values, got " << post.size();
+    auto scalar = [&](float value, memory::data_type dt) {
+      memory m({{1}, dt, tag::x}, cpu_engine());
+      if (dt == f32) *static_cast<float*>(m.get_data_handle()) = value;
+      else *static_cast<int32_t*>(m.get_data_handle()) = static_cast<int32_t>(value);
+      return m;
+    };
+    attr.set_scales_mask(DNNL_ARG_SRC, 0);
+    attr.set_scales_mask(DNNL_ARG_WEIGHTS, groups > 1 ? 3 : 1);  // per output channel
+    conv->quantization[DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC] = scalar(post[kSrcScale], f32);
+    memory weight_scales({{c[kOC]}, f32, tag::x}, cpu_engine());
+    std::memcpy(weight_scales.get_data_handle(), post.data() + kWeightScales, c[kOC] * sizeof(float));
+    conv->quantization[DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS] = weight_scales;
+    // A zero point costs oneDNN a slower kernel: set only when there is one.
+    if (c[kSrcZero] != 0) {
+      attr.set_zero_points_mask(DNNL_ARG_SRC, 0);
+      conv->quantization[DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC] = scalar(c[kSrcZero], memory::data_type::s32);
+    }
+    if (c[kDtype] == kInt8) {
+      attr.set_scales_mask(DNNL_ARG_DST, 0);
+      conv->quantization[DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST] = scalar(post[kDstScale], f32);
+      if (c[kDstZero] != 0) {
+        attr.set_zero_points_mask(DNNL_ARG_DST, 0);
+        conv->quantization[DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_DST] = scalar(c[kDstZero], memory::data_type::s32);
+      }
+    }
+  }
+  auto make = [&](const memory::desc& in_desc, const memory::desc& out_desc) {
     return dnnl::convolution_forward::primitive_desc(
-        cpu_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src_desc,
+        cpu_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, in_desc,
         any_weights, bias_desc, out_desc, {c[kSH], c[kSW]}, {c[kDH] - 1, c[kDW] - 1}, {c[kPT], c[kPL]},
         {c[kPB], c[kPR]}, attr);
   };
-  auto pd = make(dst_desc);
-  auto conv = std::make_unique<Conv>();
-  // A plain-layout output sends oneDNN to im2col + GEMM (10x slower on a 3-channel
+  auto slow = [](const std::string& impl) {
+    return impl.find("gemm") != std::string::npos || impl.rfind("ref", 0) == 0;
+  };
+  auto pd = make(src_desc, dst_desc);
+  // oneDNN's int8 (VNNI / AMX) kernels read and write nhwc only: on the pipeline's
+  // blocked or plain layout it has just its reference loops.  Reordering in and out
+  // costs two passes over u8 activations, far less than the conv it unlocks.
+  if (int8 && slow(pd.impl_info_str())) {
+    memory::desc src_nhwc(src_dims, src_dt, tag::nhwc), dst_nhwc(dst_dims, dst_dt, tag::nhwc);
+    auto nhwc_pd = make(src_nhwc, dst_nhwc);
+    if (!slow(nhwc_pd.impl_info_str())) {
+      pd = nhwc_pd;
+      conv->src_staging = memory(src_nhwc, cpu_engine());
+      conv->from_plain = dnnl::reorder(memory(src_desc, cpu_engine(), DNNL_MEMORY_NONE), conv->src_staging);
+      conv->src_staged = true;
+      conv->staging = memory(dst_nhwc, cpu_engine());
+      conv->to_plain = dnnl::reorder(conv->staging, memory(dst_desc, cpu_engine(), DNNL_MEMORY_NONE));
+      conv->staged = true;
+    }
+  }
+  // A plain-layout float output sends oneDNN to im2col + GEMM (10x slower on a 3-channel
   // first conv); writing a blocked output and reordering it is far faster.
-  if (c[kDstBlock] == 0 && std::string(pd.impl_info_str()).find("gemm") != std::string::npos) {
+  if (!int8 && c[kDstBlock] == 0 && std::string(pd.impl_info_str()).find("gemm") != std::string::npos) {
     for (int64_t block : {16, 8}) {
       memory::desc blocked_desc(dst_dims, f32, activation_tag(block));
-      auto blocked_pd = make(blocked_desc);
+      auto blocked_pd = make(src_desc, blocked_desc);
       std::string impl = blocked_pd.impl_info_str();
-      if (impl.find("gemm") == std::string::npos && impl.find("ref") == std::string::npos) {
+      if (!slow(impl)) {
         pd = blocked_pd;
         conv->staging = memory(blocked_desc, cpu_engine());
         conv->to_plain = dnnl::reorder(conv->staging, memory(dst_desc, cpu_engine(), DNNL_MEMORY_NONE));
@@ -144,11 +212,16 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
   }
   conv->primitive = dnnl::convolution_forward(pd);
   conv->weights_desc = pd.weights_desc();
-  conv->impl = std::string(pd.impl_info_str()) + (conv->staged ? "+reorder" : "");
+  conv->impl = std::string(conv->src_staged ? "reorder+" : "") + pd.impl_info_str() + (conv->staged ? "+reorder" : "");
   conv->src = memory(src_desc, cpu_engine(), DNNL_MEMORY_NONE);
   conv->weights = memory(conv->weights_desc, cpu_engine(), DNNL_MEMORY_NONE);
   conv->bias = memory(bias_desc, cpu_engine(), DNNL_MEMORY_NONE);
   conv->dst = memory(dst_desc, cpu_engine(), DNNL_MEMORY_NONE);
+  conv->args = conv->quantization;
+  conv->args[DNNL_ARG_SRC] = conv->src_staged ? conv->src_staging : conv->src;
+  conv->args[DNNL_ARG_WEIGHTS] = conv->weights;
+  conv->args[DNNL_ARG_BIAS] = conv->bias;
+  conv->args[DNNL_ARG_DST] = conv->staged ? conv->staging : conv->dst;
   Conv& result = *conv;
   cache.emplace(std::move(key), std::move(conv));
   return result;
@@ -161,7 +234,8 @@ int64_t weights_bytes(tvm::ffi::Tensor config, tvm::ffi::Tensor post) {
   return static_cast<int64_t>(get_conv(read_config(config), read_post(post)).weights_desc.get_size());
 }
 
-// Reorders between the plain (g)oihw float32 weights and the primitive's blocked format.
+// Reorders between the plain (g)oihw weights (float32, or int8 for an int8 conv) and the
+// primitive's blocked format (for int8 this includes oneDNN's zero-point compensation).
 void reorder_weights(tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::Tensor oihw, tvm::ffi::Tensor packed,
                      bool to_blocked) {
   std::vector<int64_t> c = read_config(config);
@@ -172,7 +246,8 @@ void reorder_weights(tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::T
   memory::dims plain_dims = groups > 1
       ? memory::dims{groups, c[kOC] / groups, c[kIC] / groups, c[kKH], c[kKW]}
       : memory::dims{c[kOC], c[kIC], c[kKH], c[kKW]};
-  memory plain({plain_dims, memory::data_type::f32, groups > 1 ? tag::goihw : tag::oihw}, cpu_engine(),
+  const auto plain_dt = c[kDtype] == kFloat ? memory::data_type::f32 : memory::data_type::s8;
+  memory plain({plain_dims, plain_dt, groups > 1 ? tag::goihw : tag::oihw}, cpu_engine(),
                address(oihw));
   memory blocked(conv.weights_desc, cpu_engine(), address(packed));
   memory& from = to_blocked ? plain : blocked;
@@ -181,7 +256,7 @@ void reorder_weights(tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::T
   cpu_stream().wait();
 }
 
-// OIHW float32 weights → the primitive's blocked format, once at build time.
+// OIHW weights → the primitive's blocked format, once at build time.
 void pack_weights(tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::Tensor oihw,
                   tvm::ffi::Tensor packed) {
   reorder_weights(config, post, oihw, packed, true);
@@ -199,7 +274,7 @@ tvm::ffi::String implementation(tvm::ffi::Tensor config, tvm::ffi::Tensor post) 
   return tvm::ffi::String(conv.impl);
 }
 
-// The conv itself: dst = post_op(conv(src, weights) + bias).
+// The conv itself: dst = post_op(conv(src, weights) + bias), requantized for int8.
 void conv2d(tvm::ffi::Tensor src, tvm::ffi::Tensor weights, tvm::ffi::Tensor bias,
             tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::Tensor dst) {
   Conv& conv = get_conv(read_config(config), read_post(post));
@@ -210,9 +285,8 @@ void conv2d(tvm::ffi::Tensor src, tvm::ffi::Tensor weights, tvm::ffi::Tensor bia
   conv.weights.set_data_handle(address(weights));
   conv.bias.set_data_handle(address(bias));
   conv.dst.set_data_handle(address(dst));
-  conv.primitive.execute(cpu_stream(), {{DNNL_ARG_SRC, conv.src}, {DNNL_ARG_WEIGHTS, conv.weights},
-                                        {DNNL_ARG_BIAS, conv.bias},
-                                        {DNNL_ARG_DST, conv.staged ? conv.staging : conv.dst}});
+  if (conv.src_staged) conv.from_plain.execute(cpu_stream(), conv.src, conv.src_staging);
+  conv.primitive.execute(cpu_stream(), conv.args);
   if (conv.staged) conv.to_plain.execute(cpu_stream(), conv.staging, conv.dst);
   cpu_stream().wait();
 }
