@@ -65,7 +65,7 @@ def test_all_int8_on_onednn_diverges_only_at_rounding_near_ties(tmp_path):
 
 
 def test_alternating_mixed_plan_agrees(tmp_path):
-    summary = build(tmp_path, ALTERNATING)
+    summary = build(tmp_path, ALTERNATING, "--onednn-int8", "off")
     assert len(summary["int8_layers"]) == 27 and len(summary["float_layers"]) == 26
     rows = {row["id"]: row for row in summary["layers"]}
     assert rows["Conv@1"]["dtype"] == "float32" and rows["Conv@2"]["dtype"] == "int8"
