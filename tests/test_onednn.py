@@ -8,7 +8,7 @@ import tvm
 from onnx import TensorProto, helper, numpy_helper
 
 import models
-from precsearch.errors import CompileError, VerificationError
+from precsearch.errors import CompileError, ConfigError, VerificationError
 from precsearch.model import load_model
 from precsearch.model.data import image_batches
 from precsearch.model.plan import parse_plan
@@ -19,10 +19,12 @@ from precsearch.tvm._onednn_offload import OffloadOneDNN
 
 pytestmark = pytest.mark.skipif(not _onednn.available(), reason=_onednn.unavailable_reason() or "oneDNN missing")
 
-# Float convs on oneDNN, int8 on TIR (what every CPU without VNNI gets); int8 on oneDNN too (forced, so these tests
-# run on any CPU: without VNNI oneDNN's int8 kernels are only slower, not different).
+# Float convs on oneDNN, int8 on TIR (what every CPU without VNNI gets); int8 on oneDNN too, which needs VNNI.
 ONEDNN = CompileOptions(conv_backend="onednn", onednn_int8=False)
 ONEDNN_INT8 = CompileOptions(conv_backend="onednn", onednn_int8=True)
+HAS_VNNI = _onednn.int8_fast_on(resolve_target(CompileOptions()))
+needs_vnni = pytest.mark.skipif(not HAS_VNNI, reason="oneDNN int8 convs need VNNI; this CPU has none (the refusal "
+                                                     "is tested instead)")
 
 
 def _ort_conv(x, w, b, strides, pads, dilations, group, activation=None):
@@ -233,6 +235,7 @@ INT8_CASES = [  # ic, oc, size, kernel, stride, pads, groups, block, src zero, d
 ]
 
 
+@needs_vnni
 @pytest.mark.parametrize("ic, oc, size, kernel, stride, pads, groups, block, src_zero, dst_zero", INT8_CASES)
 def test_the_bridge_requantizes_int8_convs_exactly_as_integer_arithmetic_does(ic, oc, size, kernel, stride, pads,
                                                                              groups, block, src_zero, dst_zero):
@@ -273,6 +276,7 @@ def test_the_bridge_requantizes_int8_convs_exactly_as_integer_arithmetic_does(ic
         assert difference[~tie].max() == 0 and (difference[tie] <= 1).all()
 
 
+@needs_vnni
 def test_int8_convs_on_onednn_give_the_outputs_of_the_tir_build(chain, tmp_path):
     model, qdq, int8_ids, batch = chain
     tir = build_plan(model, qdq, int8_ids, options=CompileOptions(conv_backend="tir"))
@@ -291,6 +295,7 @@ def test_int8_convs_on_onednn_give_the_outputs_of_the_tir_build(chain, tmp_path)
     np.testing.assert_allclose(loaded.run(batch)["logits"], expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_vnni
 def test_int8_weights_that_are_not_the_layers_own_fail_verification_naming_the_layer(chain, monkeypatch):
     model, qdq, int8_ids, _ = chain
     real_pack = _onednn.pack_weights
@@ -323,6 +328,7 @@ def test_int8_convs_go_to_onednn_by_default_only_where_the_cpu_has_vnni(chain):
     assert int8_backends == ({"onednn"} if _onednn.int8_fast_on(resolve_target(CompileOptions())) else {"tir"})
 
 
+@needs_vnni
 def test_int8_convs_below_the_mac_threshold_stay_tir_and_say_why(chain):
     model, qdq, int8_ids, batch = chain
     macs = {layer.id: layer.macs for layer in model.layers}
@@ -336,3 +342,10 @@ def test_int8_convs_below_the_mac_threshold_stay_tir_and_say_why(chain):
             assert "onednn_int8_min_macs" in built.onednn_skipped[layer]
     tir = build_plan(model, qdq, int8_ids, options=CompileOptions(conv_backend="tir"))
     np.testing.assert_allclose(built.run(batch)["logits"], tir.run(batch)["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(HAS_VNNI, reason="this CPU has VNNI: int8 convs on oneDNN are built (tested above)")
+def test_int8_convs_on_onednn_are_refused_without_vnni(chain):
+    model, qdq, int8_ids, _ = chain
+    with pytest.raises(ConfigError, match="need a CPU with VNNI"):
+        build_plan(model, qdq, int8_ids, options=ONEDNN_INT8)

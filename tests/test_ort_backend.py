@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pandas as pd
 import pytest
 from onnx import numpy_helper
@@ -130,10 +131,10 @@ def test_fidelity_and_latency_come_from_one_optimized_session(chain):
     result = evaluator.evaluate(plan)
     direct = compute_metrics(workspace.reference, _run(workspace.ort_model(plan), workspace.eval_batches)).values
     assert result.metrics["sqnr_db"] == direct["sqnr_db"] and result.metrics["cosine"] == direct["cosine"]
-    # ORT's int8 kernels, not the QDQ emulation: the unoptimized session gives other numbers.
-    emulated = compute_metrics(workspace.reference, run_ort(workspace.ort_model(plan), workspace.eval_batches,
-                                                            optimized=False)).values
-    assert emulated["sqnr_db"] != result.metrics["sqnr_db"]
+    # ORT's int8 kernels, not the QDQ emulation: the session is fully optimized (its numbers can equal the
+    # emulation's where MLAS's int8 kernels are exact, as on a CPU with VNNI, and differ elsewhere).
+    options = evaluator.session(plan).get_session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert result.latency_ms > 0 and result.fidelity_batches == 8 and result.verdict is None
     # The all-float plan is the float model itself, exact against the reference.
     exact = evaluator.evaluate(Plan(frozenset(model.capable_ids()), "ort"))

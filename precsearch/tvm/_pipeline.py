@@ -7,7 +7,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.target import codegen
 
-from precsearch.errors import CompileError
+from precsearch.errors import CompileError, ConfigError
 from precsearch.model import LoadedModel
 from ._build_report import BuildReport
 from ._importer import ImportedModel
@@ -87,6 +87,11 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
     if offload and not _onednn.available():
         report.onednn_skipped = {layer_ids[i]: _onednn.unavailable_reason() for i in sorted(float_indices)}
         offload = False
+    if options.onednn_int8 and not _onednn.int8_fast_on(target):
+        # without VNNI oneDNN's u8 x s8 kernels sum pairs of products in saturating int16 (vpmaddubsw): not the
+        # exact integer conv the plan means
+        raise ConfigError("int8 convs on oneDNN need a CPU with VNNI (AVX512-VNNI or AVX-VNNI); this target has "
+                          "none: use --onednn-int8 auto or off")
     offload_int8 = offload and (options.onednn_int8 if options.onednn_int8 is not None
                                 else _onednn.int8_fast_on(target))
     onednn_int8 = set()
