@@ -20,6 +20,8 @@ from precsearch.workspace import Workspace
 pytestmark = pytest.mark.slow  # tunes a model once per module (minutes)
 
 TRIALS = 4  # per kernel: enough to get a VNNI schedule into the database, not to make it fast
+# Int8 convs as TIR kernels (what is tuned here): on a CPU with VNNI they would otherwise go to oneDNN, untuned.
+TIR_INT8 = CompileOptions(onednn_int8=False)
 
 
 class Tuned:
@@ -33,14 +35,15 @@ class Tuned:
         self.workdir = directory / "work"
         self.progress = []
         self.workspace = Workspace.in_memory(self.model, self.workdir, image_batches(self.model, None, count=4),
-                                             ranges=self.ranges)
+                                             options=TIR_INT8, ranges=self.ranges)
         self.report = tune_model(self.workspace, trials_per_task=TRIALS, progress=lambda *args: self.progress.append(args))
-        self.database = open_database(self.workdir, CompileOptions())
+        self.database = open_database(self.workdir, TIR_INT8)
 
     def build(self, float_spec):
         plan = parse_plan(float_spec, self.model)
         qdq = build_qdq_model(self.model, self.ranges, plan) if plan.int8_ids(self.model) else self.model.proto
-        return qdq, build_plan(self.model, qdq, plan.int8_ids(self.model), database=self.database)
+        return qdq, build_plan(self.model, qdq, plan.int8_ids(self.model), options=TIR_INT8,
+                               database=self.database)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +91,8 @@ def test_tuned_int8_build_agrees_with_ort_and_with_the_untuned_build(tuned):
     candidate = [built.run(batch) for batch in tuned.check]
     result = agreement(reference, candidate, output_steps(tuned.model, tuned.ranges))
     assert result.fraction == 1.0 and result.max_error_steps <= 1.0
-    untuned = build_plan(tuned.model, qdq, parse_plan("none", tuned.model).int8_ids(tuned.model))
+    untuned = build_plan(tuned.model, qdq, parse_plan("none", tuned.model).int8_ids(tuned.model),
+                         options=TIR_INT8)
     assert untuned.tuned_kernels == 0
     # int8 convs are exact either way; the float classifier head may sum in another order once tuned
     np.testing.assert_allclose(untuned.run(tuned.check[0])["logits"], built.run(tuned.check[0])["logits"],
