@@ -18,8 +18,6 @@ ops that do have layout inference, so a whole int8 chain stays blocked.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import tvm
 from tvm import relax
@@ -155,9 +153,8 @@ class Int8ConvRewrite:
         bias_int = integer_bias(out_channels, b_q, x_zero, sums)
         acc = mutator.builder_.emit(relax.op.add(acc, relax.const(bias_int)), binding_name(index, "acc_bias"))
         mutator.rewritten.add(index)
-        quantization = Int8Quantization(x_scale, x_zero, w_scale, b_q, None)
-        self.report.int8_quantization[index] = quantization
         if not quantize_out:
+            self.report.int8_quantization[index] = Int8Quantization(x_scale, x_zero, w_scale, b_q, None)
             scales = requantization(x_scale, w_scale, out_channels)
             acc_f = mutator.builder_.emit(relax.op.astype(acc, "float32"), binding_name(index, "acc_f32"))
             return relax.op.multiply(acc_f, relax.const(scales.accumulator_scale.reshape(1, -1, 1, 1)
@@ -171,9 +168,9 @@ class Int8ConvRewrite:
         # exact rounding of the real value.  In float32 a product like -18.5000011
         # comes out as -18.4999990 and rounds the wrong way (seen on the real
         # MobileNetV3); float32 is offered because untuned it ran 2.3x faster.
-        self.report.int8_quantization[index] = dataclasses.replace(
-            quantization, dst_scale=float(np.asarray(y_scale, dtype=np.float64).reshape(-1)[0]),
-            dst_zero=int(y_zero_arr.reshape(-1)[0]))
+        self.report.int8_quantization[index] = Int8Quantization(
+            x_scale, x_zero, w_scale, b_q, float(np.asarray(y_scale, dtype=np.float64).reshape(-1)[0]),
+            int(y_zero_arr.reshape(-1)[0]))
         dtype = self.requant_dtype
         scales = requantization(x_scale, w_scale, out_channels, y_scale, y_zero_arr, dtype=dtype)
         acc_f = mutator.builder_.emit(relax.op.astype(acc, dtype), binding_name(index, f"acc_{dtype}"))

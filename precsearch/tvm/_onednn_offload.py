@@ -228,12 +228,13 @@ class OffloadOneDNN(ReportingPass):
         func = mod["main"]
         graph = _Graph(func)
         fusions = {}
+        offloaded = self.layers | self.int8_layers
         for var, value in graph.value.items():
             if _op(value) != "relax.nn.conv2d":
                 continue
             name = graph.weight_name(value.args[1])
             index = layer_of_weight(name) if name else None
-            if index is None or index not in self.layers | self.int8_layers:
+            if index is None or index not in offloaded:
                 continue
             layer_id = self.layer_ids[index]
             fusion = _Fusion(var, value, index)

@@ -87,13 +87,13 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
     if offload and not _onednn.available():
         report.onednn_skipped = {layer_ids[i]: _onednn.unavailable_reason() for i in sorted(float_indices)}
         offload = False
-    if options.onednn_int8 and not _onednn.int8_fast_on(target):
+    has_vnni = _onednn.int8_fast_on(target)
+    if options.onednn_int8 and not has_vnni:
         # without VNNI oneDNN's u8 x s8 kernels sum pairs of products in saturating int16 (vpmaddubsw): not the
         # exact integer conv the plan means
         raise ConfigError("int8 convs on oneDNN need a CPU with VNNI (AVX512-VNNI or AVX-VNNI); this target has "
                           "none: use --onednn-int8 auto or off")
-    offload_int8 = offload and (options.onednn_int8 if options.onednn_int8 is not None
-                                else _onednn.int8_fast_on(target))
+    offload_int8 = offload and (has_vnni if options.onednn_int8 is None else options.onednn_int8)
     onednn_int8 = set()
     if offload_int8:
         for layer in model.layers:
