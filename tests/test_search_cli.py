@@ -74,7 +74,8 @@ def _wait_for_trial_in_flight(url: str, study: str, completed_at_least: int, pro
         assert process.poll() is None, "the search ended before it could be stopped"
         try:
             trials = _trials(url, study)
-        except (KeyError, sqlalchemy.exc.OperationalError):  # the study or its tables may not exist yet
+        # the study or its tables may not exist yet, or the search is creating them as this looks
+        except (KeyError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
             time.sleep(0.3)
             continue
         done = sum(t.state.name == "COMPLETE" for t in trials)

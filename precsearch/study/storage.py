@@ -106,14 +106,33 @@ def open_storage(url: str, *, heartbeat_interval_s: int | None = None, grace_per
         engine_kwargs["pool_pre_ping"] = True
         if parsed.get_backend_name() == "postgresql":
             engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    try:
-        with quiet_experimental():
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry) \
-                if heartbeat_interval_s else None
-            return optuna.storages.RDBStorage(driver_url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval_s,
-                                              grace_period=grace_period_s, heartbeat_stale_trial_callback=retry)
-    except Exception as exc:  # SQLAlchemy, the DB driver and Optuna each raise their own types
-        raise StorageError(f"cannot open the storage {redact_url(url)}: {scrub(first_line(exc), url)}") from None
+    for attempt in range(_SCHEMA_ATTEMPTS):
+        try:
+            with quiet_experimental():
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry) \
+                    if heartbeat_interval_s else None
+                return optuna.storages.RDBStorage(driver_url, engine_kwargs=engine_kwargs,
+                                                  heartbeat_interval=heartbeat_interval_s,
+                                                  grace_period=grace_period_s, heartbeat_stale_trial_callback=retry)
+        except Exception as exc:  # SQLAlchemy, the DB driver and Optuna each raise their own types
+            # Two processes opening a new database at once both create Optuna's schema; the loser's
+            # CREATE TABLE or schema-version INSERT fails although the schema is then complete (measured:
+            # 2 of 6 simultaneous starts on SQLite), so a second look succeeds.
+            if attempt + 1 < _SCHEMA_ATTEMPTS and _lost_schema_race(exc):
+                time.sleep(0.5)
+                continue
+            raise StorageError(f"cannot open the storage {redact_url(url)}: {scrub(first_line(exc), url)}") from None
+
+
+_SCHEMA_ATTEMPTS = 3
+
+
+def _lost_schema_race(exc: BaseException) -> bool:
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    text = str(exc)
+    return isinstance(exc, IntegrityError) or (
+        isinstance(exc, (OperationalError, ProgrammingError)) and "already exists" in text)
 
 
 @dataclass(frozen=True)
