@@ -195,10 +195,10 @@ class Workspace:
               tuned: bool = True) -> PlanBuild:
         """Build ``plan`` with this workspace's options and tuning database."""
         qdq = self.qdq_model(plan)
-        built = build_plan(self.model, qdq, plan.int8_ids(self.model), options=options or self.options,
+        built = build_plan(self.model, qdq, plan, options=options or self.options,
                            dump_ir_dir=dump_ir_dir, database=self.database if tuned else None)
         return PlanBuild(plan=plan, qdq=qdq, built=built)
 
     def fused_module(self, plan: Plan):
         """The plan's module after fusion: the kernels tuning extracts."""
-        return fused_module(self.model, self.qdq_model(plan), plan.int8_ids(self.model), options=self.options)
+        return fused_module(self.model, self.qdq_model(plan), plan, options=self.options)

@@ -69,3 +69,31 @@ def test_unknown_ids_on_the_real_model():
 def test_empty_items_are_rejected(chain, spec):
     with pytest.raises(PlanError, match=r"The 'plan' parameter must be 'none', 'all' or comma-separated layer ids; got"):
         parse_plan(spec, chain)
+
+
+def test_bf16_layers_are_a_third_state_with_a_key_that_parses_back(chain):
+    plan = parse_plan("conv0", chain, bf16="conv2")
+    assert [plan.precision(i) for i in ("conv0", "conv1", "conv2")] == ["float", "int8", "bf16"]
+    assert plan.key() == "float:conv0;bf16:conv2"
+    assert parse_plan(plan.key(), chain) == plan
+    assert plan.to_dict(chain) == {"int8_layers": ["conv1"], "float_layers": ["conv0", "conv2"],
+                                   "bf16_layers": ["conv2"]}
+    # bf16 takes a layer out of int8 whatever the float spec said; "all" is every int8-capable conv
+    everything = parse_plan("none", chain, bf16="all")
+    assert everything.key() == "float:;bf16:conv0,conv1,conv2" and everything.int8_ids(chain) == ()
+    assert parse_plan(everything.key(), chain) == everything
+    assert parse_plan("conv1", chain, bf16="conv1") == Plan(frozenset({"conv1"}), bf16_ids=frozenset({"conv1"}))
+    # no bf16 layer: the key is the two-state key of every earlier study
+    assert parse_plan("conv0", chain, bf16="none").key() == "float:conv0"
+    assert parse_plan("float:conv0;bf16:", chain) == parse_plan("conv0", chain)
+
+
+def test_bf16_layers_must_be_float_ones_on_tvm(chain):
+    with pytest.raises(PlanError, match=r"bf16 layers \['conv1'\] must be among the plan's float layers"):
+        Plan(frozenset({"conv0"}), bf16_ids=frozenset({"conv1"}))
+    with pytest.raises(PlanError, match=r"^bf16 convs are built by precsearch's TVM pipeline only; the 'ort' plan"):
+        parse_plan("ort:float:conv0;bf16:conv1", chain)
+    with pytest.raises(PlanError, match=r"^unknown layer ids \['convX'\]"):
+        parse_plan("none", chain, bf16="convX")
+    with pytest.raises(PlanError, match=r"^The 'bf16' parameter must be 'none', 'all' or comma-separated layer ids"):
+        parse_plan("none", chain, bf16="conv0,")

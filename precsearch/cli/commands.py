@@ -115,7 +115,7 @@ def _cmd_build(args) -> int:
     from precsearch.model.plan import parse_plan
 
     model, preset = _load(args)
-    plan = parse_plan(args.float_ids, model)
+    plan = parse_plan(args.float_ids, model, args.bf16_ids)
     out_dir = _writable_dir(args.out, "out")
     workspace = _workspace(args, model, preset, eval_batches=args.check_batches if args.check else 0)
     summary = build_and_export(workspace, plan, out_dir, check=args.check, dump_ir_dir=args.dump_ir,

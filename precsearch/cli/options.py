@@ -71,10 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("layers", "list the conv layers with ids, shapes, MACs and int8 capability", model_options)
 
-    build = command("build", "build one int8/float plan into a shared library", model_options, data_options,
+    build = command("build", "build one int8/bf16/float plan into a shared library", model_options, data_options,
                     compile_options)
     build.add_argument("--float", dest="float_ids", default="none", metavar="ID[,ID...]",
                        help="conv ids that stay float; 'none' = all int8, 'all' = all float (default: none)")
+    build.add_argument("--bf16", dest="bf16_ids", default="none", metavar="ID[,ID...]",
+                       help="conv ids that run bf16 (on a CPU with AVX512-BF16 or AMX-BF16, through oneDNN), taken "
+                            "out of int8 whatever --float says; 'all' = every int8-capable conv (default: none)")
     build.add_argument("--out", type=Path, default=None,
                        help="directory for model.so, plan.json and the QDQ model (required)")
     build.add_argument("--dump-ir", type=Path, metavar="DIR", help="write the IR after every pass into DIR")

@@ -74,7 +74,9 @@ def print_build(summary: dict) -> None:
         kernel = row["kernel"] + (f" ({row['fused']})" if row.get("fused") else "")
         print(f"{row['id']:<16} {row['dtype']:<8} {row['layout']:<8} {row.get('backend', 'tir'):<7} {kernel:<14} "
               f"{', '.join(row['transforms_in']) or '-':<16} {', '.join(row['transforms_out']) or '-':<16} {row['note']}")
-    print(f"{len(summary['int8_layers'])} int8, {len(summary['float_layers'])} float convs; block {summary['block_size']}; "
+    bf16 = len(summary.get("bf16_layers", []))
+    print(f"{len(summary['int8_layers'])} int8, {f'{bf16} bf16, ' if bf16 else ''}"
+          f"{len(summary['float_layers']) - bf16} float convs; block {summary['block_size']}; "
           f"{summary['boundary_transforms']} activation layout transforms; built in {summary['build_time_s']} s ("
           f"{_tuning_state(summary)})")
     print_operators(summary["operators"]["rewritten"], summary["operators"]["layouts"], summary["layout_fallback"])

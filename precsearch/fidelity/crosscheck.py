@@ -12,6 +12,16 @@ integer result.  A conv that requantizes in float32 (oneDNN's int8 primitives,
 or ``requant_dtype="float32"``) may round a near-tie either way, as ORT's own
 float32 arithmetic does: there TVM must hold one of the two integers next to
 the exact value.  A divergence that starts anywhere else is a compiler problem.
+
+A plan's bf16 convs are held to ORT on the same model with those convs' inputs
+and weights rounded to bf16 (:func:`~precsearch.model.bf16.bf16_reference_model`).
+Rounding to bf16 is a quantization too: a float32 difference in the last bits
+(sums in another order) moves a value that sits near a bf16 tie to the other
+neighbour, 2⁻⁸ away, and 53 such layers amplify that past float tolerance
+(measured on MobileNetV3: ORT's own optimized and unoptimized sessions part by
+2.9e-4 relative on the rounded model).  So each bf16 conv's input is probed as
+a quantized tensor is: a divergence that starts there must start at values
+within ``BF16_TIE_WINDOW`` of a bf16 tie.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ from onnx import numpy_helper
 from precsearch.tvm import CompileOptions, build_plan
 from precsearch.fidelity.reference import Agreement, agreement, max_relative_error, run_ort
 from precsearch.model import LoadedModel
+from precsearch.model.bf16 import bf16_reference_model, round_to_bf16
+from precsearch.model.plan import Plan
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +48,11 @@ AGREES, NEAR_TIES, COMPILER_PROBLEM = "agrees", "near-ties", "compiler problem"
 # Relative error allowed on outputs of an image whose quantized tensors all match:
 # what is left is float arithmetic in a different order.
 FLOAT_TAIL_RTOL = 1e-4
+# How close to a tie between two bf16 neighbours (in bf16 steps) ORT's float32 value must be for a bf16
+# rounding flip to count as rounding: float32 sums in another order move values by ~1e-6 relative, 3e-4 of a
+# bf16 step.
+BF16_TIE_WINDOW = 1e-2
+BF16_INPUT = "Conv (bf16 input)"  # a divergence's op_type when it starts where a bf16 conv rounds its input
 
 
 @dataclass(frozen=True)
@@ -75,13 +92,15 @@ class CrossCheck:
             return (f"{len(self.divergences)} image(s) diverge, each from a rounding near-tie at "
                     f"{', '.join(origins[:4])}{' …' if len(origins) > 4 else ''}: not a compiler problem")
         bad = [d for d in self.divergences if not d.explained]
+        where = (f"the input of bf16 conv {bad[0].producer}" if bad[0].op_type == BF16_INPUT
+                 else f"after {bad[0].producer} ({bad[0].op_type})")
         return (f"compiler problem: image {bad[0].batch} diverges at {bad[0].tensor or 'a float output'} "
-                f"after {bad[0].producer} ({bad[0].op_type}), {bad[0].tie_distance:.3g} steps from a tie")
+                f"{where}, {bad[0].tie_distance:.3g} steps from a tie")
 
 
 def cross_check(model: LoadedModel, qdq: onnx.ModelProto, int8_ids, batches, candidate_outputs,
                 steps: dict[str, float], *, reference=None, options: CompileOptions | None = None,
-                tie_window: float = 1e-3) -> CrossCheck:
+                tie_window: float = 1e-3, bf16_ids=()) -> CrossCheck:
     """Agreement of a build with ORT on the same QDQ model, and what explains any divergence.
 
     Parameters
@@ -101,18 +120,30 @@ def cross_check(model: LoadedModel, qdq: onnx.ModelProto, int8_ids, batches, can
         As used for the build.
     tie_window : float
         How close to a .5 tie (in steps) ORT's value must be for a flip to count as rounding.
+    bf16_ids : iterable of str
+        The plan's bf16 convs: ORT runs them on bf16-rounded inputs and weights.
     """
+    bf16_ids = frozenset(bf16_ids)
+    ort_qdq = bf16_reference_model(qdq, bf16_ids) if bf16_ids else qdq
     if reference is None:
-        reference = run_ort(qdq, batches)
-    result = agreement(reference, candidate_outputs, steps)
-    diverging = [i for i, (ref, ours) in enumerate(zip(reference, candidate_outputs))
-                 if any(np.max(np.abs(ref[name] - ours[name])) > steps[name] * (1 + 1e-6) for name in ref)]
+        reference = run_ort(ort_qdq, batches)
+    if steps is not None:
+        result = agreement(reference, candidate_outputs, steps)
+        diverging = [i for i, (ref, ours) in enumerate(zip(reference, candidate_outputs))
+                     if any(np.max(np.abs(ref[name] - ours[name])) > steps[name] * (1 + 1e-6) for name in ref)]
+    else:  # no int8 layer, so no output step: float outputs within float tolerance agree
+        result = None
+        diverging = [i for i, (ref, ours) in enumerate(zip(reference, candidate_outputs))
+                     if max_relative_error([ref], [ours]) > FLOAT_TAIL_RTOL]
     if not diverging:
         return CrossCheck(result, AGREES, ())
-    probe, ort_probe, quantized = _probe_models(qdq)
+    bf16_inputs = _bf16_inputs(qdq, bf16_ids)
+    probe, _, quantized = _probe_models(qdq, bf16_inputs)
+    _, ort_probe, _ = _probe_models(ort_qdq, bf16_inputs)
     probed = dataclasses.replace(model, output_names=tuple(out.name for out in probe.graph.output))
     logger.info("tracing %d diverging image(s) through a probe build", len(diverging))
-    built = build_plan(probed, probe, int8_ids, options=options)
+    plan = Plan(frozenset(model.capable_ids()) - set(int8_ids), bf16_ids=bf16_ids) if bf16_ids else int8_ids
+    built = build_plan(probed, probe, plan, options=options)
     initializers = {init.name: numpy_helper.to_array(init) for init in qdq.graph.initializer}
     producers = {out: node for node in qdq.graph.node for out in node.output}
     int8 = set(int8_ids)
@@ -123,7 +154,11 @@ def cross_check(model: LoadedModel, qdq: onnx.ModelProto, int8_ids, batches, can
     ort_outputs = run_ort(ort_probe, [batches[i] for i in diverging])
     for batch_index, ref in zip(diverging, ort_outputs):
         ours = built.run(batches[batch_index])
-        first = next((name for name in quantized if not np.array_equal(ref[name], ours[name])), None)
+        first = next((name for name in quantized if not np.array_equal(*_as_quantized(name, bf16_inputs, ref, ours))),
+                     None)
+        if first in bf16_inputs:
+            divergences.append(_bf16_divergence(batch_index, first, bf16_inputs[first], ref[first], ours[first]))
+            continue
         if first is None:
             error = max_relative_error([{n: ref[n] for n in model.output_names}],
                                        [{n: ours[n] for n in model.output_names}])
@@ -148,10 +183,45 @@ def cross_check(model: LoadedModel, qdq: onnx.ModelProto, int8_ids, batches, can
     return CrossCheck(result, verdict, tuple(divergences))
 
 
-def _probe_models(qdq: onnx.ModelProto):
-    """The QDQ model with every quantized tensor as an output; ORT's copy also has their float inputs."""
+def _bf16_inputs(qdq: onnx.ModelProto, bf16_ids) -> dict[str, str]:
+    """The data input of each bf16 conv (what the conv rounds to bf16) → the conv's name; graph inputs left out
+    (both runtimes read them as given)."""
+    graph_inputs = {value.name for value in qdq.graph.input}
+    return {node.input[0]: node.name for node in qdq.graph.node
+            if node.op_type == "Conv" and node.name in bf16_ids and node.input[0] not in graph_inputs}
+
+
+def _as_quantized(name: str, bf16_inputs, ref: dict, ours: dict):
+    """A probed tensor as its consumer sees it: a bf16 conv's input rounded to bf16, a quantized tensor as is."""
+    if name in bf16_inputs:
+        return round_to_bf16(ref[name]), round_to_bf16(ours[name])
+    return ref[name], ours[name]
+
+
+def _bf16_divergence(batch_index: int, tensor: str, conv: str, ref: np.ndarray, ours: np.ndarray) -> Divergence:
+    """Where a bf16 conv's rounded input first differs: is ORT's value there within the window of a bf16 tie?"""
+    elements = np.argwhere(round_to_bf16(ref) != round_to_bf16(ours))
+    values = ref[tuple(elements.T)].astype(np.float32)
+    # the two bf16 neighbours of each value (truncation and one bf16 step above it in magnitude)
+    bits = values.view(np.uint32) & np.uint32(0xFFFF0000)
+    low = bits.view(np.float32)
+    high = (bits + np.uint32(0x10000)).view(np.float32)
+    position = (np.abs(values) - np.abs(low)) / np.abs(high - low)
+    tie_distance = float(np.max(np.abs(position - 0.5))) if len(values) else 0.0
+    return Divergence(batch_index, tensor, conv, BF16_INPUT, len(elements), tie_distance < BF16_TIE_WINDOW,
+                      tie_distance, None)
+
+
+def _probe_models(qdq: onnx.ModelProto, extra=()):
+    """The QDQ model with every quantized tensor (and the ``extra`` ones, in node order) as an output; ORT's copy
+    also has the quantized tensors' float inputs."""
+    extra = set(extra)
     quantize_nodes = [node for node in qdq.graph.node if node.op_type == "QuantizeLinear"]
-    quantized = [node.output[0] for node in quantize_nodes]
+    quantized = []
+    for node in qdq.graph.node:
+        if node.op_type == "QuantizeLinear":
+            quantized.append(node.output[0])
+        quantized.extend(name for name in node.input if name in extra and name not in quantized)
     probe = copy.deepcopy(qdq)
     for name in quantized:
         probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
@@ -227,8 +297,9 @@ class BuildCheck:
             out["max_relative_error"] = self.max_relative_error
         if self.agreement is not None:
             out.update(agreement=self.agreement.fraction, max_abs_error=self.agreement.max_abs_error,
-                       max_error_steps=self.agreement.max_error_steps, checked_elements=self.agreement.elements,
-                       divergences=[d.to_dict() for d in self.traced.divergences])
+                       max_error_steps=self.agreement.max_error_steps, checked_elements=self.agreement.elements)
+        if self.traced is not None:
+            out["divergences"] = [d.to_dict() for d in self.traced.divergences]
         if self.ort_int8_agreement is not None:
             out.update(ort_int8_agreement=self.ort_int8_agreement.fraction,
                        ort_int8_max_error_steps=self.ort_int8_agreement.max_error_steps)
@@ -237,30 +308,42 @@ class BuildCheck:
 
 def check_build(model: LoadedModel, qdq: onnx.ModelProto, int8_ids, batches, candidate_outputs,
                 steps: dict[str, float] | None, *, options: CompileOptions | None = None,
-                float_reference=None, yardstick: bool = True) -> BuildCheck:
+                float_reference=None, yardstick: bool = True, bf16_ids=()) -> BuildCheck:
     """Check a build's outputs on ``batches`` against ONNX Runtime (see :class:`BuildCheck`).
 
-    ``qdq`` is ignored for an all-float plan (``int8_ids`` empty), which is
-    compared with the float model itself, or with ``float_reference`` (ORT
+    ``qdq`` is ignored for a plan without int8 convs (``int8_ids`` empty), which
+    is compared with the float model itself, or with ``float_reference`` (ORT
     float's outputs on ``batches``) when the caller has them.  ``yardstick``
     also runs ORT's own int8 kernels for comparison (``build --check`` and the
-    zoo show it; the search skips it).
+    zoo show it; the search skips it).  With ``bf16_ids`` ORT runs those convs on
+    bf16-rounded inputs and weights (``float_reference`` is then not used).
     """
+    bf16_ids = frozenset(bf16_ids)
     if not int8_ids:
-        reference = float_reference if float_reference is not None else run_ort(model.proto, batches)
+        if bf16_ids:
+            reference = run_ort(bf16_reference_model(model.proto, bf16_ids), batches)
+            against = f"ONNX Runtime float with the {len(bf16_ids)} bf16 convs' inputs and weights rounded to bf16"
+        else:
+            reference = float_reference if float_reference is not None else run_ort(model.proto, batches)
+            against = "ONNX Runtime float"
         error = max_relative_error(reference, candidate_outputs)
         if error <= FLOAT_TAIL_RTOL:
-            return BuildCheck(AGREES, f"no int8 layers: max relative error {error:.2g} from ONNX Runtime float, "
+            return BuildCheck(AGREES, f"no int8 layers: max relative error {error:.2g} from {against}, "
                                       f"within {FLOAT_TAIL_RTOL:g}", max_relative_error=error)
-        return BuildCheck(COMPILER_PROBLEM, f"compiler problem: the all-float build differs from ONNX Runtime "
-                                            f"float by {error:.3g} relative (tolerance {FLOAT_TAIL_RTOL:g})",
+        if bf16_ids:  # bf16 rounding flips near ties: trace where the images part ways
+            traced = cross_check(model, model.proto, (), batches, candidate_outputs, None, reference=reference,
+                                 options=options, bf16_ids=bf16_ids)
+            summary = (f"no int8 layers: max relative error {error:.2g} from {against}; {traced.summary()}")
+            return BuildCheck(traced.verdict, summary, traced=traced, max_relative_error=error)
+        return BuildCheck(COMPILER_PROBLEM, f"compiler problem: the build without int8 layers differs from "
+                                            f"{against} by {error:.3g} relative (tolerance {FLOAT_TAIL_RTOL:g})",
                           max_relative_error=error)
-    reference = run_ort(qdq, batches, optimized=False)
+    reference = run_ort(bf16_reference_model(qdq, bf16_ids) if bf16_ids else qdq, batches, optimized=False)
     # A yardstick: how closely ONNX Runtime's own int8 kernels (its optimized
     # session) follow the same float-emulated reference.  Exact integer
     # arithmetic and float emulation part ways on near-ties, and deep nets can
     # amplify one such flip into several output steps.
     ort_int8 = agreement(reference, run_ort(qdq, batches, optimized=True), steps) if yardstick else None
     traced = cross_check(model, qdq, int8_ids, batches, candidate_outputs, steps, reference=reference,
-                         options=options)
+                         options=options, bf16_ids=bf16_ids)
     return BuildCheck(traced.verdict, traced.summary(), traced.agreement, ort_int8, traced)

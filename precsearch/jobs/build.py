@@ -31,7 +31,9 @@ def build_and_export(workspace: Workspace, plan: Plan, out_dir: str | Path, *, c
         batches = len(workspace.calibration_batches)  # a data source too small fails here, before any status line
         say(f"calibrating ({workspace.data.calibration}, {batches} batches of {workspace.data.data})...")
         workspace.prepare(reference=False, ort_int8=False)
-    say(f"building {len(int8_ids)} int8 / {len(model.layers) - len(int8_ids)} float convs...")
+    bf16_count = len(plan.bf16_ids)
+    say(f"building {len(int8_ids)} int8 / {f'{bf16_count} bf16 / ' if bf16_count else ''}"
+        f"{len(model.layers) - len(int8_ids) - bf16_count} float convs...")
     # The all-float plan builds the float model itself, as the search does.
     build = workspace.build(plan, dump_ir_dir=dump_ir_dir)
     built, tuned = build.built, workspace.database is not None
@@ -43,6 +45,7 @@ def build_and_export(workspace: Workspace, plan: Plan, out_dir: str | Path, *, c
         "plan": plan.key(),
         "int8_layers": list(built.int8_layers),
         "float_layers": list(built.float_layers),
+        "bf16_layers": list(built.bf16_layers),
         "library": str(library),
         "qdq_model": str(qdq_path),
         "target": built.target,
@@ -68,6 +71,8 @@ def build_and_export(workspace: Workspace, plan: Plan, out_dir: str | Path, *, c
         summary["dump_ir"] = {"dir": str(dump_ir_dir), "files": len(built.dump_files)}
     if check:
         against = "the same QDQ model" if int8_ids else "the float model"
+        if plan.bf16_ids:
+            against += " with the bf16 convs' inputs and weights rounded to bf16"
         check_batches = workspace.eval_batches
         say(f"checking against ONNX Runtime on {against}, {len(check_batches)} batches not used for calibration "
             "(an output off by more than one step is traced with a probe build)...")
@@ -75,7 +80,8 @@ def build_and_export(workspace: Workspace, plan: Plan, out_dir: str | Path, *, c
         loaded = LoadedLibrary(library, built.input_names, built.output_names)
         candidate = [loaded.run(batch) for batch in check_batches]
         steps = workspace.steps if int8_ids else None
-        checked = check_build(model, build.qdq, int8_ids, check_batches, candidate, steps, options=workspace.options)
+        checked = check_build(model, build.qdq, int8_ids, check_batches, candidate, steps, options=workspace.options,
+                              bf16_ids=plan.bf16_ids)
         summary.update(checked.to_dict())
     atomic_write(out_dir / "plan.json", json.dumps(summary, indent=1))
     return summary

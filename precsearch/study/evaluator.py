@@ -127,12 +127,14 @@ class TvmEvaluator:
         its outputs are held to ONNX Runtime float (the fidelity reference, so
         no extra run) within :data:`~precsearch.fidelity.crosscheck.FLOAT_TAIL_RTOL`
         relative error, what cross_check allows float arithmetic in another
-        order; beyond that it is a compiler problem.
+        order; beyond that it is a compiler problem.  bf16 convs are held to ONNX
+        Runtime on their bf16-rounded inputs and weights.
         """
         outputs = list(outputs)
         steps = self.workspace.steps
         checked = check_build(self.model, qdq, plan.int8_ids(self.model), self.batches[:len(outputs)], outputs, steps,
-                              options=self.options, float_reference=self.reference[:len(outputs)], yardstick=False)
+                              options=self.options, float_reference=self.reference[:len(outputs)], yardstick=False,
+                              bf16_ids=plan.bf16_ids)
         return checked.verdict, checked.summary
 
     def build(self, plan: Plan) -> PlanBuild:

@@ -55,6 +55,7 @@ class BuiltPlan:
     layout_fallback: str = ""  # why every conv was built NCHW (the blocked graph failed ConvertLayout)
     onednn_kernels: dict[str, str] = field(default_factory=dict)  # layer id → oneDNN implementation it runs
     onednn_skipped: dict[str, str] = field(default_factory=dict)  # float convs kept on TIR, and why
+    bf16_layers: tuple[str, ...] = ()  # float layers whose conv runs in bf16 (on oneDNN)
     _vm: object = None
 
     def export_library(self, path: str | Path) -> Path:
@@ -158,8 +159,9 @@ def build_plan(model: LoadedModel, qdq_model: onnx.ModelProto, int8_ids, *,
         The prepared model (layer ids, shapes).
     qdq_model : onnx.ModelProto
         The plan's mixed QDQ model (or the float model for an all-float plan).
-    int8_ids : iterable of str
-        Layer ids the plan runs int8; every other conv must come out float.
+    int8_ids : Plan or iterable of str
+        The plan, or the layer ids it runs int8 (every other conv must come out float32); a plan with bf16
+        layers must be given whole.
     options : CompileOptions, optional
     dump_ir_dir : path, optional
         Write the IR after every pass there, numbered in run order.
@@ -218,6 +220,7 @@ def _build_plan(model, qdq_model, int8_ids, options: CompileOptions, dump_ir_dir
         untuned_convs=report.untuned_convs,
         onednn_kernels={layer: report.onednn_kernels[layer] for layer in report.onednn_layers},
         onednn_skipped=dict(report.onednn_skipped),
+        bf16_layers=report.bf16_layers,
     )
 
 

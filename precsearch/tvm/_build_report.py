@@ -22,7 +22,7 @@ class LayerRow:
 
     index: int
     id: str
-    dtype: str  # "int8" or "float32"
+    dtype: str  # "int8", "float32" or "bfloat16" (a float conv oneDNN runs in bf16)
     layout: str
     transforms_in: list[str] = field(default_factory=list)
     transforms_out: list[str] = field(default_factory=list)
@@ -43,6 +43,7 @@ class BuildReport:
     # pipeline(): the plan and the layout decision it was built with
     int8_layers: tuple[str, ...] = ()
     float_layers: tuple[str, ...] = ()
+    bf16_layers: tuple[str, ...] = ()  # among the float ones
     block_size: int = 0
     layouts: dict = field(default_factory=dict)  # layer index → LayerLayout
     # Int8ConvRewrite: layers rewritten to an integer conv, and each one's quantization by layer index

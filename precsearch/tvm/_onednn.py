@@ -32,8 +32,10 @@ SOURCE = Path(__file__).with_name("onednn_conv.cc")
 # The int64 config the C++ side reads, in order (its enum Field).
 CONFIG_FIELDS = ("n", "ic", "ih", "iw", "oc", "kh", "kw", "oh", "ow", "sh", "sw", "pt", "pl", "pb", "pr", "dh", "dw",
                  "groups", "src_block", "dst_block", "post_op", "threads", "layer", "dtype", "src_zero", "dst_zero")
-#: What a conv reads → writes: float32; u8 → u8 (requantized); u8 → float32 (an int8 conv with a float consumer).
-DTYPES = {"float32": 0, "int8": 1, "int8_float_out": 2}
+#: What a conv reads → writes: float32; u8 → u8 (requantized); u8 → float32 (an int8 conv with a float consumer);
+#: float32 → float32 with the conv on bf16 activations and weights (rounded to nearest even, float32 sums).
+DTYPES = {"float32": 0, "int8": 1, "int8_float_out": 2, "bfloat16": 3}
+INT8_DTYPES = ("int8", "int8_float_out")
 POST_OPS = {"none": 0, "relu": 1, "clip": 2, "swish": 3, "hardswish": 4, "sigmoid": 5}
 
 _lock = threading.Lock()
@@ -49,6 +51,20 @@ def int8_fast_on(target) -> bool:
     from tvm.target import codegen
 
     return any(bool(codegen.target_has_features(feature, target)) for feature in ("avx512vnni", "avxvnni"))
+
+
+def bf16_fast_on(target) -> bool:
+    """Whether bf16 convs run natively for ``target``: it names AVX512-BF16 / AMX-BF16, or it is this machine's
+    CPU and oneDNN finds them (LLVM names some virtualized CPUs after an older model without them).
+
+    Elsewhere oneDNN emulates bf16 with float32 instructions plus conversions: slower than float32 itself.
+    """
+    from tvm.target import codegen
+
+    if any(bool(codegen.target_has_features(feature, target)) for feature in ("avx512bf16", "amx-bf16")):
+        return True
+    host = str(target.attrs.get("mcpu", "")) == codegen.llvm_get_system_cpu() and not target.attrs.get("mattr")
+    return host and available() and bool(load().has_native_bf16())
 
 
 def _prefix_dirs() -> tuple[Path, Path]:
@@ -95,7 +111,8 @@ def load():
         try:
             module = tvm_ffi.cpp.load_inline(
                 "precsearch_onednn", cpp_sources=SOURCE.read_text(),
-                functions=["conv2d", "pack_weights", "unpack_weights", "weights_bytes", "implementation", "set_verbose"],
+                functions=["conv2d", "pack_weights", "unpack_weights", "weights_bytes", "implementation", "set_verbose",
+                           "has_native_bf16"],
                 extra_cflags=["-O2", "-std=c++17"], extra_include_paths=[str(include)],
                 extra_ldflags=[f"-L{lib}", "-ldnnl", "-lgomp", f"-Wl,-rpath,{lib}"])
         except Exception as exc:  # a compiler error is a reason to stay TIR, not a crash
@@ -138,7 +155,7 @@ class ConvSpec:
 
     @property
     def is_int8(self) -> bool:
-        return self.dtype != "float32"
+        return self.dtype in INT8_DTYPES
 
     def config(self) -> np.ndarray:
         n, ic, ih, iw = self.input_shape
@@ -157,7 +174,9 @@ class ConvSpec:
 
 
 def pack_weights(spec: ConvSpec, weights_oihw: np.ndarray) -> np.ndarray:
-    """The OIHW weights (float32, or int8 for an int8 spec) in the format oneDNN's primitive reads (a uint8 blob)."""
+    """The OIHW weights (float32, or int8 for an int8 spec) in the format oneDNN's primitive reads (a uint8 blob).
+
+    A bf16 spec takes float32 weights and stores them rounded to bf16 (nearest even)."""
     import tvm
 
     module = load()
@@ -181,8 +200,10 @@ def weight_dims(spec: ConvSpec) -> tuple[int, int, int, int]:
 
 
 def unpack_weights(spec: ConvSpec, packed: np.ndarray) -> np.ndarray:
-    """The OIHW float32 weights a packed blob holds (for verification; float specs only: an int8 blob carries
-    oneDNN's zero-point compensation, which has no inverse reorder, so VerifyPlan re-packs and compares bytes)."""
+    """The OIHW float32 weights a packed blob holds (for verification; a bf16 blob gives its values widened).
+
+    Float and bf16 specs only: an int8 blob carries oneDNN's zero-point compensation, which has no inverse
+    reorder, so VerifyPlan re-packs and compares bytes."""
     import tvm
 
     if spec.is_int8:
@@ -206,7 +227,7 @@ def spec_from_config(config: np.ndarray, post: np.ndarray) -> ConvSpec:
     dtype = {code: name for name, code in DTYPES.items()}[f["dtype"]]
     post = [float(v) for v in post]
     quantization = {}
-    if dtype != "float32":
+    if dtype in INT8_DTYPES:
         quantization = dict(src_scale=post[2], dst_scale=post[3], weight_scales=tuple(post[4:]))
     return ConvSpec((f["n"], f["ic"], f["ih"], f["iw"]), (f["n"], f["oc"], f["oh"], f["ow"]), (f["kh"], f["kw"]),
                     (f["sh"], f["sw"]), (f["pt"], f["pl"], f["pb"], f["pr"]), (f["dh"], f["dw"]), f["groups"],

@@ -210,15 +210,22 @@ class OffloadOneDNN(ReportingPass):
     int8_layers : set of int
         Int8 layer indices to offload, after Int8ConvRewrite (their quantization is read from the report it
         filled in).
+    bf16_layers : set of int
+        Float layers (in ``layers``) whose conv runs in bf16: oneDNN rounds their input and weights to
+        bfloat16 and sums in float32.  One that oneDNN cannot run is an error, not a float32 conv.
     """
 
     def __init__(self, params, layer_ids, layers, decisions: dict[int, LayerLayout], threads: int, report=None,
-                 int8_layers=()):
+                 int8_layers=(), bf16_layers=()):
         super().__init__(report)
         self.params = params
         self.layer_ids = tuple(layer_ids)
         self.layers = set(layers)
         self.int8_layers = set(int8_layers)
+        self.bf16_layers = set(bf16_layers)
+        if not self.bf16_layers <= self.layers:
+            raise CompileError("a bf16 conv must be a float conv offloaded to oneDNN", pass_name=PASS_NAME,
+                               layer_id=self.layer_ids[min(self.bf16_layers - self.layers)])
         self.decisions = decisions
         self.threads = threads
 
@@ -257,7 +264,11 @@ class OffloadOneDNN(ReportingPass):
                 _absorb_activation(graph, fusion)
             spec = self._spec(fusion, name, layer_id)
             kernel = _onednn.implementation(spec)
-            if kernel.startswith("ref"):  # oneDNN's reference loops: far slower than any TIR kernel
+            reference = any(part.startswith("ref") for part in kernel.split("+"))
+            if reference and spec.dtype == "bfloat16":
+                raise CompileError(f"oneDNN has only its reference kernel for this bf16 conv ({kernel})",
+                                   pass_name=PASS_NAME, layer_id=layer_id)
+            if reference:  # oneDNN's reference loops: far slower than any TIR kernel
                 self.report.onednn_skipped[layer_id] = f"oneDNN has only its reference kernel ({kernel}) here"
                 continue
             self.report.onednn_kernels[layer_id] = kernel
@@ -271,6 +282,8 @@ class OffloadOneDNN(ReportingPass):
         for row in self.report.rows:
             if row.id in self.report.onednn_fused:
                 row.backend, row.fused = "onednn", self.report.onednn_fused[row.id]
+                if row.index in self.bf16_layers:
+                    row.dtype = "bfloat16"
         return mutator.builder_.get()
 
     def _spec(self, fusion: _Fusion, weight_name: str, layer_id: str) -> _onednn.ConvSpec:
@@ -300,7 +313,8 @@ class OffloadOneDNN(ReportingPass):
         return _onednn.ConvSpec(tuple(data_shape), tuple(out_shape), tuple(int(k) for k in weights.shape[2:]),
                                 tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
                                 tuple(int(d) for d in attrs.dilation), int(attrs.groups), block, block,
-                                fusion.post_op, fusion.alpha, fusion.beta, self.threads, fusion.index, **quantization)
+                                fusion.post_op, fusion.alpha, fusion.beta, self.threads, fusion.index,
+                                **(quantization or ({"dtype": "bfloat16"} if fusion.index in self.bf16_layers else {})))
 
 
 @relax.expr_functor.mutator

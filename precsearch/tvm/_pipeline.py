@@ -71,12 +71,14 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
     """
     options = options or CompileOptions()
     report = report if report is not None else BuildReport()
+    bf16_ids = tuple(getattr(int8_ids, "bf16_ids", ()))
     if hasattr(int8_ids, "int8_ids"):  # a Plan: the layers it keeps float are named, the int8 ones follow
         int8_ids = int8_ids.int8_ids(model)
     target = resolve_target(options)
     layer_ids = [layer.id for layer in model.layers]
     index_of = {layer.id: layer.index for layer in model.layers}
     int8_indices = {index_of[layer_id] for layer_id in int8_ids}
+    bf16_indices = {index_of[layer_id] for layer_id in bf16_ids}
     float_indices = {layer.index for layer in model.layers if layer.index not in int8_indices
                      and layer.op_type == "Conv"}
     missing = sorted(int8_indices - set(imported.int8_weights))
@@ -87,6 +89,14 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
     if offload and not _onednn.available():
         report.onednn_skipped = {layer_ids[i]: _onednn.unavailable_reason() for i in sorted(float_indices)}
         offload = False
+    if bf16_indices:
+        # bf16 convs are oneDNN's (AVX512-BF16 / AMX-BF16 kernels): there is no TIR bf16 conv to fall back to
+        if not _onednn.bf16_fast_on(target):
+            raise ConfigError(f"bf16 convs need a CPU with AVX512-BF16 or AMX-BF16; this target has neither "
+                              f"(plan runs {layer_ids[min(bf16_indices)]} and {len(bf16_indices) - 1} more in bf16)")
+        if not offload:
+            raise ConfigError("bf16 convs run on oneDNN: "
+                              + (_onednn.unavailable_reason() or "--conv-backend tir leaves no oneDNN conv"))
     has_vnni = _onednn.int8_fast_on(target)
     if options.onednn_int8 and not has_vnni:
         # without VNNI oneDNN's u8 x s8 kernels sum pairs of products in saturating int16 (vpmaddubsw): not the
@@ -113,6 +123,7 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
                                int8_blocked=options.int8_blocked)
     report.int8_layers = tuple(layer_ids[i] for i in sorted(int8_indices))
     report.float_layers = tuple(layer.id for layer in model.layers if layer.index not in int8_indices)
+    report.bf16_layers = tuple(layer_ids[i] for i in sorted(bf16_indices))
     report.block_size = block
     report.layouts = decisions
     front = [
@@ -123,7 +134,7 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
         relax.transform.DeadCodeElimination(),
         InspectLayout(layer_ids, decisions, report=report),
         OffloadOneDNN(imported.params, layer_ids, float_indices if offload else (), decisions, options.threads,
-                      report=report, int8_layers=onednn_int8),
+                      report=report, int8_layers=onednn_int8, bf16_layers=bf16_indices),
         *([FastSigmoid()] if options.fast_sigmoid else []),
         *cpu_pipeline.library_dispatch_passes(target),
         relax.transform.LegalizeOps({"relax.nn.conv2d": make_conv_legalizer(layer_ids, decisions, report=report)}),
@@ -132,7 +143,7 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
         relax.transform.BindParams("main", imported.params),
         relax.transform.FoldConstant(),
         relax.transform.DeadCodeElimination(),
-        VerifyPlan(imported, layer_ids, int8_indices, float_indices, report=report),
+        VerifyPlan(imported, layer_ids, int8_indices, float_indices, report=report, bf16_indices=bf16_indices),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
     ]

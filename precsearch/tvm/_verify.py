@@ -15,6 +15,7 @@ import tvm
 from tvm import relax
 
 from precsearch.errors import CompileError, VerificationError
+from precsearch.model.bf16 import round_to_bf16
 from . import _onednn
 from ._build_report import BuildReport, LayerRow, ReportingPass
 from ._importer import ImportedModel
@@ -196,12 +197,13 @@ class VerifyPlan(ReportingPass):
     """
 
     def __init__(self, imported: ImportedModel, layer_ids, int8_indices, float_indices,
-                 report: BuildReport | None = None):
+                 report: BuildReport | None = None, bf16_indices=()):
         super().__init__(report)
         self.imported = imported
         self.layer_ids = tuple(layer_ids)
         self.int8_indices = set(int8_indices)
-        self.float_indices = set(float_indices)
+        self.bf16_indices = set(bf16_indices)  # float layers that must run bf16
+        self.float_indices = set(float_indices) - self.bf16_indices
 
     def run(self, mod: tvm.IRModule) -> tvm.IRModule:
         func = mod["main"]
@@ -238,10 +240,10 @@ class VerifyPlan(ReportingPass):
                 raise VerificationError(f"the {precision} kernel built for this layer does not hold its weights",
                                         pass_name="precsearch.VerifyPlan", layer_id=layer_id)
             self.report.kernel_weights[layer_id] = built
-        int8_built = {i for i, p in seen.items() if p == "int8"}
-        float_built = {i for i, p in seen.items() if p == "float"}
+        built_as = {label: {i for i, p in seen.items() if p == label} for label in ("int8", "bf16", "float")}
         problems = []
-        for label, wanted, got in (("int8", self.int8_indices, int8_built), ("float", self.float_indices, float_built)):
+        for label, wanted in (("int8", self.int8_indices), ("bf16", self.bf16_indices), ("float", self.float_indices)):
+            got = built_as[label]
             missing = sorted(wanted - got)
             extra = sorted(got - wanted)
             if missing:
@@ -249,7 +251,8 @@ class VerifyPlan(ReportingPass):
             if extra:
                 problems.append(f"unplanned {label} layers: {[self.layer_ids[i] for i in extra]}")
         if problems:
-            first = (sorted((self.int8_indices ^ int8_built) | (self.float_indices ^ float_built)) or [None])[0]
+            first = (sorted((self.int8_indices ^ built_as["int8"]) | (self.bf16_indices ^ built_as["bf16"])
+                            | (self.float_indices ^ built_as["float"])) or [None])[0]
             raise VerificationError("built graph does not match the plan: " + "; ".join(problems),
                                     pass_name="precsearch.VerifyPlan",
                                     layer_id=self.layer_ids[first] if first is not None else None)
@@ -258,8 +261,9 @@ class VerifyPlan(ReportingPass):
     def _check_onednn(self, call, var2val, seen: dict[int, str]) -> int:
         """A oneDNN conv: its config names the layer and its precision; its packed weights must be the layer's own.
 
-        Float weights are unpacked through oneDNN's inverse reorder; int8 ones carry oneDNN's zero-point
-        compensation, which has no inverse, so the layer's int8 weights are packed again and compared byte for byte.
+        Float weights are unpacked through oneDNN's inverse reorder (bf16 ones must equal the layer's weights
+        rounded to bf16); int8 ones carry oneDNN's zero-point compensation, which has no inverse, so the layer's
+        int8 weights are packed again and compared byte for byte.
         """
         data, packed, _bias, config, post = call.args[1].fields
         values = [self._weight_constant(arg, var2val, None) for arg in (packed, config, post)]
@@ -268,7 +272,7 @@ class VerifyPlan(ReportingPass):
         if spec.layer in seen:
             raise VerificationError("layer appears twice in the built graph", pass_name="precsearch.VerifyPlan",
                                     layer_id=layer_id)
-        precision = "int8" if spec.is_int8 else "float"
+        precision = "int8" if spec.is_int8 else "bf16" if spec.dtype == "bfloat16" else "float"
         seen[spec.layer] = precision
         expected = "uint8" if spec.is_int8 else "float32"
         if str(data.ty.dtype) != expected:
@@ -281,6 +285,8 @@ class VerifyPlan(ReportingPass):
         else:
             built = _onednn.unpack_weights(spec, values[0])
             reference = self.imported.float_weights.get(spec.layer)
+            if reference is not None and precision == "bf16":
+                reference = round_to_bf16(reference)
             holds = reference is not None and built.shape == reference.shape and np.array_equal(built, reference)
         if not holds:
             raise VerificationError(f"the oneDNN {precision} kernel built for this layer does not hold its weights",

@@ -28,7 +28,8 @@ enum Field {
   kSrcBlock, kDstBlock, kPostOp, kThreads, kLayer, kDtype, kSrcZero, kDstZero, kNumFields
 };
 // kDtype: what the conv reads and writes.
-enum Dtype { kFloat = 0, kInt8 = 1, kInt8FloatOut = 2 };
+// kBf16: float32 in and out, the conv itself on bf16 activations and weights (f32 accumulation).
+enum Dtype { kFloat = 0, kInt8 = 1, kInt8FloatOut = 2, kBf16 = 3 };
 // The float32 post tensor: [alpha, beta] and, for int8, [src_scale, dst_scale, weight_scale[oc]...].
 enum PostField { kAlpha = 0, kBeta = 1, kSrcScale = 2, kDstScale = 3, kWeightScales = 4 };
 // Post-op codes; alpha/beta come from the float32 post tensor.
@@ -108,18 +109,21 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
     threads_set = c[kThreads];
   }
   const auto f32 = memory::data_type::f32;
-  const bool int8 = c[kDtype] != kFloat;
-  TVM_FFI_ICHECK(c[kDtype] >= kFloat && c[kDtype] <= kInt8FloatOut) << "oneDNN conv: unknown dtype " << c[kDtype];
-  const auto src_dt = int8 ? memory::data_type::u8 : f32;
+  const bool int8 = c[kDtype] == kInt8 || c[kDtype] == kInt8FloatOut;
+  const bool bf16 = c[kDtype] == kBf16;
+  TVM_FFI_ICHECK(c[kDtype] >= kFloat && c[kDtype] <= kBf16) << "oneDNN conv: unknown dtype " << c[kDtype];
+  const auto src_dt = int8 ? memory::data_type::u8 : bf16 ? memory::data_type::bf16 : f32;
   const auto dst_dt = c[kDtype] == kInt8 ? memory::data_type::u8 : f32;
-  const auto weights_dt = int8 ? memory::data_type::s8 : f32;
+  const auto weights_dt = int8 ? memory::data_type::s8 : bf16 ? memory::data_type::bf16 : f32;
   const int64_t groups = c[kGroups];
   memory::dims src_dims{c[kN], c[kIC], c[kIH], c[kIW]};
   memory::dims dst_dims{c[kN], c[kOC], c[kOH], c[kOW]};
   memory::dims weight_dims = groups > 1
       ? memory::dims{groups, c[kOC] / groups, c[kIC] / groups, c[kKH], c[kKW]}
       : memory::dims{c[kOC], c[kIC], c[kKH], c[kKW]};
-  memory::desc src_desc(src_dims, src_dt, activation_tag(c[kSrcBlock]));
+  // What the graph hands over (float32 for a bf16 conv) and what the primitive reads.
+  memory::desc src_desc(src_dims, bf16 ? f32 : src_dt, activation_tag(c[kSrcBlock]));
+  memory::desc conv_src_desc(src_dims, src_dt, activation_tag(c[kSrcBlock]));
   memory::desc dst_desc(dst_dims, dst_dt, activation_tag(c[kDstBlock]));
   memory::desc any_weights(weight_dims, weights_dt, tag::any);
   memory::desc bias_desc({c[kOC]}, f32, tag::x);
@@ -177,14 +181,19 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
   auto slow = [](const std::string& impl) {
     return impl.find("gemm") != std::string::npos || impl.rfind("ref", 0) == 0;
   };
-  auto pd = make(src_desc, dst_desc);
+  auto pd = make(conv_src_desc, dst_desc);
   // oneDNN's int8 (VNNI / AMX) kernels read and write nhwc only: on the pipeline's
   // blocked or plain layout it has just its reference loops.  Reordering in and out
-  // costs two passes over u8 activations, far less than the conv it unlocks.
-  if (int8 && slow(pd.impl_info_str())) {
+  // costs two passes over u8 activations, far less than the conv it unlocks.  Its
+  // AMX bf16 kernels too are nhwc only; its blocked bf16 ones (AVX512-BF16) ran
+  // slower than float32 (96→96 3x3 at 52x52, 2 threads: 106 GMAC/s against 164,
+  // AMX nhwc with both reorders 617), so an AMX kernel is worth the reorders.
+  auto has_amx = [](const std::string& impl) { return impl.find("amx") != std::string::npos; };
+  if ((int8 && slow(pd.impl_info_str())) || (bf16 && !has_amx(pd.impl_info_str()))) {
     memory::desc src_nhwc(src_dims, src_dt, tag::nhwc), dst_nhwc(dst_dims, dst_dt, tag::nhwc);
     auto nhwc_pd = make(src_nhwc, dst_nhwc);
-    if (!slow(nhwc_pd.impl_info_str())) {
+    const std::string nhwc_impl = nhwc_pd.impl_info_str();
+    if (int8 ? !slow(nhwc_impl) : (has_amx(nhwc_impl) || slow(pd.impl_info_str()))) {
       pd = nhwc_pd;
       conv->src_staging = memory(src_nhwc, cpu_engine());
       conv->from_plain = dnnl::reorder(memory(src_desc, cpu_engine(), DNNL_MEMORY_NONE), conv->src_staging);
@@ -199,7 +208,7 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
   if (!int8 && c[kDstBlock] == 0 && std::string(pd.impl_info_str()).find("gemm") != std::string::npos) {
     for (int64_t block : {16, 8}) {
       memory::desc blocked_desc(dst_dims, f32, activation_tag(block));
-      auto blocked_pd = make(src_desc, blocked_desc);
+      auto blocked_pd = make(conv_src_desc, blocked_desc);
       std::string impl = blocked_pd.impl_info_str();
       if (!slow(impl)) {
         pd = blocked_pd;
@@ -209,6 +218,11 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
         break;
       }
     }
+  }
+  if (bf16 && !conv->src_staged) {  // the graph's float32 activations, rounded to bf16 in their own layout
+    conv->src_staging = memory(conv_src_desc, cpu_engine());
+    conv->from_plain = dnnl::reorder(memory(src_desc, cpu_engine(), DNNL_MEMORY_NONE), conv->src_staging);
+    conv->src_staged = true;
   }
   conv->primitive = dnnl::convolution_forward(pd);
   conv->weights_desc = pd.weights_desc();
@@ -246,7 +260,8 @@ void reorder_weights(tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::T
   memory::dims plain_dims = groups > 1
       ? memory::dims{groups, c[kOC] / groups, c[kIC] / groups, c[kKH], c[kKW]}
       : memory::dims{c[kOC], c[kIC], c[kKH], c[kKW]};
-  const auto plain_dt = c[kDtype] == kFloat ? memory::data_type::f32 : memory::data_type::s8;
+  // bf16 weights are given as float32 and rounded to bf16 by the reorder (round to nearest even)
+  const auto plain_dt = c[kDtype] == kFloat || c[kDtype] == kBf16 ? memory::data_type::f32 : memory::data_type::s8;
   memory plain({plain_dims, plain_dt, groups > 1 ? tag::goihw : tag::oihw}, cpu_engine(),
                address(oihw));
   memory blocked(conv.weights_desc, cpu_engine(), address(packed));
@@ -293,3 +308,19 @@ void conv2d(tvm::ffi::Tensor src, tvm::ffi::Tensor weights, tvm::ffi::Tensor bia
 
 // oneDNN's own per-primitive trace (level 2: creation and execution times), for profiling.
 void set_verbose(int64_t level) { dnnl::set_verbose(static_cast<int>(level)); }
+
+// Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX-BF16); elsewhere it emulates bf16 with
+// float32 instructions, slower than float32 itself.  Asked of oneDNN, not of LLVM: LLVM names some
+// virtualized CPUs after an older model (a Sapphire Rapids guest as "rocketlake") and drops their bf16.
+bool has_native_bf16() {
+  using isa = dnnl::cpu_isa;
+  switch (dnnl::get_effective_cpu_isa()) {
+    case isa::avx512_core_bf16:
+    case isa::avx512_core_fp16:
+    case isa::avx512_core_amx:
+    case isa::avx512_core_amx_fp16:
+      return true;
+    default:
+      return false;
+  }
+}
