@@ -3,6 +3,7 @@
 from precsearch.errors import CompileError
 from precsearch.fidelity.reference import run_ort
 from precsearch.fidelity.metrics import compute_metrics
+from precsearch.model.bf16 import bf16_reference_model
 from precsearch.model.plan import Plan
 from precsearch.study.record import COMPILER_PROBLEM, PlanResult
 from precsearch.workspace import Workspace
@@ -13,13 +14,15 @@ MISCOMPILED = "compiler problem: image 0 diverges at conv1.out_q after conv1 (Co
 def standin_latency_ms(model, plan: Plan) -> float:
     """A deterministic latency per backend.
 
-    TVM: an int8 conv costs a quarter of a float one, each int8/float boundary costs extra.
+    TVM: an int8 conv costs a quarter of a float one, a bf16 one half, each boundary between int8 and the
+    rest costs extra.
     ONNX Runtime: float convs are cheaper than TVM's (0.8), int8 ones dearer (0.5), boundaries free.
     So TVM wins the mostly-int8 plans and ORT the mostly-float ones.
     """
     ids = model.capable_ids()
     float_cost, int8_cost, boundary_cost = (0.8, 0.5, 0.0) if plan.backend == "ort" else (1.0, 0.25, 0.05)
-    cost = sum(model.layer(i).macs * (float_cost if i in plan.float_ids else int8_cost) for i in ids) * 1e-6
+    cost = sum(model.layer(i).macs * (0.5 if i in plan.bf16_ids else float_cost if i in plan.float_ids else int8_cost)
+               for i in ids) * 1e-6
     boundaries = sum((a in plan.float_ids) != (b in plan.float_ids) for a, b in zip(ids, ids[1:]))
     return cost + boundary_cost * boundaries
 
@@ -46,6 +49,8 @@ class StandInEvaluator:
     def fidelity(self, plan: Plan) -> dict:
         if plan.key() not in self._fidelity:
             qdq = self.workspace.qdq_model(plan)
+            if plan.bf16_ids:  # what a bf16 build gives: ONNX Runtime on the bf16-rounded convs
+                qdq = bf16_reference_model(qdq, plan.bf16_ids)
             metrics = compute_metrics(self.reference, run_ort(qdq, self.batches)).values
             self._fidelity[plan.key()] = {k: v for k, v in metrics.items() if "/" not in k}
         return self._fidelity[plan.key()]

@@ -272,8 +272,8 @@ def test_copy_result_copies_every_attribute_but_the_trials_own():
     set_attrs(follower, plan_key="float:conv0,conv2", float_layers=("conv0", "conv2"), worker="other:9",
               seed="my seed")
     copy_result(follower, frozen_owner)
-    assert OWN_ATTRS == ("seed", "worker", "plan", "float_layers", "reruns", "duplicate_of", "estimate_latency_ms",
-                         "estimate_fidelity")
+    assert OWN_ATTRS == ("seed", "worker", "plan", "float_layers", "bf16_layers", "reruns", "duplicate_of",
+                         "estimate_latency_ms", "estimate_fidelity")
     assert frozen_owner.user_attrs["reruns"] == 4 and "reruns" not in follower.user_attrs  # the owner's, not its
     expected = {k: v for k, v in frozen_owner.user_attrs.items() if k not in OWN_ATTRS}
     assert {k: v for k, v in follower.user_attrs.items() if k not in OWN_ATTRS} == expected

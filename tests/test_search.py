@@ -24,7 +24,8 @@ from precsearch.model.quantize import calibrate
 from precsearch.report.writer import collect, write_report
 from precsearch.study.record import COMPILER_PROBLEM, PlanRejected, StudyAttrs
 from precsearch.study.guided import GUIDED_SEED, GuidedProposals, Observation
-from precsearch.study.search import PlanSpace, make_sampler, open_study, run_worker, seed_plans
+from precsearch.study.search import (THREE_STATES, TWO_STATES, PlanSpace, make_sampler, open_study, run_worker,
+                                     seed_plans)
 from precsearch.study.storage import default_storage_url, open_storage
 from standin import MISCOMPILED, StandInEvaluator
 
@@ -40,7 +41,7 @@ def eight_convs(tmp_path_factory):
 
 
 def _search(tmp_path, prepared, evaluator=None, *, sampler, trials=None, metric="sqnr_db", study="s",
-            sampler_object=None, guide=None, **settings):
+            sampler_object=None, guide=None, precisions=TWO_STATES, **settings):
     model = prepared[0]
     evaluator = evaluator or StandInEvaluator(*prepared)
     config = SearchConfig(model=str(model.source), metric=metric, sampler=sampler, trials=trials, **settings)
@@ -48,8 +49,9 @@ def _search(tmp_path, prepared, evaluator=None, *, sampler, trials=None, metric=
     url = default_storage_url(tmp_path)
     storage = open_storage(url, heartbeat_interval_s=config.heartbeat_interval_s,
                            grace_period_s=config.grace_period_s)
-    handle = open_study(config, model, storage, url, study, metric)
-    summary = run_worker(handle, model, evaluator, seeds=seed_plans(model), sampler=sampler_object, guide=guide)
+    handle = open_study(config, model, storage, url, study, metric, precisions=precisions)
+    summary = run_worker(handle, model, evaluator, seeds=seed_plans(model, precisions=handle.precisions),
+                         sampler=sampler_object, guide=guide)
     return summary, handle, evaluator
 
 
@@ -302,6 +304,52 @@ def test_plan_space_round_trip(eight_convs):
     for float_ids in itertools.islice(itertools.combinations(space.layer_ids, 3), 5):
         plan = Plan(frozenset(float_ids))
         assert space.plan_of(space.params(plan)) == plan
+
+
+def test_a_three_state_space_gives_each_conv_int8_bf16_or_float(eight_convs):
+    space = PlanSpace(eight_convs[0], precisions=THREE_STATES)
+    assert space.size == 3 ** 8
+    plan = Plan(frozenset({"conv0", "conv3", "conv5"}), bf16_ids=frozenset({"conv3"}))
+    params = space.params(plan)
+    assert [params[i] for i in ("conv0", "conv1", "conv3")] == ["float", "int8", "bf16"]
+    assert space.plan_of(params) == plan
+    with pytest.raises(ConfigError, match="this study's space is int8/float"):
+        PlanSpace(eight_convs[0]).params(plan)
+    with pytest.raises(ConfigError, match="bf16 convs are searched on the TVM backend only"):
+        PlanSpace(eight_convs[0], ("tvm", "ort"), THREE_STATES)
+
+
+def test_seed_plans_in_three_states_add_bf16_in_place_of_float():
+    model = load_model(models.save(models.chain_model(), __import__("tempfile").mkdtemp(), "m"))
+    seeds = dict(seed_plans(model, ["conv1", "conv2", "conv0"], k=2, precisions=THREE_STATES))
+    assert list(seeds)[-3:] == ["all-bf16", "sensitive-top-1-bf16", "sensitive-top-2-bf16"]
+    assert seeds["all-bf16"].key() == "float:;bf16:conv0,conv1,conv2"
+    assert seeds["sensitive-top-2-bf16"].key() == "float:;bf16:conv1,conv2"
+    assert "all-bf16" not in dict(seed_plans(model))
+
+
+def test_an_exhaustive_three_state_search_puts_bf16_plans_on_the_front_and_records_them(tmp_path):
+    path = models.save(models.chain_model(channels=(8, 16, 16, 16), size=8, seed=3), tmp_path, "three")
+    model = load_model(path)
+    prepared = (model, calibrate(model, image_batches(model, None, 8)), image_batches(model, None, 8, offset=8))
+    prepared = (*prepared, run_ort(model.proto, prepared[2]))
+    summary, handle, _ = _search(tmp_path / "study", prepared, sampler="exhaustive", precisions=THREE_STATES)
+    assert handle.precisions == THREE_STATES and StudyAttrs(handle.study).precisions == THREE_STATES
+    assert summary.completed == 27 and summary.failed == 0
+    trials = [t for t in handle.study.get_trials() if t.state.name == "COMPLETE"]
+    values = {t.user_attrs["plan"]: t.values for t in trials}
+    assert len(values) == 27
+    brute = {key for key, (lat, fid) in values.items()
+             if not any(l2 <= lat and f2 >= fid and (l2 < lat or f2 > fid) for l2, f2 in values.values())}
+    assert {p.plan for p in summary.front} == brute
+    # bf16 sits between int8 and float in both latency and fidelity: some front plan runs bf16
+    assert any(p.bf16_layers for p in summary.front)
+    all_bf16 = next(t for t in trials if t.user_attrs["plan"] == "float:;bf16:conv0,conv1,conv2")
+    assert all_bf16.user_attrs["bf16_layers"] == ["conv0", "conv1", "conv2"]
+    assert all_bf16.user_attrs["float_layers"] == ["conv0", "conv1", "conv2"]
+    assert values["float:"][1] < all_bf16.values[1] < values["float:conv0,conv1,conv2"][1]
+    point = next(p for p in summary.front if p.bf16_layers)
+    assert point.to_plan().key() == point.plan
 
 
 def test_sampler_and_config_errors_name_the_parameter():

@@ -44,6 +44,19 @@ def test_fragile_layer_ranks_most_sensitive(fragile, tmp_path):
     assert pd.read_csv(tmp_path / CSV_NAME).columns[0] == "rank"
 
 
+def test_only_this_layer_bf16_sits_between_int8_and_float(fragile, tmp_path):
+    model, ranges, batches, reference = fragile
+    workspace = Workspace.in_memory(model, tmp_path, [], batches, ranges=ranges, reference=reference)
+    rows = run_sensitivity(workspace, measure_latency=False, bf16=True)
+    for row in rows:
+        # bf16 keeps 8 mantissa bits: far closer to float than int8 (even on the fragile conv1), not exact
+        assert row.only_bf16["sqnr_db"] > row.only_int8["sqnr_db"] + 6, row.id
+        assert 30.0 < row.only_bf16["sqnr_db"] < 200.0, row.id
+    frame = to_frame(rows, "sqnr_db")
+    assert {"only_bf16.sqnr_db", "only_bf16.top1"} <= set(frame.columns)
+    assert "only_bf16.sqnr_db" not in to_frame(run_sensitivity(workspace, measure_latency=False), "sqnr_db")
+
+
 def test_a_table_from_another_model_is_refused(fragile, tmp_path):
     model = fragile[0]
     pd.DataFrame({"rank": [1], "id": ["Conv@7"]}).to_csv(tmp_path / CSV_NAME, index=False)

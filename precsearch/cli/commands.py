@@ -133,6 +133,7 @@ def _cmd_build(args) -> int:
 def _cmd_sensitivity(args) -> int:
     from precsearch.fidelity.metrics import default_metric, validate_metric
     from precsearch.study.sensitivity import run_sensitivity, to_frame, write_csv
+    from precsearch.tvm import bf16_unsupported_reason
 
     quiet = args.json
     model, preset = _load(args)
@@ -149,7 +150,9 @@ def _cmd_sensitivity(args) -> int:
         status(f"[{done}/{total}] {layer_id}  {elapsed:.0f} s elapsed, ~{left:.0f} s left", quiet)
 
     backends = ("tvm", "ort") if args.backend == "both" else (args.backend,)
-    rows = run_sensitivity(workspace, measure_latency=not args.no_latency, progress=progress, backends=backends)
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and not bf16_unsupported_reason(workspace.options))
+    rows = run_sensitivity(workspace, measure_latency=not args.no_latency, progress=progress, backends=backends,
+                           bf16=bf16)
     frame = to_frame(rows, metric)
     path = write_csv(frame, workdir)
     if args.json:
@@ -157,6 +160,8 @@ def _cmd_sensitivity(args) -> int:
                          indent=1))
         return 0
     columns = ["rank", "id", f"only_int8.{metric}", f"only_float.{metric}"]
+    if bf16:
+        columns.append(f"only_bf16.{metric}")
     if metric != "sqnr_db":
         columns.append("only_int8.sqnr_db")
     columns += [c for c in ("latency_saved_ms", "ort_latency_saved_ms") if c in frame and frame[c].notna().any()]
@@ -268,7 +273,7 @@ def _cmd_search(args) -> int:
                           calibration=args.calibration, calibration_batches=args.calibration_batches,
                           eval_batches=args.eval_batches, metric=args.metric, max_drop=args.max_drop, goal=args.goal,
                           goal_on=args.goal_on.replace("-", "_"),
-                          guided=args.guided,
+                          guided=args.guided, bf16=args.bf16,
                           sampler=args.sampler, trials=args.trials, timeout_s=timeout_s, seed=args.seed,
                           sensitivity_k=args.sensitivity_k, workers=args.workers, threads=args.threads,
                           requant=args.requant, block_size=args.block_size, float_layout=args.float_layout,

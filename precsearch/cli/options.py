@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="ranking metric: top1, top5, cosine, sqnr_db, nmse, max_abs_error "
                                   "(default: top1 for a classifier output, else sqnr_db)")
     sensitivity.add_argument("--eval-batches", type=int, default=8, help="evaluation batches, disjoint from calibration")
+    sensitivity.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                             help="also score each layer alone in bf16 (only_bf16.* columns): auto (default) where "
+                                  "this CPU runs bf16 natively, on, off")
     sensitivity.add_argument("--no-latency", action="store_true",
                              help="skip the 1+N builds (TVM, or ORT sessions with --backend ort) that measure the "
                                   "latency each layer saves")
@@ -135,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allowed fidelity drop relative to float (top1/top5/cosine), e.g. 0.01; a constraint")
     search.add_argument("--goal", type=float, default=None,
                         help="least acceptable metric value (greatest for nmse/max_abs_error); a constraint")
+    search.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                        help="whether each conv may also run bf16 (int8 / bf16 / float per conv): auto (default) "
+                             "where this CPU runs bf16 natively (AVX512-BF16 or AMX-BF16) and --backend is tvm, "
+                             "stored with a new study; on (an error elsewhere); off")
     search.add_argument("--no-guided", dest="guided", action="store_false",
                         help="do not queue the guided estimate's plans between the sampler's (default: every other "
                              "trial after the seeds is the estimate's next plan)")

@@ -31,8 +31,9 @@ def progress_line(progress) -> str:
            f"front {progress.front_size}"
     best = progress.fastest_feasible
     if best is not None:
-        line += f"; fastest feasible {best.latency_ms:.3f} ms ({progress.metric} {best.fidelity:.4g}, " \
-                f"{len(best.float_layers)} float, trial {best.trial})"
+        bf16 = f", {len(best.bf16_layers)} bf16" if best.bf16_layers else ""
+        line += (f"; fastest feasible {best.latency_ms:.3f} ms ({progress.metric} {best.fidelity:.4g}, "
+                 f"{len(best.float_layers) - len(best.bf16_layers)} float{bf16}, trial {best.trial})")
     line += f"; {progress.elapsed_s / 60:.1f} min elapsed"
     if progress.left_s is not None:
         line += f", ~{progress.left_s / 60:.1f} min left"
@@ -43,7 +44,7 @@ def print_search(summary, as_json: bool, handle) -> int:
     front = [{"trial": p.trial, "backend": p.backend, "latency_ms": p.latency_ms, summary.metric: p.fidelity,
               **({f"{summary.metric}_interval": list(p.interval(summary.metric))} if p.interval(summary.metric) else {}),
               **({tie: p.metrics[tie]} if (tie := TIE_BREAK.get(summary.metric)) in p.metrics else {}),
-              "float_layers": list(p.float_layers)} for p in summary.front]
+              "float_layers": list(p.float_layers), "bf16_layers": list(p.bf16_layers)} for p in summary.front]
     if as_json:
         print(json.dumps({"study": summary.study_name, "storage": summary.storage, "metric": summary.metric,
                           "budget": summary.budget, "completed": summary.completed, "failed": summary.failed,
@@ -51,14 +52,17 @@ def print_search(summary, as_json: bool, handle) -> int:
                           "stopped_by": summary.stopped_by, "front": front}, indent=1))
         return 0
     goal = handle.config.fidelity_goal(summary.metric)
+    three = any(point.bf16_layers for point in summary.front)
     print(f"{'trial':>5} {'backend':>7} {'latency ms':>10} {summary.metric:>10} {'95% interval':>14} {'float':>5}  "
-          "float layers")
+          + (f"{'bf16':>5}  float layers (bf16 ones marked *)" if three else "float layers"))
     for point in summary.front:
-        layers = ",".join(point.float_layers) or "-"
+        bf16 = set(point.bf16_layers)
+        layers = ",".join(f"{i}*" if i in bf16 else i for i in point.float_layers) or "-"
         interval = point.interval(summary.metric)
         shown = f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "-"
+        counts = f"{len(point.float_layers) - len(bf16):>5}  " + (f"{len(bf16):>5}  " if three else "")
         print(f"{point.trial:>5} {point.backend:>7} {point.latency_ms:>10.3f} {point.fidelity:>10.4g} {shown:>14} "
-              f"{len(point.float_layers):>5}  {layers if len(layers) <= 60 else layers[:57] + '...'}")
+              f"{counts}{layers if len(layers) <= 60 else layers[:57] + '...'}")
     bound = "'s 95% lower bound" if handle.config.goal_on == "lower_bound" else ""
     constraint = f" with {summary.metric}{bound} >= {goal:g}" if goal is not None else ""
     print(f"front: {len(summary.front)} plans{constraint}; {summary.completed} plans completed, {summary.failed} "

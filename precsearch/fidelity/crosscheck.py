@@ -335,7 +335,7 @@ def check_build(model: LoadedModel, qdq: onnx.ModelProto, int8_ids, batches, can
                                  options=options, bf16_ids=bf16_ids)
             summary = (f"no int8 layers: max relative error {error:.2g} from {against}; {traced.summary()}")
             return BuildCheck(traced.verdict, summary, traced=traced, max_relative_error=error)
-        return BuildCheck(COMPILER_PROBLEM, f"compiler problem: the build without int8 layers differs from "
+        return BuildCheck(COMPILER_PROBLEM, f"compiler problem: the all-float build differs from "
                                             f"{against} by {error:.3g} relative (tolerance {FLOAT_TAIL_RTOL:g})",
                           max_relative_error=error)
     reference = run_ort(bf16_reference_model(qdq, bf16_ids) if bf16_ids else qdq, batches, optimized=False)

@@ -22,8 +22,10 @@ from precsearch.report.writer import REPORT_DIR, collect, write_report
 from precsearch.study.config import SearchConfig, resolve_settings
 from precsearch.study.evaluator import make_evaluator
 from precsearch.study.record import StudyAttrs
-from precsearch.study.search import (SearchProgress, SearchSummary, StudyHandle, measure_baselines, open_study,
-                                     remeasure_front, run_worker, seed_plans, summarize_study)
+from precsearch.errors import ConfigError
+from precsearch.study.search import (THREE_STATES, TWO_STATES, SearchProgress, SearchSummary, StudyHandle,
+                                     measure_baselines, open_study, remeasure_front, run_worker, seed_plans,
+                                     summarize_study)
 from precsearch.study.guided import GuidedProposals
 from precsearch.study.sensitivity import CSV_NAME, layer_noise, most_sensitive, noise_from_table
 from precsearch.study.storage import StorageError, open_storage, redact_url
@@ -55,6 +57,22 @@ def write_study_report(study, workdir: Path, out_dir: Path | None = None) -> Pat
     return out_dir
 
 
+def search_precisions(config: SearchConfig) -> tuple[str, ...]:
+    """Each conv's choices for a new study of ``config``: bf16 too where ``config.bf16`` and this CPU allow it."""
+    from precsearch.tvm import CompileOptions, bf16_unsupported_reason
+
+    if config.bf16 == "off":
+        return TWO_STATES
+    reason = "ONNX Runtime's quantizer has no bf16 convs" if config.backend != "tvm" else \
+        bf16_unsupported_reason(CompileOptions(threads=config.threads, conv_backend=config.conv_backend))
+    if not reason:
+        return THREE_STATES
+    if config.bf16 == "on":
+        raise ConfigError(f"--bf16 on: {reason}")
+    logger.warning("each conv is searched as int8 or float (no bf16): %s", reason)
+    return TWO_STATES
+
+
 def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, workdir: str | Path,
                storage_url: str, study_name: str | None = None, remeasure_repeats: int | None = None,
                status: Callable[[str], None] | None = None,
@@ -79,10 +97,12 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
     config = resolve_settings(model, config)  # the study stores concrete values: a later default changes nothing
     metric = config.metric
     study_name = study_name or f"precsearch-{Path(config.model).stem}-{metric}"
-    handle = open_study(config, model, storage, storage_url, study_name, metric)
+    handle = open_study(config, model, storage, storage_url, study_name, metric,
+                        precisions=search_precisions(config))
     sensitive = most_sensitive(workdir, model, config.sensitivity_k) if (workdir / CSV_NAME).is_file() else []
-    seeds = seed_plans(model, sensitive, config.sensitivity_k, config.backends)
-    say(f"study {study_name!r} in {redact_url(storage_url)}; preparing calibration, inputs and the float reference...")
+    seeds = seed_plans(model, sensitive, config.sensitivity_k, config.backends, handle.precisions)
+    say(f"study {study_name!r} in {redact_url(storage_url)}; each conv {' / '.join(handle.precisions)}; "
+        "preparing calibration, inputs and the float reference...")
     evaluator = make_evaluator(config, model, workdir, preset, metric)
     if not StudyAttrs(handle.study).baselines:
         say("measuring ONNX Runtime float and int8 (the report's baselines)...")

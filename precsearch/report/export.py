@@ -4,7 +4,8 @@ The plan is rebuilt by the search's own backend from the study's stored
 settings, with the same cached calibration and tuning database, so the library
 computes what the trial measured.  The float layer list is written in the forms three quantizers take:
 ONNX Runtime's ``nodes_to_exclude``, NNCF's ``IgnoredScope(names=...)`` and
-Intel Neural Compressor's ``op_name_dict``.
+Intel Neural Compressor's ``op_name_dict``; of a plan's bf16 layers only the
+last can say it (the other two keep them float32, and their snippets say so).
 
 A trial of the ONNX Runtime backend exports the quantized model itself
 (``model.int8.onnx``, ready for an ``InferenceSession``), the prepared float
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 ORT_SNIPPET = '''"""Quantize the model with ONNX Runtime, keeping the float layers precsearch chose (trial {trial})."""
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-NODES_TO_EXCLUDE = {names}
+NODES_TO_EXCLUDE = {names}{ort_bf16}
 
 # quantize_static("model.onnx", "model.int8.onnx", calibration_data_reader,
 #                 quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -43,14 +44,15 @@ NODES_TO_EXCLUDE = {names}
 NNCF_SNIPPET = '''"""Quantize with NNCF, keeping the float layers precsearch chose (trial {trial})."""
 import nncf
 
-IGNORED_SCOPE = nncf.IgnoredScope(names={names})
+IGNORED_SCOPE = nncf.IgnoredScope(names={names}){nncf_bf16}
 
 # quantized = nncf.quantize(model, calibration_dataset, ignored_scope=IGNORED_SCOPE)
 '''
 INC_SNIPPET = '''"""Quantize with Intel Neural Compressor, keeping the float layers precsearch chose (trial {trial})."""
-FLOAT_LAYERS = {names}
-OP_NAME_DICT = {{name: {{"activation": {{"dtype": ["fp32"]}}, "weight": {{"dtype": ["fp32"]}}}}
-                for name in FLOAT_LAYERS}}
+FLOAT_LAYERS = {float32_names}
+BF16_LAYERS = {bf16_names}  # INC runs a layer bf16 when its dtype says so (on a CPU with AVX512-BF16 or AMX)
+OP_NAME_DICT = {{**{{name: {{"activation": {{"dtype": ["fp32"]}}, "weight": {{"dtype": ["fp32"]}}}} for name in FLOAT_LAYERS}},
+                **{{name: {{"activation": {{"dtype": ["bf16"]}}, "weight": {{"dtype": ["bf16"]}}}} for name in BF16_LAYERS}}}}
 
 # from neural_compressor import PostTrainingQuantConfig, quantization
 # config = PostTrainingQuantConfig(op_name_dict=OP_NAME_DICT)
@@ -70,7 +72,7 @@ time, every excluded conv whose input is dequantized, and the convs kept float w
 import onnxruntime
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
-NODES_TO_EXCLUDE = {names}
+NODES_TO_EXCLUDE = {names}{ort_bf16}
 DISABLED_OPTIMIZERS = {disabled}
 
 
@@ -135,13 +137,22 @@ def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | P
     library = built.export_library(out / "model.so")
     atomic_write(out / "model.qdq.onnx", qdq.SerializeToString())
     every_float = list(plan.float_layer_ids(model))  # the plan's float convs and those that cannot run int8
+    bf16 = list(plan.bf16_layer_ids(model))
     names = json.dumps(every_float)
-    atomic_write(out / "onnxruntime_quantize.py", ORT_SNIPPET.format(trial=trial_number, names=names))
-    atomic_write(out / "nncf_ignored_scope.py", NNCF_SNIPPET.format(trial=trial_number, names=names))
-    atomic_write(out / "inc_op_name_dict.py", INC_SNIPPET.format(trial=trial_number, names=names))
+    # ORT's quantize_static and NNCF's ignored scope have no per-layer bf16: those layers stay float32 there
+    cannot = (f"\n# The plan runs {json.dumps(bf16)} in bf16, which {{tool}} cannot express per layer: here they "
+              "stay float32\n# (slower than the measured plan, and at least as faithful)") if bf16 else ""
+    atomic_write(out / "onnxruntime_quantize.py", ORT_SNIPPET.format(
+        trial=trial_number, names=names, ort_bf16=cannot.format(tool="quantize_static")))
+    atomic_write(out / "nncf_ignored_scope.py", NNCF_SNIPPET.format(
+        trial=trial_number, names=names, nncf_bf16=cannot.format(tool="nncf.quantize")))
+    atomic_write(out / "inc_op_name_dict.py", INC_SNIPPET.format(
+        trial=trial_number, float32_names=json.dumps([i for i in every_float if i not in bf16]),
+        bf16_names=json.dumps(bf16)))
     summary = {"study": study.study_name, "trial": trial_number, "backend": record.backend, "model": config.model,
                "plan": plan.key(),
-               "float_layers": every_float, "int8_layers": list(int8_ids), "latency_ms": trial.values[0],
+               "float_layers": every_float, "bf16_layers": bf16, "int8_layers": list(int8_ids),
+               "latency_ms": trial.values[0],
                config.metric: trial.values[1],
                "metrics": {k: v if math.isfinite(v) else str(v) for k, v in record.metrics.items()},
                "library": str(library), "qdq_model": str(out / "model.qdq.onnx"), "target": built.target,

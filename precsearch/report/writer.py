@@ -64,6 +64,8 @@ def _trial_row(trial) -> dict:
            "backend": record.backend if has_plan else None,
            "float_count": len(record.float_layers) if has_plan else None,
            "float_layers": json.dumps(list(record.float_layers)) if has_plan else None,
+           "bf16_count": len(record.bf16_layers) if has_plan else None,
+           "bf16_layers": json.dumps(list(record.bf16_layers)) if has_plan else None,
            "latency_ms": trial.values[0] if trial.values else (result.latency_ms if result else None),
            "fidelity": trial.values[1] if trial.values else None,
            "latency_iqr_ms": result.latency_iqr_ms if result else None,
@@ -143,7 +145,8 @@ def collect(study, *, workdir: str | Path | None = None, layer_ids=(), command_p
         result = TrialRecord.from_trial(by_number[point.trial]).result
         row = {"trial": point.trial, "plan": point.plan, "backend": point.backend,
                "float_layers": json.dumps(list(point.float_layers)),
-               "float_count": len(point.float_layers), "latency_ms": point.latency_ms,
+               "float_count": len(point.float_layers), "bf16_layers": json.dumps(list(point.bf16_layers)),
+               "bf16_count": len(point.bf16_layers), "latency_ms": point.latency_ms,
                "latency_iqr_ms": result.latency_iqr_ms, metric: point.fidelity}
         row.update(result.metrics)
         row["verdict"] = result.verdict
@@ -253,8 +256,10 @@ def _commands(config, study_name: str, workdir, recommended, prefix: str) -> dic
         commands["export"] = shlex.join([prefix, "export", *where, "--study", study_name, "--trial", str(trial),
                                          "--out", f"export-trial-{trial}"])
         floats = ",".join(json.loads(recommended["float_layers"])) or "none"
+        bf16 = _bf16_of(recommended)
         if recommended.get("backend", "tvm") == "tvm":
-            commands["build"] = shlex.join([prefix, "build", config.model, "--float", floats, *where,
+            commands["build"] = shlex.join([prefix, "build", config.model, "--float", floats,
+                                            *(["--bf16", ",".join(bf16)] if bf16 else []), *where,
                                             "--out", f"build-trial-{trial}", "--check"])
         else:
             commands["bench"] = shlex.join([prefix, "bench", config.model, *where, "--backend", "ort",
@@ -418,10 +423,17 @@ def _layer_map_figure(data: ReportData):
 
     layers = list(data.layer_ids) or sorted({i for s in data.front["float_layers"] for i in json.loads(s)})
     columns = [f"trial {int(t)}" for t in data.front["trial"]]
-    matrix = [[1 if layer in json.loads(s) else 0 for s in data.front["float_layers"]] for layer in layers]
-    fig = go.Figure(go.Heatmap(z=matrix, x=columns, y=layers, colorscale=[[0, "#dbe9f6"], [1, "#d62728"]],
-                               showscale=False, hovertemplate="%{y} in %{x}: %{z}<extra>1 = float</extra>"))
-    fig.update_layout(title="which layers stay float (red) in each front plan, fastest plan first",
+    plans = [(set(json.loads(floats)), set(_bf16_of(row))) for floats, (_, row) in
+             zip(data.front["float_layers"], data.front.iterrows())]
+    # 0 int8, 1 bf16, 2 float: bf16 is the middle rung
+    matrix = [[(1 if layer in bf16 else 2) if layer in floats else 0 for floats, bf16 in plans] for layer in layers]
+    has_bf16 = any(bf16 for _, bf16 in plans)
+    colors = [[0, "#dbe9f6"], [0.5, "#ff9f40"], [1, "#d62728"]]
+    fig = go.Figure(go.Heatmap(z=matrix, x=columns, y=layers, colorscale=colors, zmin=0, zmax=2, showscale=False,
+                               hovertemplate="%{y} in %{x}: %{z}<extra>0 = int8, 1 = bf16, 2 = float</extra>"))
+    fig.update_layout(title=("which layers run bf16 (orange) or stay float (red) in each front plan, fastest plan "
+                             "first") if has_bf16 else
+                      "which layers stay float (red) in each front plan, fastest plan first",
                       template="plotly_white", height=max(300, 14 * len(layers) + 120), yaxis=dict(autorange="reversed"))
     return fig
 
@@ -459,6 +471,12 @@ def _verdict_counts(trials: pd.DataFrame) -> str:
             "(a compiler problem fails its trial)." + ort_note)
 
 
+def _bf16_of(row) -> list[str]:
+    """A trials/front row's bf16 layers (a study without them, or a report made before bf16, has none)."""
+    value = row.get("bf16_layers") if hasattr(row, "get") else None
+    return json.loads(value) if isinstance(value, str) and value else []
+
+
 def ship_line(recommended: dict) -> str:
     """What to ship, naming the runtime: the TVM library or the ``quantize_static`` model for ONNX Runtime."""
     trial = int(recommended["trial"])
@@ -486,12 +504,16 @@ def report_html(data: ReportData, png: bytes) -> str:
         latency = rec["remeasured_median_ms"] if rec.get("remeasured_median_ms") else rec["latency_ms"]
         speedups = ", ".join(f"{rec[k]:.2f}× vs {k.removeprefix('speedup_vs_').replace('_', ' ')}"
                              for k in ("speedup_vs_ort_float", "speedup_vs_ort_int8") if k in rec and rec[k])
-        floats = json.loads(rec["float_layers"])
+        bf16 = _bf16_of(rec)
+        floats = [layer for layer in json.loads(rec["float_layers"]) if layer not in bf16]
+        bf16_part = f"; {len(bf16)} bf16 conv{'s' if len(bf16) != 1 else ''}: {html.escape(', '.join(bf16))}" \
+            if bf16 else ""
         summary = (f"<p class='rec'><b>{html.escape(ship_line(rec))}</b>: {latency:.3f} ms "
                    f"({speedups or 'no ORT baseline measured'}), {data.metric} {rec[data.metric]:.4g}"
                    f"{f' (goal {data.goal:g})' if data.goal is not None else ''}; "
                    f"{len(floats)} float conv{'s' if len(floats) != 1 else ''}: "
-                   f"{html.escape(', '.join(floats) or 'none (all int8)')}. It is the knee of the feasible front: "
+                   f"{html.escape(', '.join(floats) or ('none' if bf16 else 'none (all int8)'))}{bf16_part}. "
+                   f"It is the knee of the feasible front: "
                    f"the plan where more speed starts to cost the most fidelity.</p>")
     elif data.ship_baseline is not None:
         which = "TVM plan" if _backends(data) == ["tvm"] else "plan"
@@ -507,9 +529,10 @@ def report_html(data: ReportData, png: bytes) -> str:
     if ort_int8_fidelity is not None:
         baselines += f" (ORT int8 {data.metric} {ort_int8_fidelity:.4g})"
     metric_columns = [c for c in ("top1", "top5", "cosine", "sqnr_db", "nmse", "max_abs_error") if c in data.front]
-    table = _table(data.front, ["trial", "backend", "latency_ms", "latency_iqr_ms", "remeasured_median_ms", "remeasured_iqr_ms",
+    table = (_table(data.front, ["trial", "backend", "latency_ms", "latency_iqr_ms", "remeasured_median_ms", "remeasured_iqr_ms",
                                 *metric_columns, "speedup_vs_ort_float", "speedup_vs_ort_int8", "verdict",
-                                "float_count", "float_layers"]) if len(data.front) else "<p>empty</p>"
+                                "float_count", "float_layers", "bf16_count", "bf16_layers"])
+             if len(data.front) else "<p>empty</p>")
     failures = _table(failed, ["trial", "backend", "plan", "verdict", "fail_reason"]) if len(failed) else "<p>none</p>"
     checked = _verdict_counts(data.trials)
     return f"""<!DOCTYPE html>

@@ -27,7 +27,9 @@ SEARCH_BACKENDS = ("tvm", "ort", "both")
 OBJECTIVE_FIELDS = ("model", "input_shapes", "data", "preset", "calibration", "calibration_batches", "eval_batches",
                     "metric", "max_drop", "goal", "threads", "requant", "block_size", "float_layout", "warmup",
                     "repeats", "untuned", "check_batches", "backend", "conv_backend", "goal_on",
-                    "onednn_int8")
+                    "onednn_int8", "bf16")
+#: What ``bf16`` may say: search bf16 convs where the CPU has them, always (an error elsewhere), never.
+BF16_SETTINGS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,11 @@ class SearchConfig:
     onednn_int8 : str
         ``"auto"`` (default: int8 convs on oneDNN where the CPU has VNNI), ``"on"`` or ``"off"``; studies
         stored before this setting existed load as ``"auto"``.
+    bf16 : str
+        Whether each conv may also run bf16: ``"auto"`` (default: where the CPU runs bf16 natively and the
+        backend is TVM; decided when the study is made and stored with it), ``"on"`` (an error where it
+        cannot) or ``"off"``.  Studies stored before this setting existed load as ``"auto"`` and keep the
+        int8/float space they were made with.
     """
 
     model: str
@@ -114,6 +121,7 @@ class SearchConfig:
     goal_on: str = "value"
     onednn_int8: str = "auto"
     guided: bool = True
+    bf16: str = "auto"
 
     def __post_init__(self):
         if self.eval_batches is not None:
@@ -152,6 +160,9 @@ class SearchConfig:
         if self.onednn_int8 not in ("auto", "on", "off"):
             raise ConfigError(f"The 'onednn_int8' parameter of search must be 'auto', 'on' or 'off'; "
                               f"got {self.onednn_int8!r} instead.")
+        if self.bf16 not in BF16_SETTINGS:
+            raise ConfigError(f"The 'bf16' parameter of search must be 'auto', 'on' or 'off'; "
+                              f"got {self.bf16!r} instead.")
         if self.conv_backend not in ("tir", "onednn"):
             raise ConfigError(f"The 'conv_backend' parameter of search must be 'tir' or 'onednn'; "
                               f"got {self.conv_backend!r} instead.")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from precsearch.model.plan import Plan
 from precsearch.study.record import TrialRecord
 
 #: Objective values are clipped to this magnitude: SQNR of an exact plan is
@@ -38,9 +39,14 @@ class FrontPoint:
     plan: str
     latency_ms: float
     fidelity: float
-    float_layers: tuple[str, ...]
+    float_layers: tuple[str, ...]  # every layer the plan does not run int8, bf16 ones included
     backend: str = "tvm"  # the runtime the plan was built for
     metrics: dict = field(default_factory=dict)  # every recorded metric (intervals, the tie-break)
+    bf16_layers: tuple[str, ...] = ()
+
+    def to_plan(self) -> Plan:
+        """The :class:`~precsearch.model.plan.Plan` of this point (``plan`` is its key)."""
+        return Plan(frozenset(self.float_layers), self.backend, frozenset(self.bf16_layers))
 
     def interval(self, metric: str) -> tuple[float, float] | None:
         """The 95 % interval of ``metric`` when it has one (top-k agreement)."""
@@ -90,7 +96,8 @@ def front_points(trials, *, feasible_only: bool = True, higher_is_better: bool =
     losses = np.column_stack([[t.values[0] for t, _ in unique], fidelity_loss])
     on_front = _non_dominated(losses)
     points = [FrontPoint(trial=t.number, plan=r.plan_key or "", latency_ms=t.values[0], fidelity=t.values[1],
-                         float_layers=r.float_layers, backend=r.backend, metrics=r.metrics)
+                         float_layers=r.float_layers, backend=r.backend, metrics=r.metrics,
+                         bf16_layers=r.bf16_layers)
               for (t, r), keep in zip(unique, on_front) if keep]
     return sorted(points, key=lambda p: (p.latency_ms, p.trial))
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 from precsearch.errors import PrecsearchError
-from precsearch.model.plan import TVM, Plan
+from precsearch.model.plan import FLOAT, INT8, TVM, Plan
 
 # Verdicts of the cross-check of a build with ONNX Runtime on the same QDQ model: the strings of
 # precsearch.fidelity.crosscheck (a test holds them equal), repeated so the search loop need not import TVM.
@@ -100,8 +100,9 @@ class TrialRecord:
     """
 
     plan_key: str | None = None
-    float_layers: tuple[str, ...] = ()
+    float_layers: tuple[str, ...] = ()  # every layer the plan does not run int8, bf16 ones included
     backend: str = TVM
+    bf16_layers: tuple[str, ...] = ()  # written only when there are any (a two-state study has none)
     int8_convs: int | None = None
     result: PlanResult | None = None
     feasible: bool | None = None
@@ -124,6 +125,8 @@ class TrialRecord:
         if self.plan_key is not None:
             attrs["plan"] = self.plan_key
             attrs["float_layers"] = list(self.float_layers)
+            if self.bf16_layers:
+                attrs["bf16_layers"] = list(self.bf16_layers)
         if self.backend != TVM:
             attrs["backend"] = self.backend
         for name in ("int8_convs", "feasible", "fail_reason", "seed", "worker", "duplicate_of", "reruns", "skipped",
@@ -140,7 +143,8 @@ class TrialRecord:
     def from_attrs(cls, attrs: dict, *, number: int | None = None, state: str | None = None) -> TrialRecord:
         plan_key = attrs.get("plan")
         return cls(plan_key=plan_key, float_layers=tuple(attrs.get("float_layers", ())),
-                   backend=attrs.get("backend", TVM), int8_convs=attrs.get("int8_convs"), result=_result_of(attrs), feasible=attrs.get("feasible"),
+                   backend=attrs.get("backend", TVM), bf16_layers=tuple(attrs.get("bf16_layers", ())),
+                   int8_convs=attrs.get("int8_convs"), result=_result_of(attrs), feasible=attrs.get("feasible"),
                    fail_reason=attrs.get("fail_reason"), seed=attrs.get("seed"), worker=attrs.get("worker"),
                    duplicate_of=attrs.get("duplicate_of"), reruns=attrs.get("reruns"), skipped=attrs.get("skipped"),
                    estimate_latency_ms=attrs.get("estimate_latency_ms"), estimate_fidelity=attrs.get("estimate_fidelity"),
@@ -153,7 +157,7 @@ class TrialRecord:
 
     @property
     def plan(self) -> Plan:
-        return Plan(frozenset(self.float_layers), self.backend)
+        return Plan(frozenset(self.float_layers), self.backend, frozenset(self.bf16_layers))
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -189,7 +193,7 @@ def _result_of(attrs: dict) -> PlanResult | None:
 
 
 # Attributes a duplicate does not copy from the trial it follows: they describe the trial, not the plan's result.
-OWN_ATTRS = ("seed", "worker", "plan", "float_layers", "reruns", "duplicate_of", "estimate_latency_ms",
+OWN_ATTRS = ("seed", "worker", "plan", "float_layers", "bf16_layers", "reruns", "duplicate_of", "estimate_latency_ms",
              "estimate_fidelity")
 
 
@@ -210,6 +214,7 @@ class StudyAttrs:
     BASELINES = "baselines"
     REMEASURED = "remeasured"
     REMEASURED_BASELINES = "remeasured_baselines"
+    PRECISIONS = "precisions"  # what each conv may run in: ["int8", "float"] or ["int8", "bf16", "float"]
     LAYER_NOISE = "layer_noise"  # each conv's noise when it alone is int8: the guided estimate's prior
     GUIDED_ESTIMATE = "guided_estimate"  # each backend's guided-estimate fit error on the measured plans
 
@@ -245,6 +250,11 @@ class StudyAttrs:
         return dict(self.study.user_attrs.get(self.REMEASURED_BASELINES) or {})
 
     @property
+    def precisions(self) -> tuple[str, ...]:
+        """The values of each conv's parameter; studies made before bf16 existed are int8/float."""
+        return tuple(self.study.user_attrs.get(self.PRECISIONS) or (INT8, FLOAT))
+
+    @property
     def layer_noise(self) -> dict[str, float]:
         return dict(self.study.user_attrs.get(self.LAYER_NOISE) or {})
 
@@ -272,7 +282,9 @@ def set_attrs(trial, **values) -> None:
         elif name == "backend" and value == TVM:
             continue  # the value an absent attribute reads as: TVM trials keep the attributes they always had
         else:
-            stored = list(value) if name == "float_layers" and value is not None else value
+            if name == "bf16_layers" and not value:
+                continue  # absent reads as none: two-state trials keep the attributes they always had
+            stored = list(value) if name in ("float_layers", "bf16_layers") and value is not None else value
             trial.set_user_attr(_ATTR_OF_FIELD.get(name, name), stored)
 
 

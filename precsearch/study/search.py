@@ -1,6 +1,7 @@
 """The search: an Optuna multi-objective study over which conv layers stay float.
 
-One categorical parameter per int8-capable conv (``int8``/``float``), two
+One categorical parameter per int8-capable conv (``int8``/``float``, and
+``bf16`` where the study's CPU runs it natively), two
 objectives (latency median in ms, minimized; the fidelity metric, maximized or
 minimized by its kind), the fidelity goal as an Optuna constraint.  The loop
 does not know how a plan is scored: it calls a :class:`PlanEvaluator` (TVM
@@ -39,14 +40,15 @@ from precsearch.fidelity.metrics import METRICS, TIE_BREAK
 from precsearch.study.guided import GUIDED_SEED, GuidedProposals
 from precsearch.model import LoadedModel
 from precsearch.study.pareto import FrontPoint, finite_objective, front_points
-from precsearch.model.plan import BACKENDS, TVM, Plan
+from precsearch.model.plan import BACKENDS, BF16, FLOAT, INT8, TVM, Plan
 from precsearch.study.record import (COMPILER_PROBLEM, PlanEvaluator, PlanRejected, StudyAttrs,
                                      TrialRecord, copy_result, set_attrs)
 from precsearch.study.storage import PlanClaims, quiet_experimental, redact_url
 
 logger = logging.getLogger(__name__)
 
-INT8, FLOAT = "int8", "float"
+TWO_STATES = (INT8, FLOAT)
+THREE_STATES = (INT8, BF16, FLOAT)
 BACKEND_PARAM = "backend"  # the Optuna parameter that picks the runtime when a study searches both
 INTERRUPTED = "interrupted"
 CONSTRAINT = "fidelity_goal"
@@ -71,10 +73,19 @@ class PlanSpace:
     is built for it and the space has no backend parameter, so a TVM study's
     parameters are what they were before there was a second backend.  With
     ``("tvm", "ort")`` one more categorical parameter, ``backend``, chooses the
-    runtime: the same float set on two runtimes is two plans.
+    runtime: the same float set on two runtimes is two plans.  ``precisions``
+    are each conv's choices: ``("int8", "float")``, or with ``"bf16"`` between
+    them (TVM only: ONNX Runtime's quantizer has no bf16 convs).
     """
 
-    def __init__(self, model: LoadedModel, backends: Sequence[str] = (TVM,)):
+    def __init__(self, model: LoadedModel, backends: Sequence[str] = (TVM,),
+                 precisions: Sequence[str] = TWO_STATES):
+        self.precisions = tuple(precisions)
+        if self.precisions not in (TWO_STATES, THREE_STATES):
+            raise ConfigError(f"The 'precisions' parameter of PlanSpace must be {list(TWO_STATES)} or "
+                              f"{list(THREE_STATES)}; got {list(self.precisions)} instead.")
+        if BF16 in self.precisions and tuple(backends) != (TVM,):
+            raise ConfigError("bf16 convs are searched on the TVM backend only; ONNX Runtime's quantizer has none")
         self.layer_ids = tuple(model.capable_ids())
         if not self.layer_ids:
             raise ConfigError(f"The model {str(model.source)!r} has no int8-capable conv layers to search over.")
@@ -89,16 +100,22 @@ class PlanSpace:
 
     @property
     def size(self) -> int:
-        return len(self.backends) * 2 ** len(self.layer_ids)
+        return len(self.backends) * len(self.precisions) ** len(self.layer_ids)
 
     def suggest(self, trial) -> Plan:
-        float_ids = frozenset(i for i in self.layer_ids if trial.suggest_categorical(i, [INT8, FLOAT]) == FLOAT)
+        chosen = {i: trial.suggest_categorical(i, list(self.precisions)) for i in self.layer_ids}
         backend = trial.suggest_categorical(BACKEND_PARAM, list(self.backends)) if len(self.backends) > 1 \
             else self.backends[0]
-        return Plan(float_ids, backend)
+        return self._plan(chosen, backend)
+
+    def _plan(self, chosen: dict, backend: str) -> Plan:
+        return Plan(frozenset(i for i in self.layer_ids if chosen[i] != INT8), backend,
+                    frozenset(i for i in self.layer_ids if chosen[i] == BF16))
 
     def params(self, plan: Plan) -> dict[str, str]:
-        params = {i: FLOAT if i in plan.float_ids else INT8 for i in self.layer_ids}
+        if plan.bf16_ids and BF16 not in self.precisions:
+            raise ConfigError(f"plan {plan.key()!r} runs convs in bf16; this study's space is int8/float")
+        params = {i: plan.precision(i) for i in self.layer_ids}
         if len(self.backends) > 1:
             params[BACKEND_PARAM] = plan.backend
         return params
@@ -110,22 +127,28 @@ class PlanSpace:
         if len(self.backends) > 1 and BACKEND_PARAM not in params:
             return None
         backend = params[BACKEND_PARAM] if len(self.backends) > 1 else self.backends[0]
-        return Plan(frozenset(i for i in self.layer_ids if params[i] == FLOAT), backend)
+        return self._plan(params, backend)
 
 
 def seed_plans(model: LoadedModel, sensitive_ids: Sequence[str] = (), k: int = 0,
-               backends: Sequence[str] = (TVM,)) -> list[tuple[str, Plan]]:
+               backends: Sequence[str] = (TVM,), precisions: Sequence[str] = TWO_STATES) -> list[tuple[str, Plan]]:
     """The plans every search starts from, named: all int8, all float, first and last conv float, top-k sensitive.
 
     ``sensitive_ids`` is the sensitivity ranking, most sensitive first; plans
     with its first 1..k layers float are added.  Each seed is queued on every
-    one of ``backends`` (TVM first); repeated plans appear once.
+    one of ``backends`` (TVM first); repeated plans appear once.  With bf16 in
+    ``precisions`` the same plans with bf16 in place of float follow (all
+    bf16, top-k sensitive in bf16).
     """
     capable = list(model.capable_ids())
     candidates = [("all-int8", Plan(frozenset())), ("all-float", Plan(frozenset(capable))),
                   ("first-and-last-float", Plan(frozenset({capable[0], capable[-1]})))]
     for n in range(1, min(k, len(sensitive_ids)) + 1):
         candidates.append((f"sensitive-top-{n}", Plan(frozenset(sensitive_ids[:n]))))
+    if BF16 in precisions:
+        candidates.append(("all-bf16", Plan(frozenset()).with_bf16(capable)))
+        for n in range(1, min(k, len(sensitive_ids)) + 1):
+            candidates.append((f"sensitive-top-{n}-bf16", Plan(frozenset()).with_bf16(sensitive_ids[:n])))
     seen, seeds = set(), []
     for name, plan in candidates:
         for backend in backends:
@@ -223,10 +246,11 @@ class StudyHandle:
     storage_url: str
     metric: str
     higher_is_better: bool
+    precisions: tuple[str, ...] = TWO_STATES  # each conv's choices, as the study was made with
 
 
 def open_study(config: SearchConfig, model: LoadedModel, storage, storage_url: str, study_name: str, metric: str,
-               *, create: bool = True) -> StudyHandle:
+               *, create: bool = True, precisions: Sequence[str] = TWO_STATES) -> StudyHandle:
     """Create or load ``study_name`` and check that it was made for this model and these settings.
 
     Parameters
@@ -234,6 +258,8 @@ def open_study(config: SearchConfig, model: LoadedModel, storage, storage_url: s
     storage : optuna.storages.RDBStorage
     create : bool
         False (a joining worker) refuses a study that does not exist.
+    precisions : sequence of str
+        Each conv's choices for a new study (``TWO_STATES`` or ``THREE_STATES``); a stored study keeps its own.
     """
     import optuna
 
@@ -259,6 +285,8 @@ def open_study(config: SearchConfig, model: LoadedModel, storage, storage_url: s
         attrs.set(StudyAttrs.MODEL, model.sha256)
         attrs.set(StudyAttrs.LAYER_IDS, list(model.capable_ids()))
         attrs.set(StudyAttrs.STORAGE, redact_url(storage_url))
+        if tuple(precisions) != TWO_STATES:  # absent reads as int8/float: two-state studies look as they always did
+            attrs.set(StudyAttrs.PRECISIONS, list(precisions))
     else:
         previous = SearchConfig.from_dict(stored)
         if attrs.model_sha256 != model.sha256:
@@ -274,7 +302,7 @@ def open_study(config: SearchConfig, model: LoadedModel, storage, storage_url: s
             attrs.set(StudyAttrs.CONFIG, config.replace(study_name=study_name).to_dict())
     claims = PlanClaims(storage.engine, study_name)
     return StudyHandle(study=study, claims=claims, config=config, storage_url=storage_url, metric=metric,
-                       higher_is_better=higher_is_better)
+                       higher_is_better=higher_is_better, precisions=attrs.precisions)
 
 
 def enqueue_seeds(handle: StudyHandle, space: PlanSpace, seeds: list[tuple[str, Plan]]) -> int:
@@ -367,8 +395,9 @@ class _Worker:
         try:
             plan = self.space.suggest(trial)
             key = plan.key()
-            set_attrs(trial, plan_key=key, float_layers=sorted(plan.float_ids, key=self.space.layer_ids.index),
-                      backend=plan.backend, worker=self.name)
+            order = self.space.layer_ids.index
+            set_attrs(trial, plan_key=key, float_layers=sorted(plan.float_ids, key=order),
+                      bf16_layers=sorted(plan.bf16_ids, key=order), backend=plan.backend, worker=self.name)
             while True:
                 claim = self.handle.claims.claim(key, trial.number, self.budget)
                 if claim.outcome == "full":
@@ -622,7 +651,7 @@ def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator
     import optuna
 
     config = handle.config
-    space = PlanSpace(model, config.backends)
+    space = PlanSpace(model, config.backends, handle.precisions)
     budget = trial_budget(config, space.size)
     sampler_name = config.sampler or default_sampler(space.size)
     with quiet_experimental():
@@ -686,7 +715,7 @@ def remeasure_front(handle: StudyHandle, evaluator: PlanEvaluator, *, repeats: i
     for done, point in todo:
         if progress is not None:
             progress(f"re-measuring front plan {done}/{len(points)} (trial {point.trial}, {repeats} runs)")
-        latency = evaluator.remeasure(Plan(frozenset(point.float_layers), point.backend), repeats)
+        latency = evaluator.remeasure(point.to_plan(), repeats)
         if latency is None:
             return stored  # a backend that cannot time a plan again
         stored[point.trial] = {"median_ms": latency.median_ms, "iqr_ms": latency.iqr_ms, "runs": latency.runs}

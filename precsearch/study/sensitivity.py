@@ -2,6 +2,8 @@
 
 For every int8-capable conv it records the fidelity with only that layer int8
 (all others float), the fidelity with only that layer float (all others int8),
+where asked the fidelity with only that layer bf16 (all others float32: what
+bf16 alone costs it, from ONNX Runtime on the bf16-rounded conv),
 and, optionally, the latency saved by that layer being int8: the latency of the
 plan with only it float minus the all-int8 latency, both TVM builds
 (``latency_saved_ms``) or both ONNX Runtime sessions on ``quantize_static``
@@ -28,6 +30,7 @@ from precsearch.fidelity.reference import run_ort
 from precsearch.measure import measure_onnxruntime
 from precsearch.study.ort_backend import DISABLED_OPTIMIZERS
 from precsearch.model import LoadedModel
+from precsearch.model.bf16 import bf16_reference_model
 from precsearch.model.plan import Plan
 from precsearch.tvm import measure_library
 from precsearch.workspace import Workspace
@@ -48,11 +51,12 @@ class LayerSensitivity:
     only_float: dict[str, float]  # metrics with only this layer float
     latency_saved_ms: float | None  # latency(only this float) - latency(all int8), TVM builds
     ort_latency_saved_ms: float | None = None  # the same on ONNX Runtime (quantize_static, nodes_to_exclude)
+    only_bf16: dict[str, float] | None = None  # metrics with only this layer bf16 (when asked)
 
 
 def run_sensitivity(workspace: Workspace, *, measure_latency: bool = True,
                     progress: Callable[[int, int, str], None] | None = None,
-                    backends: tuple[str, ...] = ("tvm",)) -> list[LayerSensitivity]:
+                    backends: tuple[str, ...] = ("tvm",), bf16: bool = False) -> list[LayerSensitivity]:
     """Sensitivity of every int8-capable conv.
 
     Parameters
@@ -68,6 +72,8 @@ def run_sensitivity(workspace: Workspace, *, measure_latency: bool = True,
         sessions on ``quantize_static`` models, timed as the search times them).
     progress : callable, optional
         Called as ``progress(done, total, layer_id)``.
+    bf16 : bool
+        Also score each layer alone in bf16 (one more ONNX Runtime run per layer).
     """
     model = workspace.model
     capable = model.capable_ids()
@@ -78,6 +84,10 @@ def run_sensitivity(workspace: Workspace, *, measure_latency: bool = True,
     def fidelity(float_ids) -> dict[str, float]:
         qdq = workspace.qdq_model(Plan(frozenset(float_ids)))
         return compute_metrics(workspace.reference, run_ort(qdq, workspace.eval_batches)).values
+
+    def bf16_fidelity(layer_id) -> dict[str, float]:
+        rounded = bf16_reference_model(model.proto, {layer_id})
+        return compute_metrics(workspace.reference, run_ort(rounded, workspace.eval_batches)).values
 
     def latency_ms(float_ids) -> float:
         built = workspace.build(Plan(frozenset(float_ids))).built
@@ -97,7 +107,8 @@ def run_sensitivity(workspace: Workspace, *, measure_latency: bool = True,
         layer = model.layer(layer_id)
         saved = {b: timers[b]({layer_id}) - base[b] for b in timed}
         rows.append(LayerSensitivity(layer_id, layer.index, layer.macs, fidelity(all_ids - {layer_id}),
-                                     fidelity({layer_id}), saved.get("tvm"), saved.get("ort")))
+                                     fidelity({layer_id}), saved.get("tvm"), saved.get("ort"),
+                                     bf16_fidelity(layer_id) if bf16 else None))
         logger.info("sensitivity %d/%d %s (%.0f s)", done, len(capable), layer_id, time.perf_counter() - started)
         if progress is not None:
             progress(done, len(capable), layer_id)
@@ -147,6 +158,8 @@ def to_frame(rows: list[LayerSensitivity], metric: str) -> pd.DataFrame:
             record["ort_latency_saved_ms"] = row.ort_latency_saved_ms
         record.update({f"only_int8.{k}": v for k, v in row.only_int8.items() if "/" not in k})
         record.update({f"only_float.{k}": v for k, v in row.only_float.items() if "/" not in k})
+        if row.only_bf16 is not None:
+            record.update({f"only_bf16.{k}": v for k, v in row.only_bf16.items() if "/" not in k})
         records.append(record)
     frame = pd.DataFrame.from_records(records)
     # Top-k agreement ties easily on few samples; SQNR breaks the tie.

@@ -46,7 +46,7 @@ def binding_name(index: int, what: str) -> str:
 
 
 def conv_kernel_name(index: int, precision: str, layout: str) -> str:
-    """The prim func name of layer ``index``'s conv (``precision`` is "int8" or "float")."""
+    """The prim func name of layer ``index``'s conv (``precision`` is "int8", "float", or "bf16" for a oneDNN one)."""
     return f"{CONV_KERNEL_PREFIX}L{index}_{precision}_{layout}"
 
 
@@ -96,11 +96,11 @@ def layer_in_text(text: str, layer_ids=None) -> int | None:
 
 
 # A conv kernel's whole name, possibly fused: layer, precision and layout in one match.
-_CONV_KERNEL = re.compile(rf"{CONV_KERNEL_PREFIX}L(\d+)_(int8|float)_(NCHW(?:\d+c)?)")
+_CONV_KERNEL = re.compile(rf"{CONV_KERNEL_PREFIX}L(\d+)_(int8|bf16|float)_(NCHW(?:\d+c)?)")
 
 
 def conv_kernel_parts(name: str) -> tuple[int, str, str] | None:
-    """``(layer index, "int8" | "float", layout)`` of a (possibly fused) conv kernel's name, or None.
+    """``(layer index, "int8" | "bf16" | "float", layout)`` of a (possibly fused) conv kernel's name, or None.
 
     For kernel names read after the build (profiles, timing tables), where no
     prim func attribute is left to read.

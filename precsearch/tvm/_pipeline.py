@@ -22,6 +22,18 @@ from ._tune_apply import ApplyTuning
 from ._verify import InspectLayout, VerifyPlan
 
 
+def bf16_unsupported_reason(options: CompileOptions | None = None) -> str:
+    """Empty where bf16 convs build with ``options`` (oneDNN on a CPU with native bf16), else why not (one line)."""
+    options = options or CompileOptions()
+    if options.conv_backend != "onednn":
+        return "bf16 convs run on oneDNN: --conv-backend tir leaves no oneDNN conv"
+    if not _onednn.available():
+        return f"bf16 convs run on oneDNN: {_onednn.unavailable_reason()}"
+    if not _onednn.bf16_fast_on(resolve_target(options)):
+        return "bf16 convs need a CPU with AVX512-BF16 or AMX-BF16; this target has neither"
+    return ""
+
+
 def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: CompileOptions | None = None, *,
              database=None, report: BuildReport | None = None, fused_only: bool = False) -> tvm.transform.Sequential:
     """The passes :func:`build_plan` runs on the imported module, in order, before VM codegen.
@@ -91,12 +103,10 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
         offload = False
     if bf16_indices:
         # bf16 convs are oneDNN's (AVX512-BF16 / AMX-BF16 kernels): there is no TIR bf16 conv to fall back to
-        if not _onednn.bf16_fast_on(target):
-            raise ConfigError(f"bf16 convs need a CPU with AVX512-BF16 or AMX-BF16; this target has neither "
-                              f"(plan runs {layer_ids[min(bf16_indices)]} and {len(bf16_indices) - 1} more in bf16)")
-        if not offload:
-            raise ConfigError("bf16 convs run on oneDNN: "
-                              + (_onednn.unavailable_reason() or "--conv-backend tir leaves no oneDNN conv"))
+        reason = bf16_unsupported_reason(options)
+        if reason:
+            raise ConfigError(f"{reason} (plan runs {layer_ids[min(bf16_indices)]} and {len(bf16_indices) - 1} "
+                              "more in bf16)")
     has_vnni = _onednn.int8_fast_on(target)
     if options.onednn_int8 and not has_vnni:
         # without VNNI oneDNN's u8 x s8 kernels sum pairs of products in saturating int16 (vpmaddubsw): not the

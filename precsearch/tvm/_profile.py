@@ -25,7 +25,7 @@ class KernelTime:
     calls: int
     median_us: float
     layer_index: int | None = None
-    precision: str | None = None  # "int8" or "float"
+    precision: str | None = None  # "int8", "bf16" or "float"
     layout: str | None = None  # "NCHW", "NCHW16c", ...
 
     @property
@@ -45,7 +45,8 @@ _DTYPE_FIELD = _onednn.CONFIG_FIELDS.index("dtype")
 def _onednn_symbol(config) -> str:
     fields = config.numpy()
     block = int(fields[_BLOCK_FIELD])
-    precision = "float" if int(fields[_DTYPE_FIELD]) == _onednn.DTYPES["float32"] else "int8"
+    dtype = int(fields[_DTYPE_FIELD])
+    precision = {_onednn.DTYPES["float32"]: "float", _onednn.DTYPES["bfloat16"]: "bf16"}.get(dtype, "int8")
     return ONEDNN_PREFIX + conv_kernel_name(int(fields[_LAYER_FIELD]), precision, f"NCHW{block}c" if block else "NCHW")
 
 
