@@ -169,7 +169,11 @@ def test_bench_json_has_baselines_ratios_and_plans(chain_path, tmp_path):
         assert summary[key] > 0
     assert summary["threads"] == 2 and summary["tuned"] is False and summary["remote"] is None
     rows = {row["name"]: row for row in summary["rows"]}
-    assert list(rows) == ["ort_float", "ort_int8", "ort_int8_conv_only", "tvm_float", "tvm_int8", "plan1"]
+    assert list(rows) == ["ort_float", "ort_int8", "ort_int8_conv_only", "openvino", "openvino_f32", "tvm_float",
+                          "tvm_int8", "plan1"]
+    # OpenVINO's two builds of the float model: its default (bf16 where the CPU has it) and float32
+    assert rows["openvino_f32"]["precision"] == "f32" and rows["openvino_f32"]["sqnr_db_vs_ort_float"] > 80
+    assert rows["openvino"]["precision"] in ("bf16", "f32") and rows["openvino"]["sqnr_db_vs_ort_float"] > 20
     # ORT int8 is the model quantize_static makes for a user; precsearch's Conv-only QDQ model is a second row.
     assert rows["ort_int8"]["plan"] == "quantize_static" and rows["ort_int8_conv_only"]["plan"] == "int8 (Conv only)"
     assert rows["ort_float"]["vs_ort_float"] == 1.0 and rows["ort_int8"]["vs_ort_int8"] == 1.0

@@ -235,3 +235,9 @@ def test_the_knee_is_recommended_only_among_plans_that_beat_onnx_runtime():
     assert beats_baselines(nmse, {"ort_int8_ms": 0.8, "ort_int8_nmse": 0.01}, "nmse", False)[1] is not None
     assert beats_baselines(nmse, {"ort_int8_ms": 0.8, "ort_int8_nmse": 0.05}, "nmse", False)[1] is None
     assert beats_baselines(front.iloc[:0], baselines, "top1", True)[1] is None
+    # OpenVINO's default build is a baseline with a fidelity of its own: it beats the plans it is faster than
+    # and at least as faithful as (plan 1: 2.0 ms, 0.97), not plan 0 (faster); plan 2 is ORT float's already
+    beats, ship = beats_baselines(front, {**baselines, "openvino_ms": 1.8, "openvino_top1": 0.98}, "top1", True)
+    assert beats.tolist() == [True, False, False] and ship is None
+    beats, ship = beats_baselines(front, {**baselines, "openvino_ms": 0.5, "openvino_top1": 1.0}, "top1", True)
+    assert beats.tolist() == [False, False, False] and ship == "OpenVINO (its default build)"

@@ -243,9 +243,12 @@ def _cmd_bench(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
         return 0
-    frame = result.to_frame()[["name", "int8_convs", "onednn_convs", "median_ms", "iqr_ms", "vs_ort_float",
-                               "vs_ort_int8", "build_time_s"]]
-    print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    frame = result.to_frame()
+    columns = ["name", "int8_convs", "onednn_convs", "median_ms", "iqr_ms", "vs_ort_float", "vs_ort_int8",
+               "build_time_s"]
+    if (frame["precision"] != "").any():  # OpenVINO rows: the precision it ran in and how close it stays to float
+        columns += ["precision", "sqnr_db_vs_ort_float"]
+    print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep=""))
     where = f"TVM builds on {result.remote} via RPC, ONNX Runtime here" if result.remote else "all on this machine"
     print(f"batch 1, {result.threads} threads, median of {args.repeats} runs after {args.warmup} warm-up; {where}; "
           f"{'tuned' if result.tuned else 'untuned'} TVM kernels")

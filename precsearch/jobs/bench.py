@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from precsearch.measure import Latency, measure_onnxruntime
+from precsearch.fidelity.metrics import compute_metrics
+from precsearch.fidelity.reference import run_ort
+from precsearch.measure import OPENVINO_BUILDS, Latency, OpenVinoModel, measure_onnxruntime, openvino_missing_reason
 from precsearch.model.plan import Plan
 from precsearch.study.ort_backend import DISABLED_OPTIMIZERS, check_ort_plan
 from precsearch.tvm import RpcTarget, measure_library, measure_remote
@@ -51,6 +53,8 @@ class BenchRow:
     conv_backend: str = ""  # TVM rows: where float convs ran ("tir" or "onednn")
     onednn_convs: int = 0
     tvm_pool_threads: int | None = None  # TVM rows: TVM's own pool size the figure was measured with
+    precision: str = ""  # OpenVINO rows: the precision it inferred in ("bf16" by default on a CPU with it)
+    sqnr_db_vs_ort_float: float = math.nan  # OpenVINO rows: its outputs against ORT float, on the timing input
 
 
 @dataclass
@@ -85,7 +89,8 @@ def json_safe(records: list[dict]) -> list[dict]:
 def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: int = 2, warmup: int = 10,
           repeats: int = 50, rpc: RpcTarget | None = None, progress=None,
           backends: tuple[str, ...] = ("tvm",), conv_backends: tuple[str, ...] | None = None) -> BenchResult:
-    """Measure ORT float, ORT int8, TVM float, TVM all-int8 and ``plans`` (name, plan) on the workspace's timing input.
+    """Measure ORT float, ORT int8, OpenVINO (where installed), TVM float, TVM all-int8 and ``plans`` (name, plan) on
+    the workspace's timing input.
 
     Parameters
     ----------
@@ -126,6 +131,19 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
         "quantize_static", len(model.capable_ids()), 0.0)
     add(ORT_INT8_CONV_ONLY, measure_onnxruntime(workspace.qdq_model(all_int8), inputs, backend="ort", **settings),
         "int8 (Conv only)", len(model.capable_ids()), 0.0)
+    missing = openvino_missing_reason()
+    if missing:
+        say(f"OpenVINO rows skipped: {missing}")
+    else:
+        say("measuring OpenVINO's default and f32 builds...")
+        float_outputs = run_ort(model.proto, [inputs])
+    for name, precision in OPENVINO_BUILDS.items() if not missing else ():
+        started = time.perf_counter()
+        compiled = OpenVinoModel(model.proto, threads=threads, precision=precision)
+        compile_time_s = time.perf_counter() - started
+        add(name, compiled.time(inputs, warmup=warmup, repeats=repeats), "float model", 0, compile_time_s)
+        sqnr = compute_metrics(float_outputs, [compiled.run(inputs)]).values["sqnr_db"]
+        rows[-1] = replace(rows[-1], precision=compiled.precision, sqnr_db_vs_ort_float=sqnr)
     every_float = Plan(frozenset(model.capable_ids()))
     for name, plan in plans if "ort" in backends else ():
         say(f"quantizing and measuring {name} on ONNX Runtime ({len(plan.float_layer_ids(model))} float convs)...")

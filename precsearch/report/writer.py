@@ -22,13 +22,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from precsearch.study.pareto import front_points, hypervolume
+from precsearch.study.pareto import finite_objective, front_points, hypervolume
 from precsearch.study.record import AGREES, COMPILER_PROBLEM, NEAR_TIES, StudyAttrs, TrialRecord
 from precsearch.files import atomic_write
 
 logger = logging.getLogger(__name__)
 # ORT int8 is the user's model (quantize_static defaults, per channel), not precsearch's Conv-only QDQ.
-_BASELINE_LABELS = {"ort_float": "ORT float", "ort_int8": "ORT int8 (quantize_static)"}
+_BASELINE_LABELS = {"ort_float": "ORT float", "ort_int8": "ORT int8 (quantize_static)",
+                    "openvino": "OpenVINO default", "openvino_f32": "OpenVINO f32"}
+# OpenVINO has a fidelity of its own (its default build infers bf16 where the CPU has it): a point, not a line.
+_POINT_BASELINES = (("openvino", "P"), ("openvino_f32", "X"))
 
 REPORT_DIR = "report"
 # How each runtime's plans are drawn and named.
@@ -155,7 +158,7 @@ def collect(study, *, workdir: str | Path | None = None, layer_ids=(), command_p
         row["remeasured_median_ms"] = again["median_ms"] if again else None
         row["remeasured_iqr_ms"] = again["iqr_ms"] if again else None
         best_ms = row["remeasured_median_ms"] or point.latency_ms
-        for name in ("ort_float", "ort_int8"):
+        for name in ("ort_float", "ort_int8", "openvino"):
             if f"{name}_ms" in baselines:
                 row[f"speedup_vs_{name}"] = baselines[f"{name}_ms"] / best_ms
         front_rows.append(row)
@@ -187,6 +190,7 @@ def collect(study, *, workdir: str | Path | None = None, layer_ids=(), command_p
 
 
 _FLOAT_BASELINE, _INT8_BASELINE = "ONNX Runtime float", "ONNX Runtime int8 (quantize_static)"
+_OPENVINO_BASELINE, _OPENVINO_F32_BASELINE = "OpenVINO (its default build)", "OpenVINO f32"
 
 
 def _baseline_plans(front: pd.DataFrame, layer_count: int, config) -> dict[str, np.ndarray]:
@@ -204,11 +208,11 @@ def _baseline_plans(front: pd.DataFrame, layer_count: int, config) -> dict[str, 
 
 def beats_baselines(front: pd.DataFrame, baselines: dict, metric: str, higher_is_better: bool, *,
                     same_as: dict[str, np.ndarray] | None = None):
-    """Which front plans no ONNX Runtime baseline beats, and the baseline to ship when none is left.
+    """Which front plans no baseline (ONNX Runtime, OpenVINO) beats, and the baseline to ship when none is left.
 
     A baseline beats a plan when it is at least as fast and at least as faithful.
     ORT float is the reference itself, so it is faithful to every metric; ORT
-    int8's fidelity is the one measured on the same evaluation set.  A plan that
+    int8's and OpenVINO's fidelity are the ones measured on the same evaluation set.  A plan that
     *is* a baseline (``same_as``: baseline name → mask over the front, e.g. the
     ONNX Runtime backend's all-int8 plan, which is ``quantize_static``) counts
     as beaten by it whatever its own timing says: it offers nothing new.
@@ -223,10 +227,12 @@ def beats_baselines(front: pd.DataFrame, baselines: dict, metric: str, higher_is
     beaten_by = {}
     if "ort_float_ms" in baselines:
         beaten_by[_FLOAT_BASELINE] = latency >= baselines["ort_float_ms"]
-    int8_fidelity = baselines.get(f"ort_int8_{metric}")
-    if "ort_int8_ms" in baselines and int8_fidelity is not None:
-        faithful = fidelity <= int8_fidelity if higher_is_better else fidelity >= int8_fidelity
-        beaten_by[_INT8_BASELINE] = (latency >= baselines["ort_int8_ms"]) & faithful
+    for name, label in (("ort_int8", _INT8_BASELINE), ("openvino", _OPENVINO_BASELINE),
+                        ("openvino_f32", _OPENVINO_F32_BASELINE)):
+        own_fidelity = baselines.get(f"{name}_{metric}")
+        if f"{name}_ms" in baselines and own_fidelity is not None:
+            faithful = fidelity <= own_fidelity if higher_is_better else fidelity >= own_fidelity
+            beaten_by[label] = (latency >= baselines[f"{name}_ms"]) & faithful
     for name, mask in (same_as or {}).items():
         beaten_by[name] = beaten_by.get(name, np.zeros(len(front), dtype=bool)) | mask
     beaten = np.zeros(len(front), dtype=bool)
@@ -315,6 +321,12 @@ def pareto_png(data: ReportData) -> bytes:
         if f"{name}_ms" in data.baselines:
             ax.axvline(data.baselines[f"{name}_ms"], color="tab:green", linestyle=style,
                        label=f"{_BASELINE_LABELS[name]} ({data.baselines[f'{name}_ms']:.3f} ms)")
+    for name, marker in _POINT_BASELINES:
+        if f"{name}_ms" in data.baselines and f"{name}_{data.metric}" in data.baselines:
+            ax.scatter([data.baselines[f"{name}_ms"]], [finite_objective(data.baselines[f"{name}_{data.metric}"])],
+                       s=90, marker=marker, color="tab:green", zorder=5,
+                       label=f"{_BASELINE_LABELS[name]} ({data.baselines.get(f'{name}_precision', '')}, "
+                             f"{data.baselines[f'{name}_ms']:.3f} ms)")
     for seed, marker in (("all-float", "s"), ("all-int8", "D")):
         for backend in backends:
             rows = done[(done["seed"] == seed) & _of_backend(done, backend)] if len(done) and "seed" in done else []
@@ -404,6 +416,12 @@ def pareto_figure(data: ReportData):
         if f"{name}_ms" in data.baselines:
             fig.add_vline(x=data.baselines[f"{name}_ms"], line_dash=dash, line_color="green",
                           annotation_text=_BASELINE_LABELS[name], annotation_position=where)
+    for name, symbol in (("openvino", "cross"), ("openvino_f32", "x")):
+        if f"{name}_ms" in data.baselines and f"{name}_{data.metric}" in data.baselines:
+            fig.add_trace(go.Scatter(x=[data.baselines[f"{name}_ms"]],
+                                     y=[finite_objective(data.baselines[f"{name}_{data.metric}"])], mode="markers",
+                                     name=f"{_BASELINE_LABELS[name]} ({data.baselines.get(f'{name}_precision', '')})",
+                                     marker=dict(symbol=symbol, size=14, color="green")))
     fig.update_layout(title=f"{data.study_name}: latency against {data.metric}", xaxis_title="latency, median ms",
                       yaxis_title=data.metric, template="plotly_white", height=520)
     return fig
@@ -525,12 +543,14 @@ def report_html(data: ReportData, png: bytes) -> str:
                        for k, v in data.commands.items())
     baselines = ", ".join(f"{k.removesuffix('_ms').replace('_', ' ')} {v:.3f} ms" for k, v in data.baselines.items()
                           if k.endswith("_ms") and not k.endswith("iqr_ms")) or "not measured"
-    ort_int8_fidelity = data.baselines.get(f"ort_int8_{data.metric}")
-    if ort_int8_fidelity is not None:
-        baselines += f" (ORT int8 {data.metric} {ort_int8_fidelity:.4g})"
+    for name in ("ort_int8", "openvino", "openvino_f32"):
+        fidelity = data.baselines.get(f"{name}_{data.metric}")
+        if fidelity is not None:
+            baselines += f" ({_BASELINE_LABELS[name]} {data.metric} {fidelity:.4g})"
     metric_columns = [c for c in ("top1", "top5", "cosine", "sqnr_db", "nmse", "max_abs_error") if c in data.front]
     table = (_table(data.front, ["trial", "backend", "latency_ms", "latency_iqr_ms", "remeasured_median_ms", "remeasured_iqr_ms",
-                                *metric_columns, "speedup_vs_ort_float", "speedup_vs_ort_int8", "verdict",
+                                *metric_columns, "speedup_vs_ort_float", "speedup_vs_ort_int8",
+                                "speedup_vs_openvino", "verdict",
                                 "float_count", "float_layers", "bf16_count", "bf16_layers"])
              if len(data.front) else "<p>empty</p>")
     failures = _table(failed, ["trial", "backend", "plan", "verdict", "fail_reason"]) if len(failed) else "<p>none</p>"

@@ -41,7 +41,8 @@ from precsearch.errors import ConfigError, ModelError
 from precsearch.fidelity.early_stop import evaluate_plan
 from precsearch.fidelity.metrics import compute_metrics
 from precsearch.fidelity.reference import run_ort
-from precsearch.measure import CpuLock, Latency, measure_onnxruntime, onnxruntime_session, time_session
+from precsearch.measure import (OPENVINO_BUILDS, CpuLock, Latency, OpenVinoModel, measure_onnxruntime,
+                                onnxruntime_session, openvino_missing_reason, time_session)
 from precsearch.model.plan import ORT, Plan
 from precsearch.study.record import PlanResult
 from precsearch.workspace import Workspace
@@ -222,4 +223,26 @@ def measure_ort_baselines(workspace: Workspace, metric: str, *, warmup: int, rep
             "ort_int8_ms": ort_int8.median_ms, "ort_int8_iqr_ms": ort_int8.iqr_ms,
             f"ort_int8_{metric}": int8_metrics[metric],
             "ort_int8_kind": "quantize_static",
-            "ort_int8_conv_ms": ort_conv.median_ms, f"ort_int8_conv_{metric}": conv_metrics[metric]}
+            "ort_int8_conv_ms": ort_conv.median_ms, f"ort_int8_conv_{metric}": conv_metrics[metric],
+            **measure_openvino_baselines(workspace, metric, warmup=warmup, repeats=repeats, lock=lock)}
+
+
+def measure_openvino_baselines(workspace: Workspace, metric: str, *, warmup: int, repeats: int,
+                               lock: CpuLock) -> dict:
+    """OpenVINO's default and float32 builds of the float model: latency, ``metric`` against the ORT float
+    reference and the precision each inferred in (``openvino_ms``, ``openvino_<metric>``, ``openvino_precision``,
+    the same for ``openvino_f32``); empty, with one logged line, when OpenVINO is not installed."""
+    missing = openvino_missing_reason()
+    if missing:
+        logger.warning("OpenVINO baselines skipped: %s", missing)
+        return {}
+    out = {}
+    for name, precision in OPENVINO_BUILDS.items():
+        compiled = OpenVinoModel(workspace.model.proto, threads=workspace.options.threads, precision=precision)
+        with lock.exclusive():
+            latency = compiled.time(workspace.timing_input, warmup=warmup, repeats=repeats)
+        with lock.shared():
+            metrics = compute_metrics(workspace.reference, [compiled.run(batch) for batch in workspace.eval_batches])
+        out.update({f"{name}_ms": latency.median_ms, f"{name}_iqr_ms": latency.iqr_ms,
+                    f"{name}_{metric}": metrics.values[metric], f"{name}_precision": compiled.precision})
+    return out
