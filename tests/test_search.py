@@ -152,6 +152,40 @@ def test_the_estimate_solves_its_front_exactly_on_a_small_model(eight_convs):
     assert len({p.key() for p in first + again}) == 6
 
 
+def test_the_three_state_estimate_solves_its_front_exactly_and_never_puts_a_conv_in_two_states(tmp_path):
+    path = models.save(models.chain_model(channels=(8, 16, 16, 16, 16), size=8, seed=4), tmp_path, "four")
+    model = load_model(path)
+    prepared = (model, calibrate(model, image_batches(model, None, 8)), image_batches(model, None, 8, offset=8))
+    shared = StandInEvaluator(*prepared, run_ort(model.proto, prepared[2]))
+    ids = model.capable_ids()
+    bf16_noise = {i: shared.fidelity(Plan(frozenset(ids)).with_bf16({i}))["nmse"] for i in ids}
+    estimate = GuidedProposals(model, _standin_noise(model, shared), backends=("tvm",), metric="sqnr_db",
+                               higher_is_better=True, bf16_noise=bf16_noise).estimates["tvm"]
+    assert estimate.states == 2
+    seeds = [Plan(frozenset()), Plan(frozenset(ids)), Plan(frozenset()).with_bf16(ids)]
+    estimate.observe([Observation(estimate.mask(p), shared.latency_ms(p), shared.fidelity(p)["sqnr_db"],
+                                  shared.fidelity(p)["nmse"]) for p in seeds])
+    # the all-bf16 seed sets the bf16 latency prior: exact on the stand-in, whose bf16 cost is linear in MACs
+    mixed = Plan(frozenset(ids[:2])).with_bf16(ids[1:3])
+    assert estimate.latency_ms(estimate.full(1)) == pytest.approx(shared.latency_ms(seeds[2]))
+    assert estimate.plan(estimate.mask(mixed)) == mixed
+    # every solution is the fastest of the 3^4 plans under its noise budget, each conv in one state
+    every = [estimate.mask(Plan(frozenset(i for i, s in zip(ids, states) if s != "int8"),
+                                bf16_ids=frozenset(i for i, s in zip(ids, states) if s == "bf16")))
+             for states in itertools.product(("int8", "bf16", "float"), repeat=4)]
+    solved_bf16 = 0
+    for budget in estimate.budgets(goal=None):
+        best = estimate.solve(budget)
+        int8, bf16 = best[:4], best[4:]
+        assert ((int8 + bf16) <= 1).all()
+        solved_bf16 += int(bf16.sum() > 0)
+        feasible = [m for m in every if estimate.noise(m) <= budget * (1 + 1e-9)]
+        assert estimate.latency_ms(best) == pytest.approx(min(estimate.latency_ms(m) for m in feasible))
+    assert solved_bf16 > 0  # bf16 is on the estimated front: cheaper than float, quieter than int8
+    proposals = estimate.propose(None, seeds, count=4)
+    assert len({p.key() for p in proposals + seeds}) == 7
+
+
 def test_a_plan_whose_build_raises_is_a_failed_trial_with_its_message(eight_convs, tmp_path):
     broken = Plan(frozenset({"conv0", "conv7"}))  # the first-and-last seed
     evaluator = StandInEvaluator(*eight_convs, fail_plans=[broken])

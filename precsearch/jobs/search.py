@@ -23,6 +23,7 @@ from precsearch.study.config import SearchConfig, resolve_settings
 from precsearch.study.evaluator import make_evaluator
 from precsearch.study.record import StudyAttrs
 from precsearch.errors import ConfigError
+from precsearch.model.plan import BF16
 from precsearch.study.search import (THREE_STATES, TWO_STATES, SearchProgress, SearchSummary, StudyHandle,
                                      measure_baselines, open_study, remeasure_front, run_worker, seed_plans,
                                      summarize_study)
@@ -110,8 +111,10 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
     guide = None
     if config.guided:
         say("measuring each conv's quantization noise alone (the guided estimate's prior)...")
+        bf16_noise = _layer_noise(handle, evaluator.workspace, workdir, "bf16") if BF16 in handle.precisions \
+            else None
         guide = GuidedProposals(model, _layer_noise(handle, evaluator.workspace, workdir), backends=config.backends,
-                                higher_is_better=handle.higher_is_better, metric=metric)
+                                higher_is_better=handle.higher_is_better, metric=metric, bf16_noise=bf16_noise)
 
     def on_trial(snapshot: SearchProgress) -> None:
         if progress is not None:
@@ -133,13 +136,15 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
     return SearchRun(summary=summarize_study(handle, summary), handle=handle, report_dir=report_dir)
 
 
-def _layer_noise(handle: StudyHandle, workspace, workdir: Path) -> dict[str, float]:
-    """The study's stored per-conv noise, else ``sensitivity.csv``'s, else measured now (and stored)."""
+def _layer_noise(handle: StudyHandle, workspace, workdir: Path, precision: str = "int8") -> dict[str, float]:
+    """The study's stored per-conv noise (of each conv alone int8, or alone bf16), else ``sensitivity.csv``'s,
+    else measured now (and stored)."""
     attrs = StudyAttrs(handle.study)
-    if attrs.layer_noise:
-        return attrs.layer_noise
-    noise = noise_from_table(workdir, workspace.model) or layer_noise(workspace)
-    attrs.set(StudyAttrs.LAYER_NOISE, noise)
+    stored = attrs.layer_noise if precision == "int8" else attrs.bf16_layer_noise
+    if stored:
+        return stored
+    noise = noise_from_table(workdir, workspace.model, precision) or layer_noise(workspace, precision=precision)
+    attrs.set(StudyAttrs.LAYER_NOISE if precision == "int8" else StudyAttrs.BF16_LAYER_NOISE, noise)
     return noise
 
 

@@ -20,6 +20,13 @@ cost.  :class:`PlanEstimate` turns that into two cheap models of a plan ``x``
   also absorbs the average interaction between layers).  A monotone map fitted
   on the measured trials (isotonic regression) turns noise into the metric.
 
+Where the study's convs may also run bf16, a plan is two masks, ``x`` (int8)
+and ``z`` (bf16, ``x_i + z_i <= 1``; the rest float32): latency gains
+``sum_i t_i z_i`` (prior from the measured all-bf16 plan, by MACs, else 0) and
+noise ``sum_i v_i z_i`` (``v_i`` from the layer's noise when it alone is bf16).
+Boundaries stay those between int8 and the rest: a bf16 conv reads and writes
+float32, so its own casts are in its ``t_i``.
+
 :meth:`PlanEstimate.propose` solves the estimate's front exactly as an integer
 program (HAWQ-V3 does the same for bit widths): minimum latency subject to a
 noise budget, over a sweep of budgets, with the boundaries as variables, via
@@ -89,7 +96,8 @@ def conv_edges(model: LoadedModel) -> list[tuple[int, int]]:
 
 @dataclass
 class Observation:
-    """One measured plan of one backend: its int8 mask, latency, metric and noise."""
+    """One measured plan of one backend: its mask (int8, then bf16 in a three-state space), latency, metric and
+    noise."""
 
     int8: np.ndarray
     latency_ms: float
@@ -112,6 +120,9 @@ class PlanEstimate:
         :func:`conv_edges`.
     higher_is_better : bool
         The direction of the search's metric.
+    bf16_noise : sequence of float, optional
+        Each layer's ``nmse`` when it alone is bf16: given, the space is int8 / bf16 / float and a mask is
+        ``[x, z]`` (``2n`` long).
     """
 
     layer_ids: tuple[str, ...]
@@ -123,24 +134,50 @@ class PlanEstimate:
     metric: str | None = None  # sqnr_db and nmse follow from the noise exactly; other metrics by a fitted map
     observations: list[Observation] = field(default_factory=list)
     latency_coef: np.ndarray | None = None  # [a, s_1..s_n, c]
-    noise_coef: np.ndarray | None = None  # a factor per layer (on its prior noise), then per edge
+    noise_coef: np.ndarray | None = None  # a factor per layer (on its prior noise), [per bf16 layer,] per edge
+    bf16_noise: np.ndarray | None = None
 
     def __post_init__(self):
         self.layer_ids = tuple(self.layer_ids)
         self.macs = np.asarray(self.macs, dtype=np.float64)
         self.layer_noise = np.maximum(np.asarray(self.layer_noise, dtype=np.float64), NOISE_FLOOR)
+        if self.bf16_noise is not None:
+            self.bf16_noise = np.maximum(np.asarray(self.bf16_noise, dtype=np.float64), NOISE_FLOOR)
 
     # ---- the data
 
+    @property
+    def states(self) -> int:
+        """Binary variables per conv: 1 (int8), or 2 (int8, bf16) in a three-state space."""
+        return 1 if self.bf16_noise is None else 2
+
     def mask(self, plan: Plan) -> np.ndarray:
-        """``x``: 1.0 for each int8 conv of ``plan``."""
-        return np.array([0.0 if layer_id in plan.float_ids else 1.0 for layer_id in self.layer_ids])
+        """``x`` (1.0 for each int8 conv of ``plan``), followed in a three-state space by ``z`` (each bf16 one)."""
+        int8 = np.array([0.0 if layer_id in plan.float_ids else 1.0 for layer_id in self.layer_ids])
+        if self.states == 1:
+            return int8
+        return np.concatenate([int8, [1.0 if layer_id in plan.bf16_ids else 0.0 for layer_id in self.layer_ids]])
 
-    def plan(self, int8: np.ndarray) -> Plan:
-        return Plan(frozenset(i for i, q in zip(self.layer_ids, int8) if q < 0.5), self.backend)
+    def plan(self, mask: np.ndarray) -> Plan:
+        int8, bf16 = self._split(mask)
+        return Plan(frozenset(i for i, q in zip(self.layer_ids, int8) if q < 0.5), self.backend,
+                    frozenset(i for i, q in zip(self.layer_ids, bf16) if q > 0.5))
 
-    def boundaries(self, int8: np.ndarray) -> float:
+    def _split(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self.layer_ids)
+        mask = np.asarray(mask, dtype=np.float64)
+        return mask[:n], (mask[n:2 * n] if self.states == 2 else np.zeros(n))
+
+    def boundaries(self, mask: np.ndarray) -> float:
+        int8, _ = self._split(mask)
         return float(sum(abs(int8[u] - int8[v]) for u, v in self.edges))
+
+    def full(self, precision_index: int = 0) -> np.ndarray:
+        """The mask of every conv int8 (0) or, in a three-state space, every conv bf16 (1)."""
+        n = len(self.layer_ids)
+        mask = np.zeros(n * self.states)
+        mask[precision_index * n:(precision_index + 1) * n] = 1.0
+        return mask
 
     def observe(self, observations: Iterable[Observation]) -> None:
         """Replace the measured plans and refit both models."""
@@ -150,18 +187,21 @@ class PlanEstimate:
 
     # ---- latency
 
-    def _features(self, int8: np.ndarray) -> np.ndarray:
-        return np.concatenate([[1.0], int8, [self.boundaries(int8)]])
+    def _features(self, mask: np.ndarray) -> np.ndarray:
+        return np.concatenate([[1.0], np.asarray(mask, dtype=np.float64), [self.boundaries(mask)]])
 
     def _prior(self) -> np.ndarray | None:
         n = len(self.layer_ids)
-        by_count = {int(o.int8.sum()): o for o in self.observations}
-        all_float, all_int8 = by_count.get(0), by_count.get(n)
+        by_mask = {tuple(o.int8): o for o in self.observations}
+        all_float = by_mask.get(tuple(np.zeros(n * self.states)))
         if all_float is None:
             return None
-        difference = (all_int8.latency_ms - all_float.latency_ms) if all_int8 is not None else 0.0
         share = self.macs / self.macs.sum() if self.macs.sum() > 0 else np.full(n, 1.0 / n)
-        return np.concatenate([[all_float.latency_ms], difference * share, [0.0]])
+        steps = []
+        for index in range(self.states):  # int8, then bf16: each measured all-one-precision plan, by MACs
+            every = by_mask.get(tuple(self.full(index)))
+            steps.append((every.latency_ms - all_float.latency_ms if every is not None else 0.0) * share)
+        return np.concatenate([[all_float.latency_ms], *steps, [0.0]])
 
     def _fit_latency(self) -> None:
         prior = self._prior()
@@ -186,13 +226,16 @@ class PlanEstimate:
 
     # ---- fidelity
 
-    def _noise_features(self, int8: np.ndarray) -> np.ndarray:
-        """Per layer its prior noise when int8; per edge the pair's product (both int8), in the same units."""
+    def _noise_features(self, mask: np.ndarray) -> np.ndarray:
+        """Per layer its prior noise when int8 (and when bf16); per edge the pair's product (both int8), in the
+        same units."""
+        int8, bf16 = self._split(mask)
         pairs = [int8[u] * int8[v] * math.sqrt(self.layer_noise[u] * self.layer_noise[v]) for u, v in self.edges]
-        return np.concatenate([int8 * self.layer_noise, pairs])
+        singles = [int8 * self.layer_noise] + ([bf16 * self.bf16_noise] if self.states == 2 else [])
+        return np.concatenate([*singles, pairs])
 
     def _fit_noise(self) -> None:
-        n, m = len(self.layer_ids), len(self.edges)
+        n, m = len(self.layer_ids) * self.states, len(self.edges)
         # Unknowns: a factor per layer on its prior noise (prior 1) and per edge on the pair's geometric mean
         # (prior 0): neighbours quantized together share the activation between them, so their noise is
         # less than the sum; these interactions are learnt from the measured plans.
@@ -212,10 +255,12 @@ class PlanEstimate:
             rhs = f.T @ (y - f @ prior)
         self.noise_coef = prior + np.linalg.solve(lhs, rhs)
 
+    def _default_noise_coef(self) -> np.ndarray:
+        return np.concatenate([np.ones(len(self.layer_ids) * self.states), np.zeros(len(self.edges))])
+
     def noise(self, plan_or_mask) -> float:
         int8 = self.mask(plan_or_mask) if isinstance(plan_or_mask, Plan) else np.asarray(plan_or_mask, float)
-        coef = self.noise_coef if self.noise_coef is not None else np.concatenate([np.ones(len(self.layer_ids)),
-                                                                                  np.zeros(len(self.edges))])
+        coef = self.noise_coef if self.noise_coef is not None else self._default_noise_coef()
         return max(float(self._noise_features(int8) @ coef), 0.0)
 
     def fidelity(self, plan_or_mask) -> float:
@@ -245,7 +290,8 @@ class PlanEstimate:
         """The largest noise whose expected metric still meets ``goal`` (None without a goal or a fit)."""
         if goal is None or len(self.observations) < 2:
             return None
-        grid = np.geomspace(max(self.layer_noise.min(), NOISE_FLOOR) / 10, max(self.noise(np.ones(len(self.layer_ids))), NOISE_FLOOR) * 10, 400)
+        least = min(self.layer_noise.min(), self.bf16_noise.min() if self.states == 2 else math.inf)
+        grid = np.geomspace(max(least, NOISE_FLOOR) / 10, max(self.noise(self.full()), NOISE_FLOOR) * 10, 400)
         metric = self._metric_of_noise(grid)
         meets = metric >= goal if self.higher_is_better else metric <= goal
         return float(grid[meets].max()) if meets.any() else None
@@ -253,16 +299,18 @@ class PlanEstimate:
     # ---- the front of the estimate
 
     def _noise_terms(self) -> tuple[np.ndarray, np.ndarray]:
-        """The noise per int8 layer and per int8 pair of neighbours, in nmse units."""
-        n = len(self.layer_ids)
-        coef = self.noise_coef if self.noise_coef is not None else np.concatenate([np.ones(n), np.zeros(len(self.edges))])
+        """The noise per int8 layer (then per bf16 layer) and per int8 pair of neighbours, in nmse units."""
+        n = len(self.layer_ids) * self.states
+        coef = self.noise_coef if self.noise_coef is not None else self._default_noise_coef()
         pair_scale = np.array([math.sqrt(self.layer_noise[u] * self.layer_noise[v]) for u, v in self.edges])
-        return coef[:n] * self.layer_noise, coef[n:] * pair_scale
+        prior = np.concatenate([self.layer_noise] + ([self.bf16_noise] if self.states == 2 else []))
+        return coef[:n] * prior, coef[n:] * pair_scale
 
     def solve(self, budget: float, excluded: Sequence[np.ndarray] = ()) -> np.ndarray | None:
         """The fastest mask (by the estimate) whose estimated noise is at most ``budget``; None if none is left.
 
-        Variables: ``x`` (int8 per conv, binary), ``b`` (a boundary per edge,
+        Variables: ``x`` (int8 per conv, binary), in a three-state space ``z``
+        (bf16 per conv, binary, ``x_i + z_i <= 1``), ``b`` (a boundary per edge,
         ``b >= |x_u - x_v|``) and ``y`` (both ends of an edge int8,
         ``y = x_u x_v`` linearized), so the integer program is exact for the
         estimate.
@@ -271,11 +319,16 @@ class PlanEstimate:
 
         if self.latency_coef is None:
             return None
-        n, m = len(self.layer_ids), len(self.edges)
+        layers, m = len(self.layer_ids), len(self.edges)
+        n = layers * self.states  # the binary variables: x, then z
         single, pair = self._noise_terms()
         size = n + 2 * m
         cost = np.concatenate([self.latency_coef[1:n + 1], np.full(m, self.latency_coef[-1]), np.zeros(m)])
-        rows, low, high = [np.concatenate([single, np.zeros(m), pair])], [-np.inf], [budget]
+        noise_row = np.concatenate([single, np.zeros(m), pair])
+        # In units of the budget: HiGHS drops matrix entries below 1e-9 and its feasibility tolerance is 1e-7
+        # absolute, so a budget of 1e-7 nmse (a bf16 layer's noise) read as infeasible even for all-float.
+        scale = budget if budget > 0 else 1.0
+        rows, low, high = [noise_row / scale], [-np.inf], [budget / scale]
 
         def add(entries: dict[int, float], lo: float, hi: float) -> None:
             row = np.zeros(size)
@@ -292,6 +345,8 @@ class PlanEstimate:
             add({y: 1.0, u: -1.0}, -np.inf, 0.0)  # y <= x_u
             add({y: 1.0, v: -1.0}, -np.inf, 0.0)  # y <= x_v
             add({y: 1.0, u: -1.0, v: -1.0}, -1.0, np.inf)  # y >= x_u + x_v - 1
+        for i in range(layers if self.states == 2 else 0):
+            add({i: 1.0, layers + i: 1.0}, -np.inf, 1.0)  # int8 or bf16, not both
         for mask in excluded:  # "no-good" cuts: not this mask again
             add({i: (1.0 if q > 0.5 else -1.0) for i, q in enumerate(mask)}, -np.inf, float((mask > 0.5).sum()) - 1.0)
         result = milp(cost, constraints=LinearConstraint(np.array(rows), low, high),
@@ -303,7 +358,7 @@ class PlanEstimate:
 
     def budgets(self, goal: float | None) -> list[float]:
         """Noise budgets to solve, the goal's first, then a sweep from the least noisy layer to all-int8."""
-        total = self.noise(np.ones(len(self.layer_ids)))
+        total = self.noise(self.full())
         single, _ = self._noise_terms()
         low = max(float(single[single > 0].min()) if (single > 0).any() else NOISE_FLOOR, NOISE_FLOOR)
         sweep = list(np.geomspace(low, max(total, low), FRONT_BUDGETS)) if total > 0 else [0.0]
@@ -390,12 +445,16 @@ class GuidedProposals:
     """
 
     def __init__(self, model: LoadedModel, layer_noise: dict[str, float], *, backends: Sequence[str],
-                 higher_is_better: bool, metric: str | None = None, share: float = 0.5):
+                 higher_is_better: bool, metric: str | None = None, share: float = 0.5,
+                 bf16_noise: dict[str, float] | None = None):
         ids = model.capable_ids()
         edges = conv_edges(model)
         macs = [model.layer(i).macs for i in ids]
         noise = [layer_noise.get(i, NOISE_FLOOR) for i in ids]
-        self.estimates = {b: PlanEstimate(ids, macs, noise, edges, higher_is_better, b, metric) for b in backends}
+        # bf16 is TVM's alone (ONNX Runtime's quantizer has no bf16 convs)
+        bf16 = [bf16_noise.get(i, NOISE_FLOOR) for i in ids] if bf16_noise is not None else None
+        self.estimates = {b: PlanEstimate(ids, macs, noise, edges, higher_is_better, b, metric,
+                                          bf16_noise=bf16 if b == "tvm" else None) for b in backends}
         self.share = share
         self._proposed: dict[str, int] = {}
 

@@ -216,6 +216,7 @@ class StudyAttrs:
     REMEASURED_BASELINES = "remeasured_baselines"
     PRECISIONS = "precisions"  # what each conv may run in: ["int8", "float"] or ["int8", "bf16", "float"]
     LAYER_NOISE = "layer_noise"  # each conv's noise when it alone is int8: the guided estimate's prior
+    BF16_LAYER_NOISE = "bf16_layer_noise"  # ... and when it alone is bf16 (three-state studies)
     GUIDED_ESTIMATE = "guided_estimate"  # each backend's guided-estimate fit error on the measured plans
 
     @property
@@ -257,6 +258,10 @@ class StudyAttrs:
     @property
     def layer_noise(self) -> dict[str, float]:
         return dict(self.study.user_attrs.get(self.LAYER_NOISE) or {})
+
+    @property
+    def bf16_layer_noise(self) -> dict[str, float]:
+        return dict(self.study.user_attrs.get(self.BF16_LAYER_NOISE) or {})
 
     def set(self, name: str, value) -> None:
         self.study.set_user_attr(name, value)

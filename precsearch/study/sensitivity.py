@@ -115,11 +115,12 @@ def run_sensitivity(workspace: Workspace, *, measure_latency: bool = True,
     return rows
 
 
-def layer_noise(workspace: Workspace, batches: int = 8) -> dict[str, float]:
-    """Each int8-capable conv's output noise (``nmse`` of the main output) with only it int8.
+def layer_noise(workspace: Workspace, batches: int = 8, *, precision: str = "int8") -> dict[str, float]:
+    """Each int8-capable conv's output noise (``nmse`` of the main output) with only it int8 (or only it bf16,
+    ``precision="bf16"``, every other conv float32).
 
-    One ONNX Runtime run of a QDQ model per layer, on the first ``batches``
-    evaluation batches: the guided estimate's prior, seconds on a small model.
+    One ONNX Runtime run per layer, on the first ``batches`` evaluation
+    batches: the guided estimate's prior, seconds on a small model.
     """
     model = workspace.model
     evaluation = workspace.eval_batches[:batches]
@@ -128,22 +129,27 @@ def layer_noise(workspace: Workspace, batches: int = 8) -> dict[str, float]:
     out = {}
     started = time.perf_counter()
     for layer_id in model.capable_ids():
-        qdq = workspace.qdq_model(Plan(all_ids - {layer_id}))
-        out[layer_id] = compute_metrics(reference, run_ort(qdq, evaluation)).values["nmse"]
-    logger.info("layer noise of %d convs on %d batches in %.1f s", len(out), len(evaluation),
+        if precision == "bf16":
+            proto = bf16_reference_model(model.proto, {layer_id})
+        else:
+            proto = workspace.qdq_model(Plan(all_ids - {layer_id}))
+        out[layer_id] = compute_metrics(reference, run_ort(proto, evaluation)).values["nmse"]
+    logger.info("%s layer noise of %d convs on %d batches in %.1f s", precision, len(out), len(evaluation),
                 time.perf_counter() - started)
     return out
 
 
-def noise_from_table(workdir: Path, model: LoadedModel) -> dict[str, float] | None:
-    """``only_int8.nmse`` of ``<workdir>/sensitivity.csv`` when it covers this model's convs, else None."""
+def noise_from_table(workdir: Path, model: LoadedModel, precision: str = "int8") -> dict[str, float] | None:
+    """``only_int8.nmse`` (or ``only_bf16.nmse``) of ``<workdir>/sensitivity.csv`` when it covers this model's
+    convs, else None."""
     path = Path(workdir) / CSV_NAME
     if not path.is_file():
         return None
     frame = pd.read_csv(path)
-    if "only_int8.nmse" not in frame or set(frame["id"]) != set(model.capable_ids()):
+    column = f"only_{precision}.nmse"
+    if column not in frame or set(frame["id"]) != set(model.capable_ids()):
         return None
-    return dict(zip(frame["id"], frame["only_int8.nmse"].astype(float)))
+    return dict(zip(frame["id"], frame[column].astype(float)))
 
 
 def to_frame(rows: list[LayerSensitivity], metric: str) -> pd.DataFrame:
