@@ -8,6 +8,7 @@ import onnx
 import pytest
 
 import models
+from precsearch.tvm import CompileOptions, bf16_unsupported_reason
 
 
 def run(*args, cwd=None):
@@ -249,8 +250,13 @@ def test_doctor_reports_each_layer_and_the_rewritten_split(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["healthy"] is True and report["unsupported_operators"] == []
-    float_plan, int8_plan = report["plans"]
+    float_plan, int8_plan, *bf16_plan = report["plans"]
     assert (float_plan["plan"], int8_plan["plan"]) == ("all-float", "all-int8")
+    # all-bf16 where this CPU runs bf16 natively: every conv through oneDNN, held to ORT on bf16-rounded convs
+    assert len(bf16_plan) == (0 if bf16_unsupported_reason(CompileOptions()) else 1)
+    for plan in bf16_plan:
+        assert plan["plan"] == "all-bf16" and plan["check_ok"] is True
+        assert {layer["detail"].split()[0].rstrip(":") for layer in plan["layers"].values()} == {"bfloat16"}
     assert float_plan["layers"]["conv0"] == {"outcome": "blocked", "detail": "float32 NCHW16c"}
     assert int8_plan["layers"]["conv1"] == {"outcome": "nchw",
                                             "detail": "int8: channels 8→16 not divisible by block 16"}

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--check-batches", type=int, default=8,
                        help="batches for --check, never ones used for calibration (default 8)")
 
-    command("doctor", "run first: build all-float and all-int8 untuned and say per layer how each built",
+    command("doctor", "run first: build all-float, all-int8 (and all-bf16 where the CPU has it) untuned and say "
+            "per layer how each built",
             model_options, data_options, compile_options)
 
     tune = command("tune", "tune every kernel a plan of the model can contain (once per model and CPU)",

@@ -96,7 +96,8 @@ def _diagnose(name: str, workspace, plan) -> PlanDiagnosis:
     check_batches = workspace.eval_batches
     candidate = [built.run(batch) for batch in check_batches]
     steps = workspace.steps if int8_ids else None
-    checked = check_build(model, qdq, int8_ids, check_batches, candidate, steps, options=workspace.options)
+    checked = check_build(model, qdq, int8_ids, check_batches, candidate, steps, options=workspace.options,
+                          bf16_ids=plan.bf16_ids)
     diagnosis.check_ok = checked.verdict != COMPILER_PROBLEM
     diagnosis.check = f"{checked.verdict}: {checked.summary}"
     if checked.agreement is not None:
@@ -123,7 +124,7 @@ def diagnose(model: LoadedModel, preset: str | None, *, data="samples", options=
         Called with one status line per phase.
     """
     from precsearch.model.plan import Plan
-    from precsearch.tvm import unsupported_operators
+    from precsearch.tvm import bf16_unsupported_reason, unsupported_operators
     from precsearch.workspace import DataSettings, Workspace
 
     say = progress or (lambda line: None)
@@ -136,6 +137,9 @@ def diagnose(model: LoadedModel, preset: str | None, *, data="samples", options=
     plans = [_diagnose("all-float", workspace, Plan(frozenset(model.capable_ids())))]
     say(f"calibrating on {calibration_batches} batch(es), building all-int8 (untuned)...")
     plans.append(_diagnose("all-int8", workspace, Plan(frozenset())))
+    if not bf16_unsupported_reason(workspace.options):  # the third state, where this CPU has it
+        say("building all-bf16 (untuned)...")
+        plans.append(_diagnose("all-bf16", workspace, Plan(frozenset()).with_bf16(model.capable_ids())))
     return Diagnosis(model.source, unsupported, plans)
 
 
