@@ -1,6 +1,8 @@
 """bf16 convs (the plan's third state): the bridge's numbers, builds against ONNX Runtime on bf16-rounded inputs
 and weights, verification, and refusals where the CPU or the backend cannot run them."""
 
+import dataclasses
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -15,7 +17,7 @@ from precsearch.model.bf16 import bf16_reference_model, round_to_bf16
 from precsearch.model.data import image_batches
 from precsearch.model.plan import parse_plan
 from precsearch.model.quantize import build_qdq_model, calibrate
-from precsearch.tvm import CompileOptions, build_plan, resolve_target
+from precsearch.tvm import CompileOptions, LoadedLibrary, build_plan, resolve_target
 from precsearch.tvm import _onednn
 
 pytestmark = pytest.mark.skipif(not _onednn.available(), reason=_onednn.unavailable_reason() or "oneDNN missing")
@@ -152,3 +154,34 @@ def test_bf16_convs_are_refused_on_a_target_without_bf16_and_without_onednn(chai
     if HAS_BF16:
         with pytest.raises(ConfigError, match=r"^bf16 convs run on oneDNN: --conv-backend tir leaves no oneDNN conv"):
             build_plan(model, model.proto, plan, options=CompileOptions(conv_backend="tir"))
+
+
+@needs_bf16
+def test_both_bf16_variants_compute_the_same_conv_and_the_build_keeps_the_one_it_timed(chain, tmp_path):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 32, 13, 13)).astype("float32")
+    w = rng.standard_normal((32, 32, 3, 3)).astype("float32")
+    b = np.zeros(32, dtype="float32")
+    base = _onednn.ConvSpec((1, 32, 13, 13), (1, 32, 13, 13), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 16, 16,
+                            threads=2, dtype="bfloat16")
+    outputs, kernels = [], []
+    for variant in (0, 1):
+        spec = dataclasses.replace(base, variant=variant)
+        out = tvm.runtime.tensor(np.zeros((1, 2, 13, 13, 16), dtype="float32"))
+        tvm.get_global_func(_onednn.CONV_FUNCTION)(
+            tvm.runtime.tensor(_blocked(x, 16)), tvm.runtime.tensor(_onednn.pack_weights(spec, w)),
+            tvm.runtime.tensor(b), tvm.runtime.tensor(spec.config()), tvm.runtime.tensor(spec.post()), out)
+        outputs.append(out.numpy())
+        kernels.append(_onednn.implementation(spec))
+    # the same bf16 conv either way (float32 sums in another order), by another kernel where the CPU has AMX
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    assert not kernels[0].endswith("+reorder")  # variant 0 reads and writes the graph's layout
+    assert kernels[1].endswith("+reorder") == ("amx" in kernels[1])
+    assert _onednn.with_fastest_variant(base).variant in (0, 1)
+    # the variant is part of the config a call carries, so a library loaded elsewhere runs the timed one
+    chosen = _onednn.with_fastest_variant(base)
+    assert _onednn.spec_from_config(chosen.config(), chosen.post()).variant == chosen.variant
+    model, _, batches = chain
+    built = build_plan(model, model.proto, parse_plan("all", model, "all"))
+    loaded = LoadedLibrary(built.export_library(tmp_path / "model.so"), built.input_names, built.output_names)
+    np.testing.assert_array_equal(loaded.run(batches[0])["logits"], built.run(batches[0])["logits"])

@@ -11,6 +11,7 @@ C++ compiler are missing, :func:`available` says why and every conv stays TIR.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -31,7 +32,8 @@ SOURCE = Path(__file__).with_name("onednn_conv.cc")
 
 # The int64 config the C++ side reads, in order (its enum Field).
 CONFIG_FIELDS = ("n", "ic", "ih", "iw", "oc", "kh", "kw", "oh", "ow", "sh", "sw", "pt", "pl", "pb", "pr", "dh", "dw",
-                 "groups", "src_block", "dst_block", "post_op", "threads", "layer", "dtype", "src_zero", "dst_zero")
+                 "groups", "src_block", "dst_block", "post_op", "threads", "layer", "dtype", "src_zero", "dst_zero",
+                 "variant")
 #: What a conv reads → writes: float32; u8 → u8 (requantized); u8 → float32 (an int8 conv with a float consumer);
 #: float32 → float32 with the conv on bf16 activations and weights (rounded to nearest even, float32 sums).
 DTYPES = {"float32": 0, "int8": 1, "int8_float_out": 2, "bfloat16": 3}
@@ -112,7 +114,7 @@ def load():
             module = tvm_ffi.cpp.load_inline(
                 "precsearch_onednn", cpp_sources=SOURCE.read_text(),
                 functions=["conv2d", "pack_weights", "unpack_weights", "weights_bytes", "implementation", "set_verbose",
-                           "has_native_bf16"],
+                           "has_native_bf16", "choose_variant"],
                 extra_cflags=["-O2", "-std=c++17"], extra_include_paths=[str(include)],
                 extra_ldflags=[f"-L{lib}", "-ldnnl", "-lgomp", f"-Wl,-rpath,{lib}"])
         except Exception as exc:  # a compiler error is a reason to stay TIR, not a crash
@@ -152,6 +154,7 @@ class ConvSpec:
     src_scale: float = 1.0
     dst_scale: float = 1.0
     weight_scales: tuple[float, ...] = ()
+    variant: int = -1  # bf16: 0 the graph's layout, 1 nhwc (AMX), -1 oneDNN's rule; see choose_variant
 
     @property
     def is_int8(self) -> bool:
@@ -162,7 +165,7 @@ class ConvSpec:
         _, oc, oh, ow = self.output_shape
         values = (n, ic, ih, iw, oc, *self.kernel, oh, ow, *self.strides, *self.padding, *self.dilation, self.groups,
                   self.src_block, self.dst_block, POST_OPS[self.post_op], self.threads,
-                  self.layer, DTYPES[self.dtype], self.src_zero, self.dst_zero)
+                  self.layer, DTYPES[self.dtype], self.src_zero, self.dst_zero, self.variant)
         assert len(values) == len(CONFIG_FIELDS)
         return np.asarray(values, dtype="int64")
 
@@ -215,6 +218,13 @@ def unpack_weights(spec: ConvSpec, packed: np.ndarray) -> np.ndarray:
     return oihw.numpy()
 
 
+def with_fastest_variant(spec: ConvSpec) -> ConvSpec:
+    """``spec`` with the variant timed fastest here (bf16: the graph's layout or nhwc); others unchanged."""
+    if spec.dtype != "bfloat16":
+        return spec
+    return dataclasses.replace(spec, variant=int(load().choose_variant(*_tensors(spec))))
+
+
 def implementation(spec: ConvSpec) -> str:
     """oneDNN's name for the kernel it runs ``spec`` with (``ref:any`` is its slow fallback)."""
     return str(load().implementation(*_tensors(spec)))
@@ -232,4 +242,4 @@ def spec_from_config(config: np.ndarray, post: np.ndarray) -> ConvSpec:
     return ConvSpec((f["n"], f["ic"], f["ih"], f["iw"]), (f["n"], f["oc"], f["oh"], f["ow"]), (f["kh"], f["kw"]),
                     (f["sh"], f["sw"]), (f["pt"], f["pl"], f["pb"], f["pr"]), (f["dh"], f["dw"]), f["groups"],
                     f["src_block"], f["dst_block"], post_op, post[0], post[1], f["threads"], f["layer"], dtype,
-                    f["src_zero"], f["dst_zero"], **quantization)
+                    f["src_zero"], f["dst_zero"], **quantization, variant=f["variant"])

@@ -262,7 +262,7 @@ class OffloadOneDNN(ReportingPass):
                 _absorb_bias(graph, fusion, self.params,
                              int(value.ty.shape[1]) * (_block(str(value.attrs.out_layout)) or 1))
                 _absorb_activation(graph, fusion)
-            spec = self._spec(fusion, name, layer_id)
+            spec = _onednn.with_fastest_variant(self._spec(fusion, name, layer_id))
             kernel = _onednn.implementation(spec)
             reference = any(part.startswith("ref") for part in kernel.split("+"))
             if reference and spec.dtype == "bfloat16":

@@ -10,6 +10,8 @@
 
 #include <dnnl.hpp>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -25,7 +27,7 @@ namespace {
 // The int64 config tensor, field by field (kept in sync with _onednn.py CONFIG_FIELDS).
 enum Field {
   kN, kIC, kIH, kIW, kOC, kKH, kKW, kOH, kOW, kSH, kSW, kPT, kPL, kPB, kPR, kDH, kDW, kGroups,
-  kSrcBlock, kDstBlock, kPostOp, kThreads, kLayer, kDtype, kSrcZero, kDstZero, kNumFields
+  kSrcBlock, kDstBlock, kPostOp, kThreads, kLayer, kDtype, kSrcZero, kDstZero, kVariant, kNumFields
 };
 // kDtype: what the conv reads and writes.
 // kBf16: float32 in and out, the conv itself on bf16 activations and weights (f32 accumulation).
@@ -193,7 +195,11 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
     memory::desc src_nhwc(src_dims, src_dt, tag::nhwc), dst_nhwc(dst_dims, dst_dt, tag::nhwc);
     auto nhwc_pd = make(src_nhwc, dst_nhwc);
     const std::string nhwc_impl = nhwc_pd.impl_info_str();
-    if (int8 ? !slow(nhwc_impl) : (has_amx(nhwc_impl) || slow(pd.impl_info_str()))) {
+    bool use_nhwc = int8 ? !slow(nhwc_impl) : (has_amx(nhwc_impl) || slow(pd.impl_info_str()));
+    // A bf16 conv's variant, when the build chose one by timing (choose_variant): 0 the graph's
+    // layout, 1 nhwc; -1 the rule above.
+    if (bf16 && c[kVariant] >= 0 && !slow(pd.impl_info_str())) use_nhwc = c[kVariant] == 1 && !slow(nhwc_impl);
+    if (use_nhwc) {
       pd = nhwc_pd;
       conv->src_staging = memory(src_nhwc, cpu_engine());
       conv->from_plain = dnnl::reorder(memory(src_desc, cpu_engine(), DNNL_MEMORY_NONE), conv->src_staging);
@@ -304,6 +310,51 @@ void conv2d(tvm::ffi::Tensor src, tvm::ffi::Tensor weights, tvm::ffi::Tensor bia
   conv.primitive.execute(cpu_stream(), conv.args);
   if (conv.staged) conv.to_plain.execute(cpu_stream(), conv.staging, conv.dst);
   cpu_stream().wait();
+}
+
+// Median time of one call of a cached conv (its reorders included), on zeroed scratch buffers.
+double time_conv(Conv& conv) {
+  auto zeroed = [](const memory::desc& desc) {
+    memory m(desc, cpu_engine());
+    std::memset(m.get_data_handle(), 0, desc.get_size());
+    return m;
+  };
+  memory src = zeroed(conv.src.get_desc()), weights = zeroed(conv.weights_desc), bias = zeroed(conv.bias.get_desc()),
+         dst = zeroed(conv.dst.get_desc());
+  conv.src.set_data_handle(src.get_data_handle());
+  conv.weights.set_data_handle(weights.get_data_handle());
+  conv.bias.set_data_handle(bias.get_data_handle());
+  conv.dst.set_data_handle(dst.get_data_handle());
+  std::vector<double> times;
+  for (int run = 0; run < 9; ++run) {
+    auto started = std::chrono::steady_clock::now();
+    if (conv.src_staged) conv.from_plain.execute(cpu_stream(), conv.src, conv.src_staging);
+    conv.primitive.execute(cpu_stream(), conv.args);
+    if (conv.staged) conv.to_plain.execute(cpu_stream(), conv.staging, conv.dst);
+    cpu_stream().wait();
+    if (run >= 2) times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count());
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+// For a bf16 conv, which variant runs faster here, timed once at build time: 0 (the graph's
+// layout: oneDNN's AVX512-BF16 kernels) or 1 (nhwc: its AMX kernels, two reorders); the build
+// writes it into the config, so the library runs what was measured.  AMX is not always the
+// faster: on a 3-channel first conv at 416x416 it ran 3.5 ms against 1.8 ms in float32, and on
+// small convs the reorders dominate.  -1 for other dtypes.
+int64_t choose_variant(tvm::ffi::Tensor config, tvm::ffi::Tensor post) {
+  std::vector<int64_t> c = read_config(config);
+  const std::vector<float> p = read_post(post);
+  if (c[kDtype] != kBf16) return -1;
+  c[kVariant] = 0;
+  Conv& graph_layout = get_conv(c, p);
+  c[kVariant] = 1;
+  Conv& nhwc = get_conv(c, p);
+  if (nhwc.impl == graph_layout.impl) return 0;  // no nhwc kernel worth having: the same primitive
+  static std::mutex run_lock;
+  std::lock_guard<std::mutex> guard(run_lock);
+  return time_conv(nhwc) < time_conv(graph_layout) ? 1 : 0;
 }
 
 // oneDNN's own per-primitive trace (level 2: creation and execution times), for profiling.
