@@ -427,3 +427,11 @@ def gemm_tail_model(size: int = 8, seed: int = 20):
     w1 = b.tensor("fc1.weight", b.he_weight((32, 10), 32))
     b.op("MatMul", [x, w1], "fc1", out="output")
     return b.model("gemm_tail", [_input(16, size)], [_output([1, 10])])
+
+
+def blocked(array, block: int):
+    """An NCHW array in the NCHW<block>c layout (unchanged for block 0), as the bridge's blocked convs read it."""
+    if not block:
+        return array
+    n, c, h, w = array.shape
+    return np.ascontiguousarray(array.reshape(n, c // block, block, h, w).transpose(0, 1, 3, 4, 2))

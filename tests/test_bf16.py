@@ -37,13 +37,6 @@ def _conv(x, w, strides, pads, group):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
-def _blocked(array, block):
-    if not block:
-        return array
-    n, c, h, w = array.shape
-    return np.ascontiguousarray(array.reshape(n, c // block, block, h, w).transpose(0, 1, 3, 4, 2))
-
-
 CASES = [  # ic, oc, size, kernel, stride, pads, groups, block
     (32, 32, 13, 3, 1, (1, 1, 1, 1), 1, 16),  # dense 3x3: AMX where the CPU has it (nhwc, reordered in and out)
     (16, 48, 9, 1, 1, (0, 0, 0, 0), 1, 16),  # pointwise
@@ -69,15 +62,15 @@ def test_the_bridge_computes_the_conv_of_bf16_rounded_inputs_and_weights_in_floa
                             groups, block, block, threads=2, dtype="bfloat16")
     packed = _onednn.pack_weights(spec, w)
     np.testing.assert_array_equal(_onednn.unpack_weights(spec, packed), round_to_bf16(w))
-    out = tvm.runtime.tensor(np.zeros(_blocked(expected, block).shape, dtype="float32"))
+    out = tvm.runtime.tensor(np.zeros(models.blocked(expected, block).shape, dtype="float32"))
     tvm.get_global_func(_onednn.CONV_FUNCTION)(
-        tvm.runtime.tensor(_blocked(x, block)), tvm.runtime.tensor(packed), tvm.runtime.tensor(b),
+        tvm.runtime.tensor(models.blocked(x, block)), tvm.runtime.tensor(packed), tvm.runtime.tensor(b),
         tvm.runtime.tensor(spec.config()), tvm.runtime.tensor(spec.post()), out)
-    error = np.abs(out.numpy() - _blocked(expected, block))
-    assert (error <= _blocked(bound, block)).all(), float((error / _blocked(bound, block)).max())
+    error = np.abs(out.numpy() - models.blocked(expected, block))
+    assert (error <= models.blocked(bound, block)).all(), float((error / models.blocked(bound, block)).max())
     # and it is bf16: the float32 conv of the unrounded values is a hundred times farther away
     exact = _conv(x, w, (stride,) * 2, pads, groups) + b.reshape(1, -1, 1, 1)
-    assert np.abs(_blocked(exact, block) - out.numpy()).max() > 100 * error.max()
+    assert np.abs(models.blocked(exact, block) - out.numpy()).max() > 100 * error.max()
     assert _onednn.spec_from_config(spec.config(), spec.post()) == spec
     assert "bf16" in _onednn.implementation(spec) or "amx" in _onednn.implementation(spec)
 
@@ -169,7 +162,7 @@ def test_both_bf16_variants_compute_the_same_conv_and_the_build_keeps_the_one_it
         spec = dataclasses.replace(base, variant=variant)
         out = tvm.runtime.tensor(np.zeros((1, 2, 13, 13, 16), dtype="float32"))
         tvm.get_global_func(_onednn.CONV_FUNCTION)(
-            tvm.runtime.tensor(_blocked(x, 16)), tvm.runtime.tensor(_onednn.pack_weights(spec, w)),
+            tvm.runtime.tensor(models.blocked(x, 16)), tvm.runtime.tensor(_onednn.pack_weights(spec, w)),
             tvm.runtime.tensor(b), tvm.runtime.tensor(spec.config()), tvm.runtime.tensor(spec.post()), out)
         outputs.append(out.numpy())
         kernels.append(_onednn.implementation(spec))

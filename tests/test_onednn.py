@@ -41,13 +41,6 @@ def _ort_conv(x, w, b, strides, pads, dilations, group, activation=None):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
-def _blocked(array, block):
-    if not block:
-        return array
-    n, c, h, w = array.shape
-    return np.ascontiguousarray(array.reshape(n, c // block, block, h, w).transpose(0, 1, 3, 4, 2))
-
-
 CASES = [  # ic, oc, size, kernel, stride, pads (t, l, b, r), dilation, groups, block, post-op
     (16, 16, 9, 3, 1, (1, 1, 1, 1), 1, 1, 8, "relu"),
     (8, 16, 10, 3, 2, (0, 1, 1, 0), 1, 1, 8, "none"),  # asymmetric padding, stride 2
@@ -74,11 +67,11 @@ def test_the_bridge_computes_the_conv_onnx_runtime_computes(ic, oc, size, kernel
                             threads=2)
     packed = _onednn.pack_weights(spec, w)
     np.testing.assert_array_equal(_onednn.unpack_weights(spec, packed), w)
-    out = tvm.runtime.tensor(np.zeros(_blocked(expected, block).shape, dtype="float32"))
+    out = tvm.runtime.tensor(np.zeros(models.blocked(expected, block).shape, dtype="float32"))
     tvm.get_global_func(_onednn.CONV_FUNCTION)(
-        tvm.runtime.tensor(_blocked(x, block)), tvm.runtime.tensor(packed), tvm.runtime.tensor(b),
+        tvm.runtime.tensor(models.blocked(x, block)), tvm.runtime.tensor(packed), tvm.runtime.tensor(b),
         tvm.runtime.tensor(spec.config()), tvm.runtime.tensor(spec.post()), out)
-    np.testing.assert_allclose(out.numpy(), _blocked(expected, block), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out.numpy(), models.blocked(expected, block), rtol=1e-4, atol=1e-4)
     assert _onednn.spec_from_config(spec.config(), spec.post()) == spec
     assert not _onednn.implementation(spec).startswith("ref")
 
@@ -264,15 +257,15 @@ def test_the_bridge_requantizes_int8_convs_exactly_as_integer_arithmetic_does(ic
     assert _onednn.spec_from_config(spec.config(), spec.post()) == spec
     assert not _onednn.implementation(spec).startswith("ref")
     bias = (bias_q * accumulator_scale.reshape(-1)).astype(np.float32)
-    out = tvm.runtime.tensor(np.zeros(_blocked(expected, block).shape, dtype=out_dtype))
+    out = tvm.runtime.tensor(np.zeros(models.blocked(expected, block).shape, dtype=out_dtype))
     tvm.get_global_func(_onednn.CONV_FUNCTION)(
-        tvm.runtime.tensor(_blocked(x, block)), tvm.runtime.tensor(_onednn.pack_weights(spec, w)),
+        tvm.runtime.tensor(models.blocked(x, block)), tvm.runtime.tensor(_onednn.pack_weights(spec, w)),
         tvm.runtime.tensor(bias), tvm.runtime.tensor(spec.config()), tvm.runtime.tensor(spec.post()), out)
     if dst_zero is None:
-        np.testing.assert_allclose(out.numpy(), _blocked(expected, block), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.numpy(), models.blocked(expected, block), rtol=1e-5, atol=1e-5)
     else:
-        difference = np.abs(out.numpy().astype(int) - _blocked(expected, block).astype(int))
-        tie = _blocked(near_tie, block)
+        difference = np.abs(out.numpy().astype(int) - models.blocked(expected, block).astype(int))
+        tie = models.blocked(near_tie, block)
         assert difference[~tie].max() == 0 and (difference[tie] <= 1).all()
 
 
