@@ -1,5 +1,6 @@
 """Tracing a disagreement with ONNX Runtime to a rounding near-tie or to a compiler problem."""
 
+import numpy as np
 import pytest
 
 import models
@@ -70,3 +71,21 @@ def test_exact_conv_value_matches_ort_float_conv_away_from_ties(chain):
     for element in [(0, 0, 0, 0), (0, 5, 7, 3), (0, 15, 15, 15)]:
         exact, _ = exact_conv_value(conv, initializers, producers, tensors, element)
         assert exact == pytest.approx(float(tensors[conv.output[0]][element]) / y_scale, abs=1e-3)
+
+
+def test_a_bf16_rounding_flip_is_a_near_tie_only_where_ort_sat_at_a_bf16_tie():
+    from precsearch.fidelity.crosscheck import BF16_INPUT, _bf16_divergence
+    from precsearch.model.bf16 import round_to_bf16
+
+    step = 2.0 ** -7  # the bf16 step between 1.0 and 2.0 (8 significant bits)
+    tie = np.float32(1.0 + step / 2)  # halfway between the bf16 neighbours 1.0 and 1.0078125
+    ref = np.array([[tie, 1.5]], dtype=np.float32)
+    ours = np.array([[np.nextafter(tie, np.float32(2)), 1.5]], dtype=np.float32)  # one float32 step above
+    assert round_to_bf16(ref)[0, 0] != round_to_bf16(ours)[0, 0]
+    near = _bf16_divergence(3, "t", "conv2", ref, ours)
+    assert (near.batch, near.producer, near.op_type, near.elements) == (3, "conv2", BF16_INPUT, 1)
+    assert near.near_tie and near.tie_distance < 1e-4 and near.explained
+    # a quarter of a step from the tie: no float32 noise moves a value that far
+    far_ref = np.array([[1.0 + step / 4]], dtype=np.float32)
+    far = _bf16_divergence(0, "t", "conv2", far_ref, far_ref + np.float32(step / 2))
+    assert not far.near_tie and far.tie_distance == pytest.approx(0.25) and not far.explained

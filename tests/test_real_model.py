@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from precsearch.tvm import CompileOptions, build_plan, resolve_target
+from precsearch.tvm import CompileOptions, bf16_unsupported_reason, build_plan, resolve_target
 from precsearch.tvm import _onednn
 from precsearch.model.data import image_batches
-from precsearch.fidelity.crosscheck import AGREES, NEAR_TIES, cross_check
+from precsearch.fidelity.crosscheck import AGREES, BF16_INPUT, NEAR_TIES, cross_check
 from precsearch.model import load_model, resolve_model
 from precsearch.model.plan import parse_plan
 from precsearch.model.quantize import build_qdq_model, calibrate, output_steps
@@ -101,3 +101,28 @@ def test_every_divergence_from_ort_starts_at_a_near_tie(tmp_path_factory, float_
             assert divergence.exact is True
     if float_spec == "none":
         assert traced.verdict == NEAR_TIES and any(d.exact for d in traced.divergences)
+
+
+@pytest.mark.skipif(bool(bf16_unsupported_reason(CompileOptions())), reason="this CPU has no native bf16")
+def test_an_all_bf16_build_diverges_from_ort_on_bf16_rounded_convs_only_at_bf16_ties(tmp_path):
+    # Rounding to bf16 is a quantization: a value within float32 noise of a bf16 tie lands on either neighbour
+    # (2^-8 apart), and 53 layers carry that past float tolerance. The check traces each diverging image to the
+    # input of a bf16 conv where ORT's value sat at such a tie; anything else would be a compiler problem (exit 4).
+    summary = build(tmp_path, "none", "--bf16", "all")
+    assert len(summary["bf16_layers"]) == 53 and summary["int8_layers"] == []
+    assert {row["dtype"] for row in summary["layers"]} == {"bfloat16"}
+    assert summary["divergence_verdict"] in (AGREES, NEAR_TIES), summary["divergence_summary"]
+    assert summary["max_relative_error"] < 5e-3  # bf16 against unrounded float would be about 5e-3 and more
+    for divergence in summary.get("divergences", []):
+        assert divergence["op_type"] == BF16_INPUT and divergence["near_tie"] is True
+        assert divergence["tie_distance"] < 1e-3
+
+
+@pytest.mark.skipif(bool(bf16_unsupported_reason(CompileOptions())), reason="this CPU has no native bf16")
+def test_a_mixed_int8_bf16_float_plan_checks_out(tmp_path):
+    summary = build(tmp_path, "Conv@0,Conv@52", "--bf16", "Conv@13,Conv@15,Conv@40", "--onednn-int8", "off")
+    rows = {row["id"]: row for row in summary["layers"]}
+    assert [rows[i]["dtype"] for i in ("Conv@0", "Conv@1", "Conv@13", "Conv@52")] == ["float32", "int8",
+                                                                                   "bfloat16", "float32"]
+    assert summary["divergence_verdict"] in (AGREES, NEAR_TIES), summary["divergence_summary"]
+    assert summary["agreement"] >= 0.85
