@@ -169,7 +169,7 @@ def test_both_bf16_variants_compute_the_same_conv_and_the_build_keeps_the_one_it
     # the same bf16 conv either way (float32 sums in another order), by another kernel where the CPU has AMX
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
     assert not kernels[0].endswith("+reorder")  # variant 0 reads and writes the graph's layout
-    assert kernels[1].endswith("+reorder") == ("amx" in kernels[1])
+    assert kernels[1].endswith("+reorder")  # variant 1 reorders into nhwc and back (AMX kernels where present)
     assert _onednn.with_fastest_variant(base).variant in (0, 1)
     # the variant is part of the config a call carries, so a library loaded elsewhere runs the timed one
     chosen = _onednn.with_fastest_variant(base)
