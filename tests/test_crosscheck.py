@@ -73,19 +73,28 @@ def test_exact_conv_value_matches_ort_float_conv_away_from_ties(chain):
         assert exact == pytest.approx(float(tensors[conv.output[0]][element]) / y_scale, abs=1e-3)
 
 
-def test_a_bf16_rounding_flip_is_a_near_tie_only_where_ort_sat_at_a_bf16_tie():
+def test_a_bf16_rounding_flip_is_rounding_only_where_the_two_runtimes_agree_to_float32_noise():
     from precsearch.fidelity.crosscheck import BF16_INPUT, _bf16_divergence
     from precsearch.model.bf16 import round_to_bf16
 
     step = 2.0 ** -7  # the bf16 step between 1.0 and 2.0 (8 significant bits)
     tie = np.float32(1.0 + step / 2)  # halfway between the bf16 neighbours 1.0 and 1.0078125
-    ref = np.array([[tie, 1.5]], dtype=np.float32)
-    ours = np.array([[np.nextafter(tie, np.float32(2)), 1.5]], dtype=np.float32)  # one float32 step above
+    ref = np.array([[tie, 1.5, 4.0]], dtype=np.float32)
+    ours = ref.copy()
+    ours[0, 0] = np.nextafter(tie, np.float32(2))  # one float32 step above the tie: the other neighbour
     assert round_to_bf16(ref)[0, 0] != round_to_bf16(ours)[0, 0]
     near = _bf16_divergence(3, "t", "conv2", ref, ours)
     assert (near.batch, near.producer, near.op_type, near.elements) == (3, "conv2", BF16_INPUT, 1)
-    assert near.near_tie and near.tie_distance < 1e-4 and near.explained
-    # a quarter of a step from the tie: no float32 noise moves a value that far
-    far_ref = np.array([[1.0 + step / 4]], dtype=np.float32)
-    far = _bf16_divergence(0, "t", "conv2", far_ref, far_ref + np.float32(step / 2))
-    assert not far.near_tie and far.tie_distance == pytest.approx(0.25) and not far.explained
+    assert near.near_tie and near.tie_distance < 1e-7 and near.explained
+    # a value near zero kept as a denormal on one side, flushed on the other: a whole bf16 step of its own, nothing
+    # at the tensor's scale
+    tiny = ref.copy()
+    tiny[0, 1] = np.float32(1e-40)
+    flushed = tiny.copy()
+    flushed[0, 1] = 0.0
+    assert _bf16_divergence(0, "t", "conv2", tiny, flushed).explained
+    # two bf16 steps apart: no float32 noise moves a value that far
+    far = ref.copy()
+    far[0, 1] = np.float32(1.5 + 2 * step)
+    off = _bf16_divergence(0, "t", "conv2", ref, far)
+    assert not off.near_tie and off.tie_distance == pytest.approx(2 * step / 4.0) and not off.explained
