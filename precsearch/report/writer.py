@@ -253,7 +253,8 @@ def _commands(config, study_name: str, workdir, recommended, prefix: str) -> dic
         search += ["--goal-on", config.goal_on.replace("_", "-")]
     for flag, value in (("--max-drop", config.max_drop), ("--goal", config.goal), ("--trials", config.trials),
                         ("--sampler", config.sampler), ("--seed", config.seed), ("--data", config.data),
-                        ("--eval-batches", config.eval_batches), ("--threads", config.threads)):
+                        ("--eval-batches", config.eval_batches), ("--threads", config.threads),
+                        ("--bf16", None if config.bf16 == "auto" else config.bf16)):
         if value is not None:
             search += [flag, str(value)]
     commands = {"reproduce": shlex.join(search)}
