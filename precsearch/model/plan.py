@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 KEY_PREFIX = "float:"
 BF16_PREFIX = ";bf16:"  # the key's bf16 part, after its float32 ids
 INT8, BF16, FLOAT = "int8", "bf16", "float"
+#: Each conv's choices in a search: int8 or float, or int8, bf16 or float where the CPU runs bf16.
+TWO_STATES, THREE_STATES = (INT8, FLOAT), (INT8, BF16, FLOAT)
 #: The runtimes a plan can be built for: TVM (precsearch's own build) and ONNX Runtime (``quantize_static``).
 TVM, ORT = "tvm", "ort"
 BACKENDS = (TVM, ORT)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 from precsearch.errors import PrecsearchError
-from precsearch.model.plan import FLOAT, INT8, TVM, Plan
+from precsearch.model.plan import TVM, TWO_STATES, Plan
 
 # Verdicts of the cross-check of a build with ONNX Runtime on the same QDQ model: the strings of
 # precsearch.fidelity.crosscheck (a test holds them equal), repeated so the search loop need not import TVM.
@@ -253,7 +253,7 @@ class StudyAttrs:
     @property
     def precisions(self) -> tuple[str, ...]:
         """The values of each conv's parameter; studies made before bf16 existed are int8/float."""
-        return tuple(self.study.user_attrs.get(self.PRECISIONS) or (INT8, FLOAT))
+        return tuple(self.study.user_attrs.get(self.PRECISIONS) or TWO_STATES)
 
     @property
     def layer_noise(self) -> dict[str, float]:

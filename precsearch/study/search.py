@@ -40,15 +40,13 @@ from precsearch.fidelity.metrics import METRICS, TIE_BREAK
 from precsearch.study.guided import GUIDED_SEED, GuidedProposals
 from precsearch.model import LoadedModel
 from precsearch.study.pareto import FrontPoint, finite_objective, front_points
-from precsearch.model.plan import BACKENDS, BF16, FLOAT, INT8, TVM, Plan
+from precsearch.model.plan import BACKENDS, BF16, INT8, THREE_STATES, TVM, TWO_STATES, Plan
 from precsearch.study.record import (COMPILER_PROBLEM, PlanEvaluator, PlanRejected, StudyAttrs,
                                      TrialRecord, copy_result, set_attrs)
 from precsearch.study.storage import PlanClaims, quiet_experimental, redact_url
 
 logger = logging.getLogger(__name__)
 
-TWO_STATES = (INT8, FLOAT)
-THREE_STATES = (INT8, BF16, FLOAT)
 BACKEND_PARAM = "backend"  # the Optuna parameter that picks the runtime when a study searches both
 INTERRUPTED = "interrupted"
 CONSTRAINT = "fidelity_goal"

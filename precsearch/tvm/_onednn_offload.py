@@ -6,7 +6,9 @@ For a float conv the bias add and a following relu / clip / swish / hard-swish
 become oneDNN post-ops of the same primitive.  For an int8 conv the whole integer
 chain Int8ConvRewrite emitted (int32 conv, integer bias, requantization to u8, or
 the dequantizing multiply) becomes one u8 × s8 primitive with the layer's scales
-and zero points, which rounds half to even in float32 as MLAS does.  The weights
+and zero points, which rounds half to even in float32 as MLAS does.  A plan's
+bf16 convs are float convs whose primitive reads its input and weights rounded
+to bf16 (the variant timed fastest at build time).  The weights
 are packed into oneDNN's own format here, at build time, and bound as a constant,
 so a call does no reorder of them.
 """
