@@ -307,7 +307,7 @@ def test_bench_with_backend_ort_adds_ort_rows(ort_search):
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     names = {row["name"]: row for row in payload["rows"]}
-    assert set(names) == {"ort_float", "ort_int8", "ort_int8_conv_only", "ort_plan1"}
+    assert set(names) == {"ort_float", "ort_int8", "ort_int8_conv_only", "openvino", "openvino_f32", "ort_plan1"}
     assert names["ort_plan1"]["plan"] == "ort:float:conv1" and names["ort_plan1"]["int8_convs"] == 3
     assert payload["tvm_float_ms"] is None
 

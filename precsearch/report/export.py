@@ -72,7 +72,7 @@ time, every excluded conv whose input is dequantized, and the convs kept float w
 import onnxruntime
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
-NODES_TO_EXCLUDE = {names}{ort_bf16}
+NODES_TO_EXCLUDE = {names}
 DISABLED_OPTIMIZERS = {disabled}
 
 
