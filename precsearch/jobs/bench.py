@@ -23,7 +23,7 @@ import pandas as pd
 
 from precsearch.fidelity.metrics import compute_metrics
 from precsearch.fidelity.reference import run_ort
-from precsearch.measure import OPENVINO_BUILDS, Latency, OpenVinoModel, measure_onnxruntime, openvino_missing_reason
+from precsearch.measure import Latency, measure_onnxruntime, measure_openvino_builds, openvino_missing_reason
 from precsearch.model.plan import Plan
 from precsearch.study.ort_backend import DISABLED_OPTIMIZERS, check_ort_plan
 from precsearch.tvm import RpcTarget, measure_library, measure_remote
@@ -137,13 +137,12 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
     else:
         say("measuring OpenVINO's default and f32 builds...")
         float_outputs = run_ort(model.proto, [inputs])
-    for name, precision in OPENVINO_BUILDS.items() if not missing else ():
-        started = time.perf_counter()
-        compiled = OpenVinoModel(model.proto, threads=threads, precision=precision)
-        compile_time_s = time.perf_counter() - started
-        add(name, compiled.time(inputs, warmup=warmup, repeats=repeats), "float model", 0, compile_time_s)
-        sqnr = compute_metrics(float_outputs, [compiled.run(inputs)]).values["sqnr_db"]
-        rows[-1] = replace(rows[-1], precision=compiled.precision, sqnr_db_vs_ort_float=sqnr)
+        builds = measure_openvino_builds(model.proto, inputs, [inputs], threads=threads, warmup=warmup,
+                                         repeats=repeats)
+        for name, build in builds.items():
+            add(name, build["latency"], "float model", 0, 0.0)
+            sqnr = compute_metrics(float_outputs, build["outputs"]).values["sqnr_db"]
+            rows[-1] = replace(rows[-1], precision=build["precision"], sqnr_db_vs_ort_float=sqnr)
     every_float = Plan(frozenset(model.capable_ids()))
     for name, plan in plans if "ort" in backends else ():
         say(f"quantizing and measuring {name} on ONNX Runtime ({len(plan.float_layer_ids(model))} float convs)...")

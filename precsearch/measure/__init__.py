@@ -8,7 +8,7 @@ computed the same way.
 
 from ._latency import Latency, check_settings, measure_onnxruntime, onnxruntime_session, summarize, time_session
 from ._lock import CpuLock
-from ._openvino import OPENVINO_BUILDS, OpenVinoModel, openvino_missing_reason
+from ._openvino import OPENVINO_BUILDS, OpenVinoModel, measure_openvino_builds, openvino_missing_reason
 
 __all__ = ["CpuLock", "Latency", "OPENVINO_BUILDS", "OpenVinoModel", "check_settings", "measure_onnxruntime",
-           "onnxruntime_session", "openvino_missing_reason", "summarize", "time_session"]
+           "measure_openvino_builds", "onnxruntime_session", "openvino_missing_reason", "summarize", "time_session"]

@@ -69,3 +69,34 @@ class OpenVinoModel:
             self.request.infer(feed)
             times.append(time.perf_counter() - started)
         return summarize(times, backend="openvino", warmup=warmup, threads=self.threads)
+
+
+def measure_openvino_builds(proto: onnx.ModelProto, timing_input: dict[str, np.ndarray], batches, *,
+                            threads: int = 2, warmup: int = 10, repeats: int = 50) -> dict[str, dict]:
+    """Every build of :data:`OPENVINO_BUILDS`, in a child process: its ``latency`` on ``timing_input``, its
+    ``outputs`` on ``batches`` and the ``precision`` it inferred in, by baseline name.
+
+    In a child because OpenVINO, once loaded, turns a later Ctrl-C of the process into a segfault (its
+    threading runtime; measured: the search's Ctrl-C exited 130 without OpenVINO, -11 with it), and a
+    search must stop cleanly and resume.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_measure_in_child, proto.SerializeToString(), timing_input, list(batches), threads,
+                           warmup, repeats).result()
+
+
+def _measure_in_child(model_bytes: bytes, timing_input, batches, threads: int, warmup: int, repeats: int) -> dict:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what a Ctrl-C does
+    proto = onnx.load_from_string(model_bytes)
+    out = {}
+    for name, precision in OPENVINO_BUILDS.items():
+        compiled = OpenVinoModel(proto, threads=threads, precision=precision)
+        out[name] = {"latency": compiled.time(timing_input, warmup=warmup, repeats=repeats),
+                     "outputs": [compiled.run(batch) for batch in batches], "precision": compiled.precision}
+    return out

@@ -41,8 +41,8 @@ from precsearch.errors import ConfigError, ModelError
 from precsearch.fidelity.early_stop import evaluate_plan
 from precsearch.fidelity.metrics import compute_metrics
 from precsearch.fidelity.reference import run_ort
-from precsearch.measure import (OPENVINO_BUILDS, CpuLock, Latency, OpenVinoModel, measure_onnxruntime,
-                                onnxruntime_session, openvino_missing_reason, time_session)
+from precsearch.measure import (CpuLock, Latency, measure_onnxruntime, measure_openvino_builds, onnxruntime_session,
+                                openvino_missing_reason, time_session)
 from precsearch.model.plan import ORT, Plan
 from precsearch.study.record import PlanResult
 from precsearch.workspace import Workspace
@@ -236,13 +236,12 @@ def measure_openvino_baselines(workspace: Workspace, metric: str, *, warmup: int
     if missing:
         logger.warning("OpenVINO baselines skipped: %s", missing)
         return {}
+    with lock.exclusive():  # the child times both builds: nothing else may run meanwhile
+        builds = measure_openvino_builds(workspace.model.proto, workspace.timing_input, workspace.eval_batches,
+                                         threads=workspace.options.threads, warmup=warmup, repeats=repeats)
     out = {}
-    for name, precision in OPENVINO_BUILDS.items():
-        compiled = OpenVinoModel(workspace.model.proto, threads=workspace.options.threads, precision=precision)
-        with lock.exclusive():
-            latency = compiled.time(workspace.timing_input, warmup=warmup, repeats=repeats)
-        with lock.shared():
-            metrics = compute_metrics(workspace.reference, [compiled.run(batch) for batch in workspace.eval_batches])
-        out.update({f"{name}_ms": latency.median_ms, f"{name}_iqr_ms": latency.iqr_ms,
-                    f"{name}_{metric}": metrics.values[metric], f"{name}_precision": compiled.precision})
+    for name, build in builds.items():
+        metrics = compute_metrics(workspace.reference, build["outputs"])
+        out.update({f"{name}_ms": build["latency"].median_ms, f"{name}_iqr_ms": build["latency"].iqr_ms,
+                    f"{name}_{metric}": metrics.values[metric], f"{name}_precision": build["precision"]})
     return out
