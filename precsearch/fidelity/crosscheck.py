@@ -139,8 +139,9 @@ def cross_check(model: LoadedModel, qdq: onnx.ModelProto, int8_ids, batches, can
     if not diverging:
         return CrossCheck(result, AGREES, ())
     bf16_inputs = _bf16_inputs(qdq, bf16_ids)
-    probe, _, quantized = _probe_models(qdq, bf16_inputs)
-    _, ort_probe, _ = _probe_models(ort_qdq, bf16_inputs)
+    probe, ort_probe, quantized = _probe_models(qdq, bf16_inputs)
+    if bf16_ids:  # ORT's probe of the bf16-rounded model (the same tensor names)
+        _, ort_probe, _ = _probe_models(ort_qdq, bf16_inputs)
     probed = dataclasses.replace(model, output_names=tuple(out.name for out in probe.graph.output))
     logger.info("tracing %d diverging image(s) through a probe build", len(diverging))
     plan = Plan(frozenset(model.capable_ids()) - set(int8_ids), bf16_ids=bf16_ids) if bf16_ids else int8_ids

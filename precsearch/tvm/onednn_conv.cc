@@ -247,6 +247,24 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
   return result;
 }
 
+// One conv object serves every call with its config, so its handles are set per call, under this lock.
+std::mutex& run_lock() {
+  static std::mutex lock;
+  return lock;
+}
+
+// One call: the input reordered into the primitive's layout (and rounded for bf16), the conv, the output back.
+void run(Conv& conv, void* src, void* weights, void* bias, void* dst) {
+  conv.src.set_data_handle(src);
+  conv.weights.set_data_handle(weights);
+  conv.bias.set_data_handle(bias);
+  conv.dst.set_data_handle(dst);
+  if (conv.src_staged) conv.from_plain.execute(cpu_stream(), conv.src, conv.src_staging);
+  conv.primitive.execute(cpu_stream(), conv.args);
+  if (conv.staged) conv.to_plain.execute(cpu_stream(), conv.staging, conv.dst);
+  cpu_stream().wait();
+}
+
 }  // namespace
 
 // Bytes of the weights in the primitive's own format (the size pack_weights fills).
@@ -299,17 +317,8 @@ tvm::ffi::String implementation(tvm::ffi::Tensor config, tvm::ffi::Tensor post) 
 void conv2d(tvm::ffi::Tensor src, tvm::ffi::Tensor weights, tvm::ffi::Tensor bias,
             tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::Tensor dst) {
   Conv& conv = get_conv(read_config(config), read_post(post));
-  // One conv object serves every call with this config: handles are set per call.
-  static std::mutex run_lock;
-  std::lock_guard<std::mutex> guard(run_lock);
-  conv.src.set_data_handle(address(src));
-  conv.weights.set_data_handle(address(weights));
-  conv.bias.set_data_handle(address(bias));
-  conv.dst.set_data_handle(address(dst));
-  if (conv.src_staged) conv.from_plain.execute(cpu_stream(), conv.src, conv.src_staging);
-  conv.primitive.execute(cpu_stream(), conv.args);
-  if (conv.staged) conv.to_plain.execute(cpu_stream(), conv.staging, conv.dst);
-  cpu_stream().wait();
+  std::lock_guard<std::mutex> guard(run_lock());
+  run(conv, address(src), address(weights), address(bias), address(dst));
 }
 
 // Median time of one call of a cached conv (its reorders included), on zeroed scratch buffers.
@@ -321,18 +330,11 @@ double time_conv(Conv& conv) {
   };
   memory src = zeroed(conv.src.get_desc()), weights = zeroed(conv.weights_desc), bias = zeroed(conv.bias.get_desc()),
          dst = zeroed(conv.dst.get_desc());
-  conv.src.set_data_handle(src.get_data_handle());
-  conv.weights.set_data_handle(weights.get_data_handle());
-  conv.bias.set_data_handle(bias.get_data_handle());
-  conv.dst.set_data_handle(dst.get_data_handle());
   std::vector<double> times;
-  for (int run = 0; run < 9; ++run) {
+  for (int call = 0; call < 9; ++call) {
     auto started = std::chrono::steady_clock::now();
-    if (conv.src_staged) conv.from_plain.execute(cpu_stream(), conv.src, conv.src_staging);
-    conv.primitive.execute(cpu_stream(), conv.args);
-    if (conv.staged) conv.to_plain.execute(cpu_stream(), conv.staging, conv.dst);
-    cpu_stream().wait();
-    if (run >= 2) times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count());
+    run(conv, src.get_data_handle(), weights.get_data_handle(), bias.get_data_handle(), dst.get_data_handle());
+    if (call >= 2) times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count());
   }
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
@@ -352,8 +354,7 @@ int64_t choose_variant(tvm::ffi::Tensor config, tvm::ffi::Tensor post) {
   c[kVariant] = 1;
   Conv& nhwc = get_conv(c, p);
   if (nhwc.impl == graph_layout.impl) return 0;  // no nhwc kernel worth having: the same primitive
-  static std::mutex run_lock;
-  std::lock_guard<std::mutex> guard(run_lock);
+  std::lock_guard<std::mutex> guard(run_lock());
   return time_conv(nhwc) < time_conv(graph_layout) ? 1 : 0;
 }
 
