@@ -229,10 +229,9 @@ class PlanEstimate:
     def _noise_features(self, mask: np.ndarray) -> np.ndarray:
         """Per layer its prior noise when int8 (and when bf16); per edge the pair's product (both int8), in the
         same units."""
-        int8, bf16 = self._split(mask)
+        int8, _ = self._split(mask)
         pairs = [int8[u] * int8[v] * math.sqrt(self.layer_noise[u] * self.layer_noise[v]) for u, v in self.edges]
-        singles = [int8 * self.layer_noise] + ([bf16 * self.bf16_noise] if self.states == 2 else [])
-        return np.concatenate([*singles, pairs])
+        return np.concatenate([np.asarray(mask, dtype=np.float64) * self._single_noise(), pairs])
 
     def _fit_noise(self) -> None:
         n, m = len(self.layer_ids) * self.states, len(self.edges)
@@ -246,7 +245,7 @@ class PlanEstimate:
             scale = 1.0 / max(o.nmse, NOISE_FLOOR)  # relative error: plans of every noise level count alike
             features.append(self._noise_features(o.int8) * scale)
             targets.append(o.nmse * scale)
-        prior = np.concatenate([np.ones(n), np.zeros(m)])
+        prior = self._default_noise_coef()
         lhs = NOISE_PRIOR_WEIGHT * np.eye(n + m)
         rhs = np.zeros(n + m)
         if features:
@@ -254,6 +253,10 @@ class PlanEstimate:
             lhs = lhs + f.T @ f
             rhs = f.T @ (y - f @ prior)
         self.noise_coef = prior + np.linalg.solve(lhs, rhs)
+
+    def _single_noise(self) -> np.ndarray:
+        """Each mask entry's prior noise: per int8 layer, then (three states) per bf16 layer."""
+        return self.layer_noise if self.states == 1 else np.concatenate([self.layer_noise, self.bf16_noise])
 
     def _default_noise_coef(self) -> np.ndarray:
         return np.concatenate([np.ones(len(self.layer_ids) * self.states), np.zeros(len(self.edges))])
@@ -290,8 +293,7 @@ class PlanEstimate:
         """The largest noise whose expected metric still meets ``goal`` (None without a goal or a fit)."""
         if goal is None or len(self.observations) < 2:
             return None
-        least = min(self.layer_noise.min(), self.bf16_noise.min() if self.states == 2 else math.inf)
-        grid = np.geomspace(max(least, NOISE_FLOOR) / 10, max(self.noise(self.full()), NOISE_FLOOR) * 10, 400)
+        grid = np.geomspace(max(self._single_noise().min(), NOISE_FLOOR) / 10, max(self.noise(self.full()), NOISE_FLOOR) * 10, 400)
         metric = self._metric_of_noise(grid)
         meets = metric >= goal if self.higher_is_better else metric <= goal
         return float(grid[meets].max()) if meets.any() else None
@@ -303,8 +305,7 @@ class PlanEstimate:
         n = len(self.layer_ids) * self.states
         coef = self.noise_coef if self.noise_coef is not None else self._default_noise_coef()
         pair_scale = np.array([math.sqrt(self.layer_noise[u] * self.layer_noise[v]) for u, v in self.edges])
-        prior = np.concatenate([self.layer_noise] + ([self.bf16_noise] if self.states == 2 else []))
-        return coef[:n] * prior, coef[n:] * pair_scale
+        return coef[:n] * self._single_noise(), coef[n:] * pair_scale
 
     def solve(self, budget: float, excluded: Sequence[np.ndarray] = ()) -> np.ndarray | None:
         """The fastest mask (by the estimate) whose estimated noise is at most ``budget``; None if none is left.
