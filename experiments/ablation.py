@@ -10,6 +10,8 @@ Levers measured (batch 1, 2 threads, the packaged image the search times on):
 * ``onednn_int8``: all-int8 convs on TIR vs on oneDNN's u8 × s8 primitives (requantization inside);
 * ``fallback_inline``: the fallback schedule with each op of a fused kernel in its own loop nest vs
   producers inlined (one pass over memory);
+* ``onednn_int8_activation``: the dequantize → activation → quantize after each int8 conv as TIR kernels vs as
+  post-ops of the conv's oneDNN primitive;
 * ``fast_sigmoid``: sigmoids left to TIR through libm ``expf`` per element vs TVM's ``fast_exp``;
 * environment levers, each setting in a child process (read once, when libgomp
   loads or TVM's pool starts), with ORT float measured in that same process after
@@ -116,6 +118,7 @@ def in_process_levers(name: str, workdir: Path) -> list[dict]:
                 levers = {"fallback_inline": {"fallback_inline": False}, "fast_sigmoid": {"fast_sigmoid": False}}
                 if plan_name == "all-int8":
                     levers["onednn_int8"] = {"onednn_int8": False}
+                    levers["onednn_int8_activation"] = {"onednn_int8_activation": False}
                 for lever, off in levers.items():
                     print(f"  {name} {plan_name} {lever} off: building...", flush=True)
                     without = workspace.build(plan, options=replace(workspace.options, **off)).built

@@ -87,7 +87,8 @@ class Workspace:
         options = CompileOptions(block_size=config.block_size, float_blocked=config.float_layout == "blocked",
                                  threads=config.threads, requant_dtype=config.requant,
                                  conv_backend=config.conv_backend,
-                                 onednn_int8=ONEDNN_INT8_SETTINGS[config.onednn_int8])
+                                 onednn_int8=ONEDNN_INT8_SETTINGS[config.onednn_int8],
+                                 activation_layout=config.activation_layout)
         return cls(model, workdir, data, options, untuned=config.untuned)
 
     @classmethod

@@ -76,7 +76,8 @@ def test_build_accepts_none_and_all(chain_path, tmp_path, spec, n_int8):
 
 
 def test_build_prints_per_layer_table(chain_path, tmp_path):
-    result = run("build", chain_path, "--float", "conv0", "--out", tmp_path / "out", "--workdir", tmp_path)
+    result = run("build", chain_path, "--float", "conv0", "--out", tmp_path / "out", "--workdir", tmp_path,
+                 "--activation-layout", "blocked")
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith("conv")}
     assert rows["conv0"][1:3] == ["float32", "NCHW8c"]

@@ -59,7 +59,7 @@ def _rows(built):
 
 def test_all_float_build_matches_ort_float(chain, kinds):
     for case in (chain, kinds):
-        plan, qdq, built = case.build("all")
+        plan, qdq, built = case.build("all", options=CompileOptions(activation_layout="blocked"))
         assert built.int8_layers == ()
         reference = run_ort(case.model.proto, case.check, optimized=False)
         candidate = [built.run(batch) for batch in case.check]
@@ -118,7 +118,7 @@ def test_historic_bias_add_between_blocked_int8_and_nchw_float_conv(tmp_path):
 
 
 def test_layer_kinds_build_int8_and_fall_back_cleanly(kinds):
-    plan, qdq, built = kinds.build("none")
+    plan, qdq, built = kinds.build("none", options=CompileOptions(activation_layout="blocked"))
     rows = _rows(built)
     assert built.block_size == 8
     # 3-channel first conv and the 16→24 grouped conv cannot be blocked: NCHW, named why.

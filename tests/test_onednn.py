@@ -342,3 +342,102 @@ def test_int8_convs_on_onednn_are_refused_without_vnni(chain):
     model, qdq, int8_ids, _ = chain
     with pytest.raises(ConfigError, match="need a CPU with VNNI"):
         build_plan(model, qdq, int8_ids, options=ONEDNN_INT8)
+
+
+def _swish(v):
+    return v / (1.0 + np.exp(-v))
+
+
+@needs_vnni
+@pytest.mark.parametrize("requantized", [True, False], ids=["u8 out", "float out"])
+def test_the_bridge_runs_an_int8_convs_dequantize_swish_and_quantize_as_the_qdq_model_does(requantized):
+    """conv → Q(s1, z1) → DQ → SiLU → Q(s2, z2) as one primitive: the u8 values of every step as in integer arithmetic
+    (a step may differ only where a value lies within 1e-3 of a rounding tie: oneDNN's sigmoid is not numpy's)."""
+    ic, oc, size, block, src_zero = 16, 32, 9, 16, 3
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, (1, ic, size, size)).astype(np.uint8)
+    w = rng.integers(-127, 128, (oc, ic, 3, 3)).astype(np.int8)
+    weight_scales = rng.uniform(0.001, 0.01, oc).astype(np.float32)
+    # the bridge holds float32 scales
+    src_scale, mid_scale, dst_scale = (float(np.float32(v)) for v in (0.02, 0.05, 0.03))
+    mid_zero, dst_zero = 120, 9
+    acc = _integer_conv(x, w, src_zero, 1, (1, 1, 1, 1), 1)
+    real = acc * (np.float32(src_scale) * weight_scales).astype(np.float64)[None, :, None, None]
+    mid_steps = real / np.float32(mid_scale)
+    mid = np.clip(np.round(mid_steps), -mid_zero, 255 - mid_zero) * np.float32(mid_scale)
+    activated = _swish(mid)
+    dst_steps = activated / np.float32(dst_scale)
+    near_tie = (np.abs(np.abs(mid_steps - np.floor(mid_steps)) - 0.5) < 1e-3) | (
+        np.abs(np.abs(dst_steps - np.floor(dst_steps)) - 0.5) < 1e-3)
+    assert near_tie.mean() < 0.01
+    if requantized:
+        expected, out_dtype = np.clip(np.round(dst_steps) + dst_zero, 0, 255).astype(np.uint8), "uint8"
+    else:
+        expected, out_dtype = activated.astype(np.float32), "float32"
+    spec = _onednn.ConvSpec((1, ic, size, size), expected.shape, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, block, block,
+                            post_op="swish", threads=2, dtype="int8" if requantized else "int8_float_out",
+                            src_zero=src_zero, dst_zero=dst_zero if requantized else 0, src_scale=src_scale,
+                            dst_scale=dst_scale if requantized else 1.0,
+                            weight_scales=tuple(float(v) for v in weight_scales), mid_scale=mid_scale,
+                            mid_zero=mid_zero)
+    assert _onednn.spec_from_config(spec.config(), spec.post()) == spec
+    assert not _onednn.implementation(spec).startswith("ref")
+    out = tvm.runtime.tensor(np.zeros(models.blocked(expected, block).shape, dtype=out_dtype))
+    tvm.get_global_func(_onednn.CONV_FUNCTION)(
+        tvm.runtime.tensor(models.blocked(x, block)), tvm.runtime.tensor(_onednn.pack_weights(spec, w)),
+        tvm.runtime.tensor(np.zeros(oc, np.float32)), tvm.runtime.tensor(spec.config()),
+        tvm.runtime.tensor(spec.post()), out)
+    tie = models.blocked(near_tie, block)
+    if requantized:
+        difference = np.abs(out.numpy().astype(int) - models.blocked(expected, block).astype(int))
+        assert difference[~tie].max() == 0 and (difference[tie] <= 1).all()
+    else:
+        np.testing.assert_allclose(out.numpy()[~tie], models.blocked(expected, block)[~tie], rtol=1e-5, atol=1e-5)
+
+
+def _silu_fanout_model():
+    """conv0 → SiLU, whose output is a graph output ("features") and feeds conv1; conv1 → SiLU → "output"."""
+    b = models._Builder(21)
+    x = b.conv("conv0", "input", 16, 16)
+    silu = b.op("Mul", [x, b.op("Sigmoid", [x], "sigmoid0")], "silu0", out="features")
+    y = b.conv("conv1", silu, 16, 16)
+    b.op("Mul", [y, b.op("Sigmoid", [y], "sigmoid1")], "silu1", out="output")
+    return b.model("silu_fanout", [models._input(16, 8)],
+                   [models._output([1, 16, 8, 8]), models._output([1, 16, 8, 8], "features")])
+
+
+@needs_vnni
+@pytest.mark.parametrize("builder", [models.activations_model, _silu_fanout_model], ids=["chain", "fan-out"])
+def test_int8_convs_on_onednn_absorb_the_activation_after_their_quantization(builder, tmp_path):
+    """SiLU / hard-swish after an int8 conv become post-ops of its primitive, quantized again when a quantization
+    is their only consumer, else float (conv1's SiLU output is the graph's "output": float; ORT's quantizer gives
+    "features" a Q/DQ pair like any other tensor); the outputs stay ONNX Runtime's on the QDQ model."""
+    model = load_model(models.save(builder(), tmp_path, "m"))
+    batches = list(image_batches(model, None, count=3))
+    qdq = build_qdq_model(model, calibrate(model, batches[:2]), parse_plan("none", model))
+    int8_ids = parse_plan("none", model).int8_ids(model)
+    imported = import_qdq_model(qdq, model)
+    mod = _front(model, imported, int8_ids, ONEDNN_INT8)
+    specs = {spec.layer: spec for spec in (_onednn.spec_from_config(call.args[1].fields[3].value.numpy(),
+                                                                     call.args[1].fields[4].value.numpy())
+                                           for call in _calls(mod, "relax.call_dps_packed"))}
+    if builder is models.activations_model:
+        # HardSigmoid (after conv1) has no oneDNN post-op; conv3's output is the graph's (quantized, then a DQ)
+        assert {i: (s.post_op, s.dtype, s.mid_zero >= 0) for i, s in specs.items()} == {
+            0: ("swish", "int8", True), 1: ("none", "int8", False), 2: ("hardswish", "int8", True),
+            3: ("none", "int8", False)}
+        assert len(_calls(mod, "relax.sigmoid")) == 0
+    else:
+        assert {i: (s.post_op, s.dtype, s.mid_zero >= 0) for i, s in specs.items()} == {
+            0: ("swish", "int8", True), 1: ("swish", "int8_float_out", True)}
+    fused = build_plan(model, qdq, int8_ids, options=ONEDNN_INT8)
+    apart = build_plan(model, qdq, int8_ids, options=CompileOptions(conv_backend="onednn", onednn_int8=True,
+                                                                     onednn_int8_activation=False))
+    assert {row.id: row.fused for row in fused.rows}["conv0"] == "swish"
+    assert all(not row.fused for row in apart.rows)
+    session = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"])
+    step = float(np.max(np.abs(session.run(["output"], batches[2])[0]))) / 255
+    for built in (fused, apart):
+        difference = np.abs(built.run(batches[2])["output"] - session.run(["output"], batches[2])[0])
+        # within one quantization step of the output everywhere, and equal almost everywhere
+        assert difference.max() <= 1.01 * step * 2 and (difference <= 1e-4).mean() > 0.95

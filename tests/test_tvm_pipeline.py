@@ -59,14 +59,20 @@ def test_the_pipeline_is_the_module_build_plan_compiles(chain, monkeypatch):
 
 def test_the_pipeline_lists_its_passes_and_stops_after_fusion_when_asked(chain):
     imported = import_qdq_model(chain.qdq, chain.model)
-    names = [p.info.name for p in pipeline(chain.model, imported, chain.int8_ids).passes]
+    blocked = CompileOptions(activation_layout="blocked")
+    names = [p.info.name for p in pipeline(chain.model, imported, chain.int8_ids, blocked).passes]
     ours = [name for name in names if name.startswith("precsearch.")]
     assert ours == ["precsearch.Int8ConvRewrite", "precsearch.LowerQDQ", "precsearch.InspectLayout",
                     "precsearch.OffloadOneDNN", "precsearch.FastSigmoid", "precsearch.VerifyPlan",
                     "precsearch.ApplyTuning"]
+    # an NHWC build turns ConvertLayout's permutes into layout transforms right after it
+    nhwc = [p.info.name for p in pipeline(chain.model, imported, chain.int8_ids,
+                                          CompileOptions(activation_layout="nhwc")).passes]
+    assert nhwc[nhwc.index("ConvertLayout") + 1] == "precsearch.NHWCTransforms"
+    assert [name for name in nhwc if name != "precsearch.NHWCTransforms"] == names
     assert names.index("ConvertLayout") < names.index("precsearch.InspectLayout") < names.index("LegalizeOps") \
         < names.index("FoldConstant") < names.index("precsearch.VerifyPlan") < names.index("FuseTIR")
-    front = [p.info.name for p in pipeline(chain.model, imported, chain.plan, fused_only=True).passes]
+    front = [p.info.name for p in pipeline(chain.model, imported, chain.plan, blocked, fused_only=True).passes]
     assert front == names[:names.index("FuseTIR") + 1]
     fused = _run(pipeline(chain.model, imported, chain.plan, fused_only=True), imported.mod)  # a Plan will do
     tvm.ir.assert_structural_equal(fused, fused_module(chain.model, chain.qdq, chain.int8_ids))
@@ -81,8 +87,11 @@ def test_the_passes_fill_one_report_and_the_built_plan_is_made_from_it(chain):
     assert report.rows == [] and report.kernel_weights == {}
     _run(passes, imported.mod)
     assert report.rewritten_int8 == ["conv0", "conv2"]
+    # every conv on oneDNN (an AVX-512 CPU with VNNI) runs NHWC by default, else blocked
+    layout = "NHWC" if report.activation_layout == "NHWC" else "NCHW8c"
+    assert report.activation_layout in ("NHWC", "NCHW8c")
     assert [(row.id, row.dtype, row.layout) for row in report.rows] == [
-        ("conv0", "int8", "NCHW8c"), ("conv1", "float32", "NCHW8c"), ("conv2", "int8", "NCHW8c")]
+        ("conv0", "int8", layout), ("conv1", "float32", layout), ("conv2", "int8", layout)]
     assert set(report.kernel_weights) == {"conv0", "conv1", "conv2"}
     assert report.total_kernels > 0 and report.tuned_kernels == 0  # no database
     # conv1 (float) runs on oneDNN, and so do conv0 and conv2 where the CPU has VNNI: no TIR kernel to tune

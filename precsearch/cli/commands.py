@@ -27,7 +27,7 @@ def _compile_options(args, **overrides):
 
     settings = dict(block_size=args.block_size, float_blocked=args.float_layout == "blocked", threads=args.threads,
                     requant_dtype=args.requant, conv_backend=args.conv_backend,
-                    onednn_int8=ONEDNN_INT8_SETTINGS[args.onednn_int8])
+                    onednn_int8=ONEDNN_INT8_SETTINGS[args.onednn_int8], activation_layout=args.activation_layout)
     settings.update(overrides)
     return CompileOptions(**settings)
 
@@ -281,7 +281,7 @@ def _cmd_search(args) -> int:
                           sensitivity_k=args.sensitivity_k, workers=args.workers, threads=args.threads,
                           requant=args.requant, block_size=args.block_size, float_layout=args.float_layout,
                           conv_backend=args.conv_backend, onednn_int8=args.onednn_int8,
-                          check_batches=args.check_batches, warmup=args.warmup, repeats=args.repeats,
+                          activation_layout=args.activation_layout, check_batches=args.check_batches, warmup=args.warmup, repeats=args.repeats,
                           untuned=args.untuned, backend=args.backend,
                           heartbeat_interval_s=args.heartbeat_interval, grace_period_s=args.grace_period)
     model, preset = _load(args)

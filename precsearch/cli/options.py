@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="with --conv-backend onednn, int8 convs on oneDNN's u8 x s8 primitives too: "
                                       "auto (default) where the CPU has VNNI, on, or off (TIR, exact float64 "
                                       "requantization)")
+    compile_options.add_argument("--activation-layout", choices=["auto", "nhwc", "blocked"], default="auto",
+                                 help="layout activations run in: nhwc (every conv in NHWC, oneDNN's native layout: "
+                                      "no conv reorders, no transforms between convs), blocked (NCHW<b>c, TIR's), "
+                                      "or auto (default): nhwc when every conv of the plan runs on oneDNN on an "
+                                      "AVX-512 CPU")
     compile_options.add_argument("--untuned", action="store_true",
                                  help="ignore the tuning database in --workdir (default: apply it when present)")
 

@@ -14,11 +14,11 @@ def print_operators(notes: list[dict], layouts: list[dict], fallback: str) -> No
         print(f"  {note['action']}: {note['op_type']} {note['node']!r}: {note['detail']}")
     fell_back = [row for row in layouts if row["nchw_fallback"]]
     if fell_back:
-        print("  operators run in NCHW beside blocked tensors (layout transforms around them): "
+        print("  operators run in NCHW beside the convs' layout (layout transforms around them): "
               + ", ".join(f"{row['op']} ×{row['nchw_fallback']}" for row in fell_back))
     blocked = [row for row in layouts if row["blocked"]]
     if blocked:
-        print("  operators run blocked: " + ", ".join(f"{row['op']} ×{row['blocked']}" for row in blocked))
+        print("  operators run in the convs' layout: " + ", ".join(f"{row['op']} ×{row['blocked']}" for row in blocked))
 
 
 def status(message: str, quiet: bool) -> None:
@@ -79,8 +79,9 @@ def print_build(summary: dict) -> None:
         print(f"{row['id']:<16} {row['dtype']:<8} {row['layout']:<8} {row.get('backend', 'tir'):<7} {kernel:<14} "
               f"{', '.join(row['transforms_in']) or '-':<16} {', '.join(row['transforms_out']) or '-':<16} {row['note']}")
     bf16 = len(summary.get("bf16_layers", []))
+    layout = "layout NHWC" if summary.get("activation_layout") == "NHWC" else f"block {summary['block_size']}"
     print(f"{len(summary['int8_layers'])} int8, {f'{bf16} bf16, ' if bf16 else ''}"
-          f"{len(summary['float_layers']) - bf16} float convs; block {summary['block_size']}; "
+          f"{len(summary['float_layers']) - bf16} float convs; {layout}; "
           f"{summary['boundary_transforms']} activation layout transforms; built in {summary['build_time_s']} s ("
           f"{_tuning_state(summary)})")
     print_operators(summary["operators"]["rewritten"], summary["operators"]["layouts"], summary["layout_fallback"])

@@ -50,6 +50,7 @@ def build_and_export(workspace: Workspace, plan: Plan, out_dir: str | Path, *, c
         "qdq_model": str(qdq_path),
         "target": built.target,
         "block_size": built.block_size,
+        "activation_layout": built.activation_layout,
         "boundary_transforms": built.boundary_transforms,
         "build_time_s": round(built.build_time_s, 2),
         "tuned": tuned,

@@ -27,9 +27,11 @@ SEARCH_BACKENDS = ("tvm", "ort", "both")
 OBJECTIVE_FIELDS = ("model", "input_shapes", "data", "preset", "calibration", "calibration_batches", "eval_batches",
                     "metric", "max_drop", "goal", "threads", "requant", "block_size", "float_layout", "warmup",
                     "repeats", "untuned", "check_batches", "backend", "conv_backend", "goal_on",
-                    "onednn_int8", "bf16")
+                    "onednn_int8", "bf16", "activation_layout")
 #: What ``bf16`` may say: search bf16 convs where the CPU has them, always (an error elsewhere), never.
 BF16_SETTINGS = ("auto", "on", "off")
+#: The activation layouts a build may run in (precsearch.tvm.CompileOptions.activation_layout).
+ACTIVATION_LAYOUTS = ("auto", "nhwc", "blocked")
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class SearchConfig:
     onednn_int8: str = "auto"
     guided: bool = True
     bf16: str = "auto"
+    activation_layout: str = "auto"
 
     def __post_init__(self):
         if self.eval_batches is not None:
@@ -160,6 +163,9 @@ class SearchConfig:
         if self.onednn_int8 not in ("auto", "on", "off"):
             raise ConfigError(f"The 'onednn_int8' parameter of search must be 'auto', 'on' or 'off'; "
                               f"got {self.onednn_int8!r} instead.")
+        if self.activation_layout not in ACTIVATION_LAYOUTS:
+            raise ConfigError(f"The 'activation_layout' parameter of search must be one of "
+                              f"{', '.join(ACTIVATION_LAYOUTS)}; got {self.activation_layout!r} instead.")
         if self.bf16 not in BF16_SETTINGS:
             raise ConfigError(f"The 'bf16' parameter of search must be 'auto', 'on' or 'off'; "
                               f"got {self.bf16!r} instead.")
@@ -197,7 +203,8 @@ class SearchConfig:
         if unknown:
             raise ConfigError(f"The stored search settings hold unknown keys {unknown}; "
                               "the study was made by another precsearch version.")
-        return cls(**payload)
+        # A study stored before activation_layout existed timed its plans blocked: resuming it asks for that.
+        return cls(**{"activation_layout": "blocked", **payload})
 
     def differences(self, other: SearchConfig) -> list[str]:
         """The objective-defining settings that differ from ``other``'s, as ``name: mine != theirs``."""

@@ -45,6 +45,7 @@ class BuildReport:
     float_layers: tuple[str, ...] = ()
     bf16_layers: tuple[str, ...] = ()  # among the float ones
     block_size: int = 0
+    activation_layout: str = ""  # "NHWC" or "NCHW<b>c"
     layouts: dict = field(default_factory=dict)  # layer index → LayerLayout
     # Int8ConvRewrite: layers rewritten to an integer conv, and each one's quantization by layer index
     rewritten_int8: list[str] = field(default_factory=list)

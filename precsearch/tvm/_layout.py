@@ -22,6 +22,9 @@ from ._naming import (WEIGHT_PREFIX, binding_name, conv_kernel_name, kernel_attr
 
 PASS_NAME = "precsearch.LegalizeConv"
 BLOCK_SIZES = (16, 8)
+# The layout every conv of an all-oneDNN plan runs in (options.activation_layout), and its weights' (TVM's own
+# NHWC convention; oneDNN's weights are packed from the model's OIHW ones).
+NHWC, NHWC_KERNEL = "NHWC", "HWIO"
 
 # int8 NCHWc convs take their input channels in groups of four (one vpdpbusd lane).
 _INT8_LANES = 4
@@ -37,7 +40,7 @@ class LayerLayout:
 
     @property
     def blocked(self) -> bool:
-        return self.data_layout != "NCHW"
+        return self.data_layout not in ("NCHW", NHWC)
 
 
 def _blockable(layer: ConvLayer, block: int, int8: bool) -> str:
@@ -64,11 +67,14 @@ def choose_block_size(layers, requested: int | None) -> int:
 
 
 def decide_layouts(layers, int8_indices: set[int], block: int, *, float_blocked: bool = True,
-                   int8_blocked: bool = True) -> dict[int, LayerLayout]:
-    """Layout per conv layer index for one plan."""
+                   int8_blocked: bool = True, nhwc: bool = False) -> dict[int, LayerLayout]:
+    """Layout per conv layer index for one plan (``nhwc``: every conv NHWC, the other arguments unused)."""
     decisions = {}
     for layer in layers:
         if layer.op_type != "Conv":
+            continue
+        if nhwc:
+            decisions[layer.index] = LayerLayout(NHWC, NHWC_KERNEL)
             continue
         int8 = layer.index in int8_indices
         wanted = int8_blocked if int8 else float_blocked
@@ -161,14 +167,17 @@ def _cast(tensor, dtype: str, name: str):
     return te.compute(tensor.shape, lambda *index: tensor(*index).astype(dtype), name=name)
 
 
-def exact_nchw_conv(data, kernel, stride, padding, dilation, groups, out_dtype):
-    """``topi.nn.conv`` in NCHW, accumulating an integer conv in float32 where that is exact."""
-    terms = int(kernel.shape[1]) * int(kernel.shape[2]) * int(kernel.shape[3])
-    accumulator = exact_accumulator(out_dtype, terms)
+def exact_conv(data, kernel, stride, padding, dilation, groups, out_dtype, layout: str = "NCHW"):
+    """``topi.nn.conv`` in NCHW / OIHW or NHWC / HWIO, accumulating an integer conv in float32 where that is
+    exact."""
+    kernel_layout = "OIHW" if layout == "NCHW" else NHWC_KERNEL
+    shape = dict(zip(kernel_layout, (int(d) for d in kernel.shape)))
+    accumulator = exact_accumulator(out_dtype, shape["I"] * shape["H"] * shape["W"])
     if accumulator == out_dtype:
-        return topi.nn.conv(data, kernel, stride, padding, dilation, groups, "NCHW", "OIHW", out_dtype=out_dtype)
+        return topi.nn.conv(data, kernel, stride, padding, dilation, groups, layout, kernel_layout,
+                            out_dtype=out_dtype)
     result = topi.nn.conv(_cast(data, accumulator, "data_float"), _cast(kernel, accumulator, "kernel_float"), stride,
-                          padding, dilation, groups, "NCHW", "OIHW", out_dtype=accumulator)
+                          padding, dilation, groups, layout, kernel_layout, out_dtype=accumulator)
     return _cast(result, out_dtype, "exact_int")
 
 
@@ -230,9 +239,13 @@ def make_conv_legalizer(layer_ids, decisions: dict[int, LayerLayout], report: Bu
         layout = str(attrs.data_layout)
         name = conv_kernel_name(index, precision, layout)
         identity = {"primfunc_attrs": kernel_attrs(index)}
-        if layout == "NCHW":
-            return bb.call_te(exact_nchw_conv, call.args[0], call.args[1], attrs.strides, attrs.padding,
-                              attrs.dilation, int(attrs.groups), out_dtype, primfunc_name_hint=name, **identity)
+        if layout in ("NCHW", NHWC):
+            if layout == NHWC and str(attrs.kernel_layout) != NHWC_KERNEL:
+                raise CompileError(f"NHWC conv with kernel layout {attrs.kernel_layout}, expected {NHWC_KERNEL}",
+                                   pass_name=PASS_NAME, layer_id=layer_id)
+            return bb.call_te(exact_conv, call.args[0], call.args[1], attrs.strides, attrs.padding,
+                              attrs.dilation, int(attrs.groups), out_dtype, layout, primfunc_name_hint=name,
+                              **identity)
         if str(attrs.out_layout) != layout:
             raise CompileError(f"blocked conv with out layout {attrs.out_layout} != {layout}", pass_name=PASS_NAME,
                                layer_id=layer_id)
@@ -260,6 +273,8 @@ def unpack_kernel(kernel: np.ndarray, layout: str) -> np.ndarray:
     """Undo the packing of a built kernel constant, back to OIHW (for verification)."""
     if layout == "NCHW":
         return kernel
+    if layout == NHWC:  # HWIO
+        return kernel.transpose(3, 2, 0, 1)
     if kernel.ndim == 7:  # int8 NCHWc: (O/b, I/b, kh, kw, ib/4, ob, 4)
         oc, ic, kh, kw, ib4, ob, lanes = kernel.shape
         return kernel.transpose(0, 5, 1, 4, 6, 2, 3).reshape(oc * ob, ic * ib4 * lanes, kh, kw)

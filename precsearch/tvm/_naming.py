@@ -96,7 +96,7 @@ def layer_in_text(text: str, layer_ids=None) -> int | None:
 
 
 # A conv kernel's whole name, possibly fused: layer, precision and layout in one match.
-_CONV_KERNEL = re.compile(rf"{CONV_KERNEL_PREFIX}L(\d+)_(int8|bf16|float)_(NCHW(?:\d+c)?)")
+_CONV_KERNEL = re.compile(rf"{CONV_KERNEL_PREFIX}L(\d+)_(int8|bf16|float)_(NCHW(?:\d+c)?|NHWC)")
 
 
 def conv_kernel_parts(name: str) -> tuple[int, str, str] | None:

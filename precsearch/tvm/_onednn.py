@@ -33,7 +33,7 @@ SOURCE = Path(__file__).with_name("onednn_conv.cc")
 # The int64 config the C++ side reads, in order (its enum Field).
 CONFIG_FIELDS = ("n", "ic", "ih", "iw", "oc", "kh", "kw", "oh", "ow", "sh", "sw", "pt", "pl", "pb", "pr", "dh", "dw",
                  "groups", "src_block", "dst_block", "post_op", "threads", "layer", "dtype", "src_zero", "dst_zero",
-                 "variant")
+                 "variant", "mid_zero")
 #: What a conv reads → writes: float32; u8 → u8 (requantized); u8 → float32 (an int8 conv with a float consumer);
 #: float32 → float32 with the conv on bf16 activations and weights (rounded to nearest even, float32 sums).
 DTYPES = {"float32": 0, "int8": 1, "int8_float_out": 2, "bfloat16": 3}
@@ -155,6 +155,12 @@ class ConvSpec:
     dst_scale: float = 1.0
     weight_scales: tuple[float, ...] = ()
     variant: int = -1  # bf16: 0 the graph's layout, 1 nhwc (AMX), -1 oneDNN's rule; see choose_variant
+    # int8 with an activation (``post_op``) after the conv's own output quantization: that quantization's scale and
+    # zero point (-1: none, the activation, if any, is not the primitive's).  The primitive then computes
+    # ``act((clip(round_half_even(conv / mid_scale), -mid_zero, 255 - mid_zero)) · mid_scale)`` and quantizes that
+    # at dst_scale / dst_zero ("int8") or leaves it float ("int8_float_out").
+    mid_scale: float = 0.0
+    mid_zero: int = -1
 
     @property
     def is_int8(self) -> bool:
@@ -165,7 +171,7 @@ class ConvSpec:
         _, oc, oh, ow = self.output_shape
         values = (n, ic, ih, iw, oc, *self.kernel, oh, ow, *self.strides, *self.padding, *self.dilation, self.groups,
                   self.src_block, self.dst_block, POST_OPS[self.post_op], self.threads,
-                  self.layer, DTYPES[self.dtype], self.src_zero, self.dst_zero, self.variant)
+                  self.layer, DTYPES[self.dtype], self.src_zero, self.dst_zero, self.variant, self.mid_zero)
         assert len(values) == len(CONFIG_FIELDS)
         return np.asarray(values, dtype="int64")
 
@@ -173,6 +179,8 @@ class ConvSpec:
         values = [self.post_alpha, self.post_beta]
         if self.is_int8:
             values += [self.src_scale, self.dst_scale, *self.weight_scales]
+            if self.mid_zero >= 0:
+                values.append(self.mid_scale)
         return np.asarray(values, dtype="float32")
 
 
@@ -238,7 +246,10 @@ def spec_from_config(config: np.ndarray, post: np.ndarray) -> ConvSpec:
     post = [float(v) for v in post]
     quantization = {}
     if dtype in INT8_DTYPES:
-        quantization = dict(src_scale=post[2], dst_scale=post[3], weight_scales=tuple(post[4:]))
+        channels = f["oc"]
+        quantization = dict(src_scale=post[2], dst_scale=post[3], weight_scales=tuple(post[4:4 + channels]))
+        if f["mid_zero"] >= 0:
+            quantization.update(mid_scale=post[4 + channels], mid_zero=f["mid_zero"])
     return ConvSpec((f["n"], f["ic"], f["ih"], f["iw"]), (f["n"], f["oc"], f["oh"], f["ow"]), (f["kh"], f["kw"]),
                     (f["sh"], f["sw"]), (f["pt"], f["pl"], f["pb"], f["pr"]), (f["dh"], f["dw"]), f["groups"],
                     f["src_block"], f["dst_block"], post_op, post[0], post[1], f["threads"], f["layer"], dtype,

@@ -1,7 +1,7 @@
 """The pass that hands convs to oneDNN: ``conv2d [+ bias] [+ activation]`` → one packed call.
 
 It runs after ConvertLayout, so each conv already sits in its planned layout
-(NCHW or NCHW<b>c, which are oneDNN's nchw / nChw<b>c: no transform is added).
+(NCHW, NHWC or NCHW<b>c, which are oneDNN's nchw / nhwc / nChw<b>c: no transform is added).
 For a float conv the bias add and a following relu / clip / swish / hard-swish
 become oneDNN post-ops of the same primitive.  For an int8 conv the whole integer
 chain Int8ConvRewrite emitted (int32 conv, integer bias, requantization to u8, or
@@ -24,19 +24,35 @@ from precsearch.errors import CompileError
 from . import _onednn
 from ._build_report import ReportingPass
 from ._importer import emit_like
-from ._layout import LayerLayout
+from ._layout import NHWC, LayerLayout
 from ._naming import layer_of_weight, WEIGHT_PREFIX
 from ._requant import Int8Quantization
 
 PASS_NAME = "precsearch.OffloadOneDNN"
 
 
+# ConvSpec's src_block / dst_block code for NHWC (0 is NCHW, 8 / 16 NCHW<b>c).
+NHWC_BLOCK = -1
+
+
 def _block(layout: str) -> int | None:
     if layout == "NCHW":
         return 0
+    if layout == NHWC:
+        return NHWC_BLOCK
     if layout.startswith("NCHW") and layout.endswith("c"):
         return int(layout[4:-1])
     return None
+
+
+def _nchw_shape(shape, layout: str) -> list[int]:
+    """A conv tensor's (N, C, H, W) in the given layout (NCHW, NHWC or NCHW<b>c)."""
+    dims = [int(d) for d in shape]
+    if layout == NHWC:
+        return [dims[0], dims[3], dims[1], dims[2]]
+    if len(dims) == 5:
+        return [dims[0], dims[1] * dims[4], dims[2], dims[3]]
+    return dims
 
 
 def _op(expr) -> str:
@@ -117,6 +133,10 @@ class _Fusion:
         self.post_op, self.alpha, self.beta = "none", 0.0, 0.0
         self.weight_name = ""
         self.quantization: Int8Quantization | None = None
+        # int8 conv → Q → DQ → activation → (Q): the activated value's quantization, and whether there is one
+        self.activated_scale: float | None = None
+        self.activated_zero: int = 0
+        self.activated_float = False
 
 
 # Int8ConvRewrite's chain after the int32 conv: integer bias, to float, × scale, then (requantized)
@@ -139,6 +159,64 @@ def _absorb_int8_chain(graph: _Graph, fusion: _Fusion) -> str:
         return f"its requantized output is {var.ty.dtype}, not uint8"
     fusion.end = var
     return ""
+
+
+# LowerQDQ's DequantizeLinear (u8 → float32, − zero point, × scale) and QuantizeLinear (÷ scale, round, + zero
+# point, clamp, → u8), each a chain of single-user bindings with scalar constants.
+_DEQUANTIZE = ("relax.astype", "relax.subtract", "relax.multiply")
+_QUANTIZE = ("relax.divide", "relax.round", "relax.add", "relax.maximum", "relax.minimum", "relax.astype")
+
+
+def _follow(graph: _Graph, var, ops) -> list | None:
+    """The bindings of ``ops`` after ``var``, each the only user of the one before; None when the chain differs."""
+    chain = []
+    for op in ops:
+        user = graph.only_user(var)
+        if user is None or _op(graph.value[user]) != op:
+            return None
+        chain.append(user)
+        var = user
+    return chain
+
+
+def _constant_arg(graph: _Graph, var) -> float | None:
+    values = [_scalar(arg) for arg in graph.value[var].args[1:]]
+    return values[0] if values and values[0] is not None else None
+
+
+def _absorb_int8_activation(graph: _Graph, fusion: _Fusion) -> None:
+    """Extend a requantized int8 conv over the dequantize → activation (→ quantize) that follows it.
+
+    Why: on a YOLO-style model every conv is followed by SiLU, which the QDQ model runs in float between a
+    DequantizeLinear and the next QuantizeLinear; as TIR that is one more pass over the tensor per conv, with a
+    sigmoid per element.  oneDNN runs the same arithmetic as post-ops of the conv (see ConvSpec.mid_zero).
+    """
+    q = fusion.quantization
+    dequantize = _follow(graph, fusion.end, _DEQUANTIZE)
+    if dequantize is None:
+        return
+    zero, scale = _constant_arg(graph, dequantize[1]), _constant_arg(graph, dequantize[2])
+    if str(dequantize[0].ty.dtype) != "float32" or zero != q.dst_zero or scale is None \
+            or np.float32(scale) != np.float32(q.dst_scale):
+        return
+    conv_end = fusion.end
+    fusion.end = dequantize[-1]
+    _absorb_activation(graph, fusion)
+    if fusion.post_op == "none":  # a bare dequantize gains nothing: keep the u8 output
+        fusion.end = conv_end
+        return
+    quantize = _follow(graph, fusion.end, _QUANTIZE)
+    if quantize is not None:
+        scale, zero = _constant_arg(graph, quantize[0]), _constant_arg(graph, quantize[2])
+        low, high = _constant_arg(graph, quantize[3]), _constant_arg(graph, quantize[4])
+        if scale is None or zero is None or (low, high) != (0.0, 255.0) or str(quantize[-1].ty.dtype) != "uint8" \
+                or zero != int(zero):
+            quantize = None
+    if quantize is None:
+        fusion.activated_float = True
+        return
+    fusion.activated_scale, fusion.activated_zero = scale, int(zero)
+    fusion.end = quantize[-1]
 
 
 def _absorb_bias(graph: _Graph, fusion: _Fusion, params, channels: int) -> None:
@@ -215,11 +293,15 @@ class OffloadOneDNN(ReportingPass):
     bf16_layers : set of int
         Float layers (in ``layers``) whose conv runs in bf16: oneDNN rounds their input and weights to
         bfloat16 and sums in float32.  One that oneDNN cannot run is an error, not a float32 conv.
+    int8_activation : bool
+        An int8 conv's primitive also runs the dequantize → activation (→ quantize) after its output
+        quantization (see ``_absorb_int8_activation``).
     """
 
     def __init__(self, params, layer_ids, layers, decisions: dict[int, LayerLayout], threads: int, report=None,
-                 int8_layers=(), bf16_layers=()):
+                 int8_layers=(), bf16_layers=(), int8_activation: bool = True):
         super().__init__(report)
+        self.int8_activation = int8_activation
         self.params = params
         self.layer_ids = tuple(layer_ids)
         self.layers = set(layers)
@@ -257,12 +339,13 @@ class OffloadOneDNN(ReportingPass):
                 if reason:
                     self.report.onednn_skipped[layer_id] = reason
                     continue
+                if self.int8_activation and fusion.quantization.dst_scale is not None:
+                    _absorb_int8_activation(graph, fusion)
             else:
                 if str(value.args[0].ty.dtype) != "float32":
                     raise CompileError("only float convs can run on oneDNN as float", pass_name=PASS_NAME,
                                        layer_id=layer_id)
-                _absorb_bias(graph, fusion, self.params,
-                             int(value.ty.shape[1]) * (_block(str(value.attrs.out_layout)) or 1))
+                _absorb_bias(graph, fusion, self.params, _nchw_shape(value.ty.shape, str(value.attrs.out_layout))[1])
                 _absorb_activation(graph, fusion)
             spec = _onednn.with_fastest_variant(self._spec(fusion, name, layer_id))
             kernel = _onednn.implementation(spec)
@@ -300,14 +383,17 @@ class OffloadOneDNN(ReportingPass):
             raise CompileError(f"conv got layout {layout}, planned {planned.data_layout}", pass_name=PASS_NAME,
                                layer_id=layer_id)
         weights = np.asarray(self.params[weight_name])
-        data_shape = [int(d) for d in fusion.conv.args[0].ty.shape]
-        out_shape = [int(d) for d in fusion.conv.ty.shape]
-        if block:
-            data_shape = [data_shape[0], data_shape[1] * block, data_shape[2], data_shape[3]]
-            out_shape = [out_shape[0], out_shape[1] * block, out_shape[2], out_shape[3]]
+        data_shape = _nchw_shape(fusion.conv.args[0].ty.shape, layout)
+        out_shape = _nchw_shape(fusion.conv.ty.shape, layout)
         quantization = {}
         q = fusion.quantization
-        if q is not None:
+        if q is not None and (fusion.activated_scale is not None or fusion.activated_float):
+            quantization = dict(dtype="int8_float_out" if fusion.activated_float else "int8", src_zero=q.src_zero,
+                                dst_zero=fusion.activated_zero, src_scale=q.src_scale,
+                                dst_scale=1.0 if fusion.activated_float else fusion.activated_scale,
+                                weight_scales=tuple(float(v) for v in q.weight_scales),
+                                mid_scale=q.dst_scale, mid_zero=q.dst_zero)
+        elif q is not None:
             quantization = dict(dtype="int8" if q.dst_scale is not None else "int8_float_out", src_zero=q.src_zero,
                                 dst_zero=q.dst_zero, src_scale=q.src_scale,
                                 dst_scale=q.dst_scale if q.dst_scale is not None else 1.0,

@@ -11,6 +11,7 @@ from precsearch.errors import ConfigError
 
 
 CONV_BACKENDS = ("tir", "onednn")
+ACTIVATION_LAYOUTS = ("auto", "nhwc", "blocked")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,19 @@ class CompileOptions:
     onednn_int8_min_macs : int
         Int8 convs with fewer MACs stay on TIR: below it a oneDNN call (with the
         reorders to and from its nhwc layout) costs more than the conv.
+    onednn_int8_activation : bool
+        An int8 conv on oneDNN also runs the dequantize → activation (SiLU, hard-swish, ...) → quantize that
+        follows its output quantization, as post-ops of its primitive (True, default); off, they stay TIR
+        kernels (for the ablation).
+    activation_layout : {"auto", "nhwc", "blocked"}
+        The layout activations run in.  "nhwc": every conv in NHWC, the layout oneDNN's
+        brgemm kernels read natively (float32 and int8 alike, any channel count), so no
+        conv reorders and no transforms between convs.  "blocked": NCHW<b>c where a conv's
+        channels allow, NCHW elsewhere (what TIR's x86 kernels need).  "auto" (default):
+        "nhwc" when every conv of the plan may run on oneDNN (``conv_backend="onednn"``, the
+        bridge available, int8 convs on oneDNN), the CPU has AVX-512 (oneDNN's NHWC kernels),
+        the model has no ConvTranspose (TVM has no NHWC one) and neither ``block_size`` nor
+        an NCHW conv (``float_blocked`` / ``int8_blocked`` off) was asked for; else "blocked".
     parallel_fallback : bool
         Kernels without a tuning record get precsearch's fallback schedule
         (elementwise producers inlined, outer spatial loops parallel, innermost
@@ -67,11 +81,16 @@ class CompileOptions:
     fast_sigmoid: bool = True
     onednn_int8: bool | None = None
     onednn_int8_min_macs: int = 0
+    onednn_int8_activation: bool = True
+    activation_layout: str = "auto"
 
     def __post_init__(self):
         if self.conv_backend not in CONV_BACKENDS:
             raise ConfigError(f"The 'conv_backend' parameter of compile must be one of {', '.join(CONV_BACKENDS)}; "
                               f"got {self.conv_backend!r} instead.")
+        if self.activation_layout not in ACTIVATION_LAYOUTS:
+            raise ConfigError(f"The 'activation_layout' parameter of compile must be one of "
+                              f"{', '.join(ACTIVATION_LAYOUTS)}; got {self.activation_layout!r} instead.")
         if self.requant_dtype not in ("float64", "float32"):
             raise ConfigError(f"The 'requant_dtype' parameter of compile must be 'float64' or 'float32'; "
                               f"got {self.requant_dtype!r} instead.")

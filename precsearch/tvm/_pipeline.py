@@ -14,6 +14,7 @@ from ._importer import ImportedModel
 from ._fast_sigmoid import FastSigmoid
 from ._int8_rewrite import Int8ConvRewrite
 from . import _onednn
+from ._nhwc import NHWCTransforms
 from ._layout import choose_block_size, decide_layouts, layout_callback, make_conv_legalizer
 from ._onednn_offload import OffloadOneDNN
 from ._options import CompileOptions, resolve_target
@@ -129,22 +130,35 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
         # oneDNN's AVX2 convs are jitted for nChw8c only (nChw16c falls to its reference kernel).
         requested_block = 8
     block = choose_block_size(model.layers, requested_block)
+    # conv2d_transpose has no NHWC lowering in TVM 0.27 (the VM cannot emit it): such models stay blocked
+    transposed = [layer.id for layer in model.layers if layer.op_type != "Conv"]
+    if options.activation_layout == "nhwc" and transposed:
+        raise ConfigError(f"activation_layout 'nhwc' cannot build {transposed[0]!r} ({len(transposed)} "
+                          "ConvTranspose layers): TVM has no NHWC ConvTranspose; use 'auto' or 'blocked'")
+    nhwc = options.activation_layout == "nhwc" or (
+        options.activation_layout == "auto" and offload and onednn_int8 == int8_indices and not transposed
+        and codegen.target_has_features("avx512f", target)
+        # a block size or an NCHW conv asked for is a blocked-layout build
+        and options.block_size is None and options.float_blocked and options.int8_blocked)
     decisions = decide_layouts(model.layers, int8_indices, block, float_blocked=options.float_blocked,
-                               int8_blocked=options.int8_blocked)
+                               int8_blocked=options.int8_blocked, nhwc=nhwc)
     report.int8_layers = tuple(layer_ids[i] for i in sorted(int8_indices))
     report.float_layers = tuple(layer.id for layer in model.layers if layer.index not in int8_indices)
     report.bf16_layers = tuple(layer_ids[i] for i in sorted(bf16_indices))
     report.block_size = block
+    report.activation_layout = "NHWC" if nhwc else f"NCHW{block}c"
     report.layouts = decisions
     front = [
         Int8ConvRewrite(imported, layer_ids, options.requant_dtype, report=report),
         LowerQDQ(imported.params, report=report),
         relax.transform.ConvertLayout({}, layout_callback(decisions)),
+        *([NHWCTransforms()] if nhwc else []),
         relax.transform.Normalize(),
         relax.transform.DeadCodeElimination(),
         InspectLayout(layer_ids, decisions, report=report),
         OffloadOneDNN(imported.params, layer_ids, float_indices if offload else (), decisions, options.threads,
-                      report=report, int8_layers=onednn_int8, bf16_layers=bf16_indices),
+                      report=report, int8_layers=onednn_int8, bf16_layers=bf16_indices,
+                      int8_activation=options.onednn_int8_activation),
         *([FastSigmoid()] if options.fast_sigmoid else []),
         *cpu_pipeline.library_dispatch_passes(target),
         relax.transform.LegalizeOps({"relax.nn.conv2d": make_conv_legalizer(layer_ids, decisions, report=report)}),

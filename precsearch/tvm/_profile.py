@@ -47,7 +47,8 @@ def _onednn_symbol(config) -> str:
     block = int(fields[_BLOCK_FIELD])
     dtype = int(fields[_DTYPE_FIELD])
     precision = {_onednn.DTYPES["float32"]: "float", _onednn.DTYPES["bfloat16"]: "bf16"}.get(dtype, "int8")
-    return ONEDNN_PREFIX + conv_kernel_name(int(fields[_LAYER_FIELD]), precision, f"NCHW{block}c" if block else "NCHW")
+    layout = "NHWC" if block < 0 else f"NCHW{block}c" if block else "NCHW"
+    return ONEDNN_PREFIX + conv_kernel_name(int(fields[_LAYER_FIELD]), precision, layout)
 
 
 def profile_kernels(library, inputs: dict[str, np.ndarray], *, threads: int = 2, runs: int = 20) -> list[KernelTime]:

@@ -17,6 +17,7 @@ from tvm import relax
 from precsearch.errors import CompileError, VerificationError
 from precsearch.model.bf16 import round_to_bf16
 from . import _onednn
+from ._nhwc import NCHW_TO_NHWC, map_permutation
 from ._build_report import BuildReport, LayerRow, ReportingPass
 from ._importer import ImportedModel
 from ._layout import unpack_kernel
@@ -39,6 +40,8 @@ def _layout_name(ndim: int, block: int | None) -> str:
 def _transform_text(call: relax.Call) -> str:
     src = call.args[0].ty
     dst = call.ty
+    if src.ndim == dst.ndim == 4:  # between the plain layouts of an NHWC build (see _nhwc)
+        return "NCHW→NHWC" if map_permutation(call.attrs.index_map) == NCHW_TO_NHWC else "NHWC→NCHW"
     src_block = int(src.shape[-1]) if src.ndim == 5 else None
     dst_block = int(dst.shape[-1]) if dst.ndim == 5 else None
     return f"{_layout_name(src.ndim, src_block)}→{_layout_name(dst.ndim, dst_block)}"
@@ -68,20 +71,44 @@ class OperatorLayouts:
                 for op in ops]
 
 
+def _activation_layouts(func) -> dict:
+    """Each binding's layout, "NCHW" or the convs' (NCHW<b>c, NHWC), followed forward from the inputs.
+
+    A 4-D tensor of an NHWC build is NHWC or NCHW by where it came from, not by its shape.
+    """
+    layouts: dict = {}
+    for var, call in _calls(func):
+        op_name = getattr(call.op, "name", "")
+        if op_name == "relax.layout_transform":
+            if call.ty.ndim == 5:
+                layouts[var] = "blocked"
+            elif call.ty.ndim == 4 and map_permutation(call.attrs.index_map) == NCHW_TO_NHWC:
+                layouts[var] = "NHWC"
+            else:
+                layouts[var] = "NCHW"
+        elif op_name == "relax.nn.conv2d":
+            layouts[var] = str(call.attrs.out_layout)
+        else:
+            known = [layouts[arg] for arg in _tensor_args(call) if isinstance(arg, relax.Var) and arg in layouts]
+            layouts[var] = next((layout for layout in known if layout != "NCHW"), "NCHW")
+    return layouts
+
+
 def _operator_layouts(func, var2val) -> OperatorLayouts:
     result = OperatorLayouts()
+    layouts = _activation_layouts(func)
     for var, call in _calls(func):
         op_name = getattr(call.op, "name", "")
         if not op_name or op_name in ("relax.layout_transform", "relax.nn.conv2d") or not hasattr(var.ty, "ndim"):
             continue
         short = op_name.removeprefix("relax.")
-        if var.ty.ndim == 5:
+        if layouts.get(var, "NCHW") != "NCHW":
             result.blocked[short] = result.blocked.get(short, 0) + 1
             continue
         for arg in _tensor_args(call):
             bound = var2val.get(arg) if isinstance(arg, relax.Var) else None
             if (isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.layout_transform"
-                    and bound.args[0].ty.ndim == 5 and not _is_constant_path(arg, var2val)):
+                    and layouts.get(bound.args[0], "NCHW") != "NCHW" and not _is_constant_path(arg, var2val)):
                 result.fell_back[short] = result.fell_back.get(short, 0) + 1
                 break
     return result
@@ -160,7 +187,9 @@ def _is_constant_path(expr, var2val) -> bool:
             if expr not in var2val:  # a parameter: a conv weight (ps_w<i>) or a model input, which is not constant
                 return layer_of_weight(expr.name) is not None
             expr = var2val[expr]
-            if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.layout_transform":
+            # a float conv's bias reaches it as layout_transform(reshape(constant)): a constant, not an activation
+            if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") in ("relax.layout_transform",
+                                                                                  "relax.reshape"):
                 expr = expr.args[0]
                 continue
         return False

@@ -27,12 +27,13 @@ namespace {
 // The int64 config tensor, field by field (kept in sync with _onednn.py CONFIG_FIELDS).
 enum Field {
   kN, kIC, kIH, kIW, kOC, kKH, kKW, kOH, kOW, kSH, kSW, kPT, kPL, kPB, kPR, kDH, kDW, kGroups,
-  kSrcBlock, kDstBlock, kPostOp, kThreads, kLayer, kDtype, kSrcZero, kDstZero, kVariant, kNumFields
+  kSrcBlock, kDstBlock, kPostOp, kThreads, kLayer, kDtype, kSrcZero, kDstZero, kVariant, kMidZero, kNumFields
 };
 // kDtype: what the conv reads and writes.
 // kBf16: float32 in and out, the conv itself on bf16 activations and weights (f32 accumulation).
 enum Dtype { kFloat = 0, kInt8 = 1, kInt8FloatOut = 2, kBf16 = 3 };
-// The float32 post tensor: [alpha, beta] and, for int8, [src_scale, dst_scale, weight_scale[oc]...].
+// The float32 post tensor: [alpha, beta] and, for int8, [src_scale, dst_scale, weight_scale[oc]...], then, for an
+// int8 conv with an activation after its own output quantization (kMidZero >= 0), that quantization's scale.
 enum PostField { kAlpha = 0, kBeta = 1, kSrcScale = 2, kDstScale = 3, kWeightScales = 4 };
 // Post-op codes; alpha/beta come from the float32 post tensor.
 enum PostOp { kNone = 0, kRelu = 1, kClip = 2, kSwish = 3, kHardSwish = 4, kSigmoid = 5 };
@@ -75,7 +76,9 @@ void* address(const tvm::ffi::Tensor& t) {
   return static_cast<char*>(d->data) + d->byte_offset;
 }
 
+// A channel block of 16 or 8 is the pipeline's NCHW<b>c, 0 its NCHW and -1 its NHWC.
 tag activation_tag(int64_t block) {
+  if (block == -1) return tag::nhwc;
   if (block == 16) return tag::nChw16c;
   if (block == 8) return tag::nChw8c;
   TVM_FFI_ICHECK(block == 0) << "oneDNN conv: unsupported channel block " << block;
@@ -132,6 +135,18 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
 
   dnnl::post_ops ops;
   const float alpha = post.size() > kAlpha ? post[kAlpha] : 0.f, beta = post.size() > kBeta ? post[kBeta] : 0.f;
+  // An int8 conv whose output the model quantizes, dequantizes and then activates (conv → Q → DQ → SiLU → Q):
+  // the first Q/DQ pair as post-ops before the activation, so the chain is one primitive and the activation sees
+  // exactly the dequantized u8 values: x/s, round half to even, clamp to the u8 range around the zero point, ×s.
+  const bool mid = int8 && c[kMidZero] >= 0;
+  if (mid) {
+    const float mid_scale = post.back();
+    const float mid_zero = static_cast<float>(c[kMidZero]);
+    ops.append_eltwise(dnnl::algorithm::eltwise_linear, 1.f / mid_scale, 0.f);
+    ops.append_eltwise(dnnl::algorithm::eltwise_round, 0.f, 0.f);
+    ops.append_eltwise(dnnl::algorithm::eltwise_clip, -mid_zero, 255.f - mid_zero);
+    ops.append_eltwise(dnnl::algorithm::eltwise_linear, mid_scale, 0.f);
+  }
   switch (c[kPostOp]) {
     case kNone: break;
     case kRelu: ops.append_eltwise(dnnl::algorithm::eltwise_relu, alpha, 0.f); break;
@@ -146,8 +161,9 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
   auto conv = std::make_unique<Conv>();
   if (int8) {
     // dst = saturate(round_half_even((src_scale·w_scale[c]·conv(src - src_zero, w) + bias) / dst_scale) + dst_zero)
-    TVM_FFI_ICHECK(post.size() == static_cast<size_t>(kWeightScales + c[kOC]))
-        << "oneDNN int8 conv: post tensor must hold 4 + " << c[kOC] << " values, got " << post.size();
+    TVM_FFI_ICHECK(post.size() == static_cast<size_t>(kWeightScales + c[kOC] + (mid ? 1 : 0)))
+        << "oneDNN int8 conv: post tensor must hold 4 + " << c[kOC] << (mid ? " + 1" : "") << " values, got "
+        << post.size();
     auto scalar = [&](float value, memory::data_type dt) {
       memory m({{1}, dt, tag::x}, cpu_engine());
       if (dt == f32) *static_cast<float*>(m.get_data_handle()) = value;
