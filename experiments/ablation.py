@@ -10,6 +10,8 @@ Levers measured (batch 1, 2 threads, the packaged image the search times on):
 * ``onednn_int8``: all-int8 convs on TIR vs on oneDNN's u8 × s8 primitives (requantization inside);
 * ``fallback_inline``: the fallback schedule with each op of a fused kernel in its own loop nest vs
   producers inlined (one pass over memory);
+* ``activation_layout``: activations blocked (NCHW<b>c, oneDNN's int8 kernels behind two reorders each) vs NHWC
+  (every conv in oneDNN's native layout; the default where every conv runs on oneDNN);
 * ``onednn_int8_activation``: the dequantize → activation → quantize after each int8 conv as TIR kernels vs as
   post-ops of the conv's oneDNN primitive;
 * ``fast_sigmoid``: sigmoids left to TIR through libm ``expf`` per element vs TVM's ``fast_exp``;
@@ -115,7 +117,8 @@ def in_process_levers(name: str, workdir: Path) -> list[dict]:
                 rows.append(_row(name, "parallel_fallback", "off (TVM's serial default)", plan_name, ort_ms, tvm_ms,
                                  serial, tuned))
             if conv_backend == "onednn":  # each lever off, the rest as precsearch builds by default
-                levers = {"fallback_inline": {"fallback_inline": False}, "fast_sigmoid": {"fast_sigmoid": False}}
+                levers = {"fallback_inline": {"fallback_inline": False}, "fast_sigmoid": {"fast_sigmoid": False},
+                          "activation_layout": {"activation_layout": "blocked"}}
                 if plan_name == "all-int8":
                     levers["onednn_int8"] = {"onednn_int8": False}
                     levers["onednn_int8_activation"] = {"onednn_int8_activation": False}

@@ -4,12 +4,13 @@ For each model: tune its kernels (resumes an earlier run in the same workdir),
 then measure in one run, on one packaged image, batch 1, 2 threads: ORT float,
 ORT int8 (all-int8 QDQ model, optimized session), TVM float, TVM all-int8 and two
 mixed plans, with build time per plan; then time every kernel of the tuned
-all-int8 and all-float builds and relate conv kernels to this CPU's nominal peak.
+all-int8 and all-float builds, with each kernel's backend (tir / onednn), and relate conv kernels to
+this CPU's nominal peak (derived from /proc/cpuinfo, see nominal_peaks_gmacs).
 
 Writes results/latency/<model>.csv (one row per build, with the tuning budget and
 time) and results/latency/<model>-kernels.csv, and prints a markdown table.
 
-    python experiments/bench_latency.py [--models mobilenetv3-textcls pplcnet-orientation] [--trials 32]
+    python experiments/bench_latency.py [--models mobilenetv3-textcls pplcnet-orientation ddddocr-det] [--trials 32]
     python experiments/export_efficientnet_lite0.py precsearch-work/models/efficientnet_lite0.onnx  # needs torch
     python experiments/bench_latency.py --models efficientnet-lite0=precsearch-work/models/efficientnet_lite0.onnx
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -33,12 +35,31 @@ from precsearch.workspace import DataSettings, Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2
-# Nominal peaks of this machine (2 vCPUs of an AMD EPYC Zen 4 at 2.6 GHz): Zen 4 retires
-# 64 u8×s8 MACs per cycle per core with vpdpbusd and 16 fp32 FMAs per cycle per core.
-# If the two vCPUs are SMT siblings of one core the true peak is half.
-CLOCK_GHZ = 2.6
-PEAK_INT8_GMACS = 64 * CLOCK_GHZ * THREADS
-PEAK_FP32_GMACS = 16 * CLOCK_GHZ * THREADS
+
+
+def nominal_peaks_gmacs(threads: int = THREADS) -> tuple[float, float, str]:
+    """(u8×s8, fp32) GMAC/s nominal peaks of ``threads`` cores of this CPU, and how they were derived.
+
+    Read off /proc/cpuinfo, never assumed: the clock it reports now, two FMA (or VNNI) ports per core, each as
+    wide as the vector datapath (512 bits where AVX-512 runs at full width; Zen 4, AMD family 25, runs it on
+    256-bit units), 4 u8×s8 MACs per 32-bit lane with VNNI (vpdpbusd), 2 without.  A vCPU that is an SMT sibling
+    halves the true figure.
+    """
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = set((re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE) or re.search("()", "")).group(1).split())
+    mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", text, re.MULTILINE)
+    family = re.search(r"^cpu family\s*:\s*(\d+)", text, re.MULTILINE)
+    amd = "AuthenticAMD" in text
+    clock_ghz = float(mhz.group(1)) / 1000 if mhz else 2.0
+    width = 512 if "avx512f" in flags and not (amd and family and int(family.group(1)) == 25) else 256
+    fp32_per_cycle = 2 * width // 32
+    int8_per_cycle = fp32_per_cycle * (4 if {"avx512_vnni", "avx_vnni"} & flags else 2)
+    how = (f"{clock_ghz:.2f} GHz (/proc/cpuinfo), {threads} cores, 2 ports x {width}-bit: {fp32_per_cycle} fp32 "
+           f"and {int8_per_cycle} u8xs8 MACs per cycle per core")
+    return (int8_per_cycle * clock_ghz * threads, fp32_per_cycle * clock_ghz * threads, how)
+
+
+PEAK_INT8_GMACS, PEAK_FP32_GMACS, PEAK_DERIVATION = nominal_peaks_gmacs()
 
 
 def plans_for(model) -> list[tuple[str, Plan]]:
@@ -54,7 +75,7 @@ def kernel_table(model, built, inputs, precision: str) -> pd.DataFrame:
         layer = entry.layer_index
         gmacs = macs[layer] / entry.median_us / 1e3 if layer is not None and entry.median_us > 0 else None
         peak = PEAK_INT8_GMACS if entry.precision == "int8" else PEAK_FP32_GMACS
-        rows.append({"build": precision, "kernel": entry.kernel[:120],
+        rows.append({"build": precision, "kernel": entry.kernel[:120], "backend": entry.backend,
                      "layer": model.layers[layer].id if layer is not None else "",
                      "layout": entry.layout or "", "macs": macs.get(layer, 0) if layer is not None else 0,
                      "median_us": round(entry.median_us, 2), "gmac_s": round(gmacs, 2) if gmacs else None,
@@ -80,7 +101,9 @@ def run_model(spec: str, trials: int, workdir: Path, repeats: int, tune: bool,
                                 f"  [{done}/{total}] {task[:60]} {n} trials, {elapsed_s / 60:.1f} min", flush=True))
         print(f"{name}: tuning run took {(time.perf_counter() - started) / 60:.1f} min "
               f"({'finished' if report.finished else 'stopped at --tune-timeout'})", flush=True)
-    summary = json.loads((workspace.database.directory / f"{model.sha256[:16]}.json").read_text())
+    record = workspace.database.directory / f"{model.sha256[:16]}.json" if workspace.database is not None else None
+    untuned = {"trials_per_task": 0, "tasks": 0, "time_s_total": 0.0}  # --no-tune without a database
+    summary = json.loads(record.read_text()) if record is not None and record.is_file() else untuned
     inputs = workspace.timing_input
     result = bench(workspace, plans=plans_for(model), threads=THREADS, warmup=20, repeats=repeats,
                    progress=lambda m: print(" ", m, flush=True))
@@ -107,7 +130,7 @@ def run_model(spec: str, trials: int, workdir: Path, repeats: int, tune: bool,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["mobilenetv3-textcls", "pplcnet-orientation"])
+    parser.add_argument("--models", nargs="+", default=["mobilenetv3-textcls", "pplcnet-orientation", "ddddocr-det"])
     parser.add_argument("--trials", type=int, default=32, help="MetaSchedule trials per kernel")
     parser.add_argument("--workdir", type=Path, default=ROOT / "precsearch-work")
     parser.add_argument("--repeats", type=int, default=200)

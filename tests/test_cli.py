@@ -75,6 +75,25 @@ def test_build_accepts_none_and_all(chain_path, tmp_path, spec, n_int8):
     assert len(json.loads(result.stdout)["int8_layers"]) == n_int8
 
 
+def test_build_profile_gives_each_conv_its_time_and_gmacs(chain_path, tmp_path):
+    result = run("build", chain_path, "--float", "conv1", "--out", tmp_path / "out", "--workdir", tmp_path,
+                 "--profile", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    macs = {row["id"]: row for row in summary["layers"]}
+    for row in summary["layers"]:
+        assert row["kernel_us"] > 0 and row["gmac_s"] > 0, row
+    parts = summary["kernels"]
+    assert set(parts) == {"onednn_convs_us", "tir_convs_us", "other_kernels_us"}
+    conv_us = sum(row["kernel_us"] for row in summary["layers"])
+    assert abs(parts["onednn_convs_us"] + parts["tir_convs_us"] - conv_us) <= 0.5 + 1e-6 * conv_us
+    assert parts["other_kernels_us"] > 0  # the quantize / dequantize glue and the head
+    assert {row["backend"] for row in macs.values()} <= {"onednn", "tir"}
+    text = run("build", chain_path, "--float", "conv1", "--out", tmp_path / "out2", "--workdir", tmp_path,
+               "--profile")
+    assert "GMAC/s" in text.stdout.splitlines()[0] and "kernel time per inference: oneDNN convs" in text.stdout
+
+
 def test_build_prints_per_layer_table(chain_path, tmp_path):
     result = run("build", chain_path, "--float", "conv0", "--out", tmp_path / "out", "--workdir", tmp_path,
                  "--activation-layout", "blocked")

@@ -116,3 +116,12 @@ def test_a_study_stored_before_the_nhwc_layout_resumes_as_blocked():
     assert SearchConfig.from_dict(SearchConfig(model="m").to_dict()).activation_layout == "auto"
     assert SearchConfig(model="m").differences(SearchConfig.from_dict(stored)) == [
         "activation_layout: 'auto' != 'blocked'"]
+
+
+def test_an_nhwc_build_on_tir_kernels_is_the_plan_and_computes_the_qdq_models_integers(tmp_path):
+    """Where oneDNN cannot run a conv, NHWC falls to TIR's NHWC conv (HWIO weights), verified like any other."""
+    case = Case(models.chain_model(), tmp_path, "chain")
+    _, qdq, built = case.build("conv1", options=CompileOptions(activation_layout="nhwc", conv_backend="tir"))
+    assert {(row.layout, row.backend) for row in built.rows} == {("NHWC", "tir")}
+    assert set(built.kernel_weights) == {"conv0", "conv1", "conv2"}  # unpacked from HWIO and checked by VerifyPlan
+    assert case.agreement(qdq, built).fraction >= 0.999

@@ -119,7 +119,7 @@ def _cmd_build(args) -> int:
     out_dir = _writable_dir(args.out, "out")
     workspace = _workspace(args, model, preset, eval_batches=args.check_batches if args.check else 0)
     summary = build_and_export(workspace, plan, out_dir, check=args.check, dump_ir_dir=args.dump_ir,
-                               status=lambda message: status(message, args.json))
+                               profile=args.profile, status=lambda message: status(message, args.json))
     if args.json:
         print(json.dumps(summary, indent=1))
     else:

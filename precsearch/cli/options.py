@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the library on real inputs against ONNX Runtime on the same QDQ model")
     build.add_argument("--check-batches", type=int, default=8,
                        help="batches for --check, never ones used for calibration (default 8)")
+    build.add_argument("--profile", action="store_true",
+                       help="time every kernel: each conv's µs and GMAC/s in the table, and the time of oneDNN "
+                            "convs, TIR convs and the other TIR kernels")
 
     command("doctor", "run first: build all-float, all-int8 (and all-bf16 where the CPU has it) untuned and say "
             "per layer how each built",

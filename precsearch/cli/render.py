@@ -72,12 +72,21 @@ def print_search(summary, as_json: bool, handle) -> int:
 
 
 def print_build(summary: dict) -> None:
-    print(f"{'id':<16} {'dtype':<8} {'layout':<8} {'backend':<7} {'kernel':<14} {'transforms in':<16} "
+    profiled = "kernels" in summary
+    timing = f"{'µs':>8} {'GMAC/s':>7} " if profiled else ""
+    print(f"{'id':<16} {'dtype':<8} {'layout':<8} {'backend':<7} {timing}{'kernel':<14} {'transforms in':<16} "
           f"{'transforms out':<16} note")
     for row in summary["layers"]:
         kernel = row["kernel"] + (f" ({row['fused']})" if row.get("fused") else "")
-        print(f"{row['id']:<16} {row['dtype']:<8} {row['layout']:<8} {row.get('backend', 'tir'):<7} {kernel:<14} "
-              f"{', '.join(row['transforms_in']) or '-':<16} {', '.join(row['transforms_out']) or '-':<16} {row['note']}")
+        timing = f"{row.get('kernel_us', '-'):>8} {row.get('gmac_s', '-'):>7} " if profiled else ""
+        print(f"{row['id']:<16} {row['dtype']:<8} {row['layout']:<8} {row.get('backend', 'tir'):<7} {timing}"
+              f"{kernel:<14} {', '.join(row['transforms_in']) or '-':<16} {', '.join(row['transforms_out']) or '-':<16} "
+              f"{row['note']}")
+    if profiled:
+        parts = summary["kernels"]
+        print(f"kernel time per inference: oneDNN convs {parts['onednn_convs_us']:.0f} µs, TIR convs "
+              f"{parts['tir_convs_us']:.0f} µs, other TIR kernels {parts['other_kernels_us']:.0f} µs "
+              "(per-call timing: for ranking; bench gives the latency)")
     bf16 = len(summary.get("bf16_layers", []))
     layout = "layout NHWC" if summary.get("activation_layout") == "NHWC" else f"block {summary['block_size']}"
     print(f"{len(summary['int8_layers'])} int8, {f'{bf16} bf16, ' if bf16 else ''}"

@@ -9,12 +9,12 @@ from pathlib import Path
 from precsearch.fidelity.crosscheck import check_build
 from precsearch.files import atomic_write
 from precsearch.model.plan import Plan
-from precsearch.tvm import ONEDNN_REQUIREMENT, LoadedLibrary
+from precsearch.tvm import ONEDNN_REQUIREMENT, LoadedLibrary, profile_kernels
 from precsearch.workspace import Workspace
 
 
 def build_and_export(workspace: Workspace, plan: Plan, out_dir: str | Path, *, check: bool = False,
-                     dump_ir_dir: str | Path | None = None,
+                     dump_ir_dir: str | Path | None = None, profile: bool = False,
                      status: Callable[[str], None] | None = None) -> dict:
     """Build ``plan``, write ``model.so``, ``model.qdq.onnx`` and ``plan.json`` to ``out_dir``; return plan.json's content.
 
@@ -22,6 +22,8 @@ def build_and_export(workspace: Workspace, plan: Plan, out_dir: str | Path, *, c
     (not used for calibration) are compared with ONNX Runtime on the same QDQ
     model (the float model for an all-float plan); the verdict is in the
     returned dict (``divergence_verdict``, ``divergence_summary``, agreement figures).
+    With ``profile``, every kernel is timed on the timing input: each conv row gets
+    ``kernel_us`` and ``gmac_s``, and ``kernels`` sums the time by backend and kind.
     """
     say = status or (lambda message: None)
     model = workspace.model
@@ -66,6 +68,10 @@ def build_and_export(workspace: Workspace, plan: Plan, out_dir: str | Path, *, c
         "inputs": {name: list(shape) for name, shape in model.input_shapes.items()},
         "outputs": list(built.output_names),
     }
+    if profile:
+        say("timing every kernel (20 runs)...")
+        summary["kernels"] = profile_layers(model, built, workspace.timing_input, summary["layers"],
+                                            threads=workspace.options.threads)
     if built.onednn_kernels:
         summary["requires"] = ONEDNN_REQUIREMENT
     if dump_ir_dir:
@@ -105,3 +111,27 @@ def layer_table(model, built, tuned: bool = False) -> list[dict]:
                           "transforms_in": [], "transforms_out": [], "note": layer.reason, "kernel": "-",
                           "backend": "tir", "fused": ""})
     return table
+
+
+def profile_layers(model, built, inputs: dict, layers: list[dict], *, threads: int) -> dict:
+    """Time each kernel of ``built``; add ``kernel_us`` and ``gmac_s`` to the conv rows of ``layers``, in place.
+
+    Returns the time per part (oneDNN convs, TIR convs, other TIR kernels), in µs per inference.  The
+    figures come from the VM's per-call hook (a few µs of Python each): they rank kernels; the
+    end-to-end latency is ``bench``'s.
+    """
+    macs = {layer.index: layer.macs for layer in model.layers}
+    by_layer: dict[int, float] = {}
+    parts = {"onednn_convs_us": 0.0, "tir_convs_us": 0.0, "other_kernels_us": 0.0}
+    for entry in profile_kernels(built, inputs, threads=threads):
+        if entry.layer_index is None:
+            parts["other_kernels_us"] += entry.median_us
+            continue
+        by_layer[entry.layer_index] = by_layer.get(entry.layer_index, 0.0) + entry.median_us
+        parts["onednn_convs_us" if entry.backend == "onednn" else "tir_convs_us"] += entry.median_us
+    for row in layers:
+        spent = by_layer.get(row["index"])
+        if spent:
+            row["kernel_us"] = round(spent, 1)
+            row["gmac_s"] = round(macs[row["index"]] / spent / 1e3, 1)
+    return {name: round(value, 1) for name, value in parts.items()}

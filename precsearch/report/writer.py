@@ -254,7 +254,8 @@ def _commands(config, study_name: str, workdir, recommended, prefix: str) -> dic
     for flag, value in (("--max-drop", config.max_drop), ("--goal", config.goal), ("--trials", config.trials),
                         ("--sampler", config.sampler), ("--seed", config.seed), ("--data", config.data),
                         ("--eval-batches", config.eval_batches), ("--threads", config.threads),
-                        ("--bf16", None if config.bf16 == "auto" else config.bf16)):
+                        ("--bf16", None if config.bf16 == "auto" else config.bf16),
+                        ("--activation-layout", None if config.activation_layout == "auto" else config.activation_layout)):
         if value is not None:
             search += [flag, str(value)]
     commands = {"reproduce": shlex.join(search)}
@@ -265,8 +266,9 @@ def _commands(config, study_name: str, workdir, recommended, prefix: str) -> dic
         floats = ",".join(json.loads(recommended["float_layers"])) or "none"
         bf16 = _bf16_of(recommended)
         if recommended.get("backend", "tvm") == "tvm":
+            layout = [] if config.activation_layout == "auto" else ["--activation-layout", config.activation_layout]
             commands["build"] = shlex.join([prefix, "build", config.model, "--float", floats,
-                                            *(["--bf16", ",".join(bf16)] if bf16 else []), *where,
+                                            *(["--bf16", ",".join(bf16)] if bf16 else []), *layout, *where,
                                             "--out", f"build-trial-{trial}", "--check"])
         else:
             commands["bench"] = shlex.join([prefix, "bench", config.model, *where, "--backend", "ort",

@@ -21,7 +21,7 @@ from ._nhwc import NCHW_TO_NHWC, map_permutation
 from ._build_report import BuildReport, LayerRow, ReportingPass
 from ._importer import ImportedModel
 from ._layout import unpack_kernel
-from ._naming import layer_of_func, layer_of_weight
+from ._naming import conv_kernel_parts, layer_of_func, layer_of_weight
 
 __all__ = ["InspectLayout", "LayerRow", "OperatorLayouts", "VerifyPlan"]
 
@@ -253,7 +253,9 @@ class VerifyPlan(ReportingPass):
             args = call.args[1].fields
             # uint8 activations make an int8 conv, as they did for the legalizer; the other dtypes are checked below.
             precision = "int8" if str(args[0].ty.dtype) == "uint8" else "float"
-            layout = _layout_name(args[0].ty.ndim, int(args[0].ty.shape[-1]))
+            # the legalizer names the kernel after its layout (a 4-D tensor is NCHW or NHWC)
+            parts = conv_kernel_parts(call.args[0].name_hint)
+            layout = parts[2] if parts else _layout_name(args[0].ty.ndim, int(args[0].ty.shape[-1]))
             layer_id = self.layer_ids[index]
             if index in seen:
                 raise VerificationError("layer appears twice in the built graph", pass_name="precsearch.VerifyPlan",
