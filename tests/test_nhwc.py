@@ -50,8 +50,16 @@ def test_the_pass_turns_convert_layouts_nhwc_permutes_into_layout_transforms_and
         bb.emit_func_output(gv)
     after = NHWCTransforms()(Before)
     tvm.ir.assert_structural_equal(after, bb.get())
-    np.testing.assert_array_equal(tvm.compile(after, "llvm") is not None, True)
     assert map_permutation(permutation_index_map((0, 2, 3, 1))) == (0, 2, 3, 1)
+    # and it computes what the permutes computed
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(size=shape).astype("float32") for shape in ((1, 4, 5, 6), (8, 4, 3, 3), (2, 3))]
+    results = []
+    for mod in (Before, after):
+        vm = relax.VirtualMachine(tvm.compile(mod, "llvm"), tvm.cpu())
+        results.append([out.numpy() for out in vm["main"](*[tvm.runtime.tensor(x) for x in inputs])])
+    for before, rewritten in zip(*results):
+        np.testing.assert_array_equal(before, rewritten)
 
 
 @needs_onednn_int8
