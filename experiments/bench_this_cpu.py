@@ -37,16 +37,21 @@ def cpu_description() -> dict:
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
     flags = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)
+    family = re.search(r"^cpu family\s*:\s*(\d+)$", text, re.MULTILINE)
     present = set(flags.group(1).split()) if flags else set()
     return {"model_name": model.group(1).strip() if model else platform.processor(),
+            "cpu_family": int(family.group(1)) if family else None,
             "features": [f for f in FEATURES if f in present]}
 
 
 def cpu_tag(cpu: dict) -> str:
-    """A folder name: the vendor's model name, slugged, and the widest int8 path."""
+    """A folder name: the vendor's model name, slugged, its CPU family, and the widest int8 path.
+
+    The family is there because virtual machines report Zen 4 (family 25) and Zen 5 (26) alike as "AMD EPYC"."""
     name = re.sub(r"[^a-z0-9]+", "-", cpu["model_name"].lower()).strip("-")
+    family = f"-family{cpu['cpu_family']}" if cpu.get("cpu_family") is not None else ""
     isa = "amx" if "amx_int8" in cpu["features"] else "vnni" if "avx512_vnni" in cpu["features"] else "avx2"
-    return f"{name}-{isa}"
+    return f"{name}{family}-{isa}"
 
 
 def main() -> None:

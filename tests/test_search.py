@@ -118,10 +118,13 @@ def test_guided_search_beats_tpe_in_a_tenth_of_the_plans(eight_convs, tmp_path):
             if name == "guided":
                 guided = handle
     mean = {name: float(np.mean(r)) for name, r in ratios.items()}
-    # The target is 0.98; the noise estimate (its SQNR error is 2.3 dB mean even fitted on all 256 plans)
-    # finds 0.91 here (0.88-0.97 over the seeds), TPE alone 0.84 (the note has the numbers).
-    assert mean["guided"] >= 0.89, ratios
-    assert mean["guided"] >= mean["tpe"] + 0.04, ratios
+    # The target is 0.98.  This model's fidelity is far from additive (floating conv0 alone makes the
+    # output worse; conv0-5 float gives 52.9 dB, adding conv7 46.2), so the estimate's error is several dB; the
+    # proposals by expected hypervolume gain under that error, half of them one-conv steps from the measured
+    # front, reach 0.971 (0.966-0.976 over the seeds), the additive estimate alone 0.906, TPE alone 0.84.
+    assert mean["guided"] >= 0.96, ratios
+    assert min(ratios["guided"]) >= 0.95, ratios
+    assert mean["guided"] >= mean["tpe"] + 0.08, ratios
     # Half the trials after the seeds were proposals; each recorded what the estimate expected of it.
     proposed = [t for t in guided.study.get_trials() if t.user_attrs.get("seed") == GUIDED_SEED]
     assert len(proposed) >= (budget - 3) // 2 - 1 and all("estimate_latency_ms" in t.user_attrs for t in proposed)
@@ -395,6 +398,24 @@ def test_sampler_and_config_errors_name_the_parameter():
         SearchConfig(model="m", metric="sqnr_db", max_drop=0.1)
     with pytest.raises(ConfigError, match="'exhaustive' only up to 1024 plans"):
         make_sampler("exhaustive", 0, 2 ** 53)
+
+
+def test_hypervolume_gain_is_the_hypervolume_a_point_adds():
+    from precsearch.study.pareto import hypervolume_gain
+
+    rng = np.random.default_rng(0)
+    for higher_is_better, reference in ((True, (9.0, 1.0)), (False, (9.0, 9.0))):
+        for _ in range(50):
+            points = [tuple(p) for p in rng.uniform(0, 10, size=(int(rng.integers(0, 8)), 2))]
+            candidates = rng.uniform(-1, 11, size=(20, 2))
+            gains = hypervolume_gain(points, candidates[:, 0], candidates[:, 1], reference,
+                                     higher_is_better=higher_is_better)
+            base = hypervolume(points, reference, higher_is_better=higher_is_better)
+            expected = [hypervolume(points + [tuple(c)], reference, higher_is_better=higher_is_better) - base
+                        for c in candidates]
+            np.testing.assert_allclose(gains, expected, atol=1e-12)
+    assert hypervolume_gain([(1.0, 3.0)], np.array([0.5, 2.0]), np.array([4.0, 1.0]), (4.0, 0.0)).tolist() == \
+        [pytest.approx(3.5 * 4.0 - 3.0 * 3.0), 0.0]
 
 
 def test_hypervolume_of_known_points():
