@@ -182,7 +182,7 @@ def test_build_with_an_empty_data_folder(tmp_path):
 
 
 def test_bench_json_has_baselines_ratios_and_plans(chain_path, tmp_path):
-    result = run("bench", chain_path, "--json", "--repeats", "5", "--warmup", "1", "--plan", "conv1",
+    result = run("bench", chain_path, "--json", "--repeats", "7", "--warmup", "1", "--plan", "conv1",
                  "--workdir", tmp_path / "work")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -200,7 +200,12 @@ def test_bench_json_has_baselines_ratios_and_plans(chain_path, tmp_path):
     assert rows["ort_float"]["vs_ort_float"] == 1.0 and rows["ort_int8"]["vs_ort_int8"] == 1.0
     assert rows["tvm_int8"]["vs_ort_float"] == pytest.approx(summary["tvm_int8_ms"] / summary["ort_float_ms"])
     assert (rows["tvm_float"]["int8_convs"], rows["tvm_int8"]["int8_convs"], rows["plan1"]["int8_convs"]) == (0, 3, 2)
-    assert rows["plan1"]["plan"] == "float:conv1" and rows["plan1"]["runs"] == 5
+    # 7 runs in two interleaved rounds (at least 3 runs each): the figure is the median of the rounds' medians
+    assert summary["rounds"] == 2
+    for row in rows.values():
+        assert len(row["round_medians_ms"]) == 2 and row["runs"] == 6, row
+        assert row["median_ms"] == pytest.approx(sum(row["round_medians_ms"]) / 2, abs=1e-3)
+    assert rows["plan1"]["plan"] == "float:conv1"
 
 
 def test_bench_bad_input(chain_path, tmp_path):

@@ -239,7 +239,7 @@ def _cmd_bench(args) -> int:
     backends = ("tvm", "ort") if args.backend == "both" else (args.backend,)
     result = bench(workspace, plans=plans, threads=args.threads, warmup=args.warmup, repeats=args.repeats, rpc=rpc,
                    progress=lambda m: status(m, quiet), backends=backends,
-                   conv_backends=("tir", "onednn") if args.compare_conv_backends else None)
+                   conv_backends=("tir", "onednn") if args.compare_conv_backends else None, rounds=args.rounds)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
         return 0
@@ -250,7 +250,10 @@ def _cmd_bench(args) -> int:
         columns += ["precision", "sqnr_db_vs_ort_float"]
     print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep=""))
     where = f"TVM builds on {result.remote} via RPC, ONNX Runtime here" if result.remote else "all on this machine"
-    print(f"batch 1, {result.threads} threads, median of {args.repeats} runs after {args.warmup} warm-up; {where}; "
+    timing = (f"median of {args.repeats} runs after {args.warmup} warm-up" if result.rounds == 1 else
+              f"median of {result.rounds} interleaved rounds of {args.repeats // result.rounds} runs, "
+              f"{args.warmup} warm-up each")
+    print(f"batch 1, {result.threads} threads, {timing}; {where}; "
           f"{'tuned' if result.tuned else 'untuned'} TVM kernels")
     return 0
 

@@ -112,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare-conv-backends", action="store_true",
                        help="build every TVM row twice, float convs on TIR and on oneDNN, side by side")
     bench.add_argument("--repeats", type=int, default=100, help="timed runs per build (default 100)")
-    bench.add_argument("--warmup", type=int, default=20, help="untimed runs first (default 20)")
+    bench.add_argument("--warmup", type=int, default=20, help="untimed runs first (default 20, each round)")
+    bench.add_argument("--rounds", type=int, default=5,
+                       help="time every row this many times in turn, --repeats split over them; a row's figure is "
+                            "the median of its rounds (default 5: rows see the same machine drift)")
     bench.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
                        help="measure the TVM builds on a board through this TVM RPC tracker")
     bench.add_argument("--rpc-key", default=None, help="device key the board's RPC server registered")

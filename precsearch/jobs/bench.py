@@ -19,11 +19,14 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from precsearch.fidelity.metrics import compute_metrics
 from precsearch.fidelity.reference import run_ort
-from precsearch.measure import Latency, measure_onnxruntime, measure_openvino_builds, openvino_missing_reason
+from precsearch.errors import check_int
+from precsearch.measure import (Latency, measure_openvino_builds, onnxruntime_session, openvino_missing_reason,
+                               time_session)
 from precsearch.model.plan import Plan
 from precsearch.study.ort_backend import DISABLED_OPTIMIZERS, check_ort_plan
 from precsearch.tvm import RpcTarget, measure_library, measure_remote
@@ -55,6 +58,7 @@ class BenchRow:
     tvm_pool_threads: int | None = None  # TVM rows: TVM's own pool size the figure was measured with
     precision: str = ""  # OpenVINO rows: the precision it inferred in ("bf16" by default on a CPU with it)
     sqnr_db_vs_ort_float: float = math.nan  # OpenVINO rows: its outputs against ORT float, on the timing input
+    round_medians_ms: tuple[float, ...] = ()  # each timing round's median (see bench's ``rounds``)
 
 
 @dataclass
@@ -65,6 +69,7 @@ class BenchResult:
     threads: int
     tuned: bool
     remote: str | None
+    rounds: int = 1
 
     def row(self, name: str) -> BenchRow:
         return next(row for row in self.rows if row.name == name)
@@ -76,7 +81,7 @@ class BenchResult:
         names = {row.name for row in self.rows}
         summary = {f"{name}_ms": self.row(name).median_ms if name in names else None
                    for name in (ORT_FLOAT, ORT_INT8, TVM_FLOAT, TVM_INT8)}
-        summary.update(threads=self.threads, tuned=self.tuned, remote=self.remote,
+        summary.update(threads=self.threads, tuned=self.tuned, remote=self.remote, rounds=self.rounds,
                        rows=json_safe(self.to_frame().to_dict(orient="records")))
         return summary
 
@@ -88,7 +93,8 @@ def json_safe(records: list[dict]) -> list[dict]:
 
 def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: int = 2, warmup: int = 10,
           repeats: int = 50, rpc: RpcTarget | None = None, progress=None,
-          backends: tuple[str, ...] = ("tvm",), conv_backends: tuple[str, ...] | None = None) -> BenchResult:
+          backends: tuple[str, ...] = ("tvm",), conv_backends: tuple[str, ...] | None = None,
+          rounds: int = 1) -> BenchResult:
     """Measure ORT float, ORT int8, OpenVINO (where installed), TVM float, TVM all-int8 and ``plans`` (name, plan) on
     the workspace's timing input.
 
@@ -99,7 +105,7 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
         (:func:`precsearch.model.quantize.user_int8_model`) and the tuning
         database applied to every TVM build (untuned builds are far slower).
     rpc : RpcTarget, optional
-        Measure the TVM builds on a remote board; ONNX Runtime runs here either way.
+        Measure the TVM builds on a board through RPC; ONNX Runtime runs here either way.
     progress : callable, optional
         ``progress(message)`` before each build or measurement.
     backends : tuple of str
@@ -110,71 +116,131 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
         Build every TVM row with each of these (``"tir"``, ``"onednn"``), side
         by side; rows of a backend other than the workspace's own are named
         ``<name>@<backend>``.  Default: the workspace's own only.
+    rounds : int
+        Everything is built first, then timed ``rounds`` times in turn, each
+        time ``repeats / rounds`` runs per row in a rotated order; a row's
+        figure is the median of its rounds' medians.  Why: on a shared 2-core
+        machine the speed of the whole machine drifts by 20-30 % over minutes
+        (the detector's TVM all-int8 19.6 ms in one bench run, 26.5 in the next,
+        on Zen 4), so rows timed one after another compare different machines;
+        interleaved, every row sees the same drift.  At most ``repeats // 3``
+        rounds (``BenchResult.rounds`` says how many ran).
     """
+    check_int(rounds, "rounds", "bench", 1)
+    check_int(repeats, "repeats", "bench", 3)
+    rounds = min(rounds, repeats // 3)  # at least 3 runs per round for a median; the result says how many
     model = workspace.model
     inputs = workspace.timing_input
     say = progress or (lambda message: None)
     all_int8 = Plan(frozenset())
-    rows: list[BenchRow] = []
+    rows: list[dict] = []  # each row's fields and its timer, timed in the rounds below
+    per_round = dict(threads=threads, warmup=warmup, repeats=repeats // rounds)
 
-    def add(name: str, latency: Latency, plan: str, int8_convs: int, build_time_s: float, conv_backend: str = "",
-            onednn_convs: int = 0) -> None:
-        rows.append(BenchRow(name=name, backend=latency.backend, plan=plan, int8_convs=int8_convs,
-                             median_ms=latency.median_ms, iqr_ms=latency.iqr_ms, runs=latency.runs,
-                             threads=latency.threads, build_time_s=round(build_time_s, 2), conv_backend=conv_backend,
-                             onednn_convs=onednn_convs, tvm_pool_threads=latency.tvm_pool_threads))
+    def add(name: str, timer, plan: str, int8_convs: int, build_time_s: float, conv_backend: str = "",
+            onednn_convs: int = 0, **extra) -> None:
+        rows.append(dict(timer=timer, fields=dict(name=name, plan=plan, int8_convs=int8_convs,
+                                                  build_time_s=round(build_time_s, 2), conv_backend=conv_backend,
+                                                  onednn_convs=onednn_convs, **extra)))
 
-    say("measuring ONNX Runtime float and int8...")
-    settings = dict(threads=threads, warmup=warmup, repeats=repeats)
-    add(ORT_FLOAT, measure_onnxruntime(model.proto, inputs, backend="ort", **settings), "float", 0, 0.0)
-    add(ORT_INT8, measure_onnxruntime(workspace.ort_int8_model, inputs, backend="ort", **settings),
-        "quantize_static", len(model.capable_ids()), 0.0)
-    add(ORT_INT8_CONV_ONLY, measure_onnxruntime(workspace.qdq_model(all_int8), inputs, backend="ort", **settings),
-        "int8 (Conv only)", len(model.capable_ids()), 0.0)
+    def ort_timer(proto, **options):
+        session = onnxruntime_session(proto, threads=threads, **options)
+        return lambda: time_session(session, inputs, backend="ort", **per_round)
+
+    say("preparing ONNX Runtime float and int8...")
+    add(ORT_FLOAT, ort_timer(model.proto), "float", 0, 0.0)
+    add(ORT_INT8, ort_timer(workspace.ort_int8_model), "quantize_static", len(model.capable_ids()), 0.0)
+    add(ORT_INT8_CONV_ONLY, ort_timer(workspace.qdq_model(all_int8)), "int8 (Conv only)", len(model.capable_ids()),
+        0.0)
     missing = openvino_missing_reason()
     if missing:
         say(f"OpenVINO rows skipped: {missing}")
     else:
-        say("measuring OpenVINO's default and f32 builds...")
+        say("measuring OpenVINO's default and f32 builds (and their outputs)...")
         float_outputs = run_ort(model.proto, [inputs])
         builds = measure_openvino_builds(model.proto, inputs, [inputs], threads=threads, warmup=warmup,
-                                         repeats=repeats)
+                                         repeats=per_round["repeats"])
+        # Each later round compiles both builds again in a child (seconds): OpenVINO may not stay loaded here.
+        timers = _openvino_timers(model, inputs, {name: build["latency"] for name, build in builds.items()}, threads,
+                                  warmup, per_round["repeats"])
         for name, build in builds.items():
-            add(name, build["latency"], "float model", 0, 0.0)
             sqnr = compute_metrics(float_outputs, build["outputs"]).values["sqnr_db"]
-            rows[-1] = replace(rows[-1], precision=build["precision"], sqnr_db_vs_ort_float=sqnr)
+            add(name, timers[name], "float model", 0, 0.0, precision=build["precision"], sqnr_db_vs_ort_float=sqnr)
     every_float = Plan(frozenset(model.capable_ids()))
     for name, plan in plans if "ort" in backends else ():
-        say(f"quantizing and measuring {name} on ONNX Runtime ({len(plan.float_layer_ids(model))} float convs)...")
+        say(f"quantizing {name} for ONNX Runtime ({len(plan.float_layer_ids(model))} float convs)...")
         started = time.perf_counter()
         ort_plan = plan.on("ort")
         proto = workspace.ort_model(ort_plan)
         if ort_plan.int8_ids(model):
             check_ort_plan(model, proto, ort_plan)
-        quantize_time_s = time.perf_counter() - started
-        add(f"ort_{name}", measure_onnxruntime(proto, inputs, backend="ort", disabled_optimizers=DISABLED_OPTIMIZERS,
-                                               **settings), ort_plan.key(),
-            len(plan.int8_ids(model)), quantize_time_s)
+        add(f"ort_{name}", ort_timer(proto, disabled_optimizers=DISABLED_OPTIMIZERS), ort_plan.key(),
+            len(plan.int8_ids(model)), time.perf_counter() - started)
     tvm_builds = [(TVM_FLOAT, every_float), (TVM_INT8, all_int8), *plans] if "tvm" in backends else []
     own = workspace.options.conv_backend
     if rpc is not None and "onednn" in (conv_backends or (own,)):
         # The library runs on the board, which has no oneDNN bridge registered: TIR kernels only.
         say("TVM builds for the RPC board keep every conv on TIR (the oneDNN bridge runs only in this process)")
         conv_backends, own = ("tir",), "tir"
-    for (name, plan), conv_backend in ((build, cb) for build in tvm_builds for cb in (conv_backends or (own,))):
-        int8_ids = plan.int8_ids(model)
-        name = name if conv_backend == own else f"{name}@{conv_backend}"
-        say(f"building and measuring {name} ({len(int8_ids)} int8 convs, float convs on {conv_backend})...")
-        built = workspace.build(plan, options=replace(workspace.options, conv_backend=conv_backend)).built
-        if rpc is None:
-            latency = measure_library(built, inputs, **settings)
-        else:
-            with tempfile.TemporaryDirectory(prefix="precsearch-bench-") as scratch:
-                library = built.export_library(Path(scratch) / "model.so")
-                latency = measure_remote(library, built.input_names, inputs, rpc=rpc, **settings)
-        add(name, latency, plan.key(), len(int8_ids), built.build_time_s, conv_backend, len(built.onednn_kernels))
-    ort_float, ort_int8 = rows[0].median_ms, rows[1].median_ms  # ORT float, the user's ORT int8
-    rows = [BenchRow(**{**asdict(row), "vs_ort_float": row.median_ms / ort_float,
-                        "vs_ort_int8": row.median_ms / ort_int8}) for row in rows]
-    return BenchResult(rows=rows, threads=threads, tuned=workspace.database is not None,
-                       remote=rpc.address if rpc is not None else None)
+    with tempfile.TemporaryDirectory(prefix="precsearch-bench-") as scratch:
+        for index, ((name, plan), conv_backend) in enumerate(
+                (build, cb) for build in tvm_builds for cb in (conv_backends or (own,))):
+            int8_ids = plan.int8_ids(model)
+            name = name if conv_backend == own else f"{name}@{conv_backend}"
+            say(f"building {name} ({len(int8_ids)} int8 convs, float convs on {conv_backend})...")
+            built = workspace.build(plan, options=replace(workspace.options, conv_backend=conv_backend)).built
+            if rpc is None:
+                timer = _tvm_timer(built, inputs, per_round)
+            else:
+                library = built.export_library(Path(scratch) / f"model{index}.so")
+                timer = (lambda library=library, names=built.input_names:
+                         measure_remote(library, names, inputs, rpc=rpc, **per_round))
+            add(name, timer, plan.key(), len(int8_ids), built.build_time_s, conv_backend, len(built.onednn_kernels))
+        measured: list[list[Latency]] = [[] for _ in rows]
+        for round_index in range(rounds):
+            order = list(range(len(rows)))
+            order = order[round_index % len(order):] + order[:round_index % len(order)]
+            say(f"timing round {round_index + 1}/{rounds}: {len(rows)} rows, {per_round['repeats']} runs each...")
+            for row_index in order:
+                measured[row_index].append(rows[row_index]["timer"]())
+    results = [BenchRow(**row["fields"], **_combine(latencies)) for row, latencies in zip(rows, measured)]
+    ort_float, ort_int8 = results[0].median_ms, results[1].median_ms  # ORT float, the user's ORT int8
+    results = [replace(row, vs_ort_float=row.median_ms / ort_float, vs_ort_int8=row.median_ms / ort_int8)
+               for row in results]
+    return BenchResult(rows=results, threads=threads, tuned=workspace.database is not None,
+                       remote=rpc.address if rpc is not None else None, rounds=rounds)
+
+
+def _tvm_timer(built, inputs, per_round: dict):
+    """Times a TVM build; the first call picks TVM's pool size (see ``measure_library``), later ones keep it."""
+    chosen: list[int] = []
+
+    def timer() -> Latency:
+        latency = measure_library(built, inputs, pool_sizes=tuple(chosen) or None, **per_round)
+        chosen[:] = [latency.tvm_pool_threads] if latency.tvm_pool_threads else []
+        return latency
+
+    return timer
+
+
+def _openvino_timers(model, inputs, first: dict[str, Latency], threads: int, warmup: int, repeats: int) -> dict:
+    """A timer per OpenVINO build.  The first round's figures are the ones measured with the outputs; after that,
+    the first of the builds to be asked for times them all again in one child and the others take theirs from it."""
+    pending = dict(first)
+
+    def timer(name: str) -> Latency:
+        if name not in pending:
+            pending.update((other, build["latency"]) for other, build in measure_openvino_builds(
+                model.proto, inputs, [], threads=threads, warmup=warmup, repeats=repeats).items())
+        return pending.pop(name)
+
+    return {name: (lambda name=name: timer(name)) for name in first}
+
+
+def _combine(latencies: list[Latency]) -> dict:
+    """A row's figure over its rounds: the median of the rounds' medians, their median IQR, every run counted."""
+    medians = [latency.median_ms for latency in latencies]
+    return dict(backend=latencies[0].backend, median_ms=float(np.median(medians)),
+                iqr_ms=float(np.median([latency.iqr_ms for latency in latencies])),
+                runs=sum(latency.runs for latency in latencies), threads=latencies[0].threads,
+                tvm_pool_threads=latencies[-1].tvm_pool_threads,
+                round_medians_ms=tuple(round(m, 4) for m in medians))
