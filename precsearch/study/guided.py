@@ -50,6 +50,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -331,8 +332,6 @@ class PlanEstimate:
             * RBF(length_scale=2.0, length_scale_bounds=(0.5, 50.0)) \
             + WhiteKernel(0.01 * spread ** 2 + 1e-12, (1e-8 * spread ** 2 + 1e-14, spread ** 2 + 1e-12))
         model = GaussianProcessRegressor(kernel, normalize_y=False, random_state=0, n_restarts_optimizer=2)
-        import warnings
-
         with warnings.catch_warnings():  # a bound reached is fine: the fit stays usable
             warnings.simplefilter("ignore")
             model.fit(masks, residual)
@@ -514,11 +513,14 @@ class PlanEstimate:
         # model the estimate's front and the true one part by single convs (neighbours' errors cancel or
         # compound), and the local steps find those points (0.957 → 0.971 of the exhaustive hypervolume at 26
         # plans, mean of 5 seeds).  With no unmeasured neighbour left it is a global step.
-        if len(self.observations) % 2 == 1:
+        def add_front_neighbours() -> None:
             for mask in self._measured_front():
                 for i in range(layers):
                     for state in range(self.states + 1):
                         add(with_state(mask, i, state))
+
+        if len(self.observations) % 2 == 1:
+            add_front_neighbours()
             if candidates:
                 return candidates
         for budget in budgets:
@@ -532,10 +534,7 @@ class PlanEstimate:
                     mask = with_state(mask, i, state)
                 add(mask)
         else:
-            for mask in self._measured_front():
-                for i in range(layers):
-                    for state in range(self.states + 1):
-                        add(with_state(mask, i, state))
+            add_front_neighbours()
         return candidates
 
     def _measured_front(self) -> list[np.ndarray]:
@@ -556,13 +555,14 @@ class PlanEstimate:
         latency = [(self.latency_ms(o.int8) - o.latency_ms) / o.latency_ms for o in self.observations
                    if o.latency_ms > 0]
         scored = self._scored()
-        fidelity = [self.fidelity(o.int8) - o.fidelity for o in scored]
+        fidelity = (self.fidelity_with_error(np.array([o.int8 for o in scored]))[0]
+                    - np.array([o.fidelity for o in scored])) if scored else []
         spread = self._spread()
         # In-sample residuals of a fit with about as many parameters as plans understate its error on new plans.
         widen = math.sqrt(1.0 + len(self.layer_ids) * self.states / max(len(self.observations), 1))
         latency_sigma = max(float(np.sqrt(np.mean(np.square(latency)))) * widen if latency else 0.0,
                             MIN_LATENCY_ERROR)
-        fidelity_sigma = max(float(np.sqrt(np.mean(np.square(fidelity)))) * widen if fidelity else 0.0,
+        fidelity_sigma = max(float(np.sqrt(np.mean(np.square(fidelity)))) * widen if len(fidelity) else 0.0,
                              MIN_FIDELITY_ERROR * spread)
         return latency_sigma, fidelity_sigma
 
