@@ -15,6 +15,8 @@ Levers measured (batch 1, 2 threads, the packaged image the search times on):
 * ``onednn_int8_activation``: the dequantize → activation → quantize after each int8 conv as TIR kernels vs as
   post-ops of the conv's oneDNN primitive;
 * ``fast_sigmoid``: sigmoids left to TIR through libm ``expf`` per element vs TVM's ``fast_exp``;
+* ``separable_max_pool``: max-pools looping over their whole k×k window vs 1×k then k×1, an SPP block's
+  5/9/13 pools as SPPF's chain of 5s (models with a max-pool only);
 * environment levers, each setting in a child process (read once, when libgomp
   loads or TVM's pool starts), with ORT float measured in that same process after
   the TVM build ran (threads left spinning would slow it):
@@ -29,6 +31,10 @@ the median of each side's per-round medians).  TIR kernels use the workdir's
 tuning database when there is one (``tuned`` column), else TVM's default schedules.
 
     python experiments/ablation.py [--models ddddocr-det pplcnet-orientation mobilenetv3-textcls]
+                                   [--levers separable_max_pool ...]
+
+``--levers`` measures only the named in-process levers (each off, against the default build) and no
+environment lever.
 
 Writes results/latency/ablation.csv and prints it.
 """
@@ -97,7 +103,8 @@ def _row(model: str, lever: str, setting: str, plan: str, ort_ms: float, tvm_ms:
             "onednn_convs": len(built.onednn_kernels), "tuned": tuned}
 
 
-def in_process_levers(name: str, workdir: Path) -> list[dict]:
+def in_process_levers(name: str, workdir: Path, only: set[str] | None = None) -> list[dict]:
+    """Every in-process lever of ``name``'s all-float and all-int8 builds, or just those in ``only``."""
     from precsearch.model.plan import Plan
 
     workspace = _workspace(name, workdir)
@@ -106,12 +113,13 @@ def in_process_levers(name: str, workdir: Path) -> list[dict]:
     rows = []
     plans = {"all-float": Plan(frozenset(model.capable_ids())), "all-int8": Plan(frozenset())}
     for plan_name, plan in plans.items():
-        for conv_backend in ("tir", "onednn"):
+        for conv_backend in ("tir", "onednn") if only is None or "conv_backend" in only else ("onednn",):
             print(f"  {name} {plan_name} conv_backend={conv_backend}: building...", flush=True)
             built = workspace.build(plan, options=replace(workspace.options, conv_backend=conv_backend)).built
             ort_ms, tvm_ms = _interleaved(workspace, built)
             rows.append(_row(name, "conv_backend", conv_backend, plan_name, ort_ms, tvm_ms, built, tuned))
-            if conv_backend == "onednn":  # untuned TIR kernels: serial (TVM's default) vs parallel outer loops
+            if conv_backend == "onednn" and (only is None or "parallel_fallback" in only):
+                # untuned TIR kernels: serial (TVM's default) vs parallel outer loops
                 serial = workspace.build(plan, options=replace(workspace.options, parallel_fallback=False)).built
                 ort_ms, tvm_ms = _interleaved(workspace, serial)
                 rows.append(_row(name, "parallel_fallback", "off (TVM's serial default)", plan_name, ort_ms, tvm_ms,
@@ -122,13 +130,16 @@ def in_process_levers(name: str, workdir: Path) -> list[dict]:
                 if plan_name == "all-int8":
                     levers["onednn_int8"] = {"onednn_int8": False}
                     levers["onednn_int8_activation"] = {"onednn_int8_activation": False}
+                if any(node.op_type == "MaxPool" for node in model.proto.graph.node):
+                    levers["separable_max_pool"] = {"separable_max_pool": False}
+                levers = {lever: off for lever, off in levers.items() if only is None or lever in only}
                 for lever, off in levers.items():
                     print(f"  {name} {plan_name} {lever} off: building...", flush=True)
                     without = workspace.build(plan, options=replace(workspace.options, **off)).built
                     ort_ms, tvm_ms = _interleaved(workspace, without)
                     rows.append(_row(name, lever, "off", plan_name, ort_ms, tvm_ms, without, tuned))
                     rows.append({**rows[-1], "setting": "on (default)", **_on_row(rows, name, plan_name)})
-            if plan_name == "all-float" and conv_backend == "onednn":
+            if plan_name == "all-float" and conv_backend == "onednn" and (only is None or "tvm_threads" in only):
                 for threads in (1, 2):
                     ort_ms, tvm_ms = _interleaved(workspace, built, tvm_threads=threads)
                     rows.append(_row(name, "tvm_threads", str(threads), plan_name, ort_ms, tvm_ms, built, tuned))
@@ -179,6 +190,8 @@ def main() -> None:
     parser.add_argument("--wait-models", nargs="*", default=["pplcnet-orientation", "mobilenetv3-textcls"],
                         help="models for the environment levers (one child process and build per setting)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "latency" / "ablation.csv")
+    parser.add_argument("--levers", nargs="+", default=None,
+                        help="in-process levers to measure (default: all, and the environment levers)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lever", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--setting", default=None, help=argparse.SUPPRESS)
@@ -194,8 +207,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models:
-        rows += in_process_levers(name, args.workdir)
-        if name in args.wait_models:
+        rows += in_process_levers(name, args.workdir, set(args.levers) if args.levers else None)
+        if name in args.wait_models and not args.levers:
             rows += env_levers(name, args.workdir)
         pd.DataFrame(rows).to_csv(out, index=False)  # after each model: a killed run keeps what it measured
     print(pd.DataFrame(rows).to_string(index=False))

@@ -391,3 +391,76 @@ def test_fast_sigmoid_replaces_every_float_sigmoid_and_keeps_its_values():
     values = np.linspace(-100, 100, 400, dtype="float32").reshape(1, 16, 5, 5)
     silu = values / (1 + np.exp(-values.astype(np.float64)))
     np.testing.assert_allclose(_run(mod, values), silu, rtol=5e-6, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------- SeparableMaxPool
+def _spp(layout: str):
+    """YOLO's SPP block: one tensor pooled 5×5, 9×9 and 13×13 at stride 1, concatenated; and a strided 3×3 pool."""
+    shape = (1, 13, 11, 16) if layout == "NHWC" else (1, 16, 13, 11)
+    channel_axis = layout.index("C")
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            pools = [bb.emit(relax.op.nn.max_pool2d(x, (k, k), (1, 1), (k // 2,) * 4, layout=layout))
+                     for k in (5, 9, 13)]
+            strided = bb.emit(relax.op.nn.max_pool2d(x, (3, 3), (2, 2), (1, 1, 1, 1), layout=layout))
+            spp = bb.emit_output(relax.op.concat([x, *pools], axis=channel_axis))
+            out = bb.emit_output(strided)
+        bb.emit_func_output(relax.Tuple([spp, out]))
+    return bb.get()
+
+
+@I.ir_module
+class SPPSeparable:
+    @R.function
+    def main(x: R.Tensor((1, 16, 13, 11), "float32")):
+        with R.dataflow():
+            # 5×5 as 1×5 then 5×1; 9×9 = 5×5 of the 5×5; 13×13 = 5×5 of the 9×9 (SPPF)
+            r5 = R.nn.max_pool2d(x, pool_size=(1, 5), strides=(1, 1), padding=(0, 2, 0, 2))
+            p5 = R.nn.max_pool2d(r5, pool_size=(5, 1), strides=(1, 1), padding=(2, 0, 2, 0))
+            r9 = R.nn.max_pool2d(p5, pool_size=(1, 5), strides=(1, 1), padding=(0, 2, 0, 2))
+            p9 = R.nn.max_pool2d(r9, pool_size=(5, 1), strides=(1, 1), padding=(2, 0, 2, 0))
+            r13 = R.nn.max_pool2d(p9, pool_size=(1, 5), strides=(1, 1), padding=(0, 2, 0, 2))
+            p13 = R.nn.max_pool2d(r13, pool_size=(5, 1), strides=(1, 1), padding=(2, 0, 2, 0))
+            r3 = R.nn.max_pool2d(x, pool_size=(1, 3), strides=(1, 2), padding=(0, 1, 0, 1))
+            strided = R.nn.max_pool2d(r3, pool_size=(3, 1), strides=(2, 1), padding=(1, 0, 1, 0))
+            spp = R.concat((x, p5, p9, p13), axis=1)
+            out = strided
+            R.output(spp, out)
+        return (spp, out)
+
+
+def test_separable_max_pool_writes_spp_as_sppf_chains_of_separable_pools():
+    from precsearch.tvm._max_pool import SeparableMaxPool
+
+    tvm.ir.assert_structural_equal(SeparableMaxPool()(_spp("NCHW")), SPPSeparable)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_separable_max_pool_keeps_every_value(layout):
+    from precsearch.tvm._max_pool import SeparableMaxPool
+
+    mod = _spp(layout)
+    rewritten = SeparableMaxPool()(mod)
+    assert rewritten.script().count("pool_size=[13, 13]") == 0 and mod.script().count("pool_size=[13, 13]") == 1
+    shape = [int(d) for d in mod["main"].params[0].ty.shape]
+    # distinct values, negatives included: a wrong window or a zero padding changes some maximum
+    x = np.random.default_rng(0).permutation(np.prod(shape)).reshape(shape).astype("float32") - 1000
+    with TARGET:
+        outputs = [relax.VirtualMachine(tvm.compile(m, TARGET), tvm.cpu())["main"](tvm.runtime.tensor(x))
+                   for m in (mod, rewritten)]
+    for reference, value in zip(*outputs):
+        np.testing.assert_array_equal(value.numpy(), reference.numpy())
+    # the 13×13 pool against numpy: every window clipped at the edges
+    spp = outputs[1][0].numpy()
+    axis = layout.index("C")
+    h_axis, w_axis = layout.index("H"), layout.index("W")
+    c = shape[axis]
+    p13 = np.take(spp, range(3 * c, 4 * c), axis=axis)
+    for i, j in ((0, 0), (6, 5), (12, 10)):
+        rows = range(max(i - 6, 0), min(i + 7, shape[h_axis]))
+        window = np.take(np.take(x, rows, axis=h_axis), range(max(j - 6, 0), min(j + 7, shape[w_axis])), axis=w_axis)
+        expected = window.max(axis=(h_axis, w_axis))
+        np.testing.assert_array_equal(np.take(np.take(p13, [i], axis=h_axis), [j], axis=w_axis).reshape(-1),
+                                      expected.reshape(-1))

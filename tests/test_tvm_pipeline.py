@@ -62,7 +62,8 @@ def test_the_pipeline_lists_its_passes_and_stops_after_fusion_when_asked(chain):
     blocked = CompileOptions(activation_layout="blocked")
     names = [p.info.name for p in pipeline(chain.model, imported, chain.int8_ids, blocked).passes]
     ours = [name for name in names if name.startswith("precsearch.")]
-    assert ours == ["precsearch.Int8ConvRewrite", "precsearch.LowerQDQ", "precsearch.InspectLayout",
+    assert ours == ["precsearch.Int8ConvRewrite", "precsearch.LowerQDQ", "precsearch.SeparableMaxPool",
+                    "precsearch.InspectLayout",
                     "precsearch.OffloadOneDNN", "precsearch.FastSigmoid", "precsearch.VerifyPlan",
                     "precsearch.ApplyTuning"]
     # an NHWC build turns ConvertLayout's permutes into layout transforms right after it

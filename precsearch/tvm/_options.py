@@ -67,6 +67,10 @@ class CompileOptions:
     fast_sigmoid : bool
         Float sigmoids left to TIR use TVM's vectorizable ``fast_exp`` (True,
         default) rather than one libm ``expf`` call per element.
+    separable_max_pool : bool
+        Max-pools with a window wider than kh + kw run as a 1×kw then a kh×1 pool, and a stride-1
+        same-padded pool starts from a smaller pool of the same tensor (an SPP block's 5/9/13 become
+        SPPF's chain of 5s); exact (True, default).  Off, each pool loops over its whole window.
     """
 
     target: dict | str | None = None
@@ -79,6 +83,7 @@ class CompileOptions:
     parallel_fallback: bool = True
     fallback_inline: bool = True
     fast_sigmoid: bool = True
+    separable_max_pool: bool = True
     onednn_int8: bool | None = None
     onednn_int8_min_macs: int = 0
     onednn_int8_activation: bool = True

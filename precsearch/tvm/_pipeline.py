@@ -13,6 +13,7 @@ from ._build_report import BuildReport
 from ._importer import ImportedModel
 from ._fast_sigmoid import FastSigmoid
 from ._int8_rewrite import Int8ConvRewrite
+from ._max_pool import SeparableMaxPool
 from . import _onednn
 from ._nhwc import NHWCTransforms
 from ._layout import choose_block_size, decide_layouts, layout_callback, make_conv_legalizer
@@ -151,6 +152,7 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
     front = [
         Int8ConvRewrite(imported, layer_ids, options.requant_dtype, report=report),
         LowerQDQ(imported.params, report=report),
+        *([SeparableMaxPool()] if options.separable_max_pool else []),
         relax.transform.ConvertLayout({}, layout_callback(decisions)),
         *([NHWCTransforms()] if nhwc else []),
         relax.transform.Normalize(),
