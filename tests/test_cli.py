@@ -208,6 +208,39 @@ def test_bench_json_has_baselines_ratios_and_plans(chain_path, tmp_path):
     assert rows["plan1"]["plan"] == "float:conv1"
 
 
+def test_bench_profile_gives_each_tvm_row_its_kernels(chain_path, tmp_path):
+    # Both conv backends side by side, so TIR and oneDNN convs are both profiled.
+    args = ("bench", chain_path, "--profile", "--compare-conv-backends", "--repeats", "3", "--warmup", "1",
+            "--workdir", tmp_path / "work")
+    result = run(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)["rows"]}
+    tvm_rows = {name: row for name, row in rows.items() if row["backend"] == "tvm"}
+    assert set(tvm_rows) == {"tvm_float", "tvm_float@tir", "tvm_int8", "tvm_int8@tir"}
+    assert "layers" not in rows["ort_float"] and "kernels" not in rows["ort_float"]
+    for name, row in tvm_rows.items():
+        assert [layer["id"] for layer in row["layers"]] == ["conv0", "conv1", "conv2"]
+        for layer in row["layers"]:
+            assert layer["kernel_us"] > 0 and layer["gmac_s"] > 0, (name, layer)
+            assert layer["backend"] in {"tir", "onednn"} and layer["dtype"] in {"int8", "float32"}, (name, layer)
+        assert sum(layer["backend"] == "onednn" for layer in row["layers"]) == row["onednn_convs"], name
+        parts = row["kernels"]
+        assert set(parts) == {"onednn_convs_us", "tir_convs_us", "other_kernels_us"}
+        conv_us = sum(layer["kernel_us"] for layer in row["layers"])
+        assert abs(parts["onednn_convs_us"] + parts["tir_convs_us"] - conv_us) <= 0.5 + 1e-6 * conv_us
+    assert {layer["backend"] for layer in tvm_rows["tvm_int8@tir"]["layers"]} == {"tir"}
+    assert {layer["dtype"] for layer in tvm_rows["tvm_int8"]["layers"]} == {"int8"}
+    text = run(*args)
+    assert text.returncode == 0, text.stderr
+    for name in tvm_rows:
+        assert f"\n{name}: 3 of 3 convs, slowest first\n" in text.stdout, text.stdout
+    assert text.stdout.count("kernel time per inference: oneDNN convs") == 4
+    section = text.stdout.split("\ntvm_int8@tir: ")[1].splitlines()
+    assert section[1].split() == ["id", "dtype", "backend", "µs", "GMAC/s"]
+    times = [float(line.split()[3]) for line in section[2:5]]
+    assert [line.split()[2] for line in section[2:5]] == ["tir"] * 3 and times == sorted(times, reverse=True)
+
+
 def test_bench_bad_input(chain_path, tmp_path):
     assert_one_line_error(run("bench", chain_path, "--rpc-tracker", "127.0.0.1:9"), 2, "--rpc-key")
     assert_one_line_error(run("bench", chain_path, "--rpc-tracker", "nonsense", "--rpc-key", "k"), 2, "HOST:PORT")

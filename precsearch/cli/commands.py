@@ -14,7 +14,8 @@ import time
 import zlib
 from pathlib import Path
 
-from precsearch.cli.render import print_build, print_operators, print_search, progress_line, status
+from precsearch.cli.render import (print_bench_profiles, print_build, print_operators, print_search, progress_line,
+                                   status)
 
 EXIT_BAD_INPUT = 2
 EXIT_BUILD_FAILED = 3
@@ -239,7 +240,8 @@ def _cmd_bench(args) -> int:
     backends = ("tvm", "ort") if args.backend == "both" else (args.backend,)
     result = bench(workspace, plans=plans, threads=args.threads, warmup=args.warmup, repeats=args.repeats, rpc=rpc,
                    progress=lambda m: status(m, quiet), backends=backends,
-                   conv_backends=("tir", "onednn") if args.compare_conv_backends else None, rounds=args.rounds)
+                   conv_backends=("tir", "onednn") if args.compare_conv_backends else None, rounds=args.rounds,
+                   profile=args.profile)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
         return 0
@@ -255,6 +257,7 @@ def _cmd_bench(args) -> int:
               f"{args.warmup} warm-up each")
     print(f"batch 1, {result.threads} threads, {timing}; {where}; "
           f"{'tuned' if result.tuned else 'untuned'} TVM kernels")
+    print_bench_profiles(result.profiles)
     return 0
 
 

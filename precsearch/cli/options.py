@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from precsearch.cli.render import PROFILE_SHOWN_CONVS
+
 DEFAULT_WORKDIR = Path("precsearch-work")
 
 
@@ -116,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=5,
                        help="time every row this many times in turn, --repeats split over them; a row's figure is "
                             "the median of its rounds (default 5: rows see the same machine drift)")
+    bench.add_argument("--profile", action="store_true",
+                       help="after the timing rounds, time every kernel of each TVM row once: per conv its backend, "
+                            "µs and GMAC/s (the %d slowest printed, all in --json), and the time per part"
+                            % PROFILE_SHOWN_CONVS)
     bench.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
                        help="measure the TVM builds on a board through this TVM RPC tracker")
     bench.add_argument("--rpc-key", default=None, help="device key the board's RPC server registered")

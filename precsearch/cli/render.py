@@ -7,6 +7,10 @@ import sys
 
 from precsearch.fidelity.metrics import TIE_BREAK
 
+# bench --profile prints this many of each build's convs, slowest first: the ones worth a look; --json has them all.
+PROFILE_SHOWN_CONVS = 15
+
+
 def print_operators(notes: list[dict], layouts: list[dict], fallback: str) -> None:
     if fallback:
         print(f"  every conv kept NCHW: the blocked graph failed: {fallback}")
@@ -83,10 +87,7 @@ def print_build(summary: dict) -> None:
               f"{kernel:<14} {', '.join(row['transforms_in']) or '-':<16} {', '.join(row['transforms_out']) or '-':<16} "
               f"{row['note']}")
     if profiled:
-        parts = summary["kernels"]
-        print(f"kernel time per inference: oneDNN convs {parts['onednn_convs_us']:.0f} µs, TIR convs "
-              f"{parts['tir_convs_us']:.0f} µs, other TIR kernels {parts['other_kernels_us']:.0f} µs "
-              "(per-call timing: for ranking; bench gives the latency)")
+        print(_kernel_parts(summary["kernels"]) + " (per-call timing: for ranking; bench gives the latency)")
     bf16 = len(summary.get("bf16_layers", []))
     layout = "layout NHWC" if summary.get("activation_layout") == "NHWC" else f"block {summary['block_size']}"
     print(f"{len(summary['int8_layers'])} int8, {f'{bf16} bf16, ' if bf16 else ''}"
@@ -106,6 +107,33 @@ def print_build(summary: dict) -> None:
         print(f"  for comparison, ONNX Runtime's own int8 kernels: {summary['ort_int8_agreement']:.4%} "
               f"(max {summary['ort_int8_max_error_steps']:.2f} steps)")
         print(f"  divergences: {summary['divergence_summary']}")
+
+
+def print_bench_profiles(profiles: dict[str, dict]) -> None:
+    """Per profiled TVM row of bench: its slowest convs (id, dtype, backend, µs, GMAC/s) and the time per part."""
+    for name, profile in profiles.items():
+        layers = sorted(profile["layers"], key=lambda row: -(row["kernel_us"] or 0.0))
+        shown = layers[:PROFILE_SHOWN_CONVS]
+        width = max(16, *(len(row["id"]) + 1 for row in shown))
+        print()
+        print(f"{name}: {'slowest ' if len(shown) < len(layers) else ''}{len(shown)} of {len(layers)} convs, "
+              "slowest first")
+        print(f"{'id':<{width}} {'dtype':<8} {'backend':<7} {'µs':>8} {'GMAC/s':>7}")
+        for row in shown:
+            print(f"{row['id']:<{width}} {row['dtype']:<8} {row['backend']:<7} {_or_dash(row['kernel_us']):>8} "
+                  f"{_or_dash(row['gmac_s']):>7}")
+        print(_kernel_parts(profile["kernels"]))
+    if profiles:
+        print("(per-call timing, 20 runs after the timing rounds: it ranks kernels; the table above gives the latency)")
+
+
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _kernel_parts(parts: dict) -> str:
+    return (f"kernel time per inference: oneDNN convs {parts['onednn_convs_us']:.0f} µs, TIR convs "
+            f"{parts['tir_convs_us']:.0f} µs, other TIR kernels {parts['other_kernels_us']:.0f} µs")
 
 
 def _tuning_state(summary: dict) -> str:

@@ -8,6 +8,7 @@ precsearch's own Conv-only QDQ model is a second, informative row
 any given plans; with the ONNX Runtime backend, each given plan is also (or
 only) measured as ``quantize_static`` with its float convs in
 ``nodes_to_exclude`` (rows ``ort_<name>``; ORT's all-int8 plan is ``ort_int8``).
+With ``profile``, each TVM build run here is then profiled kernel by kernel (as ``build --profile``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import pandas as pd
 from precsearch.fidelity.metrics import compute_metrics
 from precsearch.fidelity.reference import run_ort
 from precsearch.errors import check_int
+from precsearch.jobs.build import layer_table, profile_layers
 from precsearch.measure import (Latency, measure_openvino_builds, onnxruntime_session, openvino_missing_reason,
                                time_session)
 from precsearch.model.plan import Plan
@@ -36,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 ORT_FLOAT, ORT_INT8, TVM_FLOAT, TVM_INT8 = "ort_float", "ort_int8", "tvm_float", "tvm_int8"
 ORT_INT8_CONV_ONLY = "ort_int8_conv_only"
+# What a profiled TVM row keeps of build's per-layer table: its per-conv columns without the layout transforms.
+PROFILE_LAYER_FIELDS = ("id", "dtype", "layout", "backend", "kernel", "kernel_us", "gmac_s")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class BenchResult:
     tuned: bool
     remote: str | None
     rounds: int = 1
+    profiles: dict[str, dict] = field(default_factory=dict)  # TVM row name → its ``kernels`` and ``layers``
 
     def row(self, name: str) -> BenchRow:
         return next(row for row in self.rows if row.name == name)
@@ -81,8 +86,10 @@ class BenchResult:
         names = {row.name for row in self.rows}
         summary = {f"{name}_ms": self.row(name).median_ms if name in names else None
                    for name in (ORT_FLOAT, ORT_INT8, TVM_FLOAT, TVM_INT8)}
-        summary.update(threads=self.threads, tuned=self.tuned, remote=self.remote, rounds=self.rounds,
-                       rows=json_safe(self.to_frame().to_dict(orient="records")))
+        records = json_safe(self.to_frame().to_dict(orient="records"))
+        for record in records:
+            record.update(self.profiles.get(record["name"], {}))
+        summary.update(threads=self.threads, tuned=self.tuned, remote=self.remote, rounds=self.rounds, rows=records)
         return summary
 
 
@@ -94,7 +101,7 @@ def json_safe(records: list[dict]) -> list[dict]:
 def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: int = 2, warmup: int = 10,
           repeats: int = 50, rpc: RpcTarget | None = None, progress=None,
           backends: tuple[str, ...] = ("tvm",), conv_backends: tuple[str, ...] | None = None,
-          rounds: int = 1) -> BenchResult:
+          rounds: int = 1, profile: bool = False) -> BenchResult:
     """Measure ORT float, ORT int8, OpenVINO (where installed), TVM float, TVM all-int8 and ``plans`` (name, plan) on
     the workspace's timing input.
 
@@ -125,6 +132,12 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
         on Zen 4), so rows timed one after another compare different machines;
         interleaved, every row sees the same drift.  At most ``repeats // 3``
         rounds (``BenchResult.rounds`` says how many ran).
+    profile : bool
+        After the last round, time every kernel of each TVM build once (20 runs, the VM's per-call
+        hook: :func:`precsearch.jobs.build.profile_layers`); ``BenchResult.profiles`` has, per TVM
+        row, ``kernels`` (µs per part) and ``layers`` (per conv: dtype, backend, oneDNN kernel,
+        ``kernel_us``, ``gmac_s``).  Builds measured on an RPC board are not profiled: the hook
+        times calls in this process.
     """
     check_int(rounds, "rounds", "bench", 1)
     check_int(repeats, "repeats", "bench", 3)
@@ -137,8 +150,8 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
     per_round = dict(threads=threads, warmup=warmup, repeats=repeats // rounds)
 
     def add(name: str, timer, plan: str, int8_convs: int, build_time_s: float, conv_backend: str = "",
-            onednn_convs: int = 0, **extra) -> None:
-        rows.append(dict(timer=timer, fields=dict(name=name, plan=plan, int8_convs=int8_convs,
+            onednn_convs: int = 0, built=None, **extra) -> None:
+        rows.append(dict(timer=timer, built=built, fields=dict(name=name, plan=plan, int8_convs=int8_convs,
                                                   build_time_s=round(build_time_s, 2), conv_backend=conv_backend,
                                                   onednn_convs=onednn_convs, **extra)))
 
@@ -181,6 +194,8 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
         # The library runs on the board, which has no oneDNN bridge registered: TIR kernels only.
         say("TVM builds for the RPC board keep every conv on TIR (the oneDNN bridge runs only in this process)")
         conv_backends, own = ("tir",), "tir"
+    if profile and rpc is not None:
+        say("no kernel profile: the TVM builds run on the RPC board, the profiler times calls in this process")
     with tempfile.TemporaryDirectory(prefix="precsearch-bench-") as scratch:
         for index, ((name, plan), conv_backend) in enumerate(
                 (build, cb) for build in tvm_builds for cb in (conv_backends or (own,))):
@@ -194,7 +209,8 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
                 library = built.export_library(Path(scratch) / f"model{index}.so")
                 timer = (lambda library=library, names=built.input_names:
                          measure_remote(library, names, inputs, rpc=rpc, **per_round))
-            add(name, timer, plan.key(), len(int8_ids), built.build_time_s, conv_backend, len(built.onednn_kernels))
+            add(name, timer, plan.key(), len(int8_ids), built.build_time_s, conv_backend, len(built.onednn_kernels),
+                built=built if rpc is None else None)
         measured: list[list[Latency]] = [[] for _ in rows]
         for round_index in range(rounds):
             order = list(range(len(rows)))
@@ -202,12 +218,37 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
             say(f"timing round {round_index + 1}/{rounds}: {len(rows)} rows, {per_round['repeats']} runs each...")
             for row_index in order:
                 measured[row_index].append(rows[row_index]["timer"]())
+    # Only now, every round done: profiling between rounds would put its runs into the drift the rounds share.
+    profiles = _profile_rows(workspace, rows, measured, threads, say) if profile else {}
     results = [BenchRow(**row["fields"], **_combine(latencies)) for row, latencies in zip(rows, measured)]
     ort_float, ort_int8 = results[0].median_ms, results[1].median_ms  # ORT float, the user's ORT int8
     results = [replace(row, vs_ort_float=row.median_ms / ort_float, vs_ort_int8=row.median_ms / ort_int8)
                for row in results]
     return BenchResult(rows=results, threads=threads, tuned=workspace.database is not None,
-                       remote=rpc.address if rpc is not None else None, rounds=rounds)
+                       remote=rpc.address if rpc is not None else None, rounds=rounds, profiles=profiles)
+
+
+def _profile_rows(workspace: Workspace, rows: list[dict], measured: list[list[Latency]], threads: int,
+                  say) -> dict[str, dict]:
+    """Each TVM build kept for it (those run here) profiled once, with the TVM pool size its figure was timed with:
+    a build with oneDNN convs may have been fastest with TVM's pool at one thread (see ``measure_library``)."""
+    profiles = {}
+    for row, latencies in zip(rows, measured):
+        if row["built"] is None:
+            continue
+        name = row["fields"]["name"]
+        say(f"timing every kernel of {name} (20 runs)...")
+        profiles[name] = _profile_build(workspace, row["built"], threads=latencies[-1].tvm_pool_threads or threads)
+    return profiles
+
+
+def _profile_build(workspace: Workspace, built, *, threads: int) -> dict:
+    """``kernels`` (µs per part, as ``build --profile``) and ``layers`` (per conv: ``PROFILE_LAYER_FIELDS``) of
+    ``built`` on the workspace's timing input; a conv with no kernel of its own has ``kernel_us`` None."""
+    model = workspace.model
+    layers = layer_table(model, built, tuned=workspace.database is not None)
+    kernels = profile_layers(model, built, workspace.timing_input, layers, threads=threads)
+    return {"kernels": kernels, "layers": [{key: row.get(key) for key in PROFILE_LAYER_FIELDS} for row in layers]}
 
 
 def _tvm_timer(built, inputs, per_round: dict):
