@@ -15,6 +15,8 @@ Levers measured (batch 1, 2 threads, the packaged image the search times on):
 * ``onednn_int8_activation``: the dequantize → activation → quantize after each int8 conv as TIR kernels vs as
   post-ops of the conv's oneDNN primitive;
 * ``fast_sigmoid``: sigmoids left to TIR through libm ``expf`` per element vs TVM's ``fast_exp``;
+* ``onednn_bf16_chains`` (all-bf16 plan, on a CPU with native bf16): every bf16 conv reads and writes float32
+  vs a bf16 conv read only by bf16 convs handing them bf16 (no float32 tensor, no rounding pass between them);
 * ``separable_max_pool``: max-pools looping over their whole k×k window vs 1×k then k×1, an SPP block's
   5/9/13 pools as SPPF's chain of 5s (models with a max-pool only);
 * environment levers, each setting in a child process (read once, when libgomp
@@ -106,14 +108,18 @@ def _row(model: str, lever: str, setting: str, plan: str, ort_ms: float, tvm_ms:
 def in_process_levers(name: str, workdir: Path, only: set[str] | None = None) -> list[dict]:
     """Every in-process lever of ``name``'s all-float and all-int8 builds, or just those in ``only``."""
     from precsearch.model.plan import Plan
+    from precsearch.tvm import bf16_unsupported_reason
 
     workspace = _workspace(name, workdir)
     model = workspace.model
     tuned = workspace.database is not None
     rows = []
     plans = {"all-float": Plan(frozenset(model.capable_ids())), "all-int8": Plan(frozenset())}
+    if not bf16_unsupported_reason(workspace.options):  # bf16 convs are oneDNN's: no TIR row for them
+        plans["all-bf16"] = Plan(frozenset(model.capable_ids()), bf16_ids=frozenset(model.capable_ids()))
     for plan_name, plan in plans.items():
-        for conv_backend in ("tir", "onednn") if only is None or "conv_backend" in only else ("onednn",):
+        tir = plan_name != "all-bf16" and (only is None or "conv_backend" in only)
+        for conv_backend in ("tir", "onednn") if tir else ("onednn",):
             print(f"  {name} {plan_name} conv_backend={conv_backend}: building...", flush=True)
             built = workspace.build(plan, options=replace(workspace.options, conv_backend=conv_backend)).built
             ort_ms, tvm_ms = _interleaved(workspace, built)
@@ -130,6 +136,8 @@ def in_process_levers(name: str, workdir: Path, only: set[str] | None = None) ->
                 if plan_name == "all-int8":
                     levers["onednn_int8"] = {"onednn_int8": False}
                     levers["onednn_int8_activation"] = {"onednn_int8_activation": False}
+                if plan_name == "all-bf16":
+                    levers["onednn_bf16_chains"] = {"onednn_bf16_chains": False}
                 if any(node.op_type == "MaxPool" for node in model.proto.graph.node):
                     levers["separable_max_pool"] = {"separable_max_pool": False}
                 levers = {lever: off for lever, off in levers.items() if only is None or lever in only}

@@ -60,6 +60,7 @@ class BuildReport:
     onednn_fused: dict[str, str] = field(default_factory=dict)
     onednn_kernels: dict[str, str] = field(default_factory=dict)
     onednn_skipped: dict[str, str] = field(default_factory=dict)
+    bf16_chained: list[str] = field(default_factory=list)  # bf16 convs reading another bf16 conv's bf16 output
     # VerifyPlan: the unpacked OIHW weights each conv kernel received, by layer id
     kernel_weights: dict[str, np.ndarray] = field(default_factory=dict)
     # ApplyTuning: kernel name → scheduled from the database; why a record did not apply;

@@ -33,7 +33,7 @@ SOURCE = Path(__file__).with_name("onednn_conv.cc")
 # The int64 config the C++ side reads, in order (its enum Field).
 CONFIG_FIELDS = ("n", "ic", "ih", "iw", "oc", "kh", "kw", "oh", "ow", "sh", "sw", "pt", "pl", "pb", "pr", "dh", "dw",
                  "groups", "src_block", "dst_block", "post_op", "threads", "layer", "dtype", "src_zero", "dst_zero",
-                 "variant", "mid_zero")
+                 "variant", "mid_zero", "bf16_src", "bf16_dst")
 #: What a conv reads → writes: float32; u8 → u8 (requantized); u8 → float32 (an int8 conv with a float consumer);
 #: float32 → float32 with the conv on bf16 activations and weights (rounded to nearest even, float32 sums).
 DTYPES = {"float32": 0, "int8": 1, "int8_float_out": 2, "bfloat16": 3}
@@ -161,6 +161,10 @@ class ConvSpec:
     # at dst_scale / dst_zero ("int8") or leaves it float ("int8_float_out").
     mid_scale: float = 0.0
     mid_zero: int = -1
+    # bf16 only: the conv reads its input as bf16 (written by a bf16 conv) / writes its output as bf16 (read only
+    # by bf16 convs, which would round it to bf16 anyway), so no float32 tensor and no rounding pass between them.
+    bf16_src: bool = False
+    bf16_dst: bool = False
 
     @property
     def is_int8(self) -> bool:
@@ -171,7 +175,8 @@ class ConvSpec:
         _, oc, oh, ow = self.output_shape
         values = (n, ic, ih, iw, oc, *self.kernel, oh, ow, *self.strides, *self.padding, *self.dilation, self.groups,
                   self.src_block, self.dst_block, POST_OPS[self.post_op], self.threads,
-                  self.layer, DTYPES[self.dtype], self.src_zero, self.dst_zero, self.variant, self.mid_zero)
+                  self.layer, DTYPES[self.dtype], self.src_zero, self.dst_zero, self.variant, self.mid_zero,
+                  int(self.bf16_src), int(self.bf16_dst))
         assert len(values) == len(CONFIG_FIELDS)
         return np.asarray(values, dtype="int64")
 
@@ -253,4 +258,5 @@ def spec_from_config(config: np.ndarray, post: np.ndarray) -> ConvSpec:
     return ConvSpec((f["n"], f["ic"], f["ih"], f["iw"]), (f["n"], f["oc"], f["oh"], f["ow"]), (f["kh"], f["kw"]),
                     (f["sh"], f["sw"]), (f["pt"], f["pl"], f["pb"], f["pr"]), (f["dh"], f["dw"]), f["groups"],
                     f["src_block"], f["dst_block"], post_op, post[0], post[1], f["threads"], f["layer"], dtype,
-                    f["src_zero"], f["dst_zero"], **quantization, variant=f["variant"])
+                    f["src_zero"], f["dst_zero"], **quantization, variant=f["variant"], bf16_src=bool(f["bf16_src"]),
+                    bf16_dst=bool(f["bf16_dst"]))

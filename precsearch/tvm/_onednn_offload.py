@@ -15,6 +15,8 @@ so a call does no reorder of them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -272,6 +274,48 @@ def _absorb_activation(graph: _Graph, fusion: _Fusion) -> None:
             return
 
 
+def _absorbed_vars(graph: _Graph, fusion: _Fusion) -> set:
+    """The bindings a fusion replaces: its conv and every binding from it up to (not including) its end."""
+    reaches: dict = {}
+
+    def leads_to_conv(var, depth: int) -> bool:  # an absorbed chain is a few bindings deep
+        if var.same_as(fusion.conv_var):
+            return True
+        if var not in reaches:
+            value = graph.value.get(var)
+            reaches[var] = depth < 24 and isinstance(value, relax.Call) and any(
+                isinstance(arg, relax.Var) and leads_to_conv(arg, depth + 1) for arg in value.args)
+        return reaches[var]
+
+    leads_to_conv(fusion.end, 0)
+    return {fusion.conv_var} | {var for var, inside in reaches.items() if inside and not var.same_as(fusion.end)}
+
+
+def _link_bf16_convs(graph: _Graph, fusions: dict) -> list:
+    """Let each bf16 conv whose output only bf16 convs read write it in bf16, and those convs read it so.
+
+    Why: a bf16 conv otherwise writes float32 and the next one rounds that to bf16 in a reorder of its own, two
+    passes over the tensor in float32 that the next conv's rounding makes pointless (the rounded values are the
+    same).  On the dense detector's high-resolution 1x1 convs that pass was most of the call.  Returns the
+    fusions whose spec changed.
+    """
+    key_of_conv = {fusion.conv_var: end for end, (fusion, _) in fusions.items()}
+    changed = []
+    for end, (producer, spec) in list(fusions.items()):
+        if spec.dtype != "bfloat16" or end in graph.outputs:
+            continue
+        users = graph.users.get(end, [])
+        readers = [key_of_conv.get(user) for user in users]
+        if not users or any(key is None or fusions[key][1].dtype != "bfloat16"
+                            or not fusions[key][0].conv.args[0].same_as(end) for key in readers):
+            continue
+        fusions[end] = (producer, dataclasses.replace(fusions[end][1], bf16_dst=True))
+        for key in readers:
+            fusions[key] = (fusions[key][0], dataclasses.replace(fusions[key][1], bf16_src=True))
+        changed += [end, *readers]
+    return list(dict.fromkeys(changed))
+
+
 @tvm.transform.module_pass(opt_level=0, name=PASS_NAME)
 class OffloadOneDNN(ReportingPass):
     """Replace the convs in ``layers`` and ``int8_layers`` (indices) by calls to the oneDNN bridge.
@@ -296,12 +340,15 @@ class OffloadOneDNN(ReportingPass):
     int8_activation : bool
         An int8 conv's primitive also runs the dequantize → activation (→ quantize) after its output
         quantization (see ``_absorb_int8_activation``).
+    bf16_chains : bool
+        A bf16 conv read only by bf16 convs hands them its output in bf16 (see ``_link_bf16_convs``).
     """
 
     def __init__(self, params, layer_ids, layers, decisions: dict[int, LayerLayout], threads: int, report=None,
-                 int8_layers=(), bf16_layers=(), int8_activation: bool = True):
+                 int8_layers=(), bf16_layers=(), int8_activation: bool = True, bf16_chains: bool = True):
         super().__init__(report)
         self.int8_activation = int8_activation
+        self.bf16_chains = bf16_chains
         self.params = params
         self.layer_ids = tuple(layer_ids)
         self.layers = set(layers)
@@ -358,7 +405,14 @@ class OffloadOneDNN(ReportingPass):
                 continue
             self.report.onednn_kernels[layer_id] = kernel
             fusions[fusion.end] = (fusion, spec)
-        mutator = _Offloader(mod, fusions, self.params)
+        if self.bf16_chains:
+            for end in _link_bf16_convs(graph, fusions):
+                fusion, spec = fusions[end]
+                self.report.onednn_kernels[self.layer_ids[fusion.index]] = _onednn.implementation(spec)
+            self.report.bf16_chained = sorted(self.layer_ids[f.index] for f, spec in fusions.values() if spec.bf16_src)
+        # a conv that now reads bf16 could not even be re-emitted as the float conv it was: drop what is absorbed
+        absorbed = set().union(*(_absorbed_vars(graph, fusion) for fusion, _ in fusions.values()))
+        mutator = _Offloader(mod, fusions, self.params, absorbed)
         mutator.builder_.update_func(mod.get_global_var("main"), mutator.visit_expr(func))
         self.report.onednn_layers = sorted(self.layer_ids[f.index] for f, _ in fusions.values())
         self.report.onednn_fused = {self.layer_ids[f.index]: "+".join(
@@ -407,12 +461,15 @@ class OffloadOneDNN(ReportingPass):
 
 @relax.expr_functor.mutator
 class _Offloader(relax.PyExprMutator):
-    def __init__(self, mod, fusions, params):
+    def __init__(self, mod, fusions, params, absorbed):
         super().__init__(mod)
         self.fusions = fusions
         self.params = params
+        self.absorbed = absorbed
 
     def visit_var_binding_(self, binding):
+        if binding.var in self.absorbed:
+            return None
         entry = self.fusions.get(binding.var)
         if entry is None:
             return super().visit_var_binding_(binding)
@@ -429,5 +486,5 @@ class _Offloader(relax.PyExprMutator):
             # relax.const turns int64 arrays into int32 unless told the dtype
             relax.Tuple([data, relax.const(packed, "uint8"), relax.const(bias.astype("float32"), "float32"),
                          relax.const(spec.config(), "int64"), relax.const(spec.post(), "float32")]),
-            out_ty=binding.var.ty)
+            out_ty=relax.TensorType(binding.var.ty.shape, "bfloat16") if spec.bf16_dst else binding.var.ty)
         self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, call))

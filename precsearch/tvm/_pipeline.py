@@ -160,7 +160,7 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
         InspectLayout(layer_ids, decisions, report=report),
         OffloadOneDNN(imported.params, layer_ids, float_indices if offload else (), decisions, options.threads,
                       report=report, int8_layers=onednn_int8, bf16_layers=bf16_indices,
-                      int8_activation=options.onednn_int8_activation),
+                      int8_activation=options.onednn_int8_activation, bf16_chains=options.onednn_bf16_chains),
         *([FastSigmoid()] if options.fast_sigmoid else []),
         *cpu_pipeline.library_dispatch_passes(target),
         relax.transform.LegalizeOps({"relax.nn.conv2d": make_conv_legalizer(layer_ids, decisions, report=report)}),

@@ -305,7 +305,7 @@ class VerifyPlan(ReportingPass):
                                     layer_id=layer_id)
         precision = "int8" if spec.is_int8 else "bf16" if spec.dtype == "bfloat16" else "float"
         seen[spec.layer] = precision
-        expected = "uint8" if spec.is_int8 else "float32"
+        expected = "uint8" if spec.is_int8 else "bfloat16" if spec.bf16_src else "float32"
         if str(data.ty.dtype) != expected:
             raise VerificationError(f"oneDNN {precision} conv got {data.ty.dtype} data, expected {expected}",
                                     pass_name="precsearch.VerifyPlan", layer_id=layer_id)

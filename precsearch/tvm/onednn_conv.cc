@@ -27,10 +27,12 @@ namespace {
 // The int64 config tensor, field by field (kept in sync with _onednn.py CONFIG_FIELDS).
 enum Field {
   kN, kIC, kIH, kIW, kOC, kKH, kKW, kOH, kOW, kSH, kSW, kPT, kPL, kPB, kPR, kDH, kDW, kGroups,
-  kSrcBlock, kDstBlock, kPostOp, kThreads, kLayer, kDtype, kSrcZero, kDstZero, kVariant, kMidZero, kNumFields
+  kSrcBlock, kDstBlock, kPostOp, kThreads, kLayer, kDtype, kSrcZero, kDstZero, kVariant, kMidZero, kBf16Src,
+  kBf16Dst, kNumFields
 };
 // kDtype: what the conv reads and writes.
-// kBf16: float32 in and out, the conv itself on bf16 activations and weights (f32 accumulation).
+// kBf16: float32 in and out, the conv itself on bf16 activations and weights (f32 accumulation); with kBf16Src
+// it reads bf16 (another bf16 conv's output) and with kBf16Dst it writes bf16 (read only by bf16 convs).
 enum Dtype { kFloat = 0, kInt8 = 1, kInt8FloatOut = 2, kBf16 = 3 };
 // The float32 post tensor: [alpha, beta] and, for int8, [src_scale, dst_scale, weight_scale[oc]...], then, for an
 // int8 conv with an activation after its own output quantization (kMidZero >= 0), that quantization's scale.
@@ -118,7 +120,8 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
   const bool bf16 = c[kDtype] == kBf16;
   TVM_FFI_ICHECK(c[kDtype] >= kFloat && c[kDtype] <= kBf16) << "oneDNN conv: unknown dtype " << c[kDtype];
   const auto src_dt = int8 ? memory::data_type::u8 : bf16 ? memory::data_type::bf16 : f32;
-  const auto dst_dt = c[kDtype] == kInt8 ? memory::data_type::u8 : f32;
+  const auto bf16_dt = memory::data_type::bf16;
+  const auto dst_dt = c[kDtype] == kInt8 ? memory::data_type::u8 : bf16 && c[kBf16Dst] ? bf16_dt : f32;
   const auto weights_dt = int8 ? memory::data_type::s8 : bf16 ? memory::data_type::bf16 : f32;
   const int64_t groups = c[kGroups];
   memory::dims src_dims{c[kN], c[kIC], c[kIH], c[kIW]};
@@ -126,8 +129,8 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
   memory::dims weight_dims = groups > 1
       ? memory::dims{groups, c[kOC] / groups, c[kIC] / groups, c[kKH], c[kKW]}
       : memory::dims{c[kOC], c[kIC], c[kKH], c[kKW]};
-  // What the graph hands over (float32 for a bf16 conv) and what the primitive reads.
-  memory::desc src_desc(src_dims, bf16 ? f32 : src_dt, activation_tag(c[kSrcBlock]));
+  // What the graph hands over (float32 for a bf16 conv, unless a bf16 conv wrote it) and what the primitive reads.
+  memory::desc src_desc(src_dims, bf16 && !c[kBf16Src] ? f32 : src_dt, activation_tag(c[kSrcBlock]));
   memory::desc conv_src_desc(src_dims, src_dt, activation_tag(c[kSrcBlock]));
   memory::desc dst_desc(dst_dims, dst_dt, activation_tag(c[kDstBlock]));
   memory::desc any_weights(weight_dims, weights_dt, tag::any);
@@ -229,7 +232,7 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
   // first conv); writing a blocked output and reordering it is far faster.
   if (!int8 && c[kDstBlock] == 0 && std::string(pd.impl_info_str()).find("gemm") != std::string::npos) {
     for (int64_t block : {16, 8}) {
-      memory::desc blocked_desc(dst_dims, f32, activation_tag(block));
+      memory::desc blocked_desc(dst_dims, dst_dt, activation_tag(block));
       auto blocked_pd = make(conv_src_desc, blocked_desc);
       std::string impl = blocked_pd.impl_info_str();
       if (!slow(impl)) {
@@ -241,7 +244,7 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
       }
     }
   }
-  if (bf16 && !conv->src_staged) {  // the graph's float32 activations, rounded to bf16 in their own layout
+  if (bf16 && !conv->src_staged && src_desc != conv_src_desc) {  // float32 activations rounded to bf16 in place
     conv->src_staging = memory(conv_src_desc, cpu_engine());
     conv->from_plain = dnnl::reorder(memory(src_desc, cpu_engine(), DNNL_MEMORY_NONE), conv->src_staging);
     conv->src_staged = true;
