@@ -180,30 +180,41 @@ def test_both_bf16_variants_compute_the_same_conv_and_the_build_keeps_the_one_it
     np.testing.assert_array_equal(loaded.run(batches[0])["logits"], built.run(batches[0])["logits"])
 
 
+CHAINS = [  # model, the convs that read bf16 when every conv runs bf16
+    # conv0 feeds conv1 and conv2 directly; they feed an Add (float32 there), conv3 reads the Add
+    (models.residual_model, ("conv1", "conv2")),
+    # conv0 → three chained 5x5 max-pools → Concat of all four → conv1: bf16 throughout
+    (models.sppf_model, ("conv1",)),
+    # conv1 → nearest Resize → Concat with conv0's output → conv2
+    (lambda: models.resize_model("nearest"), ("conv1", "conv2")),
+    # a linear Resize computes new values: its Concat stays float32, and so does conv0's output, which it reads
+    (lambda: models.resize_model("linear"), ()),
+]
+
+
 @needs_bf16
 @pytest.mark.parametrize("layout", ["nhwc", "blocked"])
-def test_bf16_convs_hand_bf16_to_the_bf16_convs_that_alone_read_them_and_the_values_stay_the_same(layout,
-                                                                                                   tmp_path):
-    # conv0 feeds conv1 and conv2 (both bf16: they read its output in bf16); conv1 and conv2 feed an Add, so they
-    # write float32, and conv3 reads the Add's float32
-    model = load_model(models.save(models.residual_model(), tmp_path, "residual"))
+@pytest.mark.parametrize("make, chained_ids", CHAINS)
+def test_bf16_tensors_flow_from_bf16_convs_to_bf16_convs_through_value_moves_and_the_values_stay_the_same(
+        make, chained_ids, layout, tmp_path):
+    model = load_model(models.save(make(), tmp_path, "model"))
     plan = parse_plan("all", model, "all")
     batches = image_batches(model, None, count=2)
     options = CompileOptions(activation_layout=layout)
     chained = build_plan(model, model.proto, plan, options=options)
     unchained = build_plan(model, model.proto, plan, options=dataclasses.replace(options, onednn_bf16_chains=False))
-    assert chained.bf16_chained == ("conv1", "conv2") and unchained.bf16_chained == ()
+    assert chained.bf16_chained == chained_ids and unchained.bf16_chained == ()
     if layout == "nhwc":  # no rounding pass left in front of a chained conv
-        assert [layer for layer, kernel in chained.onednn_kernels.items() if not kernel.startswith("reorder+")] \
-            == ["conv1", "conv2"]
+        assert tuple(layer for layer, kernel in chained.onednn_kernels.items()
+                     if not kernel.startswith("reorder+")) == chained_ids
+    output = chained.output_names[0]
     reference = run_ort(bf16_reference_model(model.proto, plan.bf16_ids), batches, optimized=False)
     for batch, expected in zip(batches, reference):
-        got = chained.run(batch)
-        # conv0 rounds its output to bf16 where conv1 and conv2 would have: the same values either way; in NHWC
+        got = chained.run(batch)[output]
+        # a conv rounds its output to bf16 where its readers would have: the same values either way; in NHWC
         # the same kernels, so the same bits (blocked, each build times its own variant per conv: the same bf16
         # convs, float32 sums in another order)
         same = np.testing.assert_array_equal if layout == "nhwc" else \
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-        same(got[chained.output_names[0]], unchained.run(batch)[unchained.output_names[0]])
-        error = np.abs(got[chained.output_names[0]] - expected[chained.output_names[0]]).max()
-        assert error <= _network_bound(model, expected[chained.output_names[0]])
+        same(got, unchained.run(batch)[output])
+        assert np.abs(got - expected[output]).max() <= _network_bound(model, expected[output])

@@ -81,8 +81,10 @@ class _Graph:
                 for var, users in relax.analysis.udchain(block).items():
                     self.users[var] = list(users)
         self.outputs = set()
+        self.order = []  # every binding's var, in binding order
         for block in func.body.blocks:
             for binding in block.bindings:
+                self.order.append(binding.var)
                 if not isinstance(binding.var, relax.DataflowVar):
                     self.outputs.add(binding.var)
 
@@ -291,29 +293,72 @@ def _absorbed_vars(graph: _Graph, fusion: _Fusion) -> set:
     return {fusion.conv_var} | {var for var, inside in reaches.items() if inside and not var.same_as(fusion.end)}
 
 
-def _link_bf16_convs(graph: _Graph, fusions: dict) -> list:
-    """Let each bf16 conv whose output only bf16 convs read write it in bf16, and those convs read it so.
+# Ops that only move or select values: in bf16 each gives exactly the bf16 rounding of what it gives in float32
+# (a maximum picks one of its inputs, a nearest resize copies one), so bf16 can pass through them unchanged.
+_VALUE_MOVES = ("relax.concat", "relax.nn.max_pool2d", "relax.layout_transform", "relax.permute_dims",
+                "relax.reshape", "relax.strided_slice")
 
-    Why: a bf16 conv otherwise writes float32 and the next one rounds that to bf16 in a reorder of its own, two
-    passes over the tensor in float32 that the next conv's rounding makes pointless (the rounded values are the
-    same).  On the dense detector's high-resolution 1x1 convs that pass was most of the call.  Returns the
-    fusions whose spec changed.
+
+def _tensor_inputs(value) -> list:
+    inputs = []
+    for arg in value.args:
+        if isinstance(arg, relax.Tuple):
+            inputs += [field for field in arg.fields if isinstance(field, relax.Var)]
+        elif isinstance(arg, relax.Var):
+            inputs.append(arg)
+    return inputs
+
+
+def _moves_values(value) -> bool:
+    if _op(value) == "relax.image.resize2d":
+        return str(value.attrs.method) == "nearest_neighbor"
+    return _op(value) in _VALUE_MOVES
+
+
+def _link_bf16_convs(graph: _Graph, fusions: dict) -> list:
+    """Let bf16 tensors flow from bf16 convs to the bf16 convs that read them, through ops that only move values.
+
+    A bf16 conv writes bf16 when every reader of its output is a bf16 conv (as its data) or such a move
+    (concat, max-pool, nearest resize, layout transform...) whose own readers all qualify in turn and whose
+    inputs are all bf16 too; those convs then read bf16.  Why: a bf16 conv otherwise writes float32, the glue
+    moves float32, and the next conv rounds it to bf16 in a reorder of its own: passes over the tensor in
+    float32 that the next conv's rounding makes pointless (the values it sees are the same).  On the dense
+    detector's high-resolution 1x1 convs that pass was most of the call.  Returns the fusions whose spec changed.
     """
     key_of_conv = {fusion.conv_var: end for end, (fusion, _) in fusions.items()}
+    bf16_ends = {end for end, (_, spec) in fusions.items() if spec.dtype == "bfloat16"}
+
+    def reads_as_data(user, var) -> bool:
+        key = key_of_conv.get(user)
+        return key in bf16_ends and fusions[key][0].conv.args[0].same_as(var)
+
+    # what could be bf16, in binding order: bf16 conv outputs, and moves of nothing else
+    bf16 = set()
+    for var in graph.order:
+        value = graph.value[var]
+        if var in bf16_ends or (isinstance(value, relax.Call) and _moves_values(value) and _tensor_inputs(value)
+                                and all(arg in bf16 for arg in _tensor_inputs(value))):
+            bf16.add(var)
+    # then drop, until nothing changes, what a float32 consumer reads or what has a float32 input left
+    dropped = True
+    while dropped:
+        dropped = False
+        for var in list(bf16):
+            users = graph.users.get(var, [])
+            keeps = var not in graph.outputs and bool(users) and all(
+                reads_as_data(user, var) or (user in bf16 and user not in bf16_ends) for user in users)
+            if keeps and var not in bf16_ends:
+                keeps = all(arg in bf16 for arg in _tensor_inputs(graph.value[var]))
+            if not keeps:
+                bf16.discard(var)
+                dropped = True
     changed = []
-    for end, (producer, spec) in list(fusions.items()):
-        if spec.dtype != "bfloat16" or end in graph.outputs:
-            continue
-        users = graph.users.get(end, [])
-        readers = [key_of_conv.get(user) for user in users]
-        if not users or any(key is None or fusions[key][1].dtype != "bfloat16"
-                            or not fusions[key][0].conv.args[0].same_as(end) for key in readers):
-            continue
-        fusions[end] = (producer, dataclasses.replace(fusions[end][1], bf16_dst=True))
-        for key in readers:
-            fusions[key] = (fusions[key][0], dataclasses.replace(fusions[key][1], bf16_src=True))
-        changed += [end, *readers]
-    return list(dict.fromkeys(changed))
+    for end, (fusion, spec) in list(fusions.items()):
+        writes, reads = end in bf16, spec.dtype == "bfloat16" and fusion.conv.args[0] in bf16
+        if writes or reads:
+            fusions[end] = (fusion, dataclasses.replace(spec, bf16_dst=writes, bf16_src=reads))
+            changed.append(end)
+    return changed
 
 
 @tvm.transform.module_pass(opt_level=0, name=PASS_NAME)
