@@ -290,7 +290,8 @@ def _absorbed_vars(graph: _Graph, fusion: _Fusion) -> set:
         return reaches[var]
 
     leads_to_conv(fusion.end, 0)
-    return {fusion.conv_var} | {var for var, inside in reaches.items() if inside and not var.same_as(fusion.end)}
+    absorbed = {fusion.conv_var} | {var for var, inside in reaches.items() if inside}
+    return {var for var in absorbed if not var.same_as(fusion.end)}  # a bare conv is its own end
 
 
 # Ops that only move or select values: in bf16 each gives exactly the bf16 rounding of what it gives in float32
