@@ -335,10 +335,11 @@ def test_doctor_names_an_unimportable_operator_and_fails(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 64 KiB tmpfs: too small for a library or a cache file (the machines run as root, so mount works)."""
+    """A 16 KiB tmpfs: too small for a library (the tiny chain model's is about 60 KiB) or a cache file (the machines
+    run as root, so mount works)."""
     mount = tmp_path / "small"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], check=True)
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
 

@@ -160,7 +160,8 @@ def test_sppf_maxpool_chain_stays_blocked(patterns, plan):
     case = patterns("sppf_model")
     built = case.check(_spec(case, plan))
     blocked = _operators(built, "blocked")
-    assert blocked["nn.max_pool2d"] == 3 and blocked["concat"] == 1
+    # three 5x5 pools, each a 1x5 then a 5x1 pool (SeparableMaxPool), all blocked
+    assert blocked["nn.max_pool2d"] == 6 and blocked["concat"] == 1
     assert "nn.max_pool2d" not in _operators(built, "nchw_fallback")
 
 

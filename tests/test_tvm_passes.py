@@ -464,3 +464,63 @@ def test_separable_max_pool_keeps_every_value(layout):
         expected = window.max(axis=(h_axis, w_axis))
         np.testing.assert_array_equal(np.take(np.take(p13, [i], axis=h_axis), [j], axis=w_axis).reshape(-1),
                                       expected.reshape(-1))
+
+
+def _fused_kernels(mod):
+    mod = relax.transform.LegalizeOps()(mod)
+    mod = relax.transform.AnnotateTIROpPattern()(mod)
+    return mod
+
+
+def test_the_fallback_schedule_loops_a_layout_transform_in_the_order_it_writes():
+    from precsearch.tvm._fallback_schedule import parallel_schedule
+
+    x = relax.Var("x", relax.TensorType((1, 12, 10, 6), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.layout_transform(x, index_map=lambda n, c, h, w: (n, h, w, c)))
+        bb.emit_func_output(out)
+    (func,) = [f for _, f in _fused_kernels(bb.get()).functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    scheduled = parallel_schedule(func, 2)
+    text = scheduled.script()
+    # LegalizeOps loops over the source (c, h, w); scheduled, over the destination (h, w, c): the vector lanes are
+    # the 12 channels, written contiguously, and the parallel loop is the rows
+    assert re.search(r"for \w+ in T\.vectorized\(T\.int64\(12\)\)", text), text
+    assert re.search(r"for \w+ in T\.parallel\(T\.int64\((10|60)\)\)", text), text
+    values = np.random.default_rng(0).standard_normal((1, 12, 10, 6)).astype("float32")
+    lib = tvm.compile(scheduled.with_attr("global_symbol", "main"), TARGET)
+    out = tvm.runtime.tensor(np.zeros((1, 10, 6, 12), dtype="float32"))
+    lib["main"](tvm.runtime.tensor(values), out)
+    np.testing.assert_array_equal(out.numpy(), values.transpose(0, 2, 3, 1))
+
+
+def test_a_take_with_constant_indices_fuses_with_the_transforms_around_it():
+    from precsearch.tvm._injective_take import InjectiveTake
+
+    # YOLOX's Focus stem as TVM imports it: space-to-depth, channels reordered by a take, then to NHWC
+    x = relax.Var("x", relax.TensorType((1, 3, 8, 8), "float32"))
+    order = np.array([0, 1, 2, 6, 7, 8, 3, 4, 5, 9, 10, 11], dtype="int64")
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            split = bb.emit(relax.op.reshape(x, (1, 3, 4, 2, 4, 2)))
+            moved = bb.emit(relax.op.permute_dims(split, [0, 3, 5, 1, 2, 4]))
+            stacked = bb.emit(relax.op.reshape(moved, (1, 12, 4, 4)))
+            taken = bb.emit(relax.op.take(stacked, relax.const(order), axis=1, mode="fast"))
+            out = bb.emit_output(relax.op.layout_transform(taken, index_map=lambda n, c, h, w: (n, h, w, c)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    kernels = {}
+    for name, passes in (("opaque", []), ("injective", [InjectiveTake()])):
+        fused = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                          *passes, relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+        kernels[name] = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+        kernels[name + "_module"] = fused
+    assert len(kernels["opaque"]) == 3  # the take stops fusion on both sides
+    assert len(kernels["injective"]) == 1 and "take" in kernels["injective"][0]
+    values = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype("float32")
+    outputs = [_run(kernels[name + "_module"], values) for name in ("opaque", "injective")]
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+    expected = values.reshape(1, 3, 4, 2, 4, 2).transpose(0, 3, 5, 1, 2, 4).reshape(1, 12, 4, 4)[:, order]
+    np.testing.assert_array_equal(outputs[1], expected.transpose(0, 2, 3, 1))

@@ -12,6 +12,7 @@ from precsearch.model import LoadedModel
 from ._build_report import BuildReport
 from ._importer import ImportedModel
 from ._fast_sigmoid import FastSigmoid
+from ._injective_take import InjectiveTake
 from ._int8_rewrite import Int8ConvRewrite
 from ._max_pool import SeparableMaxPool
 from . import _onednn
@@ -165,6 +166,7 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
         *cpu_pipeline.library_dispatch_passes(target),
         relax.transform.LegalizeOps({"relax.nn.conv2d": make_conv_legalizer(layer_ids, decisions, report=report)}),
         relax.transform.AnnotateTIROpPattern(),
+        InjectiveTake(),
         # Weights become constants so their layout transforms are folded at build time, not run per call.
         relax.transform.BindParams("main", imported.params),
         relax.transform.FoldConstant(),
