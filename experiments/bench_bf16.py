@@ -45,7 +45,7 @@ def main() -> None:
     picked = {name: fastest_at_goal(path, args.metric, args.goal)
               for name, path in (("two_state", args.two_state_trials), ("three_state", args.three_state_trials))}
     command = [sys.executable, "-m", "precsearch", "bench", args.model, "--repeats", str(args.repeats), "--json",
-               "--untuned", "--workdir", str(ROOT / "precsearch-work" / f"bench-bf16-{args.model}"),
+               "--untuned", "--profile", "--workdir", str(ROOT / "precsearch-work" / f"bench-bf16-{args.model}"),
                "--plan", "float:;bf16:all"]
     names = ["all_bf16"]
     for name, found in picked.items():
