@@ -17,6 +17,8 @@ Levers measured (batch 1, 2 threads, the packaged image the search times on):
 * ``fast_sigmoid``: sigmoids left to TIR through libm ``expf`` per element vs TVM's ``fast_exp``;
 * ``onednn_bf16_chains`` (all-bf16 plan, on a CPU with native bf16): every bf16 conv reads and writes float32
   vs a bf16 conv read only by bf16 convs handing them bf16 (no float32 tensor, no rounding pass between them);
+* ``onednn_residual_add`` (all-float and all-bf16 plans, NHWC): a residual ``+ r`` after a conv as its own TIR
+  pass vs as a binary post-op of the conv's oneDNN primitive;
 * ``separable_max_pool``: max-pools looping over their whole k×k window vs 1×k then k×1, an SPP block's
   5/9/13 pools as SPPF's chain of 5s (models with a max-pool only);
 * environment levers, each setting in a child process (read once, when libgomp
@@ -138,6 +140,8 @@ def in_process_levers(name: str, workdir: Path, only: set[str] | None = None) ->
                     levers["onednn_int8_activation"] = {"onednn_int8_activation": False}
                 if plan_name == "all-bf16":
                     levers["onednn_bf16_chains"] = {"onednn_bf16_chains": False}
+                if plan_name != "all-int8":
+                    levers["onednn_residual_add"] = {"onednn_residual_add": False}
                 if any(node.op_type == "MaxPool" for node in model.proto.graph.node):
                     levers["separable_max_pool"] = {"separable_max_pool": False}
                 levers = {lever: off for lever, off in levers.items() if only is None or lever in only}

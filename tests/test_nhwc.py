@@ -1,5 +1,7 @@
 """NHWC builds: every conv on oneDNN in its native layout, transforms only where the graph enters and leaves it."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tvm
@@ -96,6 +98,25 @@ def test_an_all_float_nhwc_build_matches_onnx_runtime_float(tmp_path):
     assert {row.layout for row in built.rows} == {"NHWC"}
     assert max_relative_error(run_ort(case.model.proto, case.check, optimized=False),
                               [built.run(batch) for batch in case.check]) <= 1e-4
+
+
+@needs_onednn_int8
+def test_a_residual_add_after_a_float_conv_is_a_post_op_of_its_primitive_and_keeps_the_numbers(tmp_path):
+    # add(relu(conv1(x)), conv2(x)) → relu → conv3: one of conv1 / conv2 takes the add, the other's output is the
+    # residual; the conv after the add reads its sum
+    case = Case(models.residual_model(), tmp_path, "residual")
+    _, _, fused = case.build("all", options=NHWC)
+    _, _, unfused = case.build("all", options=dataclasses.replace(NHWC, onednn_residual_add=False))
+    adds = {row.id: row.fused for row in fused.rows if "add" in row.fused}
+    assert len(adds) == 1 and set(adds) <= {"conv1", "conv2"}, adds
+    assert not any("add" in row.fused for row in unfused.rows)
+    reference = run_ort(case.model.proto, case.check, optimized=False)
+    candidate = [fused.run(batch) for batch in case.check]
+    assert max_relative_error(reference, candidate) <= 1e-4
+    # the same float32 sum in the same order: the unfused build's bits
+    for got, expected in zip(candidate, [unfused.run(batch) for batch in case.check]):
+        for name in got:
+            np.testing.assert_array_equal(got[name], expected[name])
 
 
 @needs_onednn_int8

@@ -25,15 +25,19 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 CONV_FUNCTION = "precsearch.onednn.conv2d"
+#: The same conv with a float32 tensor added after its post-op (a residual connection): one more argument.
+CONV_ADD_FUNCTION = "precsearch.onednn.conv2d_add"
+CONV_FUNCTIONS = (CONV_FUNCTION, CONV_ADD_FUNCTION)
 #: What an exported library with oneDNN convs needs at run time (plan.json says it).
-ONEDNN_REQUIREMENT = ("its oneDNN convs call precsearch.onednn.conv2d: load it with precsearch.tvm.LoadedLibrary "
-                      "(which compiles and registers the oneDNN bridge) in an environment with precsearch installed")
+ONEDNN_REQUIREMENT = ("its oneDNN convs call precsearch.onednn.conv2d (and conv2d_add): load it with "
+                      "precsearch.tvm.LoadedLibrary (which compiles and registers the oneDNN bridge) in an environment "
+                      "with precsearch installed")
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 
 # The int64 config the C++ side reads, in order (its enum Field).
 CONFIG_FIELDS = ("n", "ic", "ih", "iw", "oc", "kh", "kw", "oh", "ow", "sh", "sw", "pt", "pl", "pb", "pr", "dh", "dw",
                  "groups", "src_block", "dst_block", "post_op", "threads", "layer", "dtype", "src_zero", "dst_zero",
-                 "variant", "mid_zero", "bf16_src", "bf16_dst")
+                 "variant", "mid_zero", "bf16_src", "bf16_dst", "residual")
 #: What a conv reads → writes: float32; u8 → u8 (requantized); u8 → float32 (an int8 conv with a float consumer);
 #: float32 → float32 with the conv on bf16 activations and weights (rounded to nearest even, float32 sums).
 DTYPES = {"float32": 0, "int8": 1, "int8_float_out": 2, "bfloat16": 3}
@@ -113,14 +117,15 @@ def load():
         try:
             module = tvm_ffi.cpp.load_inline(
                 "precsearch_onednn", cpp_sources=SOURCE.read_text(),
-                functions=["conv2d", "pack_weights", "unpack_weights", "weights_bytes", "implementation", "set_verbose",
-                           "has_native_bf16", "choose_variant"],
+                functions=["conv2d", "conv2d_add", "pack_weights", "unpack_weights", "weights_bytes", "implementation",
+                           "set_verbose", "has_native_bf16", "choose_variant"],
                 extra_cflags=["-O2", "-std=c++17"], extra_include_paths=[str(include)],
                 extra_ldflags=[f"-L{lib}", "-ldnnl", "-lgomp", f"-Wl,-rpath,{lib}"])
         except Exception as exc:  # a compiler error is a reason to stay TIR, not a crash
             _unavailable = f"the oneDNN bridge did not compile: {str(exc).splitlines()[0][:200]}"
             raise RuntimeError(f"oneDNN convs unavailable: {_unavailable}") from exc
         tvm_ffi.register_global_func(CONV_FUNCTION, module.conv2d, override=True)
+        tvm_ffi.register_global_func(CONV_ADD_FUNCTION, module.conv2d_add, override=True)
         _module = module
         return module
 
@@ -165,6 +170,8 @@ class ConvSpec:
     # by bf16 convs, which would round it to bf16 anyway), so no float32 tensor and no rounding pass between them.
     bf16_src: bool = False
     bf16_dst: bool = False
+    # float32 / bf16: a float32 tensor of the output's shape is added after the post-op (called as conv2d_add)
+    residual: bool = False
 
     @property
     def is_int8(self) -> bool:
@@ -176,7 +183,7 @@ class ConvSpec:
         values = (n, ic, ih, iw, oc, *self.kernel, oh, ow, *self.strides, *self.padding, *self.dilation, self.groups,
                   self.src_block, self.dst_block, POST_OPS[self.post_op], self.threads,
                   self.layer, DTYPES[self.dtype], self.src_zero, self.dst_zero, self.variant, self.mid_zero,
-                  int(self.bf16_src), int(self.bf16_dst))
+                  int(self.bf16_src), int(self.bf16_dst), int(self.residual))
         assert len(values) == len(CONFIG_FIELDS)
         return np.asarray(values, dtype="int64")
 
@@ -259,4 +266,4 @@ def spec_from_config(config: np.ndarray, post: np.ndarray) -> ConvSpec:
                     (f["sh"], f["sw"]), (f["pt"], f["pl"], f["pb"], f["pr"]), (f["dh"], f["dw"]), f["groups"],
                     f["src_block"], f["dst_block"], post_op, post[0], post[1], f["threads"], f["layer"], dtype,
                     f["src_zero"], f["dst_zero"], **quantization, variant=f["variant"], bf16_src=bool(f["bf16_src"]),
-                    bf16_dst=bool(f["bf16_dst"]))
+                    bf16_dst=bool(f["bf16_dst"]), residual=bool(f["residual"]))

@@ -141,6 +141,8 @@ class _Fusion:
         self.activated_scale: float | None = None
         self.activated_zero: int = 0
         self.activated_float = False
+        # a float32 tensor added after the activation (a residual connection), absorbed as a binary post-op
+        self.residual = None
 
 
 # Int8ConvRewrite's chain after the int32 conv: integer bias, to float, × scale, then (requantized)
@@ -276,6 +278,27 @@ def _absorb_activation(graph: _Graph, fusion: _Fusion) -> None:
             return
 
 
+def _absorb_residual(graph: _Graph, fusion: _Fusion, claimed: set) -> None:
+    """Extend a float32 / bf16 NHWC conv over ``+ r`` after it, r a float32 tensor of its output's shape.
+
+    Why: a ResNet / CSP bottleneck adds its input back after the second conv; as TIR that add is one more pass
+    over three tensors per block (the dense detector: about 1 ms per call).  oneDNN adds r as a binary post-op
+    while the output is still in registers.  NHWC only: there the primitive writes the graph's layout, which
+    the post-op reads r in.  ``claimed``: adds already taken by another conv (both operands may be convs).
+    """
+    user = graph.only_user(fusion.end)
+    if user is None or user in claimed or _op(graph.value[user]) != "relax.add":
+        return
+    lhs, rhs = graph.value[user].args
+    other = rhs if lhs.same_as(fusion.end) else lhs
+    if not isinstance(other, relax.Var) or other.same_as(fusion.end) or not isinstance(other.ty, relax.TensorType):
+        return
+    if str(other.ty.dtype) != "float32" or [int(d) for d in other.ty.shape] != [int(d) for d in fusion.end.ty.shape]:
+        return
+    fusion.residual, fusion.end = other, user
+    claimed.add(user)
+
+
 def _absorbed_vars(graph: _Graph, fusion: _Fusion) -> set:
     """The bindings a fusion replaces: its conv and every binding from it up to (not including) its end."""
     reaches: dict = {}
@@ -286,7 +309,8 @@ def _absorbed_vars(graph: _Graph, fusion: _Fusion) -> set:
         if var not in reaches:
             value = graph.value.get(var)
             reaches[var] = depth < 24 and isinstance(value, relax.Call) and any(
-                isinstance(arg, relax.Var) and leads_to_conv(arg, depth + 1) for arg in value.args)
+                isinstance(arg, relax.Var) and not (fusion.residual is not None and arg.same_as(fusion.residual))
+                and leads_to_conv(arg, depth + 1) for arg in value.args)
         return reaches[var]
 
     leads_to_conv(fusion.end, 0)
@@ -388,11 +412,15 @@ class OffloadOneDNN(ReportingPass):
         quantization (see ``_absorb_int8_activation``).
     bf16_chains : bool
         A bf16 conv read only by bf16 convs hands them its output in bf16 (see ``_link_bf16_convs``).
+    residual_add : bool
+        A float32 / bf16 NHWC conv also adds the residual that follows it (see ``_absorb_residual``).
     """
 
     def __init__(self, params, layer_ids, layers, decisions: dict[int, LayerLayout], threads: int, report=None,
-                 int8_layers=(), bf16_layers=(), int8_activation: bool = True, bf16_chains: bool = True):
+                 int8_layers=(), bf16_layers=(), int8_activation: bool = True, bf16_chains: bool = True,
+                 residual_add: bool = True):
         super().__init__(report)
+        self.residual_add = residual_add
         self.int8_activation = int8_activation
         self.bf16_chains = bf16_chains
         self.params = params
@@ -412,6 +440,7 @@ class OffloadOneDNN(ReportingPass):
         func = mod["main"]
         graph = _Graph(func)
         fusions = {}
+        claimed: set = set()  # residual adds already absorbed
         offloaded = self.layers | self.int8_layers
         for var, value in graph.value.items():
             if _op(value) != "relax.nn.conv2d":
@@ -440,6 +469,8 @@ class OffloadOneDNN(ReportingPass):
                                        layer_id=layer_id)
                 _absorb_bias(graph, fusion, self.params, _nchw_shape(value.ty.shape, str(value.attrs.out_layout))[1])
                 _absorb_activation(graph, fusion)
+                if self.residual_add and str(value.attrs.out_layout) == NHWC:
+                    _absorb_residual(graph, fusion, claimed)
             spec = _onednn.with_fastest_variant(self._spec(fusion, name, layer_id))
             kernel = _onednn.implementation(spec)
             reference = any(part.startswith("ref") for part in kernel.split("+"))
@@ -462,7 +493,8 @@ class OffloadOneDNN(ReportingPass):
         mutator.builder_.update_func(mod.get_global_var("main"), mutator.visit_expr(func))
         self.report.onednn_layers = sorted(self.layer_ids[f.index] for f, _ in fusions.values())
         self.report.onednn_fused = {self.layer_ids[f.index]: "+".join(
-            part for part in ("bias" if f.bias is not None else "", "" if f.post_op == "none" else f.post_op) if part)
+            part for part in ("bias" if f.bias is not None else "", "" if f.post_op == "none" else f.post_op,
+                              "add" if f.residual is not None else "") if part)
             for f, _ in fusions.values()}
         for row in self.report.rows:
             if row.id in self.report.onednn_fused:
@@ -502,7 +534,8 @@ class OffloadOneDNN(ReportingPass):
                                 tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding),
                                 tuple(int(d) for d in attrs.dilation), int(attrs.groups), block, block,
                                 fusion.post_op, fusion.alpha, fusion.beta, self.threads, fusion.index,
-                                **(quantization or ({"dtype": "bfloat16"} if fusion.index in self.bf16_layers else {})))
+                                **(quantization or ({"dtype": "bfloat16"} if fusion.index in self.bf16_layers else {})),
+                                residual=fusion.residual is not None)
 
 
 @relax.expr_functor.mutator
@@ -527,10 +560,11 @@ class _Offloader(relax.PyExprMutator):
         else:
             bias = fusion.bias if fusion.bias is not None else np.zeros(channels, dtype="float32")
         data = self.visit_expr(fusion.conv.args[0])
+        residual = [self.visit_expr(fusion.residual)] if fusion.residual is not None else []
         call = relax.op.call_dps_packed(
-            _onednn.CONV_FUNCTION,
+            _onednn.CONV_ADD_FUNCTION if residual else _onednn.CONV_FUNCTION,
             # relax.const turns int64 arrays into int32 unless told the dtype
             relax.Tuple([data, relax.const(packed, "uint8"), relax.const(bias.astype("float32"), "float32"),
-                         relax.const(spec.config(), "int64"), relax.const(spec.post(), "float32")]),
+                         relax.const(spec.config(), "int64"), relax.const(spec.post(), "float32"), *residual]),
             out_ty=relax.TensorType(binding.var.ty.shape, "bfloat16") if spec.bf16_dst else binding.var.ty)
         self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, call))

@@ -71,6 +71,9 @@ class CompileOptions:
         A bf16 conv whose output only bf16 convs read writes it in bf16 and they read it so (True, default):
         the same values (they would round it to bf16 themselves) without a float32 tensor and a rounding pass
         between them.  Off, every bf16 conv reads and writes float32 (for the ablation).
+    onednn_residual_add : bool
+        A float32 or bf16 conv in NHWC followed by ``+ r`` (a residual connection, r a float32 tensor of its
+        output's shape) adds r as a post-op of its oneDNN primitive (True, default): no pass of its own.
     separable_max_pool : bool
         Max-pools with a window wider than kh + kw run as a 1×kw then a kh×1 pool, and a stride-1
         same-padded pool starts from a smaller pool of the same tensor (an SPP block's 5/9/13 become
@@ -92,6 +95,7 @@ class CompileOptions:
     onednn_int8_min_macs: int = 0
     onednn_int8_activation: bool = True
     onednn_bf16_chains: bool = True
+    onednn_residual_add: bool = True
     activation_layout: str = "auto"
 
     def __post_init__(self):

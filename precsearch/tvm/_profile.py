@@ -74,7 +74,7 @@ def _profile(library, inputs, runs: int) -> list[KernelTime]:
     current: dict[str, float] = defaultdict(float)
 
     def instrument(func, symbol, before_run, ret_value, *call_args):
-        if symbol == _onednn.CONV_FUNCTION:
+        if symbol in _onednn.CONV_FUNCTIONS:
             symbol = _onednn_symbol(call_args[3])
         if before_run:
             started[symbol] = time.perf_counter()

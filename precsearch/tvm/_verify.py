@@ -242,7 +242,7 @@ class VerifyPlan(ReportingPass):
             op_name = getattr(call.op, "name", "")
             if op_name == "relax.nn.conv2d":
                 raise VerificationError("a conv2d was not legalized", pass_name="precsearch.VerifyPlan")
-            if op_name == "relax.call_dps_packed" and str(call.args[0].global_symbol) == _onednn.CONV_FUNCTION:
+            if op_name == "relax.call_dps_packed" and str(call.args[0].global_symbol) in _onednn.CONV_FUNCTIONS:
                 index = self._check_onednn(call, var2val, seen)
                 continue
             if op_name != "relax.call_tir":
@@ -296,7 +296,7 @@ class VerifyPlan(ReportingPass):
         rounded to bf16); int8 ones carry oneDNN's zero-point compensation, which has no inverse, so the layer's
         int8 weights are packed again and compared byte for byte.
         """
-        data, packed, _bias, config, post = call.args[1].fields
+        data, packed, _bias, config, post, *_residual = call.args[1].fields
         values = [self._weight_constant(arg, var2val, None) for arg in (packed, config, post)]
         spec = _onednn.spec_from_config(values[1], values[2])
         layer_id = self.layer_ids[spec.layer]

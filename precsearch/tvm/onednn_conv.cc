@@ -28,11 +28,13 @@ namespace {
 enum Field {
   kN, kIC, kIH, kIW, kOC, kKH, kKW, kOH, kOW, kSH, kSW, kPT, kPL, kPB, kPR, kDH, kDW, kGroups,
   kSrcBlock, kDstBlock, kPostOp, kThreads, kLayer, kDtype, kSrcZero, kDstZero, kVariant, kMidZero, kBf16Src,
-  kBf16Dst, kNumFields
+  kBf16Dst, kResidual, kNumFields
 };
 // kDtype: what the conv reads and writes.
 // kBf16: float32 in and out, the conv itself on bf16 activations and weights (f32 accumulation); with kBf16Src
 // it reads bf16 (another bf16 conv's output) and with kBf16Dst it writes bf16 (read only by bf16 convs).
+// kResidual (float32 / bf16 convs): a float32 tensor of the output's shape and layout is added after the
+// post-op (a residual connection, y = act(conv + bias) + r), as a binary post-op: conv2d_add.
 enum Dtype { kFloat = 0, kInt8 = 1, kInt8FloatOut = 2, kBf16 = 3 };
 // The float32 post tensor: [alpha, beta] and, for int8, [src_scale, dst_scale, weight_scale[oc]...], then, for an
 // int8 conv with an activation after its own output quantization (kMidZero >= 0), that quantization's scale.
@@ -58,6 +60,9 @@ struct Conv {
   dnnl::reorder from_plain;
   // int8: the quantization arguments, fixed per layer
   std::unordered_map<int, memory> quantization;
+  // the residual added by a binary post-op (kResidual), its handle set per call
+  bool has_residual = false;
+  memory residual;
   // every argument of the primitive (memory objects are shared handles: set_data_handle on src/dst reaches them)
   std::unordered_map<int, memory> args;
 };
@@ -159,6 +164,11 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
     case kSigmoid: ops.append_eltwise(dnnl::algorithm::eltwise_logistic, 0.f, 0.f); break;
     default: TVM_FFI_THROW(ValueError) << "oneDNN conv: unknown post-op " << c[kPostOp];
   }
+  // The residual add comes after the activation, as in the graph: one read of r instead of a pass of its own.
+  if (c[kResidual]) {
+    TVM_FFI_ICHECK(!int8) << "oneDNN conv: a residual add is fused into float32 and bf16 convs only";
+    ops.append_binary(dnnl::algorithm::binary_add, memory::desc(dst_dims, f32, activation_tag(c[kDstBlock])));
+  }
   dnnl::primitive_attr attr;
   attr.set_post_ops(ops);
   auto conv = std::make_unique<Conv>();
@@ -210,7 +220,9 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
   // slower than float32 (96→96 3x3 at 52x52, 2 threads: 106 GMAC/s against 164,
   // AMX nhwc with both reorders 617), so an AMX kernel is worth the reorders.
   auto has_amx = [](const std::string& impl) { return impl.find("amx") != std::string::npos; };
-  if ((int8 && slow(pd.impl_info_str())) || (bf16 && !has_amx(pd.impl_info_str()))) {
+  // (Where the graph's layout is nhwc already, there is nothing to reorder to.)
+  const bool graph_nhwc = c[kSrcBlock] == -1 && c[kDstBlock] == -1;
+  if (!graph_nhwc && ((int8 && slow(pd.impl_info_str())) || (bf16 && !has_amx(pd.impl_info_str())))) {
     memory::desc src_nhwc(src_dims, src_dt, tag::nhwc), dst_nhwc(dst_dims, dst_dt, tag::nhwc);
     auto nhwc_pd = make(src_nhwc, dst_nhwc);
     const std::string nhwc_impl = nhwc_pd.impl_info_str();
@@ -261,6 +273,14 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
   conv->args[DNNL_ARG_WEIGHTS] = conv->weights;
   conv->args[DNNL_ARG_BIAS] = conv->bias;
   conv->args[DNNL_ARG_DST] = conv->staged ? conv->staging : conv->dst;
+  if (c[kResidual]) {
+    // the binary post-op reads r in the graph's layout: the primitive must write that layout too
+    TVM_FFI_ICHECK(!conv->staged) << "oneDNN conv: a residual add needs the conv to write the graph's layout";
+    conv->has_residual = true;
+    conv->residual = memory(memory::desc(dst_dims, f32, activation_tag(c[kDstBlock])), cpu_engine(),
+                            DNNL_MEMORY_NONE);
+    conv->args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(ops.len() - 1) | DNNL_ARG_SRC_1] = conv->residual;
+  }
   Conv& result = *conv;
   cache.emplace(std::move(key), std::move(conv));
   return result;
@@ -273,7 +293,8 @@ std::mutex& run_lock() {
 }
 
 // One call: the input reordered into the primitive's layout (and rounded for bf16), the conv, the output back.
-void run(Conv& conv, void* src, void* weights, void* bias, void* dst) {
+void run(Conv& conv, void* src, void* weights, void* bias, void* dst, void* residual = nullptr) {
+  if (conv.has_residual) conv.residual.set_data_handle(residual);
   conv.src.set_data_handle(src);
   conv.weights.set_data_handle(weights);
   conv.bias.set_data_handle(bias);
@@ -336,8 +357,18 @@ tvm::ffi::String implementation(tvm::ffi::Tensor config, tvm::ffi::Tensor post) 
 void conv2d(tvm::ffi::Tensor src, tvm::ffi::Tensor weights, tvm::ffi::Tensor bias,
             tvm::ffi::Tensor config, tvm::ffi::Tensor post, tvm::ffi::Tensor dst) {
   Conv& conv = get_conv(read_config(config), read_post(post));
+  TVM_FFI_ICHECK(!conv.has_residual) << "oneDNN conv: a config with a residual add is called through conv2d_add";
   std::lock_guard<std::mutex> guard(run_lock());
   run(conv, address(src), address(weights), address(bias), address(dst));
+}
+
+// The conv with a residual added after its post-op: dst = post_op(conv(src, weights) + bias) + residual.
+void conv2d_add(tvm::ffi::Tensor src, tvm::ffi::Tensor weights, tvm::ffi::Tensor bias, tvm::ffi::Tensor config,
+                tvm::ffi::Tensor post, tvm::ffi::Tensor residual, tvm::ffi::Tensor dst) {
+  Conv& conv = get_conv(read_config(config), read_post(post));
+  TVM_FFI_ICHECK(conv.has_residual) << "oneDNN conv: conv2d_add needs a config with a residual add";
+  std::lock_guard<std::mutex> guard(run_lock());
+  run(conv, address(src), address(weights), address(bias), address(dst), address(residual));
 }
 
 // Median time of one call of a cached conv (its reorders included), on zeroed scratch buffers.
@@ -349,10 +380,12 @@ double time_conv(Conv& conv) {
   };
   memory src = zeroed(conv.src.get_desc()), weights = zeroed(conv.weights_desc), bias = zeroed(conv.bias.get_desc()),
          dst = zeroed(conv.dst.get_desc());
+  memory residual = conv.has_residual ? zeroed(conv.residual.get_desc()) : memory();
   std::vector<double> times;
   for (int call = 0; call < 9; ++call) {
     auto started = std::chrono::steady_clock::now();
-    run(conv, src.get_data_handle(), weights.get_data_handle(), bias.get_data_handle(), dst.get_data_handle());
+    run(conv, src.get_data_handle(), weights.get_data_handle(), bias.get_data_handle(), dst.get_data_handle(),
+        conv.has_residual ? residual.get_data_handle() : nullptr);
     if (call >= 2) times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count());
   }
   std::sort(times.begin(), times.end());
