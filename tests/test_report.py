@@ -241,3 +241,15 @@ def test_the_knee_is_recommended_only_among_plans_that_beat_onnx_runtime():
     assert beats.tolist() == [True, False, False] and ship is None
     beats, ship = beats_baselines(front, {**baselines, "openvino_ms": 0.5, "openvino_top1": 1.0}, "top1", True)
     assert beats.tolist() == [False, False, False] and ship == "OpenVINO (its default build)"
+    # With a goal, a baseline that meets it beats every plan it is at least as fast as, however faithful the
+    # plan: OpenVINO at 1.8 ms and 0.96 (goal 0.95) beats plans 1 and 2, which are more faithful but slower
+    openvino = {**baselines, "openvino_ms": 1.8, "openvino_top1": 0.96}
+    assert beats_baselines(front, openvino, "top1", True)[0].tolist() == [True, True, False]
+    beats, ship = beats_baselines(front, openvino, "top1", True, goal=0.95)
+    assert beats.tolist() == [True, False, False] and ship is None
+    beats, ship = beats_baselines(front, {**openvino, "openvino_ms": 0.9}, "top1", True, goal=0.95)
+    assert beats.tolist() == [False, False, False] and ship == "OpenVINO (its default build)"
+    # a baseline below the goal beats only what it is as faithful as (lower is better: nmse, goal 0.01)
+    assert beats_baselines(nmse, {"ort_int8_ms": 0.8, "ort_int8_nmse": 0.05}, "nmse", False, goal=0.01)[1] is None
+    assert beats_baselines(nmse, {"ort_int8_ms": 0.8, "ort_int8_nmse": 0.005}, "nmse", False, goal=0.01)[1] \
+        is not None
