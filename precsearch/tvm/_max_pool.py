@@ -56,11 +56,11 @@ class _Rewriter(relax.PyExprMutator):
         kh, kw = _ints(attrs.pool_size)
         if attrs.ceil_mode or _ints(attrs.dilation) != (1, 1) or kh * kw <= kh + kw:
             return super().visit_var_binding_(binding)
-        data = self.visit_expr(value.args[0])
+        source = data = self.visit_expr(value.args[0])
         strides, (top, left, bottom, right) = _ints(attrs.strides), _ints(attrs.padding)
         window = _same_stride1(attrs)
         if window is not None:
-            earlier = [(k, var) for k, var in self.same_pools.get(data, []) if k < window]
+            earlier = [(k, var) for k, var in self.same_pools.get(source, []) if k < window]
             if earlier:  # cascade from the widest smaller pool of the same tensor
                 k, var = max(earlier, key=lambda entry: entry[0])
                 data, kh = var, window - k + 1
@@ -72,7 +72,7 @@ class _Rewriter(relax.PyExprMutator):
                                         out_layout=out_layout)
         new_var = emit_like(self.builder_, binding.var, pooled)
         if window is not None:
-            self.same_pools.setdefault(self.visit_expr(value.args[0]), []).append((window, new_var))
+            self.same_pools.setdefault(source, []).append((window, new_var))
         self.set_var_remap(binding.var, new_var)
 
 

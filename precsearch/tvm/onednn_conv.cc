@@ -165,9 +165,11 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
     default: TVM_FFI_THROW(ValueError) << "oneDNN conv: unknown post-op " << c[kPostOp];
   }
   // The residual add comes after the activation, as in the graph: one read of r instead of a pass of its own.
+  // r: float32, in the graph's layout of the output
+  const memory::desc residual_desc(dst_dims, f32, activation_tag(c[kDstBlock]));
   if (c[kResidual]) {
     TVM_FFI_ICHECK(!int8) << "oneDNN conv: a residual add is fused into float32 and bf16 convs only";
-    ops.append_binary(dnnl::algorithm::binary_add, memory::desc(dst_dims, f32, activation_tag(c[kDstBlock])));
+    ops.append_binary(dnnl::algorithm::binary_add, residual_desc);
   }
   dnnl::primitive_attr attr;
   attr.set_post_ops(ops);
@@ -277,8 +279,7 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
     // the binary post-op reads r in the graph's layout: the primitive must write that layout too
     TVM_FFI_ICHECK(!conv->staged) << "oneDNN conv: a residual add needs the conv to write the graph's layout";
     conv->has_residual = true;
-    conv->residual = memory(memory::desc(dst_dims, f32, activation_tag(c[kDstBlock])), cpu_engine(),
-                            DNNL_MEMORY_NONE);
+    conv->residual = memory(residual_desc, cpu_engine(), DNNL_MEMORY_NONE);
     conv->args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(ops.len() - 1) | DNNL_ARG_SRC_1] = conv->residual;
   }
   Conv& result = *conv;
