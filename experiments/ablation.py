@@ -16,7 +16,8 @@ Levers measured (batch 1, 2 threads, the packaged image the search times on):
   post-ops of the conv's oneDNN primitive;
 * ``fast_sigmoid``: sigmoids left to TIR through libm ``expf`` per element vs TVM's ``fast_exp``;
 * ``onednn_bf16_chains`` (all-bf16 plan, on a CPU with native bf16): every bf16 conv reads and writes float32
-  vs a bf16 conv read only by bf16 convs handing them bf16 (no float32 tensor, no rounding pass between them);
+  vs bf16 handed from bf16 convs to bf16 convs, through ops that only move values (no float32 tensor, no rounding
+  pass between them);
 * ``onednn_residual_add`` (all-float and all-bf16 plans, NHWC): a residual ``+ r`` after a conv as its own TIR
   pass vs as a binary post-op of the conv's oneDNN primitive;
 * ``separable_max_pool``: max-pools looping over their whole k×k window vs 1×k then k×1, an SPP block's
@@ -108,7 +109,8 @@ def _row(model: str, lever: str, setting: str, plan: str, ort_ms: float, tvm_ms:
 
 
 def in_process_levers(name: str, workdir: Path, only: set[str] | None = None) -> list[dict]:
-    """Every in-process lever of ``name``'s all-float and all-int8 builds, or just those in ``only``."""
+    """Every in-process lever of ``name``'s all-float, all-int8 and (on a bf16 CPU) all-bf16 builds, or just those
+    in ``only``."""
     from precsearch.model.plan import Plan
     from precsearch.tvm import bf16_unsupported_reason
 
