@@ -229,9 +229,11 @@ INT8_CASES = [  # ic, oc, size, kernel, stride, pads, groups, block, src zero, d
 
 
 @needs_vnni
+@pytest.mark.parametrize("variant", [-1, 1], ids=["onednn-zero-points", "folded-zero-points"])
 @pytest.mark.parametrize("ic, oc, size, kernel, stride, pads, groups, block, src_zero, dst_zero", INT8_CASES)
 def test_the_bridge_requantizes_int8_convs_exactly_as_integer_arithmetic_does(ic, oc, size, kernel, stride, pads,
-                                                                             groups, block, src_zero, dst_zero):
+                                                                             groups, block, src_zero, dst_zero,
+                                                                             variant):
     rng = np.random.default_rng(ic + 7 * oc + size)
     x = rng.integers(0, 256, (1, ic, size, size)).astype(np.uint8)
     w = rng.integers(-127, 128, (oc, ic // groups, kernel, kernel)).astype(np.int8)
@@ -253,10 +255,20 @@ def test_the_bridge_requantizes_int8_convs_exactly_as_integer_arithmetic_does(ic
     spec = _onednn.ConvSpec((1, ic, size, size), expected.shape, (kernel, kernel), (stride, stride), pads, (1, 1),
                             groups, block, block, threads=2, dtype=dtype, src_zero=src_zero, dst_zero=dst_zero or 0,
                             src_scale=src_scale, dst_scale=dst_scale,
-                            weight_scales=tuple(float(v) for v in weight_scales))
+                            weight_scales=tuple(float(v) for v in weight_scales), variant=variant)
     assert _onednn.spec_from_config(spec.config(), spec.post()) == spec
-    assert not _onednn.implementation(spec).startswith("ref")
+    implementation = _onednn.implementation(spec)
+    assert not implementation.startswith("ref")
     bias = (bias_q * accumulator_scale.reshape(-1)).astype(np.float32)
+    folded = _onednn.folded_bias(spec, bias, w)
+    if variant == 1 and src_zero:
+        # the zero point's share of every window moved into the bias; padding made explicit (a staging reorder)
+        np.testing.assert_allclose(folded, bias - accumulator_scale.reshape(-1) * src_zero *
+                                   w.astype(np.int64).reshape(oc, -1).sum(axis=1), rtol=1e-5, atol=1e-4)
+        assert implementation.startswith("reorder+") or not any(pads)
+    else:
+        assert folded is bias
+    bias = folded
     out = tvm.runtime.tensor(np.zeros(models.blocked(expected, block).shape, dtype=out_dtype))
     tvm.get_global_func(_onednn.CONV_FUNCTION)(
         tvm.runtime.tensor(models.blocked(x, block)), tvm.runtime.tensor(_onednn.pack_weights(spec, w)),
@@ -441,3 +453,24 @@ def test_int8_convs_on_onednn_absorb_the_activation_after_their_quantization(bui
         difference = np.abs(built.run(batches[2])["output"] - session.run(["output"], batches[2])[0])
         # within one quantization step of the output everywhere, and equal almost everywhere
         assert difference.max() <= 1.01 * step * 2 and (difference <= 1e-4).mean() > 0.95
+
+
+@needs_vnni
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_an_int8_conv_with_folded_zero_points_runs_the_kernel_of_a_conv_without_them(kernel):
+    """oneDNN 3.2 sends a conv with zero points to its older jit kernels (on AMX: 323 GMAC/s against brgconv's
+    1097 measured on a 96→96 3×3); folded, the conv is the one oneDNN runs when there are none."""
+    pads = (kernel // 2,) * 4
+
+    def spec(src_zero, dst_zero, variant):
+        return _onednn.ConvSpec((1, 64, 20, 20), (1, 64, 20, 20), (kernel, kernel), (1, 1), pads, (1, 1), 1, 16, 16,
+                                "swish", threads=2, dtype="int8", src_zero=src_zero, dst_zero=dst_zero,
+                                src_scale=0.02, dst_scale=0.05, weight_scales=(0.01,) * 64, variant=variant)
+
+    def kernel_name(implementation):
+        return implementation.removeprefix("reorder+").removesuffix("+reorder")
+
+    without_zero = kernel_name(_onednn.implementation(spec(0, 0, -1)))
+    assert kernel_name(_onednn.implementation(spec(5, 7, 1))) == without_zero
+    assert _onednn.with_fastest_variant(spec(5, 7, -1)).variant in (0, 1)  # timed: both variants build
+    assert _onednn.with_fastest_variant(spec(0, 0, -1)).variant == -1  # nothing to fold

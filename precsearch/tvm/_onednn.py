@@ -159,7 +159,10 @@ class ConvSpec:
     src_scale: float = 1.0
     dst_scale: float = 1.0
     weight_scales: tuple[float, ...] = ()
-    variant: int = -1  # bf16: 0 the graph's layout, 1 nhwc (AMX), -1 oneDNN's rule; see choose_variant
+    # bf16: 0 the graph's layout, 1 nhwc (AMX), -1 oneDNN's rule.  int8 with a zero point: 0 / -1 oneDNN's zero
+    # points, 1 none in the primitive (the input padded with its zero point, the bias from folded_bias, the output
+    # zero point as post-ops), which oneDNN runs with its faster kernels.  See choose_variant.
+    variant: int = -1
     # int8 with an activation (``post_op``) after the conv's own output quantization: that quantization's scale and
     # zero point (-1: none, the activation, if any, is not the primitive's).  The primitive then computes
     # ``act((clip(round_half_even(conv / mid_scale), -mid_zero, 255 - mid_zero)) · mid_scale)`` and quantizes that
@@ -239,10 +242,28 @@ def unpack_weights(spec: ConvSpec, packed: np.ndarray) -> np.ndarray:
 
 
 def with_fastest_variant(spec: ConvSpec) -> ConvSpec:
-    """``spec`` with the variant timed fastest here (bf16: the graph's layout or nhwc); others unchanged."""
-    if spec.dtype != "bfloat16":
+    """``spec`` with the variant timed fastest here (bf16: the graph's layout or nhwc; int8 with a zero point:
+    oneDNN's zero points or folded ones); others unchanged."""
+    if spec.dtype != "bfloat16" and not (spec.is_int8 and (spec.src_zero or spec.dst_zero)):
         return spec
     return dataclasses.replace(spec, variant=int(load().choose_variant(*_tensors(spec))))
+
+
+def folds_zero_points(spec: ConvSpec) -> bool:
+    """Whether the primitive of ``spec`` runs without zero points, so its bias must come from :func:`folded_bias`."""
+    return spec.is_int8 and spec.variant == 1
+
+
+def folded_bias(spec: ConvSpec, bias: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The float bias of a conv whose input zero point is not the primitive's: ``bias - src_scale·w_scale[c]·
+    src_zero·Σw[c]``, so ``src_scale·w_scale·conv(x, w) + bias'`` equals ``src_scale·w_scale·conv(x - zero, w) +
+    bias`` (the padding holds the zero point, so every window counts it).  Float32 sums round where oneDNN's
+    integer compensation was exact: the result can move by one step at a round-half tie."""
+    if not folds_zero_points(spec) or spec.src_zero == 0:
+        return bias
+    weight_sums = np.asarray(weights, dtype=np.int64).reshape(len(bias), -1).sum(axis=1)
+    scales = np.float64(np.float32(spec.src_scale)) * np.asarray(spec.weight_scales, dtype=np.float32).astype(np.float64)
+    return (np.asarray(bias, dtype=np.float64) - scales * spec.src_zero * weight_sums).astype(np.float32)
 
 
 def implementation(spec: ConvSpec) -> str:

@@ -556,7 +556,8 @@ class _Offloader(relax.PyExprMutator):
         packed = _onednn.pack_weights(spec, np.asarray(self.params[fusion.weight_name]))
         channels = spec.output_shape[1]
         if fusion.quantization is not None:
-            bias = fusion.quantization.float_bias()
+            bias = _onednn.folded_bias(spec, fusion.quantization.float_bias(),
+                                       np.asarray(self.params[fusion.weight_name]))
         else:
             bias = fusion.bias if fusion.bias is not None else np.zeros(channels, dtype="float32")
         data = self.visit_expr(fusion.conv.args[0])

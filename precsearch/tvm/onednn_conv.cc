@@ -58,6 +58,8 @@ struct Conv {
   bool src_staged = false;
   memory src_staging;
   dnnl::reorder from_plain;
+  // where from_plain writes: src_staging itself, or (an int8 conv with its padding made explicit) the interior of it
+  memory src_target;
   // int8: the quantization arguments, fixed per layer
   std::unordered_map<int, memory> quantization;
   // the residual added by a binary post-op (kResidual), its handle set per call
@@ -129,6 +131,9 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
   const auto dst_dt = c[kDtype] == kInt8 ? memory::data_type::u8 : bf16 && c[kBf16Dst] ? bf16_dt : f32;
   const auto weights_dt = int8 ? memory::data_type::s8 : bf16 ? memory::data_type::bf16 : f32;
   const int64_t groups = c[kGroups];
+  // kVariant 1 on an int8 conv: no zero points in the primitive (see fold_zero below)
+  const bool fold_zero = int8 && c[kVariant] == 1;
+  const bool pad_src = fold_zero && c[kSrcZero] != 0 && (c[kPT] || c[kPL] || c[kPB] || c[kPR]);
   memory::dims src_dims{c[kN], c[kIC], c[kIH], c[kIW]};
   memory::dims dst_dims{c[kN], c[kOC], c[kOH], c[kOW]};
   memory::dims weight_dims = groups > 1
@@ -164,6 +169,14 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
     case kSigmoid: ops.append_eltwise(dnnl::algorithm::eltwise_logistic, 0.f, 0.f); break;
     default: TVM_FFI_THROW(ValueError) << "oneDNN conv: unknown post-op " << c[kPostOp];
   }
+  // fold_zero: the output zero point as post-ops, in MLAS's order (round half to even, then + zero point; the
+  // conversion to u8 saturates), instead of oneDNN's dst scale and zero point.
+  const bool dst_zero_as_ops = fold_zero && c[kDtype] == kInt8 && c[kDstZero] != 0;
+  if (dst_zero_as_ops) {
+    ops.append_eltwise(dnnl::algorithm::eltwise_linear, 1.f / post[kDstScale], 0.f);
+    ops.append_eltwise(dnnl::algorithm::eltwise_round, 0.f, 0.f);
+    ops.append_eltwise(dnnl::algorithm::eltwise_linear, 1.f, static_cast<float>(c[kDstZero]));
+  }
   // The residual add comes after the activation, as in the graph: one read of r instead of a pass of its own.
   // r: float32, in the graph's layout of the output
   const memory::desc residual_desc(dst_dims, f32, activation_tag(c[kDstBlock]));
@@ -191,30 +204,38 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
     memory weight_scales({{c[kOC]}, f32, tag::x}, cpu_engine());
     std::memcpy(weight_scales.get_data_handle(), post.data() + kWeightScales, c[kOC] * sizeof(float));
     conv->quantization[DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS] = weight_scales;
-    // A zero point costs oneDNN a slower kernel: set only when there is one.
-    if (c[kSrcZero] != 0) {
+    // A zero point costs oneDNN a slower kernel: set only when there is one.  With one, oneDNN 3.2 runs its
+    // older jit kernels (AMX: 323 GMAC/s on a 96->96 3x3 at 52x52, against 1097 for brgconv in bf16), so
+    // fold_zero leaves them out: the input's zero point becomes explicit padding (a staging buffer whose border
+    // holds it) plus a bias term -src_zero*sum(w) folded in at build time (_onednn.folded_bias), the output's
+    // zero point the post-ops above.
+    if (c[kSrcZero] != 0 && !fold_zero) {
       attr.set_zero_points_mask(DNNL_ARG_SRC, 0);
       conv->quantization[DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC] = scalar(c[kSrcZero], memory::data_type::s32);
     }
-    if (c[kDtype] == kInt8) {
+    if (c[kDtype] == kInt8 && !dst_zero_as_ops) {
       attr.set_scales_mask(DNNL_ARG_DST, 0);
       conv->quantization[DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST] = scalar(post[kDstScale], f32);
-      if (c[kDstZero] != 0) {
+      if (c[kDstZero] != 0 && !fold_zero) {
         attr.set_zero_points_mask(DNNL_ARG_DST, 0);
         conv->quantization[DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_DST] = scalar(c[kDstZero], memory::data_type::s32);
       }
     }
   }
+  // pad_src: the primitive reads the input already padded (with the zero point), so it pads nothing itself
+  const memory::dims pad_left = pad_src ? memory::dims{0, 0} : memory::dims{c[kPT], c[kPL]};
+  const memory::dims pad_right = pad_src ? memory::dims{0, 0} : memory::dims{c[kPB], c[kPR]};
   auto make = [&](const memory::desc& in_desc, const memory::desc& out_desc) {
     return dnnl::convolution_forward::primitive_desc(
         cpu_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, in_desc,
-        any_weights, bias_desc, out_desc, {c[kSH], c[kSW]}, {c[kDH] - 1, c[kDW] - 1}, {c[kPT], c[kPL]},
-        {c[kPB], c[kPR]}, attr);
+        any_weights, bias_desc, out_desc, {c[kSH], c[kSW]}, {c[kDH] - 1, c[kDW] - 1}, pad_left, pad_right, attr);
   };
   auto slow = [](const std::string& impl) {
     return impl.find("gemm") != std::string::npos || impl.rfind("ref", 0) == 0;
   };
-  auto pd = make(conv_src_desc, dst_desc);
+  const memory::desc padded_src_desc(
+      {c[kN], c[kIC], c[kIH] + c[kPT] + c[kPB], c[kIW] + c[kPL] + c[kPR]}, src_dt, tag::nhwc);
+  auto pd = make(pad_src ? padded_src_desc : conv_src_desc, dst_desc);
   // oneDNN's int8 (VNNI / AMX) kernels read and write nhwc only: on the pipeline's
   // blocked or plain layout it has just its reference loops.  Reordering in and out
   // costs two passes over u8 activations, far less than the conv it unlocks.  Its
@@ -224,7 +245,22 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
   auto has_amx = [](const std::string& impl) { return impl.find("amx") != std::string::npos; };
   // (Where the graph's layout is nhwc already, there is nothing to reorder to.)
   const bool graph_nhwc = c[kSrcBlock] == -1 && c[kDstBlock] == -1;
-  if (!graph_nhwc && ((int8 && slow(pd.impl_info_str())) || (bf16 && !has_amx(pd.impl_info_str())))) {
+  if (pad_src) {
+    // The border is written once, here; each call's reorder fills the interior only.
+    memory::desc dst_nhwc(dst_dims, dst_dt, tag::nhwc);
+    if (c[kDstBlock] != -1) pd = make(padded_src_desc, dst_nhwc);
+    conv->src_staging = memory(padded_src_desc, cpu_engine());
+    std::memset(conv->src_staging.get_data_handle(), static_cast<int>(c[kSrcZero]), padded_src_desc.get_size());
+    const memory::desc interior = padded_src_desc.submemory_desc(src_dims, {0, 0, c[kPT], c[kPL]});
+    conv->src_target = memory(interior, cpu_engine(), conv->src_staging.get_data_handle());
+    conv->from_plain = dnnl::reorder(memory(src_desc, cpu_engine(), DNNL_MEMORY_NONE), conv->src_target);
+    conv->src_staged = true;
+    if (c[kDstBlock] != -1) {
+      conv->staging = memory(dst_nhwc, cpu_engine());
+      conv->to_plain = dnnl::reorder(conv->staging, memory(dst_desc, cpu_engine(), DNNL_MEMORY_NONE));
+      conv->staged = true;
+    }
+  } else if (!graph_nhwc && ((int8 && slow(pd.impl_info_str())) || (bf16 && !has_amx(pd.impl_info_str())))) {
     memory::desc src_nhwc(src_dims, src_dt, tag::nhwc), dst_nhwc(dst_dims, dst_dt, tag::nhwc);
     auto nhwc_pd = make(src_nhwc, dst_nhwc);
     const std::string nhwc_impl = nhwc_pd.impl_info_str();
@@ -236,6 +272,7 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
       pd = nhwc_pd;
       conv->src_staging = memory(src_nhwc, cpu_engine());
       conv->from_plain = dnnl::reorder(memory(src_desc, cpu_engine(), DNNL_MEMORY_NONE), conv->src_staging);
+      conv->src_target = conv->src_staging;
       conv->src_staged = true;
       conv->staging = memory(dst_nhwc, cpu_engine());
       conv->to_plain = dnnl::reorder(conv->staging, memory(dst_desc, cpu_engine(), DNNL_MEMORY_NONE));
@@ -261,6 +298,7 @@ Conv& get_conv(const std::vector<int64_t>& c, const std::vector<float>& post) {
   if (bf16 && !conv->src_staged && src_desc != conv_src_desc) {  // float32 activations rounded to bf16 in place
     conv->src_staging = memory(conv_src_desc, cpu_engine());
     conv->from_plain = dnnl::reorder(memory(src_desc, cpu_engine(), DNNL_MEMORY_NONE), conv->src_staging);
+    conv->src_target = conv->src_staging;
     conv->src_staged = true;
   }
   conv->primitive = dnnl::convolution_forward(pd);
@@ -300,7 +338,7 @@ void run(Conv& conv, void* src, void* weights, void* bias, void* dst, void* resi
   conv.weights.set_data_handle(weights);
   conv.bias.set_data_handle(bias);
   conv.dst.set_data_handle(dst);
-  if (conv.src_staged) conv.from_plain.execute(cpu_stream(), conv.src, conv.src_staging);
+  if (conv.src_staged) conv.from_plain.execute(cpu_stream(), conv.src, conv.src_target);
   conv.primitive.execute(cpu_stream(), conv.args);
   if (conv.staged) conv.to_plain.execute(cpu_stream(), conv.staging, conv.dst);
   cpu_stream().wait();
@@ -397,11 +435,16 @@ double time_conv(Conv& conv) {
 // layout: oneDNN's AVX512-BF16 kernels) or 1 (nhwc: its AMX kernels, two reorders); the build
 // writes it into the config, so the library runs what was measured.  AMX is not always the
 // faster: on a 3-channel first conv at 416x416 it ran 3.5 ms against 1.8 ms in float32, and on
-// small convs the reorders dominate.  -1 for other dtypes.
+// small convs the reorders dominate.
+// For an int8 conv with a zero point: 0 (oneDNN's zero points) or 1 (fold_zero: explicit padding, the
+// compensation in the bias, the output zero point as post-ops), which on AMX lets oneDNN use brgconv.
+// -1 for other convs.
 int64_t choose_variant(tvm::ffi::Tensor config, tvm::ffi::Tensor post) {
   std::vector<int64_t> c = read_config(config);
   const std::vector<float> p = read_post(post);
-  if (c[kDtype] != kBf16) return -1;
+  const bool int8_with_zero = (c[kDtype] == kInt8 || c[kDtype] == kInt8FloatOut) &&
+                              (c[kSrcZero] != 0 || (c[kDtype] == kInt8 && c[kDstZero] != 0));
+  if (c[kDtype] != kBf16 && !int8_with_zero) return -1;
   c[kVariant] = 0;
   Conv& graph_layout = get_conv(c, p);
   c[kVariant] = 1;
