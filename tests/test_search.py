@@ -476,3 +476,28 @@ def test_an_interrupted_trial_is_failed_as_interrupted_and_rerun_on_resume(eight
     rerun = [t for t in trials if t.state.name == "COMPLETE" and t.user_attrs.get("plan") == interrupted[0].user_attrs["plan"]]
     assert rerun and rerun[0].number > interrupted[0].number and rerun[0].user_attrs.get("reruns") == interrupted[0].number
     assert summary.completed == 8 and summary.failed == 0
+
+
+@pytest.mark.parametrize("requested, peak_gib, available_gib, cores, expected, reason", [
+    (2, 1.0, 20.0, 2, 2, ""),
+    (4, 1.0, 20.0, 2, 2, "2 cores"),
+    (4, 6.0, 14.0, 8, 3, "14.0 GiB available, 6.0 GiB per worker"),  # 2 extra: 12 of 0.9 × 14
+    (3, 6.0, 5.0, 8, 1, "5.0 GiB available, 6.0 GiB per worker"),  # no room for one more
+    (3, 6.0, None, None, 3, ""),  # nothing known: as asked
+])
+def test_workers_are_bounded_by_cores_and_by_the_memory_one_build_takes(requested, peak_gib, available_gib, cores,
+                                                                      expected, reason):
+    from precsearch.jobs.search import worker_capacity
+
+    count, why = worker_capacity(requested, int(peak_gib * 2**30),
+                                 None if available_gib is None else int(available_gib * 2**30), cores)
+    assert count == expected
+    assert (reason in why and f"running {expected} of the {requested}" in why) if reason else why == ""
+
+
+def test_this_process_peak_memory_and_the_machine_available_memory_are_read():
+    from precsearch.jobs.search import available_memory_bytes, peak_rss_bytes
+
+    assert 10 * 2**20 < peak_rss_bytes() < 64 * 2**30
+    available = available_memory_bytes()
+    assert available is None or 0 < available < 2**50

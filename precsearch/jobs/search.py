@@ -116,12 +116,20 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
         guide = GuidedProposals(model, _layer_noise(handle, evaluator.workspace, workdir), backends=config.backends,
                                 higher_is_better=handle.higher_is_better, metric=metric, bf16_noise=bf16_noise)
 
+    children: list = []
+
     def on_trial(snapshot: SearchProgress) -> None:
         if progress is not None:
             progress(snapshot)
         write_study_report(handle.study, workdir)
+        # Extra workers start after this worker's first plan: its peak memory is then what one build of this
+        # model takes, which bounds how many can run at once.
+        if config.workers > 1 and not children:
+            count, why = worker_capacity(config.workers, peak_rss_bytes(), available_memory_bytes(), os.cpu_count())
+            if why:
+                say(why)
+            children.extend(_start_workers(count, study_name, workdir, storage_url, say) or [None])
 
-    children = _start_workers(config, study_name, workdir, storage_url, say)
     try:
         summary = run_worker(handle, model, evaluator, seeds=seeds, progress=on_trial, guide=guide)
     except KeyboardInterrupt:
@@ -130,7 +138,8 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
         raise
     finally:
         for child in children:
-            child.wait()
+            if child is not None:
+                child.wait()
     remeasure_front(handle, evaluator, repeats=remeasure_repeats or REMEASURE_FACTOR * config.repeats, progress=say)
     report_dir = write_study_report(handle.study, workdir)
     return SearchRun(summary=summarize_study(handle, summary), handle=handle, report_dir=report_dir)
@@ -148,10 +157,52 @@ def _layer_noise(handle: StudyHandle, workspace, workdir: Path, precision: str =
     return noise
 
 
-def _start_workers(config: SearchConfig, study_name: str, workdir: Path, storage_url: str, say) -> list:
+def worker_capacity(requested: int, peak_rss_bytes: int, available_bytes: int | None,
+                    cores: int | None) -> tuple[int, str]:
+    """How many workers (this one included) this machine runs at once, and why fewer than ``requested`` (or "").
+
+    Each worker builds plans at this process's peak memory (an untuned build of a 100-conv detector at 800×608
+    peaks near 6 GB), so the extra ones get at most 90 % of the memory available now; and they compile in
+    parallel but measure one at a time, so more workers than cores only slow every measurement down.
+    """
+    count, reasons = requested, []
+    if cores and count > cores:
+        count = cores
+        reasons.append(f"{cores} cores")
+    if available_bytes is not None and peak_rss_bytes > 0:
+        extra = int(0.9 * available_bytes // peak_rss_bytes)
+        if 1 + extra < count:
+            count = 1 + extra
+            reasons.append(f"{available_bytes / 2**30:.1f} GiB available, {peak_rss_bytes / 2**30:.1f} GiB per worker")
+    if count == requested:
+        return count, ""
+    return count, f"running {count} of the {requested} workers asked for: {' and '.join(reasons)}"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux counts kilobytes
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the kernel could give new processes now (MemAvailable), None where /proc/meminfo is missing."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _start_workers(count: int, study_name: str, workdir: Path, storage_url: str, say) -> list:
     children = []
     env = dict(os.environ, PRECSEARCH_STORAGE=storage_url)  # not on the command line, where ps shows it
-    for index in range(1, config.workers):
+    for index in range(1, count):
         log_path = workdir / f"worker-{index}.log"
         with open(log_path, "w") as log:
             children.append(subprocess.Popen(
