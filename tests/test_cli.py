@@ -262,7 +262,8 @@ def test_tune_killed_keeps_its_records_and_the_same_command_continues(tmp_path):
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         found = list((tmp_path / "work" / "tuning").glob("*/finished_tasks.json"))
-        if found and len(json.loads(found[0].read_text())) >= 2:
+        # >= 1: the model has two tuning tasks (its pool and its classifier; element-wise kernels are not tuned)
+        if found and len(json.loads(found[0].read_text())) >= 1:
             finished = len(json.loads(found[0].read_text()))
             os.kill(process.pid, signal.SIGKILL)
             break

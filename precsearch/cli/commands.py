@@ -211,7 +211,8 @@ def _cmd_tune(args) -> int:
     else:
         state = "done" if report.finished else "stopped at the time limit; run the same command to continue"
         print(f"{report.tasks_total} kernels: {report.tasks_tuned} tuned now, {report.tasks_skipped} already tuned, "
-              f"{report.tasks_covered} served by a kernel with the same conv; "
+              f"{report.tasks_covered} served by a kernel with the same conv "
+              f"({report.tasks_elementwise} element-wise kernels keep the fallback schedule); "
               f"{report.trials_run} trials in {report.time_s / 60:.1f} min; {report.records} records in the "
               f"database ({state})")
     return 0

@@ -54,9 +54,11 @@ def tune_model(workspace: Workspace, *, trials_per_task: int = DEFAULT_TRIALS_PE
     database = TuningDatabase(database_dir(workspace.workdir, target))
     started = time.perf_counter()
     modules = [workspace.fused_module(plan) for plan in representative_plans(model)]
-    tasks = extract_tuning_tasks(modules, target)
+    extracted = extract_tuning_tasks(modules, target)
+    tasks = extracted.tasks
     extract_s = time.perf_counter() - started
-    logger.info("%d distinct kernels in %d representative plans (%.1f s)", len(tasks), len(modules), extract_s)
+    logger.info("%d distinct kernels to tune in %d representative plans (%.1f s)", len(tasks), len(modules),
+                extract_s)
 
     def on_task(done, total, task, trials, elapsed_s):
         if progress is not None:
@@ -65,6 +67,7 @@ def tune_model(workspace: Workspace, *, trials_per_task: int = DEFAULT_TRIALS_PE
     report = tune_tasks(tasks, database, target, trials_per_task=trials_per_task, threads=options.threads,
                         timeout_s=timeout_s, progress=on_task)
     report.time_s += extract_s
+    report.tasks_elementwise = extracted.elementwise
     _write_summary(database.directory, model, report, trials_per_task, tasks)
     return report
 

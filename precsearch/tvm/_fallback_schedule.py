@@ -106,11 +106,26 @@ def _inline_producers(sch, root) -> bool:
     return changed
 
 
+def target_cores(target: tvm.target.Target) -> int:
+    """The core count the fallback schedule splits loops for: the target's ``num-cores`` (1 when unset)."""
+    return int(target.attrs.get("num-cores", 1)) if "num-cores" in target.attrs else 1
+
+
 def parallel_schedule(func: tvm.tirx.PrimFunc, cores: int, *, inline: bool = True) -> tvm.tirx.PrimFunc | None:
     """``func`` with elementwise producers inlined (see the module note), outer spatial loops parallel and the
     innermost one vectorized.
 
     None when nothing could be changed (the caller keeps the function as it was).
+    """
+    sch = fallback_schedule(func, cores, inline=inline)
+    return sch.mod["main"] if sch is not None else None
+
+
+def fallback_schedule(func: tvm.tirx.PrimFunc, cores: int, *, inline: bool = True) -> tvm.s_tir.Schedule | None:
+    """The schedule :func:`parallel_schedule` makes, or None when it changes nothing.
+
+    Tuning needs the Schedule, not just the function: its trace is committed as a tuning record
+    next to MetaSchedule's (see ``_tune_tasks``), so a record is applied only when it measured faster.
     """
     sch = tvm.s_tir.Schedule(func)
     root = sch.get_sblock("root")
@@ -141,7 +156,7 @@ def parallel_schedule(func: tvm.tirx.PrimFunc, cores: int, *, inline: bool = Tru
                 _, vector_loop = sch.split(vector_loop, [None, _VECTOR_LANES])
             sch.vectorize(vector_loop)
             changed = True
-    return sch.mod["main"] if changed else None
+    return sch if changed else None
 
 
 def _realize(sch, block):

@@ -16,7 +16,7 @@ import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 
 from ._build_report import BuildReport
-from ._fallback_schedule import parallel_schedule
+from ._fallback_schedule import parallel_schedule, target_cores
 from ._naming import kernel_layer
 from ._trace import tvm_error_line
 from ._tune_database import TuningDatabase
@@ -35,7 +35,9 @@ class ApplyTuning:
     the whole build; here other records are tried (:func:`best_schedule`), and a
     kernel no record applies to keeps TVM's default schedule and is reported;
     its outer spatial loops are then run in parallel (:func:`parallel_schedule`),
-    since the default schedule is one serial loop nest.
+    since the default schedule is one serial loop nest. Tuning files that
+    fallback schedule, measured, among each tuned kernel's records, so the
+    fastest record is a MetaSchedule schedule only where it beat the fallback.
 
     Parameters
     ----------
@@ -59,7 +61,7 @@ class ApplyTuning:
         self.target = target
         self.layer_ids = tuple(layer_ids)
         self.report = report if report is not None else BuildReport()
-        self.cores = int(target.attrs.get("num-cores", 1)) if "num-cores" in target.attrs else 1
+        self.cores = target_cores(target)  # as tuning measured the fallback (its record must replay to the same)
         self.parallel_fallback = parallel_fallback
         self.fallback_inline = fallback_inline
 
@@ -105,6 +107,8 @@ def best_schedule(database: TuningDatabase, kernel: tvm.IRModule, target, top_k:
     their trace; then records of its anchor block, tuned on another kernel, are
     replayed with MetaSchedule's anchor-trace replay, which fails for some pairs
     (a reduction fused differently), so up to ``top_k`` of them are tried.
+    A kernel's records include its measured fallback schedule (see
+    ``_tune_tasks.commit_fallback_record``), which wins where tuning found nothing faster.
     """
     records = []
     for ms_database in (database.exact_database, database.ms_database):

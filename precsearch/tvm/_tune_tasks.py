@@ -9,6 +9,11 @@ database (:mod:`._tune_database`).
 Each task is tuned by its own ``tune_tasks`` call so that a killed run keeps every
 finished task (records are appended to the JSON files as they are measured) and
 the next run skips tasks that already have their budget of records.
+
+Every tuned kernel also gets a record of its fallback schedule (the one a build
+gives a kernel without records), measured like MetaSchedule's candidates, so a
+build applies a tuned schedule only where it measured faster than the fallback.
+Purely element-wise kernels are not tuned at all: they keep the fallback.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -29,6 +35,7 @@ from tvm.ir.utils import derived_object
 
 from precsearch.errors import ConfigError
 from . import _intrinsics
+from ._fallback_schedule import fallback_schedule, target_cores
 from ._naming import kernel_layer
 from ._trace import tvm_error_line
 from ._tune_apply import pin_anchor_record
@@ -37,6 +44,7 @@ from ._tune_database import LOG_FILE, TuningDatabase
 logger = logging.getLogger(__name__)
 
 _INT8_CONV_BLOCK = "conv2d_NCHWc_int8"  # the compute name of topi.nn.conv2d_NCHWc_int8
+_DEVICE_TYPE = "cpu"  # the runner's device for an LLVM target (the runner does not take "llvm")
 
 
 @dataclass(frozen=True)
@@ -63,33 +71,65 @@ class TuningReport:
     records: int
     time_s: float
     finished: bool
+    tasks_elementwise: int = 0  # element-wise kernels left out of the tasks (they keep the fallback schedule)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def extract_tuning_tasks(modules, target: tvm.target.Target) -> list[TuningTask]:
+@dataclass(frozen=True)
+class ExtractedTasks:
+    """The kernels to tune, and how many element-wise kernels were left out."""
+
+    tasks: list[TuningTask]
+    elementwise: int
+
+
+def extract_tuning_tasks(modules, target: tvm.target.Target) -> ExtractedTasks:
     """Structurally distinct kernels of the given fused modules; the first of each anchor block is primary.
 
     Primary kernels come first. The others share a conv (or other anchor block)
     with a primary one and are tuned only when none of its records replays on
-    them (see :func:`tune_tasks`).
+    them (see :func:`tune_tasks`). Kernels without a reduction are left out
+    (:func:`is_elementwise`).
     """
     exact = ms.database.MemoryDatabase(module_equality="structural")
     anchors = ms.database.MemoryDatabase(module_equality="anchor-block")
     tasks: list[TuningTask] = []
+    elementwise = 0
     for mod in modules:
         for extracted in ms.relax_integration.extract_tasks(mod, target, module_equality="structural"):
             kernel = extracted.dispatched[0]
             if exact.has_workload(kernel):
                 continue
             exact.commit_workload(kernel)
+            if is_elementwise(kernel):
+                elementwise += 1
+                continue
             primary = not anchors.has_workload(kernel)
             anchors.commit_workload(kernel)
             tasks.append(TuningTask(name=extracted.task_name, mod=kernel, weight=int(extracted.weight),
                                     space=_space_of(kernel, target), primary=primary,
                                     layer_index=kernel_layer(extracted.task_name, kernel["main"])))
-    return sorted(tasks, key=lambda task: not task.primary)
+    logger.info("%d kernels to tune; %d element-wise kernels keep the fallback schedule", len(tasks), elementwise)
+    return ExtractedTasks(sorted(tasks, key=lambda task: not task.primary), elementwise)
+
+
+def is_elementwise(kernel: tvm.IRModule) -> bool:
+    """Whether no block of ``kernel`` has a reduction iterator (a layout transform, concat, cast, activation).
+
+    Why they are not tuned: such a kernel is one pass over memory, which the fallback schedule already runs
+    in parallel and vectorized; there is no loop nest for tiling to improve, and leaving them out spends the
+    tuning time on the kernels that have one.
+    """
+    schedule = tvm.s_tir.Schedule(kernel)
+    pending = list(schedule.get_child_blocks(schedule.get_sblock("root")))
+    while pending:
+        block = pending.pop()
+        if any(int(iter_var.iter_type) == tvm.tirx.IterVar.CommReduce for iter_var in schedule.get(block).iter_vars):
+            return False
+        pending.extend(schedule.get_child_blocks(block))
+    return True
 
 
 def _space_of(kernel: tvm.IRModule, target: tvm.target.Target) -> str:
@@ -208,6 +248,10 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
     """Tune, one at a time, every primary kernel with fewer than ``trials_per_task`` records, then every
     other kernel that none of its anchor block's records replays on.
 
+    Each kernel tuned (or covered by another kernel's record) also gets a record of its fallback schedule
+    (:func:`commit_fallback_record`), so a build applies a tuned schedule only where it measured faster than
+    the fallback. That record counts toward ``trials_per_task`` when a later run resumes the kernel.
+
     Parameters
     ----------
     progress : callable, optional
@@ -230,6 +274,8 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
         covered = not done_before and not task.primary and pin_anchor_record(database, task.mod, target)
         if done_before or covered:
             if covered:
+                # the pinned record carries the other kernel's time: let this kernel's fallback compete with it
+                commit_fallback_record(task, database, target, builder, runner)
                 database.mark_finished(task.mod, trials_per_task)
             covered_count += covered
             skipped += done_before
@@ -240,29 +286,104 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
             finished = False
             logger.info("tuning time limit reached after %d of %d tasks", done - 1, len(tasks))
             break
-        budget = trials_per_task - existing
-        context = ms.TuneContext(
-            mod=task.mod, target=target, space_generator=_space_generator(task.space),
-            search_strategy=ms.search_strategy.EvolutionarySearch(population_size=256, init_min_unmeasured=32,
-                                                                  genetic_num_iters=3),
-            task_name=task.name, rand_state=seed + done, num_threads=threads)
         before = len(database)
-        try:
-            with _stderr_to(database.directory / LOG_FILE):
-                ms.tune.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=budget,
-                                   max_trials_per_task=budget, num_trials_per_iter=min(budget, 16), builder=builder,
-                                   runner=runner,
-                                   database=database.ms_database if task.primary else database.exact_database,
-                                   cost_model=cost_model, task_scheduler="round-robin",
-                                   module_equality="anchor-block" if task.primary else "structural")
-        except Exception as exc:  # noqa: BLE001 — one untunable kernel must not stop the others
-            logger.warning("tuning %s failed: %s", task.name, tvm_error_line(exc))
-        else:
+        succeeded = _tune_one(task, database, target, trials_per_task - existing, builder=builder, runner=runner,
+                              cost_model=cost_model, work_dir=work_dir, seed=seed + done, threads=threads)
+        trials = len(database) - before
+        # also when tuning failed: a record that was measured before the failure must still beat the fallback
+        commit_fallback_record(task, database, target, builder, runner)
+        if succeeded:
             database.mark_finished(task.mod, trials_per_task)
-        trials_run += len(database) - before
+        trials_run += trials
         tuned += 1
         if progress:
-            progress(done, len(tasks), task, len(database) - before, time.perf_counter() - started)
+            progress(done, len(tasks), task, trials, time.perf_counter() - started)
     return TuningReport(tasks_total=len(tasks), tasks_tuned=tuned, tasks_skipped=skipped,
                         tasks_covered=covered_count, trials_run=trials_run,
                         records=len(database), time_s=time.perf_counter() - started, finished=finished)
+
+
+def _tune_one(task: TuningTask, database: TuningDatabase, target: tvm.target.Target, budget: int, *, builder,
+              runner, cost_model, work_dir: str, seed: int, threads: int) -> bool:
+    """Run MetaSchedule on one kernel with ``budget`` trials into its database; False when it failed."""
+    context = ms.TuneContext(
+        mod=task.mod, target=target, space_generator=_space_generator(task.space),
+        search_strategy=ms.search_strategy.EvolutionarySearch(population_size=256, init_min_unmeasured=32,
+                                                              genetic_num_iters=3),
+        task_name=task.name, rand_state=seed, num_threads=threads)
+    try:
+        with _stderr_to(database.directory / LOG_FILE):
+            ms.tune.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=budget,
+                               max_trials_per_task=budget, num_trials_per_iter=min(budget, 16), builder=builder,
+                               runner=runner, database=_database_of(task, database), cost_model=cost_model,
+                               task_scheduler="round-robin",
+                               module_equality="anchor-block" if task.primary else "structural")
+    except Exception as exc:  # noqa: BLE001 — one untunable kernel must not stop the others
+        logger.warning("tuning %s failed: %s", task.name, tvm_error_line(exc))
+        return False
+    return True
+
+
+def _database_of(task: TuningTask, database: TuningDatabase):
+    """Where a task's records go: filed by anchor block for a primary kernel, by the exact kernel otherwise."""
+    return database.ms_database if task.primary else database.exact_database
+
+
+def commit_fallback_record(task: TuningTask, database: TuningDatabase, target: tvm.target.Target, builder,
+                           runner) -> list[float] | None:
+    """Measure the kernel's fallback schedule as MetaSchedule measures candidates; file it as a tuning record.
+
+    Why: a build applies a kernel's fastest record in place of the fallback schedule
+    (:class:`~._tune_apply.ApplyTuning`), and a record from a few trials is often much slower than the
+    fallback (measured: a tuned MobileNetV3 build at twice the untuned latency). With the fallback's own
+    record among the kernel's records, the fastest one is a tuned schedule only where it beat the fallback.
+    The same builder and runner make the times comparable. Where the fallback changes nothing, the record
+    is the unscheduled kernel (:func:`fallback_trace_schedule`), which is then what a build runs.
+
+    Returns the measured run_secs, or None when the fallback could not be built or run (nothing committed).
+    """
+    schedule = fallback_trace_schedule(task.mod, target)
+    run_secs = measure_schedule(schedule, target, builder, runner)
+    if run_secs is None:
+        logger.warning("the fallback schedule of %s could not be measured; its tuned records stand unchecked",
+                       task.name)
+        return None
+    ms_database = _database_of(task, database)
+    ms_database.commit_tuning_record(ms.database.TuningRecord(
+        trace=schedule.trace, workload=ms_database.commit_workload(task.mod), run_secs=run_secs, target=target,
+        args_info=ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
+    logger.info("%s: fallback schedule %.4f ms", task.name, 1e3 * sum(run_secs) / len(run_secs))
+    return run_secs
+
+
+def fallback_trace_schedule(kernel: tvm.IRModule, target: tvm.target.Target) -> tvm.s_tir.Schedule:
+    """The Schedule (with its trace) a build without records gives ``kernel``: the fallback, or none at all."""
+    func = kernel["main"]
+    scheduled = fallback_schedule(func, target_cores(target), inline=True)
+    if scheduled is not None:
+        return scheduled
+    unscheduled = tvm.s_tir.Schedule(func)
+    # An empty trace would be the unscheduled kernel, but MetaSchedule's get_top_k skips a record whose trace
+    # has no instruction (TuningRecord::IsValid); one lookup, which changes nothing, keeps the record found.
+    unscheduled.get_sblock("root")
+    return unscheduled
+
+
+def measure_schedule(schedule: tvm.s_tir.Schedule, target: tvm.target.Target, builder, runner) -> list[float] | None:
+    """run_secs of ``schedule``'s kernel, built and timed as MetaSchedule does a candidate; None on failure."""
+    built = builder.build([ms.builder.BuilderInput(schedule.mod, target)])[0]
+    if built.error_msg:
+        logger.warning("building a fallback schedule failed: %s", built.error_msg)
+        return None
+    try:
+        args_info = ms.arg_info.ArgInfo.from_prim_func(schedule.mod["main"])
+        result = runner.run([ms.runner.RunnerInput(built.artifact_path, _DEVICE_TYPE, args_info)])[0].result()
+    except Exception as exc:  # noqa: BLE001 — a kernel whose fallback cannot be timed must not stop tuning
+        logger.warning("timing a fallback schedule failed: %s", tvm_error_line(exc))
+        return None
+    finally:
+        shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
+    if result.error_msg:
+        logger.warning("timing a fallback schedule failed: %s", result.error_msg)
+        return None
+    return [float(secs) for secs in result.run_secs]
