@@ -20,6 +20,11 @@ Levers measured (batch 1, 2 threads, the packaged image the search times on):
   pass between them);
 * ``onednn_residual_add`` (all-float and all-bf16 plans, NHWC): a residual ``+ r`` after a conv as its own TIR
   pass vs as a binary post-op of the conv's oneDNN primitive;
+* ``onednn_fold_zero_points`` (all-int8): int8 convs with oneDNN's own zero points vs, where timed faster at
+  build time, without them (input padded with its zero point, compensation in the bias, output zero point as
+  post-ops), which oneDNN 3.2 runs on its brgconv kernels;
+* ``fallback_partition_selects`` (models with a concat): a concat's vector loop picking its source per element
+  vs cut where its inputs meet (each piece a plain vector loop);
 * ``separable_max_pool``: max-pools looping over their whole k×k window vs 1×k then k×1, an SPP block's
   5/9/13 pools as SPPF's chain of 5s (models with a max-pool only);
 * environment levers, each setting in a child process (read once, when libgomp
@@ -137,9 +142,12 @@ def in_process_levers(name: str, workdir: Path, only: set[str] | None = None) ->
             if conv_backend == "onednn":  # each lever off, the rest as precsearch builds by default
                 levers = {"fallback_inline": {"fallback_inline": False}, "fast_sigmoid": {"fast_sigmoid": False},
                           "activation_layout": {"activation_layout": "blocked"}}
+                if any(node.op_type == "Concat" for node in model.proto.graph.node):
+                    levers["fallback_partition_selects"] = {"fallback_partition_selects": False}
                 if plan_name == "all-int8":
                     levers["onednn_int8"] = {"onednn_int8": False}
                     levers["onednn_int8_activation"] = {"onednn_int8_activation": False}
+                    levers["onednn_fold_zero_points"] = {"onednn_fold_zero_points": False}
                 if plan_name == "all-bf16":
                     levers["onednn_bf16_chains"] = {"onednn_bf16_chains": False}
                 if plan_name != "all-int8":

@@ -524,3 +524,63 @@ def test_a_take_with_constant_indices_fuses_with_the_transforms_around_it():
     np.testing.assert_array_equal(outputs[1], outputs[0])
     expected = values.reshape(1, 3, 4, 2, 4, 2).transpose(0, 3, 5, 1, 2, 4).reshape(1, 12, 4, 4)[:, order]
     np.testing.assert_array_equal(outputs[1], expected.transpose(0, 2, 3, 1))
+    # its lanes would gather (each its own int64 div/mod chain, no AVX-512 form): the fallback unrolls them instead
+    from precsearch.tvm._fallback_schedule import parallel_schedule
+
+    (func,) = [f for _, f in kernels["injective_module"].functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    scheduled = parallel_schedule(func, 2)
+    assert "T.unroll(T.int64(12))" in scheduled.script() and "T.vectorized(" not in scheduled.script()
+    lib = tvm.compile(scheduled.with_attr("global_symbol", "main"), TARGET)
+    out = tvm.runtime.tensor(np.zeros((1, 4, 4, 12), dtype="float32"))
+    lib["main"](tvm.runtime.tensor(values), tvm.runtime.tensor(order.astype("int32")), out)
+    np.testing.assert_array_equal(out.numpy(), expected.transpose(0, 2, 3, 1))
+
+
+# ------------------------------------------------------------------------------------- concat vector loops
+def _requantizing_concat(widths=(32, 16, 16)):
+    """A concat of NHWC tensors along channels, then quantized to u8 (an int8 detector's neck between convs)."""
+    inputs = [relax.Var(f"x{i}", relax.TensorType((1, 5, 4, width), "float32")) for i, width in enumerate(widths)]
+    bb = relax.BlockBuilder()
+    with bb.function("main", inputs):
+        with bb.dataflow():
+            joined = bb.emit(relax.op.concat(inputs, axis=3))
+            steps = bb.emit(relax.op.round(relax.op.divide(joined, relax.const(0.05, "float32"))))
+            clipped = bb.emit(relax.op.clip(relax.op.add(steps, relax.const(7.0, "float32")), 0, 255))
+            out = bb.emit_output(relax.op.astype(clipped, "uint8"))
+        bb.emit_func_output(out)
+    mod = _fused_kernels(bb.get())
+    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(mod))
+    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    return func
+
+
+def test_select_boundaries_are_where_a_concats_conditions_change():
+    from precsearch.tvm._select_partition import select_boundaries
+
+    v = tvm.tirx.Var("v", "int64")
+    c = lambda value: tvm.tirx.IntImm("int64", value)  # noqa: E731
+    value = tvm.tirx.Select(c(32) <= v, tvm.tirx.Select(v < c(48), c(1), c(2)), c(0))
+    assert select_boundaries(value, v) == {32, 48}
+    assert select_boundaries(tvm.tirx.Select(v > c(9), c(1), c(0)), v) == {10}  # v > 9 first holds at 10
+    assert select_boundaries(tvm.tirx.Select(tvm.tirx.Var("w", "int64") < c(4), c(1), c(0)), v) == set()
+
+
+@pytest.mark.parametrize("partition", [True, False])
+def test_the_fallback_schedule_cuts_a_concats_vector_loop_where_its_inputs_meet(partition):
+    from precsearch.tvm._fallback_schedule import parallel_schedule
+
+    func = _requantizing_concat()
+    scheduled = parallel_schedule(func, 2, partition_selects=partition)
+    text = scheduled.script()
+    # cut at channels 32 and 48 in whole 16-lane vectors: three vector loops, each reading one input
+    # (uncut, the 64 channels are one vector loop whose lanes pick their source one by one)
+    assert text.count("T.vectorized(") == (3 if partition else 1), text
+    assert text.count("T.vectorized(T.int64(16))") == (3 if partition else 0), text
+    assert len(re.findall(r'T\.sblock\("\w+_partition"\)', text)) == (3 if partition else 0), text
+    rng = np.random.default_rng(0)
+    values = [(rng.standard_normal((1, 5, 4, width)) * 4).astype("float32") for width in (32, 16, 16)]
+    lib = tvm.compile(scheduled.with_attr("global_symbol", "main"), TARGET)
+    out = tvm.runtime.tensor(np.zeros((1, 5, 4, 64), dtype="uint8"))
+    lib["main"](*(tvm.runtime.tensor(v) for v in values), out)
+    steps = np.round(np.concatenate(values, axis=3) / np.float32(0.05))
+    np.testing.assert_array_equal(out.numpy(), np.clip(steps + 7, 0, 255).astype("uint8"))

@@ -24,6 +24,8 @@ import logging
 
 import tvm
 
+from ._select_partition import partition_vector_loop
+
 logger = logging.getLogger(__name__)
 
 # Parallel chunks per core: enough that an uneven last chunk costs little.
@@ -32,6 +34,8 @@ _CHUNKS_PER_CORE = 4
 # registers); longer ones are split by _VECTOR_LANES first.
 _MAX_VECTOR_EXTENT = 64
 _VECTOR_LANES = 16
+# A gathering innermost loop up to this extent is unrolled instead of vectorized.
+_MAX_UNROLL_EXTENT = 16
 
 
 def _extent(sch, loop) -> int | None:
@@ -111,17 +115,19 @@ def target_cores(target: tvm.target.Target) -> int:
     return int(target.attrs.get("num-cores", 1)) if "num-cores" in target.attrs else 1
 
 
-def parallel_schedule(func: tvm.tirx.PrimFunc, cores: int, *, inline: bool = True) -> tvm.tirx.PrimFunc | None:
+def parallel_schedule(func: tvm.tirx.PrimFunc, cores: int, *, inline: bool = True,
+                      partition_selects: bool = True) -> tvm.tirx.PrimFunc | None:
     """``func`` with elementwise producers inlined (see the module note), outer spatial loops parallel and the
     innermost one vectorized.
 
     None when nothing could be changed (the caller keeps the function as it was).
     """
-    sch = fallback_schedule(func, cores, inline=inline)
+    sch = fallback_schedule(func, cores, inline=inline, partition_selects=partition_selects)
     return sch.mod["main"] if sch is not None else None
 
 
-def fallback_schedule(func: tvm.tirx.PrimFunc, cores: int, *, inline: bool = True) -> tvm.s_tir.Schedule | None:
+def fallback_schedule(func: tvm.tirx.PrimFunc, cores: int, *, inline: bool = True,
+                      partition_selects: bool = True) -> tvm.s_tir.Schedule | None:
     """The schedule :func:`parallel_schedule` makes, or None when it changes nothing.
 
     Tuning needs the Schedule, not just the function: its trace is committed as a tuning record
@@ -148,6 +154,17 @@ def fallback_schedule(func: tvm.tirx.PrimFunc, cores: int, *, inline: bool = Tru
             fused = sch.fuse(*chosen) if len(chosen) > 1 else chosen[0]
             sch.parallel(fused)
             changed = True
+        if vector_loop is not None and _gathers(sch, block):
+            # Lanes of a gather (a take's index read from a buffer) each compute their own int64 div/mod
+            # chain, which AVX-512 has no vector form of: the int8 detector's Focus stem ran 4.3 ms vectorized
+            # and 0.6 ms unrolled.  A short loop is unrolled instead.
+            if _extent(sch, vector_loop) <= _MAX_UNROLL_EXTENT:
+                sch.unroll(vector_loop)
+                changed = True
+            continue
+        if vector_loop is not None and partition_selects and _partition_selects(sch, block, vector_loop):
+            changed = True
+            continue
         if vector_loop is not None:
             extent = _extent(sch, vector_loop)
             if extent > _MAX_VECTOR_EXTENT:
@@ -157,6 +174,45 @@ def fallback_schedule(func: tvm.tirx.PrimFunc, cores: int, *, inline: bool = Tru
             sch.vectorize(vector_loop)
             changed = True
     return sch if changed else None
+
+
+def _bound_iterator(sch, block, loop):
+    """The block iterator bound to exactly ``loop``'s variable, or None."""
+    realize = _realize(sch, block)
+    if realize is None:
+        return None
+    loop_var = sch.get(loop).loop_var
+    return next((iter_var.var for iter_var, value in zip(sch.get(block).iter_vars, realize.iter_values)
+                 if value.same_as(loop_var)), None)
+
+
+def _partition_selects(sch, block, loop) -> bool:
+    """Vectorize ``loop`` in pieces cut at a concat's boundaries (see ``_select_partition``)."""
+    store = _store(sch, block)
+    var = _bound_iterator(sch, block, loop)
+    return store is not None and var is not None and \
+        partition_vector_loop(sch, block, loop, store.value, var, _VECTOR_LANES)
+
+
+def _gathers(sch, block) -> bool:
+    """Whether the block stores a value loaded at an index that is itself loaded from a buffer."""
+    store = _store(sch, block)
+    if store is None:
+        return False
+    pending, inside_index = [(store.value, False)], False
+    while pending:
+        node, inside_index = pending.pop()
+        if isinstance(node, _LOAD):
+            if inside_index:
+                return True
+            pending.extend((index, True) for index in node.indices)
+            continue
+        for name in ("a", "b", "value", "condition", "true_value", "false_value"):
+            child = getattr(node, name, None)
+            if isinstance(child, tvm.tirx.Expr):
+                pending.append((child, inside_index))
+        pending.extend((arg, inside_index) for arg in getattr(node, "args", ()) if isinstance(arg, tvm.tirx.Expr))
+    return False
 
 
 def _realize(sch, block):

@@ -414,12 +414,15 @@ class OffloadOneDNN(ReportingPass):
         A bf16 conv read only by bf16 convs hands them its output in bf16 (see ``_link_bf16_convs``).
     residual_add : bool
         A float32 / bf16 NHWC conv also adds the residual that follows it (see ``_absorb_residual``).
+    fold_zero_points : bool
+        An int8 conv with a zero point may run with it folded, when timed faster (``ConvSpec.variant``).
     """
 
     def __init__(self, params, layer_ids, layers, decisions: dict[int, LayerLayout], threads: int, report=None,
                  int8_layers=(), bf16_layers=(), int8_activation: bool = True, bf16_chains: bool = True,
-                 residual_add: bool = True):
+                 residual_add: bool = True, fold_zero_points: bool = True):
         super().__init__(report)
+        self.fold_zero_points = fold_zero_points
         self.residual_add = residual_add
         self.int8_activation = int8_activation
         self.bf16_chains = bf16_chains
@@ -471,7 +474,9 @@ class OffloadOneDNN(ReportingPass):
                 _absorb_activation(graph, fusion)
                 if self.residual_add and str(value.attrs.out_layout) == NHWC:
                     _absorb_residual(graph, fusion, claimed)
-            spec = _onednn.with_fastest_variant(self._spec(fusion, name, layer_id))
+            spec = self._spec(fusion, name, layer_id)
+            if self.fold_zero_points or not spec.is_int8:
+                spec = _onednn.with_fastest_variant(spec)
             kernel = _onednn.implementation(spec)
             reference = any(part.startswith("ref") for part in kernel.split("+"))
             if reference and spec.dtype == "bfloat16":

@@ -78,6 +78,14 @@ class CompileOptions:
         Max-pools with a window wider than kh + kw run as a 1×kw then a kh×1 pool, and a stride-1
         same-padded pool starts from a smaller pool of the same tensor (an SPP block's 5/9/13 become
         SPPF's chain of 5s); exact (True, default).  Off, each pool loops over its whole window.
+    onednn_fold_zero_points : bool
+        An int8 oneDNN conv with a zero point is also built without zero points in the primitive (its input
+        padded with the zero point, the compensation in the bias, the output's zero point as post-ops) and
+        the faster of the two is kept, timed at build time (True, default); oneDNN 3.2 runs convs with zero
+        points on slower kernels.  Off, oneDNN's own zero points (for the ablation).
+    fallback_partition_selects : bool
+        The fallback schedule cuts a concat's vector loop where its inputs meet, so each piece vectorizes
+        (True, default); off, the loop picks its source per element (for the ablation).
     """
 
     target: dict | str | None = None
@@ -97,6 +105,8 @@ class CompileOptions:
     onednn_bf16_chains: bool = True
     onednn_residual_add: bool = True
     activation_layout: str = "auto"
+    onednn_fold_zero_points: bool = True
+    fallback_partition_selects: bool = True
 
     def __post_init__(self):
         if self.conv_backend not in CONV_BACKENDS:

@@ -162,7 +162,7 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
         OffloadOneDNN(imported.params, layer_ids, float_indices if offload else (), decisions, options.threads,
                       report=report, int8_layers=onednn_int8, bf16_layers=bf16_indices,
                       int8_activation=options.onednn_int8_activation, bf16_chains=options.onednn_bf16_chains,
-                      residual_add=options.onednn_residual_add),
+                      residual_add=options.onednn_residual_add, fold_zero_points=options.onednn_fold_zero_points),
         *([FastSigmoid()] if options.fast_sigmoid else []),
         *cpu_pipeline.library_dispatch_passes(target),
         relax.transform.LegalizeOps({"relax.nn.conv2d": make_conv_legalizer(layer_ids, decisions, report=report)}),
@@ -182,7 +182,8 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
         [
             *front,
             ApplyTuning(database, target, layer_ids, report=report, parallel_fallback=options.parallel_fallback,
-                        fallback_inline=options.fallback_inline),
+                        fallback_inline=options.fallback_inline,
+                        fallback_partition_selects=options.fallback_partition_selects),
             *cpu_pipeline.dataflow_lower_passes(target),
             *cpu_pipeline.finalize_passes(target),
         ],

@@ -52,11 +52,13 @@ class ApplyTuning:
         Give kernels without a record the fallback schedule (False: TVM's serial default).
     fallback_inline : bool
         Whether that schedule inlines elementwise producers.
+    fallback_partition_selects : bool
+        Whether that schedule cuts a concat's vector loop where its inputs meet.
     """
 
     def __init__(self, database: TuningDatabase | None, target: tvm.target.Target, layer_ids=(),
                  report: BuildReport | None = None, parallel_fallback: bool = True,
-                 fallback_inline: bool = True):
+                 fallback_inline: bool = True, fallback_partition_selects: bool = True):
         self.database = database
         self.target = target
         self.layer_ids = tuple(layer_ids)
@@ -64,6 +66,7 @@ class ApplyTuning:
         self.cores = target_cores(target)  # as tuning measured the fallback (its record must replay to the same)
         self.parallel_fallback = parallel_fallback
         self.fallback_inline = fallback_inline
+        self.fallback_partition_selects = fallback_partition_selects
 
     def transform_module(self, mod, ctx):
         untuned: set[int] = set()
@@ -76,7 +79,9 @@ class ApplyTuning:
             if tuned is not None:
                 mod[gvar] = tuned
                 continue
-            fallback = parallel_schedule(func, self.cores, inline=self.fallback_inline) if self.parallel_fallback else None
+            fallback = parallel_schedule(func, self.cores, inline=self.fallback_inline,
+                                         partition_selects=self.fallback_partition_selects) \
+                if self.parallel_fallback else None
             if fallback is not None:
                 mod[gvar] = fallback
                 self.report.fallback_scheduled += 1
