@@ -20,8 +20,8 @@ Levers measured (batch 1, 2 threads, the packaged image the search times on):
   pass between them);
 * ``onednn_residual_add`` (all-float and all-bf16 plans, NHWC): a residual ``+ r`` after a conv as its own TIR
   pass vs as a binary post-op of the conv's oneDNN primitive;
-* ``onednn_fold_zero_points`` (all-int8): int8 convs with oneDNN's own zero points vs, where timed faster at
-  build time, without them (input padded with its zero point, compensation in the bias, output zero point as
+* ``onednn_fold_zero_points`` (all-int8): int8 convs with oneDNN's own zero points vs, where oneDNN then runs another kernel,
+  without them (input padded with its zero point, compensation in the bias, output zero point as
   post-ops), which oneDNN 3.2 runs on its brgconv kernels;
 * ``fallback_partition_selects`` (models with a concat): a concat's vector loop picking its source per element
   vs cut where its inputs meet (each piece a plain vector loop);
@@ -30,7 +30,8 @@ Levers measured (batch 1, 2 threads, the packaged image the search times on):
 * environment levers, each setting in a child process (read once, when libgomp
   loads or TVM's pool starts), with ORT float measured in that same process after
   the TVM build ran (threads left spinning would slow it):
-  ``omp_wait`` (how oneDNN's OpenMP threads wait between calls), ``tvm_pool_spin``
+  ``omp_wait`` (how oneDNN's OpenMP threads wait between calls), ``tir_thread_pool`` (TIR's parallel loops on
+  TVM's own pool vs on oneDNN's OpenMP threads, see ``precsearch/tvm/_openmp_loops.py``), ``tvm_pool_spin``
   (how long TVM's workers spin after a parallel loop), ``tvm_pool_size`` (TVM's
   default pool of half the hardware threads, which ``config_threadpool`` cannot
   enlarge, vs all cores).
@@ -73,10 +74,12 @@ ENV_LEVERS = {
                  "spin forever (OMP_WAIT_POLICY=ACTIVE)": {"OMP_WAIT_POLICY": "ACTIVE"}},
     "tvm_pool_spin": {"TVM default (300000 rounds)": {"TVM_THREAD_POOL_SPIN_COUNT": "300000"},
                       "1000 rounds (precsearch's default)": {"TVM_THREAD_POOL_SPIN_COUNT": "1000"}},
+    "tir_thread_pool": {"TVM's own pool (PRECSEARCH_TIR_POOL=tvm)": {"PRECSEARCH_TIR_POOL": "tvm"},
+                        "oneDNN's OpenMP threads (precsearch's default)": {}},
     "tvm_pool_size": {"TVM default (TVM_NUM_THREADS unset: half the hardware threads)": {"TVM_NUM_THREADS": ""},
                       "all cores (precsearch's default)": {}},
 }
-ENV_NAMES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TVM_THREAD_POOL_SPIN_COUNT", "TVM_NUM_THREADS")
+ENV_NAMES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TVM_THREAD_POOL_SPIN_COUNT", "TVM_NUM_THREADS", "PRECSEARCH_TIR_POOL")
 
 
 def _workspace(name: str, workdir: Path):

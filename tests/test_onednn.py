@@ -1,6 +1,8 @@
 """Convs on oneDNN (float, and int8 with requantization inside): the bridge's numbers, the offload pass, builds and
 exported libraries."""
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -474,3 +476,29 @@ def test_an_int8_conv_with_folded_zero_points_runs_the_kernel_of_a_conv_without_
     assert kernel_name(_onednn.implementation(spec(5, 7, 1))) == without_zero
     assert _onednn.with_fastest_variant(spec(5, 7, -1)).variant in (0, 1)  # timed: both variants build
     assert _onednn.with_fastest_variant(spec(0, 0, -1)).variant == -1  # nothing to fold
+
+
+@needs_vnni
+def test_tir_loops_of_a_onednn_build_run_on_the_openmp_pool_with_the_same_outputs(chain, tmp_path, monkeypatch):
+    import ctypes
+
+    from precsearch.tvm import _openmp_loops
+
+    model, qdq, int8_ids, batch = chain
+    built = build_plan(model, qdq, int8_ids, options=ONEDNN_INT8)
+    library = built.export_library(tmp_path / "model.so")
+
+    def launch_pointer():
+        return ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelLaunch").value
+
+    monkeypatch.setenv("PRECSEARCH_TIR_POOL", "tvm")  # loaded on TVM's own pool, as TVM's loader sets it
+    on_tvm_pool = LoadedLibrary(library, built.input_names, built.output_names)
+    handle = ctypes.CDLL(str(library), mode=getattr(os, "RTLD_NOLOAD", 4))  # the loaded library itself
+    tvm_launch, _ = _openmp_loops._tvm_runtime_functions()
+    assert launch_pointer() == tvm_launch
+    expected = on_tvm_pool.run(batch)["logits"]
+    monkeypatch.delenv("PRECSEARCH_TIR_POOL")
+    assert _openmp_loops.route_parallel_loops() >= 1
+    assert launch_pointer() == _onednn.load().parallel_launch_address()
+    assert _openmp_loops.route_parallel_loops() == 0  # a routed module is left alone
+    np.testing.assert_array_equal(on_tvm_pool.run(batch)["logits"], expected)

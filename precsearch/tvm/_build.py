@@ -20,6 +20,7 @@ from ._build_report import BuildReport, LayerRow
 from . import _onednn
 from ._importer import import_qdq_model
 from ._naming import layer_in_text
+from ._openmp_loops import route_parallel_loops
 from ._options import CompileOptions, host_target, resolve_target
 from ._pipeline import pipeline
 from ._trace import PassTracer, tvm_error_line
@@ -70,7 +71,7 @@ class BuiltPlan:
     def virtual_machine(self):
         """The Relax VM running this plan on the CPU (created once)."""
         if self._vm is None:
-            self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
+            self._vm = virtual_machine(self.executable)
         return self._vm
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -90,7 +91,7 @@ class LoadedLibrary:
         self.output_names = tuple(output_names)
         if _onednn.available():  # a library with oneDNN convs calls the bridge's registered function
             _onednn.load()
-        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.path)), tvm.cpu())
+        self._vm = virtual_machine(tvm.runtime.load_module(str(self.path)))
 
     def virtual_machine(self):
         """The Relax VM running the library on the CPU."""
@@ -98,6 +99,14 @@ class LoadedLibrary:
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _run_vm(self._vm, self.input_names, self.output_names, inputs)
+
+
+def virtual_machine(module) -> relax.VirtualMachine:
+    """A Relax VM on the CPU for ``module`` (an Executable or a loaded library), its TIR loops on the OpenMP pool
+    its oneDNN convs use (see ``_openmp_loops``)."""
+    vm = relax.VirtualMachine(module, tvm.cpu())
+    route_parallel_loops()
+    return vm
 
 
 def _run_vm(vm, input_names, output_names, inputs) -> dict[str, np.ndarray]:

@@ -94,6 +94,11 @@ def available() -> bool:
     return not unavailable_reason()
 
 
+def loaded() -> bool:
+    """Whether the bridge (and with it oneDNN's OpenMP pool) is loaded in this process."""
+    return _module is not None
+
+
 def load():
     """The compiled bridge, its functions registered as globals (idempotent, thread-safe)."""
     global _module, _unavailable
@@ -118,8 +123,9 @@ def load():
             module = tvm_ffi.cpp.load_inline(
                 "precsearch_onednn", cpp_sources=SOURCE.read_text(),
                 functions=["conv2d", "conv2d_add", "pack_weights", "unpack_weights", "weights_bytes", "implementation",
-                           "set_verbose", "has_native_bf16", "choose_variant"],
-                extra_cflags=["-O2", "-std=c++17"], extra_include_paths=[str(include)],
+                           "set_verbose", "has_native_bf16", "choose_variant", "parallel_launch_address",
+                           "parallel_barrier_address"],
+                extra_cflags=["-O2", "-std=c++17", "-fopenmp"], extra_include_paths=[str(include)],
                 extra_ldflags=[f"-L{lib}", "-ldnnl", "-lgomp", f"-Wl,-rpath,{lib}"])
         except Exception as exc:  # a compiler error is a reason to stay TIR, not a crash
             _unavailable = f"the oneDNN bridge did not compile: {str(exc).splitlines()[0][:200]}"
@@ -242,8 +248,9 @@ def unpack_weights(spec: ConvSpec, packed: np.ndarray) -> np.ndarray:
 
 
 def with_fastest_variant(spec: ConvSpec) -> ConvSpec:
-    """``spec`` with the variant timed fastest here (bf16: the graph's layout or nhwc; int8 with a zero point:
-    oneDNN's zero points or folded ones); others unchanged."""
+    """``spec`` with its variant chosen here: bf16, the graph's layout or nhwc, timed; int8 with a zero point,
+    folded where oneDNN then runs another kernel (chosen by kernel name, so the build is repeatable); others
+    unchanged."""
     if spec.dtype != "bfloat16" and not (spec.is_int8 and (spec.src_zero or spec.dst_zero)):
         return spec
     return dataclasses.replace(spec, variant=int(load().choose_variant(*_tensors(spec))))

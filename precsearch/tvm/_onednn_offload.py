@@ -415,7 +415,7 @@ class OffloadOneDNN(ReportingPass):
     residual_add : bool
         A float32 / bf16 NHWC conv also adds the residual that follows it (see ``_absorb_residual``).
     fold_zero_points : bool
-        An int8 conv with a zero point may run with it folded, when timed faster (``ConvSpec.variant``).
+        An int8 conv with a zero point runs with it folded where oneDNN then has a faster kernel (``ConvSpec.variant``).
     """
 
     def __init__(self, params, layer_ids, layers, decisions: dict[int, LayerLayout], threads: int, report=None,

@@ -79,10 +79,10 @@ class CompileOptions:
         same-padded pool starts from a smaller pool of the same tensor (an SPP block's 5/9/13 become
         SPPF's chain of 5s); exact (True, default).  Off, each pool loops over its whole window.
     onednn_fold_zero_points : bool
-        An int8 oneDNN conv with a zero point is also built without zero points in the primitive (its input
-        padded with the zero point, the compensation in the bias, the output's zero point as post-ops) and
-        the faster of the two is kept, timed at build time (True, default); oneDNN 3.2 runs convs with zero
-        points on slower kernels.  Off, oneDNN's own zero points (for the ablation).
+        An int8 oneDNN conv with a zero point runs without zero points in the primitive (its input padded with
+        the zero point, the compensation in the bias, the output's zero point as post-ops) where oneDNN then
+        runs another kernel (True, default): oneDNN 3.2 sends convs with zero points to its older jit kernels
+        (on AMX 1.0-1.6x slower than brgconv).  Off, oneDNN's own zero points (for the ablation).
     fallback_partition_selects : bool
         The fallback schedule cuts a concat's vector loop where its inputs meet, so each piece vectorizes
         (True, default); off, the loop picks its source per element (for the ablation).

@@ -63,10 +63,11 @@ def profile_kernels(library, inputs: dict[str, np.ndarray], *, threads: int = 2,
 
 def _profile(library, inputs, runs: int) -> list[KernelTime]:
     import tvm
-    from tvm import relax
+
+    from ._build import virtual_machine  # imported here: _build imports this module's callers
 
     executable = getattr(library, "executable", None)
-    vm = relax.VirtualMachine(executable, tvm.cpu()) if executable is not None else library.virtual_machine()
+    vm = virtual_machine(executable) if executable is not None else library.virtual_machine()
     args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[name]), tvm.cpu()) for name in library.input_names]
     per_run: list[dict[str, float]] = []
     calls: dict[str, int] = defaultdict(int)

@@ -20,7 +20,7 @@
 #include <unordered_map>
 #include <vector>
 
-extern "C" void omp_set_num_threads(int);
+#include <omp.h>
 
 namespace {
 
@@ -437,8 +437,10 @@ double time_conv(Conv& conv) {
 // faster: on a 3-channel first conv at 416x416 it ran 3.5 ms against 1.8 ms in float32, and on
 // small convs the reorders dominate.
 // For an int8 conv with a zero point: 0 (oneDNN's zero points) or 1 (fold_zero: explicit padding, the
-// compensation in the bias, the output zero point as post-ops), which on AMX lets oneDNN use brgconv.
-// -1 for other convs.
+// compensation in the bias, the output zero point as post-ops), chosen by kernel, not by timing, so a plan
+// builds the same way every time (the packed weights differ between the two): 1 when oneDNN runs another
+// kernel without the zero points (3.2: brgconv, where with them it falls back to its older jit kernels; measured
+// on AMX 1.0-1.6x faster).  -1 for other convs.
 int64_t choose_variant(tvm::ffi::Tensor config, tvm::ffi::Tensor post) {
   std::vector<int64_t> c = read_config(config);
   const std::vector<float> p = read_post(post);
@@ -450,6 +452,14 @@ int64_t choose_variant(tvm::ffi::Tensor config, tvm::ffi::Tensor post) {
   c[kVariant] = 1;
   Conv& nhwc = get_conv(c, p);
   if (nhwc.impl == graph_layout.impl) return 0;  // no nhwc kernel worth having: the same primitive
+  if (int8_with_zero) {  // (here "graph_layout" is the zero-point variant, "nhwc" the folded one)
+    auto kernel = [](std::string impl) {  // without the staging reorders around it
+      if (impl.rfind("reorder+", 0) == 0) impl = impl.substr(8);
+      if (impl.size() >= 8 && impl.compare(impl.size() - 8, 8, "+reorder") == 0) impl.resize(impl.size() - 8);
+      return impl;
+    };
+    return kernel(nhwc.impl) != kernel(graph_layout.impl) ? 1 : 0;
+  }
   std::lock_guard<std::mutex> guard(run_lock());
   return time_conv(nhwc) < time_conv(graph_layout) ? 1 : 0;
 }
@@ -472,3 +482,39 @@ bool has_native_bf16() {
       return false;
   }
 }
+
+// TIR's parallel loops on this OpenMP pool instead of TVM's own (see _openmp_loops.py): oneDNN's OpenMP threads
+// spin after each conv (GOMP_SPINCOUNT) while TVM's pool threads want the same two cores for the kernel that
+// follows, and each side's idle threads slow the other.  These two functions have the signatures of TVM's
+// TVMBackendParallelLaunch / TVMBackendParallelBarrier (tvm/runtime/c_backend_api.h), which a compiled
+// TIR module calls through its __TVMBackendParallelLaunch / __TVMBackendParallelBarrier pointers.
+namespace {
+struct ParallelGroupEnv {
+  void* sync_handle;
+  int32_t num_task;
+};
+using ParallelLambda = int (*)(int task_id, ParallelGroupEnv* env, void* cdata);
+
+int openmp_parallel_launch(ParallelLambda lambda, void* cdata, int num_task) {
+  const int tasks = num_task > 0 ? num_task : omp_get_max_threads();
+  int failed = 0;
+#pragma omp parallel num_threads(tasks)
+  {
+    ParallelGroupEnv env{nullptr, omp_get_num_threads()};
+    if (lambda(omp_get_thread_num(), &env, cdata) != 0) {
+#pragma omp atomic write
+      failed = 1;
+    }
+  }
+  return failed ? -1 : 0;
+}
+
+int openmp_parallel_barrier(int, ParallelGroupEnv*) {
+#pragma omp barrier
+  return 0;
+}
+}  // namespace
+
+// Addresses of the two functions above, for _openmp_loops to write into a loaded TIR module.
+int64_t parallel_launch_address() { return reinterpret_cast<int64_t>(&openmp_parallel_launch); }
+int64_t parallel_barrier_address() { return reinterpret_cast<int64_t>(&openmp_parallel_barrier); }
