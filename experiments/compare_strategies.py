@@ -1,40 +1,52 @@
-"""Is the search worth running? A full search and five strategies at equal budgets, on one real model.
+"""Strategies compared honestly: the guided search, four Optuna samplers and two rankings, over seeds, at equal budgets.
 
-One command per model re-creates ``results/<name>/``:
+One command per model re-creates ``results/<model>/strategies/`` (``results/tiny-8conv/strategies/`` for the tiny
+model); each resumes from its ``--workdir`` if it is killed:
 
-    python experiments/compare_strategies.py mobilenetv3-textcls
-    python experiments/compare_strategies.py pplcnet-orientation
-    python experiments/compare_strategies.py efficientnet-lite0      # exports the model through torch first
+    python experiments/compare_strategies.py tiny-8conv                  # 5 seeds, 16/26/48 of 256 plans, minutes
+    python experiments/compare_strategies.py tiny-8conv --no-study-goal  # the same searches without the goal
+    nice -n 15 python experiments/compare_strategies.py pplcnet-orientation --seeds 0 1 2 --budgets 16 24 --jobs 2
+    nice -n 15 python experiments/compare_strategies.py mobilenetv3-textcls --seeds 0 1 2 --budgets 16 24 --jobs 2
 
-What it runs, in ``--workdir`` (default ``precsearch-work/experiments/<name>``):
+(``gp`` needs PyTorch: ``pip install torch``, the CPU build is enough; without it ``--strategies`` leaves it out.)
 
-1. ``precsearch tune`` (resumes; skipped with ``--no-tune``) and the full search, ``precsearch search`` with the
-   default sampler (multivariate TPE, the tool's default), ``--trials``, ``--seed``: the same commands a user
-   runs.  Its report is copied to ``results/<name>/search/``.
-2. ``precsearch sensitivity --no-latency`` (ONNX Runtime only) for the two rankings below.
-3. Five strategies with the same budget of ``--budget`` distinct plans, each built and timed with TVM exactly
-   as the search does:
+Strategies, each run once per seed with the largest budget; its curve gives every smaller budget:
 
-   - ``tpe``: the first ``--budget`` plans of the full search;
-   - ``nsga2``: Optuna's NSGA-II (population 8, so that a small budget still sees generations), same seeds;
-   - ``random``: Optuna's random sampler, same seeds (all-int8, all-float, first and last conv float);
-   - ``greedy-revert``: NNCF accuracy control's scheme. Start all-int8; rank layers by the fidelity gained
-     when only that layer returns to float; return them to float in that order, one build per step, until
-     top-1 reaches ``--goal``;
-   - ``sensitivity-topk``: the k most sensitive layers float (ranked by fidelity with only that layer int8,
-     as ``precsearch sensitivity`` ranks them), k = 0, 1, 2, ...
+- ``guided``: the tool's default search (``precsearch search``): multivariate TPE with the guided estimate's
+  proposals every other trial (:class:`precsearch.study.guided.GuidedProposals`, prior from each conv's noise
+  alone, measured once with ONNX Runtime as the search measures it; on the tiny model, where 256 plans would make
+  ``exhaustive`` the default sampler, with TPE, as ``tests/test_search.py`` runs it);
+- ``tpe``, ``nsga2``, ``gp``, ``random``: ``precsearch search --no-guided --sampler S`` (the tool's own sampler
+  settings: TPE multivariate with 10 startup trials, NSGA-II population 16);
+- ``greedy-revert`` (deterministic, one run): NNCF accuracy control's scheme. Start all-int8, rank the convs by the
+  fidelity gained when only that conv returns to float, return them to float in that order until the goal is met;
+- ``sensitivity-topk`` (deterministic, one run): the k convs that hurt most alone in int8 stay float, k = 0, 1, ...
 
-   A plan already measured by an earlier strategy is not built again: its measurement is reused, so every
-   strategy sees the same number for the same plan.  Two strategy processes run side by side; they compile
-   in parallel and take turns to time (precsearch's machine-wide CPU lock).
-4. A reference for the hypervolume: an additive kernel bound on the fastest any plan can be (every conv in
-   its faster precision, per-kernel times of the all-int8 and all-float builds, scaled to end-to-end time)
-   at top-1 1.0.  It is an estimate, not a proof: fusion and layout transforms make kernel times only
-   roughly additive.
+The five Optuna strategies start from the search's three seed plans (all int8, all float, first and last conv
+float) and count distinct plans, as the search does.  Real models: every plan is built untuned with TVM (oneDNN
+convs) and timed exactly as ``precsearch search --untuned`` does, two-state (int8/float, ``--bf16 off``) unless
+``--bf16 auto``; a plan measured once is stored in ``<workdir>/plan-cache/`` and reused by every strategy and seed,
+so the same plan has the same number everywhere.  Each plan is timed only once the machine is quiet (processes
+other than this experiment's keep fewer than ``--quiet-below`` cores busy, waiting at most ``--quiet-wait``; every
+measurement's wait and load in ``<workdir>/timing-gate.jsonl``): on a shared machine a niced measurement taken
+under load is mostly the other processes' load.  ``--jobs 2`` runs the strategy runs in two processes that compile
+side by side and take turns to time (precsearch's CPU lock).  The tiny model (``tests/models.py``'s 8-conv chain, as
+``tests/test_search.py`` builds it) has real ONNX Runtime fidelity (SQNR) and ``tests/standin.py``'s deterministic
+latency, so all 256 plans are evaluated and the exhaustive front is known.
 
-Writes ``results/<name>/strategies/`` (``steps.csv``: every strategy's plans in order; ``summary.csv``;
-``hypervolume.png``: normalized hypervolume and fastest plan meeting the goal against trials) and
-``results/<name>/headline.json`` (the README table's row: ``python experiments/headline_table.py``).
+Hypervolume of (latency, fidelity) with one reference point per model: the worst latency and the worst fidelity of
+every plan measured by any strategy (real models) or of all 256 plans (tiny model).  It is normalized by the
+hypervolume of the best front: the non-dominated set of every plan any strategy measured (real models; an upper
+bound on what each strategy reached, not the true front) or the exhaustive front (tiny model).
+
+"Fastest at the goal": the fastest plan meeting the fidelity goal among every plan measured (exhaustive for the
+tiny model); per run, the trials it took to measure that very plan (and to come within 5 % of its latency).
+
+Writes ``<out>/`` (default ``results/<model>/strategies/``, ``.../strategies-three-state/`` with ``--bf16 auto``):
+``summary.csv`` (strategy, budget, runs; mean, min, max of the normalized hypervolume; the fastest plan at the goal
+found, and the trials until it was found), ``curves.csv`` (every run, every trial count), ``steps.csv`` (every
+run's plans in order), ``hypervolume.png`` (mean and min-max band against trials) and ``summary.json`` (the
+reference point, the best front, settings, wall time, CPU).  ``--analyze-only`` rewrites them from the workdir.
 """
 
 from __future__ import annotations
@@ -42,11 +54,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
+import math
 import os
-import shutil
-import subprocess
+import platform
 import sys
 import time
 from pathlib import Path
@@ -54,58 +67,42 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from precsearch.study.record import StudyAttrs, TrialRecord
-
 ROOT = Path(__file__).resolve().parent.parent
-STRATEGIES = ("tpe", "nsga2", "random", "greedy-revert", "sensitivity-topk")
-# Which strategies each of the two side-by-side processes runs: about equal numbers of new builds.
-PROCESS_SHARES = (("nsga2", "greedy-revert"), ("random", "sensitivity-topk"))
-EFFNET_ONNX = ROOT / "precsearch-work" / "models" / "efficientnet_lite0.onnx"
-METRIC = "top1"
-# Per model, what the committed results were made with (tuning stops starting kernels after the timeout).
-MODEL_DEFAULTS = {
-    "mobilenetv3-textcls": {"search_trials": 60, "workers": 1, "tune_timeout": "1h", "budget": 16},
-    "pplcnet-orientation": {"search_trials": 32, "workers": 2, "tune_timeout": "20m", "budget": 16},
-    "efficientnet-lite0": {"search_trials": 24, "workers": 2, "tune_timeout": "25m", "budget": 12},
-}
+TINY = "tiny-8conv"
+SAMPLED = ("guided", "tpe", "nsga2", "gp", "random")
+RANKED = ("greedy-revert", "sensitivity-topk")
+STRATEGIES = SAMPLED + RANKED
+REAL_MODELS = ("pplcnet-orientation", "mobilenetv3-textcls", "ddddocr-det")
+WITHIN = 0.05  # "close to the fastest plan at the goal": within 5 % of its latency
 
 logger = logging.getLogger("compare_strategies")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    model: str  # what the precsearch CLI takes: a packaged name or an ONNX path
-    cli_extra: tuple[str, ...] = ()
-    preset: str | None = None
-
-
-def model_spec(name: str) -> ModelSpec:
-    if name == "efficientnet-lite0":
-        if not EFFNET_ONNX.is_file():
-            subprocess.run([sys.executable, str(ROOT / "experiments" / "export_efficientnet_lite0.py"),
-                            str(EFFNET_ONNX)], check=True)
-        return ModelSpec(name, str(EFFNET_ONNX), ("--preset", "imagenet"), "imagenet")
-    return ModelSpec(name, name)
-
-
-def precsearch(*args: str) -> None:
-    command = [sys.executable, "-m", "precsearch", *args]
-    logger.info("$ %s", " ".join(command[1:]))
-    subprocess.run(command, check=True)
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 # --------------------------------------------------------------------------- plans measured once
 
 
 class CachingEvaluator:
-    """A TvmEvaluator that measures each plan once across strategies (one JSON file per plan in ``cache_dir``)."""
+    """A TvmEvaluator that measures each plan once across strategies and seeds (one JSON file per plan)."""
 
     def __init__(self, evaluator, cache_dir: Path):
         self.evaluator = evaluator
         self.cache_dir = cache_dir
         cache_dir.mkdir(parents=True, exist_ok=True)
-        self.fresh: set[str] = set()  # plans this process built and timed itself
+        self.fresh = 0
+
+    @property
+    def workspace(self):
+        return self.evaluator.workspace
 
     def _path(self, key: str) -> Path:
         return self.cache_dir / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".json")
@@ -117,340 +114,485 @@ class CachingEvaluator:
         if not path.is_file():
             return None
         payload = json.loads(path.read_text())
+        if "error" in payload:
+            return payload["error"]
         return PlanResult(**{k: v for k, v in payload.items() if k != "plan"})
 
-    def store(self, key: str, result) -> None:
+    def _store(self, key: str, payload: dict) -> None:
         path = self._path(key)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"plan": key, **dataclasses.asdict(result)}))
+        tmp.write_text(json.dumps({"plan": key, **payload}))
         tmp.replace(path)
 
     def evaluate(self, plan):
+        import fcntl
+
+        # One process measures a plan; another that wants it meanwhile waits and reads the stored result.
+        with open(self._path(plan.key()).with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._evaluate(plan)
+
+    def _evaluate(self, plan):
+        from precsearch.errors import CompileError
+        from precsearch.study.record import PlanRejected
+
         cached = self.lookup(plan.key())
+        if isinstance(cached, str):
+            raise CompileError(cached)  # failed once: fails the same way for every strategy, without a rebuild
         if cached is not None:
+            if cached.verdict == "compiler problem":
+                raise PlanRejected(cached)
             return cached
-        result = self.evaluator.evaluate(plan)
-        self.fresh.add(plan.key())
-        self.store(plan.key(), result)
+        started = time.perf_counter()
+        try:
+            result = self.evaluator.evaluate(plan)
+        except PlanRejected as exc:
+            self._store(plan.key(), dataclasses.asdict(exc.result))
+            raise
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # a build that fails: recorded once, the same failure for everyone
+            from precsearch.errors import first_line
+
+            self._store(plan.key(), {"error": first_line(exc, with_type=True)})
+            raise
+        self.fresh += 1
+        self._store(plan.key(), dataclasses.asdict(result))
+        logger.info("measured plan %d of this process in %.1f s: %d float, %.3f ms", self.fresh,
+                    time.perf_counter() - started, len(plan.float_ids), result.latency_ms)
         return result
 
     def measure_baselines(self):
-        return self.evaluator.measure_baselines() if self.evaluator is not None else None
+        return None  # measured once per workdir by the experiment itself (baselines.json)
 
     def remeasure(self, plan, repeats: int):
-        return self.evaluator.remeasure(plan, repeats) if self.evaluator is not None else None
+        return None
 
     def remeasure_baselines(self, repeats: int):
-        return self.evaluator.remeasure_baselines(repeats) if self.evaluator is not None else None
+        return None
 
 
-def result_from_trial(trial):
-    """The PlanResult a finished search trial recorded (to seed the cache)."""
-    from precsearch.study.record import TrialRecord
-
-    return TrialRecord.from_trial(trial).result
+# --------------------------------------------------------------------------- timing on a shared machine
 
 
-# --------------------------------------------------------------------------- one process's strategies
+def _own_pids() -> set[int]:
+    """This experiment's processes: the parent of --jobs processes, its children, this one."""
+    parent = os.getppid() if "--job" in sys.argv else os.getpid()
+    pids = {os.getpid(), parent}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                    pids.add(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return pids
 
 
-def _search_study(workdir: Path):
-    import optuna
-
-    from precsearch.study.storage import open_storage
-
-    storage = open_storage(f"sqlite:///{workdir / 'study.db'}")
-    (name,) = optuna.study.get_all_study_names(storage)
-    return optuna.load_study(study_name=name, storage=storage)
-
-
-def _step_row(strategy: str, step: int, plan, result, reused: bool) -> dict:
-    return {"strategy": strategy, "step": step, "plan": plan.key(), "float_count": len(plan.float_ids),
-            "latency_ms": result.latency_ms, "latency_iqr_ms": result.latency_iqr_ms,
-            "top1": result.metrics.get("top1"), "sqnr_db": result.metrics.get("sqnr_db"),
-            "cost_s": round(result.build_time_s + result.eval_time_s + result.measure_time_s, 2), "reused": reused}
+def _cpu_ticks(pids) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += float(fields[11]) + float(fields[12])  # utime + stime, every thread
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
 
 
-def _ranking(workdir: Path, column: str, ascending: bool) -> list[str]:
-    frame = pd.read_csv(workdir / "sensitivity.csv")
-    frame = frame.sort_values([f"{column}.top1", f"{column}.sqnr_db", "index"],
-                              ascending=[ascending, ascending, True])
-    return list(frame["id"])
+def _busy_cores(window_s: float = 1.0) -> float:
+    """Cores kept busy over ``window_s`` by processes other than this experiment's (from /proc)."""
+    pids = _own_pids()
+
+    def sample():
+        fields = [float(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4], _cpu_ticks(pids)  # total, idle + iowait, ours
+
+    total0, idle0, own0 = sample()
+    time.sleep(window_s)
+    total1, idle1, own1 = sample()
+    cores = os.cpu_count() or 1
+    elapsed = max(total1 - total0, 1e-9)  # jiffies summed over every core
+    return cores * max(0.0, (elapsed - (idle1 - idle0) - (own1 - own0)) / elapsed)
 
 
-def run_ranked(strategy: str, ranking: list[str], evaluator: CachingEvaluator, budget: int, goal: float | None
-               ) -> list[dict]:
-    """Return layers to float in ``ranking`` order, one build per step; stop at the goal when one is given."""
+def install_quiet_gate(log_path: Path, max_busy_cores: float, max_wait_s: float) -> None:
+    """Time a plan only once the machine is quiet: wraps ``TvmEvaluator._time`` (the search's timing step).
+
+    The search times each plan holding precsearch's CPU lock exclusively (no precsearch build or measurement
+    runs then), but processes outside precsearch still take the cores, and this experiment runs under
+    ``nice``, so a measurement taken while they run is mostly their load (PP-LCNet plans timed at 7-11 ms
+    against 1.2-2 ms on a quiet machine in this session).  Before taking the lock, each measurement waits until
+    processes other than this experiment's keep fewer than ``max_busy_cores`` cores busy (1 s windows), then
+    checks again holding the lock, at most ``max_wait_s`` in all; every measurement's wait and load go to
+    ``log_path`` (JSON lines; ``quiet`` false: timed after the wait ran out).
+    """
+    from precsearch.study.evaluator import TvmEvaluator
+    from precsearch.tvm import measure_library
+
+    def timed(self, built, repeats):
+        started = time.perf_counter()
+        busy = _busy_cores()
+        while True:
+            while busy >= max_busy_cores and time.perf_counter() - started < max_wait_s:
+                busy = _busy_cores()
+            with self.lock.exclusive():
+                busy = _busy_cores(0.5)
+                if busy < max_busy_cores or time.perf_counter() - started >= max_wait_s:
+                    latency = measure_library(built, self.workspace.timing_input, threads=self.options.threads,
+                                              warmup=self.warmup, repeats=repeats)
+                    break
+        with open(log_path, "a") as log:
+            log.write(json.dumps({"time": time.time(), "pid": os.getpid(),
+                                  "waited_s": round(time.perf_counter() - started, 1),
+                                  "busy_cores_before": round(busy, 2), "quiet": busy < max_busy_cores,
+                                  "median_ms": latency.median_ms}) + "\n")
+        return latency
+
+    TvmEvaluator._time = timed
+
+
+# --------------------------------------------------------------------------- the two kinds of model
+
+
+@dataclasses.dataclass
+class Context:
+    name: str
+    model: object
+    config: object  # SearchConfig, resolved
+    evaluator: object
+    metric: str
+    goal: float | None
+    noise: dict
+    workdir: Path
+    precisions: tuple
+    rankings: object  # () -> {strategy: conv ids in order}, computed when first asked
+    universe: dict | None = None  # tiny: every plan's (latency, fidelity)
+
+
+def tiny_context(args, workdir: Path) -> Context:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import models  # tests/models.py
+    from standin import StandInEvaluator  # tests/standin.py
+
+    from precsearch.fidelity.reference import run_ort
+    from precsearch.model import load_model
+    from precsearch.model.data import image_batches
     from precsearch.model.plan import Plan
+    from precsearch.model.quantize import calibrate
+    from precsearch.study.config import SearchConfig, resolve_settings
+    from precsearch.study.pareto import finite_objective
+    from precsearch.study.search import TWO_STATES
 
-    rows = []
-    for step in range(min(budget, len(ranking) + 1)):
-        plan = Plan(frozenset(ranking[:step]))
-        result = evaluator.evaluate(plan)
-        reused = plan.key() not in evaluator.fresh
-        rows.append(_step_row(strategy, step, plan, result, reused))
-        logger.info("%s step %d: %d float, %.3f ms, top1 %.4f%s", strategy, step, step, result.latency_ms,
-                    result.metrics["top1"], " (reused)" if reused else "")
-        if goal is not None and result.metrics["top1"] >= goal:
-            break
-    return rows
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Exactly tests/test_search.py's eight_convs fixture.
+    path = models.save(models.chain_model(channels=(8, 16, 16, 16, 16, 16, 16, 16, 16), size=8, seed=11),
+                       workdir, "eight")
+    model = load_model(path)
+    ranges = calibrate(model, image_batches(model, None, 8))
+    batches = image_batches(model, None, 8, offset=8)
+    evaluator = StandInEvaluator(model, ranges, batches, run_ort(model.proto, batches))
+    metric = "sqnr_db"
+    ids = list(model.capable_ids())
+    every = frozenset(ids)
+    universe = {}
+    for r in range(len(ids) + 1):
+        for chosen in itertools.combinations(ids, r):
+            plan = Plan(frozenset(chosen))
+            # clipped as the search clips its objectives (all-float's SQNR is +inf)
+            universe[plan.key()] = (evaluator.latency_ms(plan), finite_objective(evaluator.fidelity(plan)[metric]))
+    noise = {i: evaluator.fidelity(Plan(every - {i}))["nmse"] for i in ids}  # as the test's _standin_noise
+    only_int8 = {i: evaluator.fidelity(Plan(every - {i}))[metric] for i in ids}
+    only_float = {i: evaluator.fidelity(Plan(frozenset({i})))[metric] for i in ids}
+    rankings = {"greedy-revert": sorted(ids, key=lambda i: (-only_float[i], ids.index(i))),
+                "sensitivity-topk": sorted(ids, key=lambda i: (only_int8[i], ids.index(i)))}
+    # --no-study-goal: the studies run without a goal, as tests/test_search.py's do (the goal still picks the
+    # fastest plan at the goal afterwards)
+    config = resolve_settings(model, SearchConfig(model=str(model.source), metric=metric,
+                                                  goal=None if args.no_study_goal else args.goal))
+    return Context(TINY, model, config, evaluator, metric, args.goal, noise, workdir, TWO_STATES, lambda: rankings,
+                   universe)
 
 
-def run_optuna(strategy: str, sampler, model, config, evaluator: CachingEvaluator, budget: int,
-               workdir: Path) -> list[dict]:
+def real_context(args, workdir: Path) -> Context:
+    from precsearch.jobs.search import search_precisions
+    from precsearch.model import open_model
+    from precsearch.study.config import SearchConfig, resolve_settings
+    from precsearch.study.evaluator import TvmEvaluator
+    from precsearch.study.sensitivity import layer_noise, run_sensitivity, to_frame
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    model, preset = open_model(args.model)
+    config = resolve_settings(model, SearchConfig(model=args.model, max_drop=args.max_drop, untuned=True,
+                                                  bf16=args.bf16))
+    metric = config.metric
+    tvm = TvmEvaluator.from_config(config, model, workdir, preset, metric)
+    install_quiet_gate(workdir / "timing-gate.jsonl", args.quiet_below, args.quiet_wait)
+    evaluator = CachingEvaluator(tvm, workdir / "plan-cache")
+    # The guided estimate's prior, as the search measures it without a sensitivity table (one ORT run per conv).
+    noise_path = workdir / "layer-noise.json"
+    if not noise_path.is_file():
+        noise_path.write_text(json.dumps(layer_noise(tvm.workspace)))
+    noise = json.loads(noise_path.read_text())
+
+    def rankings() -> dict:
+        # `precsearch sensitivity --no-latency`'s table (ONNX Runtime only), kept out of the workdir's top level
+        # so that the search's seeds stay the three a fresh workdir gets.
+        table = workdir / "rankings" / "sensitivity.csv"
+        if not table.is_file():
+            table.parent.mkdir(exist_ok=True)
+            started = time.perf_counter()
+            to_frame(run_sensitivity(tvm.workspace, measure_latency=False), metric).to_csv(table, index=False)
+            logger.info("sensitivity (ONNX Runtime) in %.1f min", (time.perf_counter() - started) / 60)
+        frame = pd.read_csv(table)
+        keys = [metric, "sqnr_db"] if metric != "sqnr_db" else [metric]
+        greedy = frame.sort_values([f"only_float.{k}" for k in keys] + ["index"],
+                                   ascending=[False] * len(keys) + [True])
+        return {"greedy-revert": list(greedy["id"]), "sensitivity-topk": list(frame["id"])}
+
+    return Context(args.model, model, config, evaluator, metric, config.fidelity_goal(metric), noise, workdir,
+                   search_precisions(config), rankings)
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def run_sampled(ctx: Context, strategy: str, seed: int, budget: int) -> None:
+    """One Optuna study of ``budget`` distinct plans in ``<workdir>/studies/<strategy>-seed<seed>.db`` (resumes)."""
+    from precsearch.study.guided import GuidedProposals
     from precsearch.study.search import open_study, run_worker, seed_plans
     from precsearch.study.storage import open_storage
 
-    url = f"sqlite:///{workdir / 'strategies' / f'{strategy}.db'}"
+    folder = ctx.workdir / "studies"
+    folder.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{folder / f'{strategy}-seed{seed}.db'}"
+    guided = strategy == "guided"
+    config = ctx.config.replace(sampler="tpe" if guided else strategy, seed=seed, trials=budget, guided=guided)
     storage = open_storage(url, heartbeat_interval_s=config.heartbeat_interval_s,
                            grace_period_s=config.grace_period_s, max_retry=config.max_retry)
-    study_config = config.replace(sampler=strategy, trials=budget, workers=1, timeout_s=None)
-    handle = open_study(study_config, model, storage, url, f"{strategy}-seed{config.seed}", METRIC)
-    run_worker(handle, model, evaluator, seeds=seed_plans(model), sampler=sampler)
+    handle = open_study(config, ctx.model, storage, url, f"{strategy}-seed{seed}", ctx.metric,
+                        precisions=ctx.precisions)
+    guide = GuidedProposals(ctx.model, ctx.noise, backends=config.backends, higher_is_better=handle.higher_is_better,
+                            metric=ctx.metric) if guided else None
+    started = time.perf_counter()
+    summary = run_worker(handle, ctx.model, ctx.evaluator, seeds=seed_plans(ctx.model, precisions=handle.precisions),
+                         guide=guide)
+    logger.info("%s seed %d: %d plans (%d failed) in %.1f min", strategy, seed, summary.completed, summary.failed,
+                (time.perf_counter() - started) / 60)
+
+
+def run_ranked(ctx: Context, strategy: str, budget: int) -> None:
+    """Return convs to float in the ranking's order, one plan per step; greedy-revert stops at the goal."""
+    from precsearch.model.plan import Plan
+
+    ranking = ctx.rankings()[strategy]
     rows = []
-    for trial in _distinct_trials(handle.study)[:budget]:
-        record = TrialRecord.from_trial(trial)
-        rows.append(_step_row(strategy, len(rows), record.plan, record.result, record.plan_key not in evaluator.fresh))
-    return rows
+    for step in range(min(budget, len(ranking) + 1)):
+        plan = Plan(frozenset(ranking[:step]))
+        row = {"plan": plan.key(), "latency_ms": None, "fidelity": None, "failed": None}
+        try:
+            result = ctx.evaluator.evaluate(plan)
+            row.update(latency_ms=result.latency_ms, fidelity=result.metrics[ctx.metric])
+        except Exception as exc:  # noqa: BLE001 - one failing plan is a spent step, as in the search
+            row["failed"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        rows.append(row)
+        if strategy == "greedy-revert" and ctx.goal is not None and row["fidelity"] is not None \
+                and row["fidelity"] >= ctx.goal:
+            break
+    folder = ctx.workdir / "ranked"
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(folder / f"{strategy}.csv", index=False)
 
 
-def _distinct_trials(study) -> list:
-    """Finished trials in trial order, one per plan (a repeat copies its owner's values and costs nothing)."""
+# --------------------------------------------------------------------------- reading the runs back
+
+
+def sampled_steps(ctx: Context, strategy: str, seed: int) -> pd.DataFrame | None:
+    """The run's distinct plans in trial order: plan, latency, fidelity (None when the plan failed)."""
+    import optuna
     from optuna.trial import TrialState
 
-    seen, trials = set(), []
+    from precsearch.study.record import TrialRecord
+    from precsearch.study.search import INTERRUPTED
+    from precsearch.study.storage import open_storage
+
+    path = ctx.workdir / "studies" / f"{strategy}-seed{seed}.db"
+    if not path.is_file():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=f"{strategy}-seed{seed}", storage=open_storage(f"sqlite:///{path}"))
+    seen, rows = set(), []
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         record = TrialRecord.from_trial(trial)
         key = record.plan_key
-        if trial.state == TrialState.COMPLETE and key not in seen and record.duplicate_of is None:
-            seen.add(key)
-            trials.append(trial)
-    return trials
-
-
-def search_evaluator(spec: ModelSpec, workdir: Path):
-    """The model, the full search's settings and a TvmEvaluator made from them, as the search's own trials used."""
-    from precsearch.study.config import SearchConfig
-    from precsearch.study.evaluator import TvmEvaluator
-    from precsearch.model import open_model
-
-    config = SearchConfig.from_dict(StudyAttrs(_search_study(workdir)).config)
-    model, preset = open_model(spec.model, config.input_shapes)
-    return model, config, TvmEvaluator.from_config(config, model, workdir, spec.preset or preset, METRIC)
-
-
-def run_strategies(spec: ModelSpec, names: list[str], workdir: Path, budget: int, goal: float) -> None:
-    import optuna
-
-    model, config, tvm_evaluator = search_evaluator(spec, workdir)
-    evaluator = CachingEvaluator(tvm_evaluator, workdir / "plan-cache")
-    for name in names:
-        started = time.perf_counter()
-        if name == "nsga2":
-            rows = run_optuna(name, optuna.samplers.NSGAIISampler(seed=config.seed, population_size=8), model,
-                              config, evaluator, budget, workdir)
-        elif name == "random":
-            rows = run_optuna(name, optuna.samplers.RandomSampler(seed=config.seed), model, config, evaluator,
-                              budget, workdir)
-        elif name == "greedy-revert":
-            rows = run_ranked(name, _ranking(workdir, "only_float", ascending=False), evaluator, budget, goal)
-        elif name == "sensitivity-topk":
-            rows = run_ranked(name, list(pd.read_csv(workdir / "sensitivity.csv")["id"]), evaluator, budget, None)
+        if key is None or key in seen or record.duplicate_of is not None:
+            continue
+        if trial.state == TrialState.COMPLETE:
+            rows.append({"plan": key, "latency_ms": trial.values[0], "fidelity": trial.values[1], "failed": None,
+                         "seed_plan": record.seed})
+        elif trial.state == TrialState.FAIL and record.fail_reason not in (None, INTERRUPTED):
+            rows.append({"plan": key, "latency_ms": None, "fidelity": None, "failed": record.fail_reason,
+                         "seed_plan": record.seed})
         else:
-            raise ValueError(name)
-        pd.DataFrame(rows).to_csv(workdir / "strategies" / f"{name}.csv", index=False)
-        logger.info("%s: %d plans in %.1f min", name, len(rows), (time.perf_counter() - started) / 60)
+            continue
+        seen.add(key)
+    return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------- the bound and the analysis
+def collect_steps(ctx: Context, strategies, seeds) -> pd.DataFrame:
+    frames = []
+    for strategy in strategies:
+        if strategy in RANKED:
+            path = ctx.workdir / "ranked" / f"{strategy}.csv"
+            runs = [(None, pd.read_csv(path))] if path.is_file() else []
+        else:
+            runs = [(seed, sampled_steps(ctx, strategy, seed)) for seed in seeds]
+        for seed, frame in runs:
+            if frame is None or frame.empty:
+                continue
+            frame = frame.copy()
+            frame.insert(0, "trial", range(1, len(frame) + 1))
+            frame.insert(0, "seed", -1 if seed is None else seed)
+            frame.insert(0, "strategy", strategy)
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
 
 
-def kernel_bound_ms(spec: ModelSpec, workdir: Path) -> dict:
-    """Additive kernel estimate of the fastest any plan can be (see the module docstring)."""
-    from precsearch.tvm import measure_library, profile_kernels
-    from precsearch.model.plan import Plan
-
-    model, config, evaluator = search_evaluator(spec, workdir)
-    per_build = {}
-    for precision, plan in (("int8", Plan(frozenset())), ("float", Plan(frozenset(model.capable_ids())))):
-        with evaluator.lock.shared():
-            built = evaluator.build(plan).built
-        with evaluator.lock.exclusive():
-            kernels = profile_kernels(built, evaluator.batches[0], threads=config.threads, runs=30)
-            latency = measure_library(built, evaluator.batches[0], threads=config.threads, warmup=20, repeats=200)
-        conv_us: dict[int, float] = {}
-        other_us = 0.0
-        for entry in kernels:
-            if entry.layer_index is not None:
-                conv_us[entry.layer_index] = conv_us.get(entry.layer_index, 0.0) + entry.median_us
-            else:
-                other_us += entry.median_us
-        per_build[precision] = {"conv_us": conv_us, "other_us": other_us, "latency_ms": latency.median_ms,
-                                "profiled_us": sum(conv_us.values()) + other_us}
-    layers = set(per_build["int8"]["conv_us"]) | set(per_build["float"]["conv_us"])
-    best_us = sum(min(per_build[p]["conv_us"].get(i, np.inf) for p in per_build) for i in layers)
-    best_us += min(per_build[p]["other_us"] for p in per_build)
-    # Kernel timestamps add per-call overhead; scale by the smaller measured/profiled ratio of the two builds.
-    scale = min(per_build[p]["latency_ms"] * 1e3 / per_build[p]["profiled_us"] for p in per_build)
-    return {"bound_ms": round(best_us * scale / 1e3, 4), "tvm_int8_ms": per_build["int8"]["latency_ms"],
-            "tvm_float_ms": per_build["float"]["latency_ms"],
-            "faster_in_int8": sum(per_build["int8"]["conv_us"].get(i, np.inf) < per_build["float"]["conv_us"].get(i, np.inf)
-                                  for i in layers), "convs": len(layers)}
+def non_dominated(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Latency minimized, fidelity maximized."""
+    return sorted({p for p in points if not any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in points)})
 
 
-def _cached_bound(spec: ModelSpec, workdir: Path, out: Path) -> dict:
-    """The kernel bound, measured once per workdir (an earlier headline.json's counts as measured)."""
-    path = workdir / "kernel-bound.json"
-    if not path.is_file():
-        earlier = out / "headline.json"
-        bound = json.loads(earlier.read_text())["kernel_bound"] if earlier.is_file() else kernel_bound_ms(spec, workdir)
-        path.write_text(json.dumps(bound, default=float))
-    return json.loads(path.read_text())
-
-
-def hypervolume_curves(steps: pd.DataFrame, budget: int, goal: float, ideal_ms: float) -> tuple[pd.DataFrame, dict]:
-    """Per strategy and trial: hypervolume of (latency, top-1) as a fraction of the rectangle up to the ideal point.
-
-    Every strategy is followed up to ``budget`` trials; ``tpe`` up to the end of the full search.
-    """
+def analyze(ctx: Context, steps: pd.DataFrame, budgets: list[int], out: Path, meta: dict) -> pd.DataFrame:
     from precsearch.study.pareto import hypervolume
 
-    reference = (float(steps["latency_ms"].max()), float(steps["top1"].min()))
-    area = (reference[0] - ideal_ms) * (1.0 - reference[1])
+    measured = steps.dropna(subset=["latency_ms", "fidelity"])
+    if ctx.universe is not None:  # the tiny model: every plan is known
+        values = dict(ctx.universe)
+        best_label = "exhaustive front (256 plans)"
+    else:
+        values = {row.plan: (float(row.latency_ms), float(row.fidelity)) for row in measured.itertuples()}
+        best_label = f"front of every plan measured by any strategy ({len(values)} plans)"
+    reference = (max(v[0] for v in values.values()), min(v[1] for v in values.values()))
+    best_front = non_dominated(list(values.values()))
+    best_hv = hypervolume(best_front, reference)
+    feasible = {k: v for k, v in values.items() if ctx.goal is None or v[1] >= ctx.goal}
+    target_key = min(feasible, key=lambda k: feasible[k][0]) if feasible else None
+    target_ms = feasible[target_key][0] if target_key else math.nan
+    horizon = max(budgets)
+    curves = []
+    for (strategy, seed), run in steps.groupby(["strategy", "seed"], sort=False):
+        run = run.sort_values("trial")
+        points, fastest, found, close = [], math.inf, None, None
+        for t in range(1, horizon + 1):
+            if t <= len(run):
+                row = run.iloc[t - 1]
+                if pd.notna(row["latency_ms"]) and pd.notna(row["fidelity"]):
+                    point = (float(row["latency_ms"]), float(row["fidelity"]))
+                    points.append(point)
+                    if ctx.goal is None or point[1] >= ctx.goal:
+                        fastest = min(fastest, point[0])
+                    if found is None and row["plan"] == target_key:
+                        found = t
+                    if close is None and math.isfinite(fastest) and fastest <= target_ms * (1 + WITHIN):
+                        close = t
+            curves.append({"strategy": strategy, "seed": seed, "trials": t, "spent": min(t, len(run)),
+                           "hypervolume": hypervolume(points, reference) / best_hv if points else 0.0,
+                           "fastest_at_goal": fastest if math.isfinite(fastest) else None,
+                           "found_target": found is not None and found <= t,
+                           "trials_to_target": found, "trials_within_5pct": close})
+    curves = pd.DataFrame(curves)
+    lengths = steps.groupby(["strategy", "seed"])["trial"].max()
+    curves["complete"] = [strategy in RANKED or lengths[(strategy, seed)] >= horizon
+                          for strategy, seed in zip(curves["strategy"], curves["seed"])]
     rows = []
-    for strategy in STRATEGIES:
-        own = steps[steps["strategy"] == strategy].sort_values("step")
-        horizon = max(budget, len(own)) if strategy == "tpe" else budget
-        points, best = [], np.inf
-        for trials in range(1, horizon + 1):
-            if trials <= len(own):
-                row = own.iloc[trials - 1]
-                points.append((row["latency_ms"], row["top1"]))
-                if row["top1"] >= goal:
-                    best = min(best, row["latency_ms"])
-            rows.append({"strategy": strategy, "trials": trials, "spent": min(trials, len(own)),
-                         "hypervolume": hypervolume(points, reference) / area,
-                         "fastest_meeting_goal_ms": best if np.isfinite(best) else None})
-    return pd.DataFrame(rows), {"reference_latency_ms": reference[0], "reference_top1": reference[1],
-                                "ideal_latency_ms": ideal_ms}
+    order = [s for s in STRATEGIES if s in set(curves["strategy"])]
+    for strategy in order:
+        own = curves[curves["strategy"] == strategy]
+        for budget in budgets:
+            at = own[own["trials"] == budget]
+            if strategy in SAMPLED:  # a run cut short before this budget does not count at it
+                at = at[at["spent"] >= budget]
+            if at.empty:
+                continue
+            hv = at["hypervolume"]
+            fastest = at["fastest_at_goal"].dropna().astype(float)
+            to_target = at["trials_to_target"].dropna()
+            to_target = to_target[to_target <= budget]
+            close = at["trials_within_5pct"].dropna()
+            close = close[close <= budget]
+            rows.append({"strategy": strategy, "budget": budget, "runs": len(at),
+                         "plans_spent_mean": round(float(at["spent"].mean()), 1),
+                         "hv_mean": round(float(hv.mean()), 4), "hv_min": round(float(hv.min()), 4),
+                         "hv_max": round(float(hv.max()), 4),
+                         "fastest_at_goal_ms_mean": round(float(fastest.mean()), 4) if len(fastest) else None,
+                         "runs_meeting_goal": len(fastest),
+                         "runs_found_target": len(to_target),
+                         "trials_to_target_mean": round(float(to_target.mean()), 1) if len(to_target) else None,
+                         "runs_within_5pct": len(close),
+                         "trials_within_5pct_mean": round(float(close.mean()), 1) if len(close) else None})
+    summary = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    steps.to_csv(out / "steps.csv", index=False)
+    curves.to_csv(out / "curves.csv", index=False)
+    summary.to_csv(out / "summary.csv", index=False)
+    info = {**meta, "metric": ctx.metric, "goal": ctx.goal, "reference_point": {"latency_ms": reference[0],
+                                                                                 ctx.metric: reference[1]},
+            "normalized_by": best_label, "best_hypervolume": best_hv,
+            "best_front": [{"latency_ms": p[0], ctx.metric: p[1]} for p in best_front],
+            "fastest_at_goal": {"plan": target_key, "latency_ms": target_ms,
+                                ctx.metric: values[target_key][1] if target_key else None},
+            "plans_measured": len(values) if ctx.universe is None else int(steps["plan"].nunique()),
+            "summary": summary.to_dict("records")}
+    (out / "summary.json").write_text(json.dumps(info, indent=1, default=float) + "\n")
+    plot(curves, order, out / "hypervolume.png", ctx, budgets, target_ms, best_label)
+    return summary
 
 
-def plot_curves(curves: pd.DataFrame, out: Path, title: str, goal: float, bound_note: str, baselines: dict) -> None:
+def plot(curves: pd.DataFrame, order, path: Path, ctx: Context, budgets, target_ms: float, best_label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = ("-", "--", ":", "-.", (0, (5, 1)))  # curves that coincide stay visible
-    for (strategy, own), style in zip(curves.groupby("strategy", sort=False), styles):
-        left.plot(own["trials"], own["hypervolume"], marker=".", linestyle=style, label=strategy)
-        right.plot(own["trials"], own["fastest_meeting_goal_ms"].astype(float), marker=".", linestyle=style,
-                   label=strategy)
-    right.axhline(baselines["ort_float_ms"], color="grey", linestyle="--", linewidth=1)
-    right.annotate("ORT float", (1, baselines["ort_float_ms"]), fontsize=8, color="grey")
-    right.axhline(baselines["ort_int8_ms"], color="grey", linestyle=":", linewidth=1)
-    right.annotate("ORT int8", (1, baselines["ort_int8_ms"]), fontsize=8, color="grey")
-    left.set(xlabel="trials (distinct plans built and timed)", ylabel=f"hypervolume / {bound_note}",
-             title=f"{title}: hypervolume of latency vs top-1", ylim=(0, 1.02))
-    right.set(xlabel="trials (distinct plans built and timed)", ylabel="ms",
-              title=f"fastest plan with top-1 >= {goal:g}")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    colors = dict(zip(STRATEGIES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for strategy in order:
+        own = curves[(curves["strategy"] == strategy) & curves["complete"]]
+        if own.empty:
+            continue
+        grouped = own.groupby("trials")
+        hv = grouped["hypervolume"]
+        runs = own["seed"].nunique()
+        label = f"{strategy} ({runs} seeds)" if strategy in SAMPLED else f"{strategy} (deterministic)"
+        style = "-" if strategy in SAMPLED else "--"
+        x = np.array(sorted(own["trials"].unique()))
+        left.plot(x, hv.mean().to_numpy(), style, color=colors[strategy], label=label, linewidth=1.6)
+        if runs > 1:
+            left.fill_between(x, hv.min().to_numpy(), hv.max().to_numpy(), color=colors[strategy], alpha=0.15)
+        fastest = grouped["fastest_at_goal"].apply(lambda s: s.astype(float).mean() if s.notna().all() else np.nan)
+        right.plot(x, fastest.to_numpy(), style, color=colors[strategy], label=label, linewidth=1.6)
+        if runs > 1:
+            lo = grouped["fastest_at_goal"].apply(lambda s: s.astype(float).min())
+            hi = grouped["fastest_at_goal"].apply(lambda s: s.astype(float).max() if s.notna().all() else np.nan)
+            right.fill_between(x, lo.to_numpy(), hi.to_numpy(), color=colors[strategy], alpha=0.12)
+    for budget in budgets:
+        left.axvline(budget, color="grey", linewidth=0.6, linestyle=":")
+        right.axvline(budget, color="grey", linewidth=0.6, linestyle=":")
+    if math.isfinite(target_ms):
+        right.axhline(target_ms, color="black", linewidth=0.8, linestyle=":")
+    goal = "" if ctx.goal is None else f" >= {ctx.goal:g}"
+    left.set(xlabel="trials (distinct plans)", ylabel="hypervolume / best front's",
+             title=f"{ctx.name}: hypervolume, mean and min-max", ylim=(None, 1.01))
+    right.set(xlabel="trials (distinct plans)", ylabel="ms" if ctx.universe is None else "stand-in latency",
+              title=f"fastest plan with {ctx.metric}{goal} (mean; band min-max)")
     left.grid(alpha=0.3)
     right.grid(alpha=0.3)
-    left.legend()
+    left.legend(fontsize=8, loc="lower right")
+    fig.text(0.01, 0.005, f"normalized by the {best_label}", fontsize=7, color="grey")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def collect_steps(workdir: Path) -> pd.DataFrame:
-    from precsearch.model.plan import Plan
-
-    frames = [pd.read_csv(workdir / "strategies" / f"{name}.csv") for name in STRATEGIES if name != "tpe"]
-    # The full search's plans, all of them: its curve goes on past the equal budget.
-    tpe = [_step_row("tpe", step, Plan(frozenset(trial.user_attrs["float_layers"])), result_from_trial(trial), False)
-           for step, trial in enumerate(_distinct_trials(_search_study(workdir)))]
-    return pd.concat([pd.DataFrame(tpe), *frames], ignore_index=True)
-
-
-def side_by_side(spec: ModelSpec, workdir: Path, plans: list[str]) -> dict:
-    """``precsearch bench`` with ``plans`` (plan keys): ORT float and int8, TVM float and all-int8 and the plans,
-    measured in one run with 200 runs each, once per workdir.
-
-    The search's own baselines are timed once at its start, and its plans one at a time over hours; the
-    headline's ratios come from this run, where every number was measured under the same conditions.
-    """
-    path = workdir / "side-by-side.json"
-    if not path.is_file():
-        command = [sys.executable, "-m", "precsearch", "bench", spec.model, *spec.cli_extra, "--workdir", str(workdir),
-                   "--repeats", "200", "--json"]
-        for key in plans:
-            command += ["--plan", key.removeprefix("float:")]
-        logger.info("$ %s", " ".join(command[1:]))
-        path.write_text(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-    return json.loads(path.read_text())
-
-
-def headline(spec: ModelSpec, workdir: Path, goal: float, bound: dict) -> dict:
-    """The README row: baselines, TVM all-int8, the fastest front plan meeting the goal, cost of the search."""
-    study = _search_study(workdir)
-    attrs = StudyAttrs(study)
-    trials = _distinct_trials(study)
-    convs = len(attrs.layer_ids)
-    baselines = attrs.baselines
-    remeasured = attrs.remeasured
-    pareto = pd.read_csv(workdir / "report" / "pareto.csv")
-    meeting = pareto[pareto[METRIC] >= goal].sort_values("latency_ms")
-    by_plan = {TrialRecord.from_trial(t).plan_key: TrialRecord.from_trial(t) for t in trials}
-    starts = [t.datetime_start for t in trials]
-    ends = [t.datetime_complete for t in trials]
-    candidates = pd.concat([meeting[:1], pareto.sort_values("latency_ms")[:1]])
-    headline_plans = list(dict.fromkeys(candidates.loc[(candidates["float_count"] > 0)
-                                                       & (candidates["float_count"] < convs), "plan"]))
-    bench = side_by_side(spec, workdir, headline_plans)
-    rows = {row["name"]: row for row in bench["rows"]}
-    by_key = {row["plan"]: row for row in bench["rows"] if not row["name"].startswith("ort_")}
-    ort_float, ort_int8 = rows["ort_float"]["median_ms"], rows["ort_int8"]["median_ms"]
-
-    def plan_entry(row) -> dict:
-        key = row["plan"]
-        measured = by_key.get(key) or (rows["tvm_float"] if int(row["float_count"]) == convs else rows["tvm_int8"])
-        return {"trial": int(row["trial"]), "plan": key, "latency_ms": round(measured["median_ms"], 4),
-                "latency_iqr_ms": round(measured["iqr_ms"], 4),
-                "search_latency_ms": round(float(remeasured.get(int(row["trial"]), {}).get("median_ms",
-                                                                                             row["latency_ms"])), 4),
-                METRIC: float(row[METRIC]), "float_convs": int(row["float_count"]),
-                "speedup_vs_ort_float": round(ort_float / measured["median_ms"], 3),
-                "speedup_vs_ort_int8": round(ort_int8 / measured["median_ms"], 3)}
-
-    all_int8 = by_plan.get("float:")
-    return {"model": spec.name, "convs": convs, "goal_top1": goal,
-            "ort_float_ms": round(ort_float, 4), "ort_int8_ms": round(ort_int8, 4),
-            "ort_int8_top1": baselines.get(f"ort_int8_{METRIC}"),
-            "tvm_all_int8_ms": round(rows["tvm_int8"]["median_ms"], 4),
-            "tvm_all_int8_top1": all_int8.metrics.get("top1") if all_int8 else None,
-            "tvm_all_float_ms": round(rows["tvm_float"]["median_ms"], 4),
-            "fastest_meeting_goal": plan_entry(meeting.iloc[0]) if len(meeting) else None,
-            "fastest_on_front": plan_entry(pareto.sort_values("latency_ms").iloc[0]),
-            "front": [{"trial": int(r["trial"]), "latency_ms": round(float(remeasured.get(int(r["trial"]), {}).get(
-                "median_ms", r["latency_ms"])), 4), METRIC: float(r[METRIC]), "float_convs": int(r["float_count"])}
-                      for _, r in pareto.iterrows()],
-            "search_trials": len(trials), "search_wall_min": round((max(ends) - min(starts)).total_seconds() / 60, 1),
-            "search_baselines": {k: round(v, 4) for k, v in baselines.items()},
-            "search_settings": {k: attrs.config[k] for k in ("sampler", "seed", "trials", "eval_batches",
-                                                                           "repeats")},
-            "side_by_side_runs": rows["ort_float"]["runs"], "tuned": bench["tuned"], "kernel_bound": bound}
-
-
-def copy_report(workdir: Path, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("report.html", "pareto.csv", "pareto.png", "trials.csv"):
-        shutil.copy2(workdir / "report" / name, out / name)
-    if (workdir / "sensitivity.csv").is_file():
-        shutil.copy2(workdir / "sensitivity.csv", out / "sensitivity.csv")
-    for name in ("side-by-side.json", "kernel-bound.json"):  # the raw figures behind headline.json
-        if (workdir / name).is_file():
-            shutil.copy2(workdir / name, out.parent / name)
 
 
 # --------------------------------------------------------------------------- main
@@ -458,84 +600,96 @@ def copy_report(workdir: Path, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", choices=["mobilenetv3-textcls", "pplcnet-orientation", "efficientnet-lite0"])
-    parser.add_argument("--budget", type=int, help="distinct plans per strategy (default: per model)")
-    parser.add_argument("--search-trials", type=int, help="distinct plans of the full search (default: per model)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--goal", type=float, default=0.99, help="top-1 agreement the plans must reach")
-    parser.add_argument("--tune-trials", type=int, default=8)
-    parser.add_argument("--tune-timeout", help="default: per model")
-    parser.add_argument("--no-tune", action="store_true", help="use the tuning database as it is")
-    parser.add_argument("--workers", type=int, help="worker processes of the full search (default: per model)")
+    parser.add_argument("model", choices=[TINY, *REAL_MODELS])
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: 0-4 (tiny model), 0-2 (real models)")
+    parser.add_argument("--budgets", type=int, nargs="+",
+                        help="distinct plans; each run goes to the largest (default: 16 26 48 tiny, 16 24 real)")
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    parser.add_argument("--max-drop", type=float, default=0.01, help="real models: the goal is top-1 >= 1 - this")
+    parser.add_argument("--goal", type=float, default=45.0,
+                        help="tiny model: the SQNR goal in dB (30 of the 256 plans meet 45)")
+    parser.add_argument("--no-study-goal", action="store_true",
+                        help="tiny model: search without the goal (as tests/test_search.py); it is used afterwards only")
+    parser.add_argument("--bf16", choices=("off", "auto"), default="off",
+                        help="off: int8/float per conv (default); auto: int8/bf16/float where the CPU has bf16")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--analyze-only", action="store_true",
-                        help="rewrite results/<name>/ from the workdir; no search or strategy runs (the side-by-side "
-                             "bench and the bound are measured only if the workdir has none)")
-    parser.add_argument("--run-strategies", help=argparse.SUPPRESS)  # internal: one side-by-side process
+    parser.add_argument("--analyze-only", action="store_true", help="rewrite the results from the workdir")
+    parser.add_argument("--quiet-below", type=float, default=0.5,
+                        help="real models: time a plan once other processes keep fewer cores than this busy")
+    parser.add_argument("--quiet-wait", type=float, default=900.0, help="... waiting at most this many seconds")
+    parser.add_argument("--jobs", type=int, default=1, help="strategy runs in this many processes at once")
+    parser.add_argument("--job", type=int, help=argparse.SUPPRESS)  # internal: one of the --jobs processes
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="real models: calibration, reference, layer noise and rankings only (nothing is timed)")
     args = parser.parse_args()
-    for name, value in MODEL_DEFAULTS[args.model].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    tiny = args.model == TINY
+    args.seeds = args.seeds or ([0, 1, 2, 3, 4] if tiny else [0, 1, 2])
+    args.budgets = sorted(args.budgets or ([16, 26, 48] if tiny else [16, 24]))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    spec = model_spec(args.model)
-    workdir = (args.workdir or ROOT / "precsearch-work" / "experiments" / spec.name).resolve()
-    out = (args.out or ROOT / "results" / spec.name).resolve()
-    (workdir / "strategies").mkdir(parents=True, exist_ok=True)
+    logging.getLogger("precsearch").setLevel(logging.WARNING)
+    logging.getLogger("precsearch.study.search").setLevel(logging.WARNING if tiny else logging.INFO)
+    logger.setLevel(logging.INFO)
+    suffix = "-three-state" if args.bf16 != "off" else "-no-study-goal" if args.no_study_goal else ""
+    workdir = (args.workdir or ROOT / "precsearch-work" / "experiments" / f"strategies-{args.model}{suffix}").resolve()
+    out = (args.out or ROOT / "results" / args.model / f"strategies{suffix}").resolve()
+    if "gp" in args.strategies:
+        try:
+            import torch
 
-    if args.run_strategies:
-        run_strategies(spec, args.run_strategies.split(","), workdir, args.budget, args.goal)
+            torch.set_num_threads(1)
+        except ImportError:
+            sys.exit("the gp strategy needs PyTorch (pip install torch); or leave it out with --strategies")
+
+    started = time.perf_counter()
+    ctx = tiny_context(args, workdir) if tiny else real_context(args, workdir)
+    budget = max(args.budgets)
+    if args.prepare_only:
         return
-
+    # Seed by seed, so a cut-short run still compares every sampled strategy; the deterministic ones last.
+    runs = [(strategy, seed) for seed in args.seeds for strategy in args.strategies if strategy in SAMPLED]
+    runs += [(strategy, None) for strategy in args.strategies if strategy in RANKED]
+    if args.job is not None:  # one of --jobs processes: every --jobs-th run
+        for strategy, seed in runs[args.job::args.jobs]:
+            if seed is None:
+                run_ranked(ctx, strategy, budget)
+            else:
+                run_sampled(ctx, strategy, seed, budget)
+        return
     if not args.analyze_only:
-        common = (*spec.cli_extra, "--workdir", str(workdir))
-        if not args.no_tune:
-            precsearch("tune", spec.model, "--trials", str(args.tune_trials), "--timeout", args.tune_timeout, *common)
-        precsearch("search", spec.model, "--trials", str(args.search_trials), "--seed", str(args.seed),
-                   "--workers", str(args.workers), *common)
-        if not (workdir / "sensitivity.csv").is_file():
-            precsearch("sensitivity", spec.model, "--no-latency", *common)
-        cache = CachingEvaluator(None, workdir / "plan-cache")
-        for trial in _distinct_trials(_search_study(workdir)):
-            cache.store(TrialRecord.from_trial(trial).plan_key, result_from_trial(trial))
+        if args.jobs == 1:
+            for strategy, seed in runs:
+                run_ranked(ctx, strategy, budget) if seed is None else run_sampled(ctx, strategy, seed, budget)
+        else:
+            # Parallel processes compile side by side and take turns to time (precsearch's machine-wide CPU
+            # lock); a plan two of them want is measured once (a lock per plan in the cache).
+            import subprocess
 
-        children = [subprocess.Popen([sys.executable, __file__, args.model, "--budget", str(args.budget),
-                                      "--goal", str(args.goal), "--workdir", str(workdir), "--run-strategies",
-                                      ",".join(share)]) for share in PROCESS_SHARES]
-        if any(child.wait() for child in children):
-            sys.exit("a strategy process failed")
-    bound = _cached_bound(spec, workdir, out)
-    logger.info("kernel bound: %s", bound)
-
-    steps = collect_steps(workdir)
-    ideal_ms = min(bound["bound_ms"], float(steps["latency_ms"].min()))
-    curves, reference = hypervolume_curves(steps, args.budget, args.goal, ideal_ms)
-    strategies_out = out / "strategies"
-    strategies_out.mkdir(parents=True, exist_ok=True)
-    steps.to_csv(strategies_out / "steps.csv", index=False)
-    curves.to_csv(strategies_out / "hypervolume.csv", index=False)
-    last = curves[curves["trials"] == args.budget].set_index("strategy")
-    summary = pd.DataFrame([{
-        "strategy": name, "trials": int(last.loc[name, "spent"]),
-        "hypervolume": round(float(last.loc[name, "hypervolume"]), 4),
-        "fastest_meeting_goal_ms": last.loc[name, "fastest_meeting_goal_ms"],
-        "cost_min": round(steps.loc[(steps["strategy"] == name) & (steps["step"] < args.budget), "cost_s"].sum() / 60,
-                          1)} for name in STRATEGIES])
-    full = curves[curves["strategy"] == "tpe"].iloc[-1]
-    if int(full["trials"]) > args.budget:
-        summary.loc[len(summary)] = {"strategy": "tpe (full search)", "trials": int(full["spent"]),
-                                     "hypervolume": round(float(full["hypervolume"]), 4),
-                                     "fastest_meeting_goal_ms": full["fastest_meeting_goal_ms"],
-                                     "cost_min": round(steps.loc[steps["strategy"] == "tpe", "cost_s"].sum() / 60, 1)}
-    summary.to_csv(strategies_out / "summary.csv", index=False)
-    plot_curves(curves, strategies_out / "hypervolume.png", spec.name, args.goal, "kernel-bound rectangle",
-                StudyAttrs(_search_study(workdir)).baselines)
-    copy_report(workdir, out / "search")
-    row = headline(spec, workdir, args.goal, bound)
-    row["strategies"] = {"budget": args.budget, "reference": reference, "summary": summary.to_dict("records")}
-    (out / "headline.json").write_text(json.dumps(row, indent=1, default=float) + "\n")
+            children = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--job", str(job)])
+                        for job in range(args.jobs)]
+            if any(child.wait() for child in children):
+                sys.exit("a strategy process failed")
+    wall_path = workdir / "wall.json"
+    wall = json.loads(wall_path.read_text()) if wall_path.is_file() else {"runs_min": 0.0}
+    if not args.analyze_only:
+        wall["runs_min"] = round(wall["runs_min"] + (time.perf_counter() - started) / 60, 1)
+        wall_path.write_text(json.dumps(wall))
+    meta = {"model": args.model, "seeds": args.seeds, "budgets": args.budgets, "strategies": args.strategies,
+            "precisions": list(ctx.precisions), "cpu": cpu_name(), "wall_min_all_runs": wall["runs_min"],
+            "command": "python experiments/compare_strategies.py " + " ".join(
+                a for a in sys.argv[1:] if a not in ("--analyze-only", "--prepare-only"))}
+    if not tiny:
+        meta.update(untuned=True, eval_batches=ctx.config.eval_batches, repeats=ctx.config.repeats,
+                    plans_built=len(list((workdir / "plan-cache").glob("*.json"))))
+        gate_path = workdir / "timing-gate.jsonl"
+        gate = [json.loads(line) for line in gate_path.read_text().splitlines()] if gate_path.is_file() else []
+        meta["timing_gate"] = {"measurements": len(gate), "quiet": sum(g["quiet"] for g in gate),
+                               "quiet_below_cores": args.quiet_below,
+                               "wait_s_total": round(sum(g["waited_s"] for g in gate), 1),
+                               "wait_s_max": max((g["waited_s"] for g in gate), default=0.0)}
+    steps = collect_steps(ctx, args.strategies, args.seeds)
+    summary = analyze(ctx, steps, args.budgets, out, meta)
     print(summary.to_string(index=False))
-    print(json.dumps({k: v for k, v in row.items() if k != "strategies"}, indent=1, default=float))
 
 
 if __name__ == "__main__":
