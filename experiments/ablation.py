@@ -44,8 +44,8 @@ tuning database when there is one (``tuned`` column), else TVM's default schedul
     python experiments/ablation.py [--models ddddocr-det pplcnet-orientation mobilenetv3-textcls]
                                    [--levers separable_max_pool ...]
 
-``--levers`` measures only the named in-process levers (each off, against the default build) and no
-environment lever.
+``--levers`` measures only the named levers (in-process ones each off, against the default build; environment
+ones in their child processes, for the ``--wait-models``).
 
 Writes results/latency/ablation.csv and prints it.
 """
@@ -190,9 +190,11 @@ def env_child(name: str, workdir: Path, lever: str, setting: str) -> None:
                                    workspace.database is not None)), flush=True)
 
 
-def env_levers(name: str, workdir: Path) -> list[dict]:
+def env_levers(name: str, workdir: Path, only: set[str] | None = None) -> list[dict]:
     rows = []
     for lever, settings in ENV_LEVERS.items():
+        if only is not None and lever not in only:
+            continue
         for setting, env in settings.items():
             print(f"  {name} {lever}={setting}: child process...", flush=True)
             child_env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
@@ -216,7 +218,7 @@ def main() -> None:
                         help="models for the environment levers (one child process and build per setting)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "latency" / "ablation.csv")
     parser.add_argument("--levers", nargs="+", default=None,
-                        help="in-process levers to measure (default: all, and the environment levers)")
+                        help="levers to measure, in-process or environment ones (default: all)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lever", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--setting", default=None, help=argparse.SUPPRESS)
@@ -233,8 +235,9 @@ def main() -> None:
     rows = []
     for name in args.models:
         rows += in_process_levers(name, args.workdir, set(args.levers) if args.levers else None)
-        if name in args.wait_models and not args.levers:
-            rows += env_levers(name, args.workdir)
+        env_only = set(args.levers) & set(ENV_LEVERS) if args.levers else None
+        if name in args.wait_models and (env_only is None or env_only):
+            rows += env_levers(name, args.workdir, env_only)
         pd.DataFrame(rows).to_csv(out, index=False)  # after each model: a killed run keeps what it measured
     print(pd.DataFrame(rows).to_string(index=False))
 
