@@ -24,7 +24,7 @@ import logging
 
 import tvm
 
-from ._select_partition import partition_vector_loop
+from ._select_partition import operands, partition_vector_loop
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +74,7 @@ def _loads_under_add(expr, buffer) -> bool:
             operand = _strip_casts(operand)
             if isinstance(operand, _LOAD) and operand.source.same_as(buffer):
                 return True
-    children = []
-    for name in ("a", "b", "value", "condition", "true_value", "false_value"):
-        child = getattr(expr, name, None)
-        if isinstance(child, tvm.tirx.Expr):
-            children.append(child)
-    children.extend(arg for arg in getattr(expr, "args", ()) if isinstance(arg, tvm.tirx.Expr))
-    return any(_loads_under_add(child, buffer) for child in children)
+    return any(_loads_under_add(child, buffer) for child in operands(expr))
 
 
 def _store(sch, block):
@@ -199,7 +193,7 @@ def _gathers(sch, block) -> bool:
     store = _store(sch, block)
     if store is None:
         return False
-    pending, inside_index = [(store.value, False)], False
+    pending = [(store.value, False)]
     while pending:
         node, inside_index = pending.pop()
         if isinstance(node, _LOAD):
@@ -207,11 +201,7 @@ def _gathers(sch, block) -> bool:
                 return True
             pending.extend((index, True) for index in node.indices)
             continue
-        for name in ("a", "b", "value", "condition", "true_value", "false_value"):
-            child = getattr(node, name, None)
-            if isinstance(child, tvm.tirx.Expr):
-                pending.append((child, inside_index))
-        pending.extend((arg, inside_index) for arg in getattr(node, "args", ()) if isinstance(arg, tvm.tirx.Expr))
+        pending.extend((child, inside_index) for child in operands(node))
     return False
 
 

@@ -50,16 +50,17 @@ def route_parallel_loops() -> int:
     with _lock:
         module = _onednn.load()
         replacements = (int(module.parallel_launch_address()), int(module.parallel_barrier_address()))
-        originals = _tvm_runtime_functions()
+        libraries = _loaded_libraries()
+        originals = _tvm_runtime_functions(libraries)
         if originals is None:
             return 0
         # A library already routed no longer holds TVM's pointers and is left alone.
-        return sum(_route(path, originals, replacements) for path in _loaded_libraries())
+        return sum(_route(path, originals, replacements) for path in libraries)
 
 
-def _tvm_runtime_functions() -> tuple[int, int] | None:
+def _tvm_runtime_functions(libraries=None) -> tuple[int, int] | None:
     """Addresses of TVM's own TVMBackendParallelLaunch / Barrier (what its loader writes into a module)."""
-    for path in _loaded_libraries():
+    for path in _loaded_libraries() if libraries is None else libraries:
         if os.path.basename(path).startswith("libtvm_runtime.so"):
             library = ctypes.CDLL(path, mode=_RTLD_NOLOAD)
             return tuple(ctypes.cast(getattr(library, name[2:]), ctypes.c_void_p).value for name in _POINTERS)

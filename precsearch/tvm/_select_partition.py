@@ -26,7 +26,6 @@ def select_boundaries(value, var) -> set[int]:
     """Where conditions of the form ``var < c`` / ``c <= var`` (and mirrored) inside ``value`` change: the first
     ``var`` for which the condition's truth differs from ``var - 1``."""
     found: set[int] = set()
-    # TVM 0.27's Python has no TIR expression visitor: walk the operands by hand.
     pending = [value]
     while pending:
         node = pending.pop()
@@ -34,13 +33,19 @@ def select_boundaries(value, var) -> set[int]:
             boundary = _flip_point(node, var)
             if boundary is not None:
                 found.add(boundary)
-        for name in ("a", "b", "value", "condition", "true_value", "false_value"):
-            child = getattr(node, name, None)
-            if isinstance(child, tvm.tirx.Expr):
-                pending.append(child)
-        pending.extend(arg for arg in getattr(node, "args", ()) if isinstance(arg, tvm.tirx.Expr))
+        pending.extend(operands(node))
         pending.extend(index for index in getattr(node, "indices", ()) if isinstance(index, tvm.tirx.Expr))
     return found
+
+
+def operands(node) -> list:
+    """The sub-expressions of a TIR expression (a load's indices not included).
+
+    TVM 0.27's Python has no TIR expression visitor: the operands are read off by field name.
+    """
+    children = [getattr(node, name, None) for name in ("a", "b", "value", "condition", "true_value", "false_value")]
+    children.extend(getattr(node, "args", ()))
+    return [child for child in children if isinstance(child, tvm.tirx.Expr)]
 
 
 def _flip_point(comparison, var) -> int | None:
