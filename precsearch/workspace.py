@@ -159,6 +159,10 @@ class Workspace:
         """The tuning database of this CPU in the workdir (None when untuned or nothing was tuned there)."""
         return None if self.untuned else open_database(self.workdir, self.options)
 
+    def reload_database(self) -> None:
+        """Read the tuning database again at the next build (tuning has added records since it was opened)."""
+        self.__dict__.pop("database", None)
+
     def prepare(self, *, reference: bool = True, ort_int8: bool = True, tvm: bool = True) -> Workspace:
         """Compute (or load from the cache) now what the first plan would: calibration, reference, ORT int8 model.
 

@@ -14,7 +14,7 @@ import time
 import zlib
 from pathlib import Path
 
-from precsearch.cli.render import (print_bench_profiles, print_build, print_operators, print_search, progress_line,
+from precsearch.cli.render import (print_bench_profiles, print_build, print_operators, print_search, front_lines, progress_line,
                                    status)
 
 EXIT_BAD_INPUT = 2
@@ -289,13 +289,18 @@ def _cmd_search(args) -> int:
                           requant=args.requant, block_size=args.block_size, float_layout=args.float_layout,
                           conv_backend=args.conv_backend, onednn_int8=args.onednn_int8,
                           activation_layout=args.activation_layout, check_batches=args.check_batches, warmup=args.warmup, repeats=args.repeats,
-                          untuned=args.untuned, backend=args.backend,
+                          untuned=args.untuned, backend=args.backend, tune=args.tune,
                           heartbeat_interval_s=args.heartbeat_interval, grace_period_s=args.grace_period)
     model, preset = _load(args)
+
+    def show_front(summary, handle):
+        for line in front_lines(summary, handle):
+            status(line, quiet)
+
     run = run_search(config, model, preset, workdir=workdir, storage_url=_storage_url(args, workdir),
                      study_name=args.study, remeasure_repeats=args.remeasure_repeats,
                      status=lambda line: status(line, quiet),
-                     progress=lambda snapshot: status(progress_line(snapshot), False))
+                     progress=lambda snapshot: status(progress_line(snapshot), False), front=show_front)
     code = print_search(run.summary, args.json, run.handle)
     status(f"report: {run.report_dir / 'report.html'}", quiet)
     return code

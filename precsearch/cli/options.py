@@ -169,7 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--trials", type=int, default=None,
                         help="distinct plans to evaluate (default: every plan when the space is <= 1024, else 200)")
     search.add_argument("--timeout", default=None, metavar="DURATION",
-                        help="stop starting new trials after this long, e.g. 90s, 30m, 8h")
+                        help="stop starting new trials after this long, e.g. 90s, 30m, 8h; with --tune auto, "
+                             "tuning and searching share it")
+    search.add_argument("--tune", choices=["auto", "off"], default="auto",
+                        help="auto (default): with --timeout, the first front comes from untuned kernels (a quarter "
+                             "of the time, at most 20 min), then tuning rounds (heaviest kernels first) alternate "
+                             "with searching and the front is measured again after each; off: use only what "
+                             "'precsearch tune' left in --workdir")
     search.add_argument("--storage", default=None,
                         help="Optuna storage URL (default sqlite:///WORKDIR/study.db); postgresql://... for many "
                              "machines (also read from $PRECSEARCH_STORAGE)")

@@ -31,7 +31,7 @@ def status(message: str, quiet: bool) -> None:
 
 
 def progress_line(progress) -> str:
-    line = f"[{progress.done}/{progress.budget} plans] {progress.failed} failed, {progress.running} running; " \
+    line = f"{progress.phase}: [{progress.done}/{progress.budget} plans] {progress.failed} failed, {progress.running} running; " \
            f"front {progress.front_size}"
     best = progress.fastest_feasible
     if best is not None:
@@ -55,24 +55,40 @@ def print_search(summary, as_json: bool, handle) -> int:
                           "duplicates": summary.duplicates, "elapsed_s": round(summary.elapsed_s, 1),
                           "stopped_by": summary.stopped_by, "front": front}, indent=1))
         return 0
+    for line in front_lines(summary, handle):
+        print(line)
+    return 0
+
+
+def front_lines(summary, handle) -> list[str]:
+    """The front as a table, with ONNX Runtime's baselines and the counts of the study."""
+    from precsearch.study.record import StudyAttrs
+
     goal = handle.config.fidelity_goal(summary.metric)
     three = any(point.bf16_layers for point in summary.front)
-    print(f"{'trial':>5} {'backend':>7} {'latency ms':>10} {summary.metric:>10} {'95% interval':>14} {'float':>5}  "
-          + (f"{'bf16':>5}  float layers (bf16 ones marked *)" if three else "float layers"))
+    lines = [f"{'trial':>5} {'backend':>7} {'latency ms':>10} {summary.metric:>10} {'95% interval':>14} {'float':>5}  "
+             + (f"{'bf16':>5}  float layers (bf16 ones marked *)" if three else "float layers")]
     for point in summary.front:
         bf16 = set(point.bf16_layers)
         layers = ",".join(f"{i}*" if i in bf16 else i for i in point.float_layers) or "-"
         interval = point.interval(summary.metric)
         shown = f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "-"
         counts = f"{len(point.float_layers) - len(bf16):>5}  " + (f"{len(bf16):>5}  " if three else "")
-        print(f"{point.trial:>5} {point.backend:>7} {point.latency_ms:>10.3f} {point.fidelity:>10.4g} {shown:>14} "
-              f"{counts}{layers if len(layers) <= 60 else layers[:57] + '...'}")
+        lines.append(f"{point.trial:>5} {point.backend:>7} {point.latency_ms:>10.3f} {point.fidelity:>10.4g} "
+                     f"{shown:>14} {counts}{layers if len(layers) <= 60 else layers[:57] + '...'}")
+    baselines = StudyAttrs(handle.study).baselines or {}
+    if "ort_float_ms" in baselines:
+        int8_fidelity = baselines.get(f"ort_int8_{summary.metric}")
+        lines.append(f"ONNX Runtime: float {baselines['ort_float_ms']:.3f} ms; int8 (quantize_static) "
+                     f"{baselines['ort_int8_ms']:.3f} ms"
+                     + (f", {summary.metric} {int8_fidelity:.4g}" if int8_fidelity is not None else ""))
     bound = "'s 95% lower bound" if handle.config.goal_on == "lower_bound" else ""
     constraint = f" with {summary.metric}{bound} >= {goal:g}" if goal is not None else ""
-    print(f"front: {len(summary.front)} plans{constraint}; {summary.completed} plans completed, {summary.failed} "
-          f"failed, {summary.duplicates} repeats served from storage; {summary.elapsed_s / 60:.1f} min "
-          f"(stopped by {summary.stopped_by}); study {summary.study_name!r} in {summary.storage}")
-    return 0
+    lines.append(f"front: {len(summary.front)} plans{constraint}; {summary.completed} plans completed, "
+                 f"{summary.failed} failed, {summary.duplicates} repeats served from storage; "
+                 f"{summary.elapsed_s / 60:.1f} min (stopped by {summary.stopped_by}); study {summary.study_name!r} "
+                 f"in {summary.storage}")
+    return lines
 
 
 def print_build(summary: dict) -> None:

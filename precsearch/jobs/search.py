@@ -9,6 +9,8 @@ study's stored settings, so every worker builds the same plans the same way.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import os
 import subprocess
@@ -28,6 +30,7 @@ from precsearch.study.search import (THREE_STATES, TWO_STATES, SearchProgress, S
                                      measure_baselines, open_study, remeasure_front, run_worker, seed_plans,
                                      summarize_study)
 from precsearch.study.guided import GuidedProposals
+from precsearch.jobs.shared_budget import SharedBudget
 from precsearch.study.sensitivity import CSV_NAME, layer_noise, most_sensitive, noise_from_table
 from precsearch.study.storage import StorageError, open_storage, redact_url
 
@@ -77,8 +80,12 @@ def search_precisions(config: SearchConfig) -> tuple[str, ...]:
 def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, workdir: str | Path,
                storage_url: str, study_name: str | None = None, remeasure_repeats: int | None = None,
                status: Callable[[str], None] | None = None,
-               progress: Callable[[SearchProgress], None] | None = None) -> SearchRun:
+               progress: Callable[[SearchProgress], None] | None = None,
+               front: Callable[[SearchSummary, StudyHandle], None] | None = None) -> SearchRun:
     """Run (or resume) the search ``config`` describes and write its report; killed, it resumes with the same call.
+
+    With ``config.shares_time_with_tuning`` the search and the tuning of its kernels share ``config.timeout_s``
+    (:mod:`precsearch.jobs.shared_budget`): an untuned front first, then tuning rounds between search phases.
 
     Parameters
     ----------
@@ -90,6 +97,9 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
         ``status(line)`` for each phase (preparing, baselines, workers started, re-measuring).
     progress : callable, optional
         ``progress(SearchProgress)`` after every trial of this worker.
+    front : callable, optional
+        ``front(summary, handle)`` with the study's front whenever a shared budget's phase ends (the first,
+        untuned front; the front re-measured after each tuning round).
     """
     say = status or (lambda line: None)
     workdir = Path(workdir)
@@ -117,10 +127,15 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
                                 higher_is_better=handle.higher_is_better, metric=metric, bf16_noise=bf16_noise)
 
     children: list = []
+    shared = SharedBudget(config.timeout_s) if config.shares_time_with_tuning else None
+    phase = {"name": "searching"}
+    repeats = remeasure_repeats or REMEASURE_FACTOR * config.repeats
 
     def on_trial(snapshot: SearchProgress) -> None:
         if progress is not None:
-            progress(snapshot)
+            name = phase["name"] if shared is None else \
+                f"{phase['name']} ({shared.left_s() / 60:.0f} of {shared.timeout_s / 60:.0f} min left in all)"
+            progress(dataclasses.replace(snapshot, phase=name))
         write_study_report(handle.study, workdir)
         # Extra workers start after this worker's first plan: its peak memory is then what one build of this
         # model takes, which bounds how many can run at once.
@@ -130,8 +145,17 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
                 say(why)
             children.extend(_start_workers(count, study_name, workdir, storage_url, say) or [None])
 
+    def search(timeout_s: float | None = None, name: str = "searching") -> SearchSummary:
+        phase["name"] = name
+        return run_worker(handle, model, evaluator, seeds=seeds, progress=on_trial, guide=guide,
+                          timeout_s=timeout_s)
+
     try:
-        summary = run_worker(handle, model, evaluator, seeds=seeds, progress=on_trial, guide=guide)
+        if shared is None:
+            summary = search()
+        else:
+            summary = _search_and_tune(shared, handle, evaluator, search, say=say, repeats=repeats,
+                                       front=front, workdir=workdir)
     except KeyboardInterrupt:
         # The trial in flight is already failed as "interrupted"; the report shows it so.
         write_study_report(handle.study, workdir)
@@ -140,9 +164,77 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
         for child in children:
             if child is not None:
                 child.wait()
-    remeasure_front(handle, evaluator, repeats=remeasure_repeats or REMEASURE_FACTOR * config.repeats, progress=say)
+    remeasure_front(handle, evaluator, repeats=repeats, progress=say,
+                    tuning_records=_tuning_records(evaluator.workspace) if shared is not None else None)
     report_dir = write_study_report(handle.study, workdir)
     return SearchRun(summary=summarize_study(handle, summary), handle=handle, report_dir=report_dir)
+
+
+def _search_and_tune(shared: SharedBudget, handle: StudyHandle, evaluator, search, *, say, repeats: int,
+                     front, workdir: Path) -> SearchSummary:
+    """The search phases and tuning rounds of one shared time budget; the last search phase's summary."""
+    from precsearch.jobs.tune import model_tasks, tune_model
+    from precsearch.measure import CpuLock
+
+    workspace = evaluator.workspace
+    first = shared.first_front()
+    tuned_already = workspace.database is not None
+    say(f"time budget {_duration(shared.timeout_s)} shared by searching and tuning: the first front from "
+        f"{'the tuning database in the workdir' if tuned_already else 'untuned kernels'} within "
+        f"{_duration(first.time_s)}")
+    summary = search(first.time_s, "searching" + ("" if tuned_already else " (untuned kernels)"))
+    _show_front(handle, summary, front, workdir)
+    extracted = None
+    for round_index in itertools.count():
+        tuning = shared.tuning(round_index)
+        if tuning is None:
+            break
+        say(f"{tuning.name}: at most {_duration(tuning.time_s)}")
+        if extracted is None:
+            extracted, extract_s = model_tasks(workspace)
+            if not extracted.tasks:
+                say("no kernel of this model has anything to tune (convs on oneDNN, element-wise kernels keep "
+                    "their fallback schedules): searching for the rest of the time")
+                break
+        else:
+            extract_s = 0.0
+        records_before = _tuning_records(workspace)
+        # Exclusive: no worker of this machine compiles or times a plan while MetaSchedule times candidates.
+        with CpuLock().exclusive():
+            report = tune_model(workspace, trials_per_task=tuning.trials_per_kernel,
+                                timeout_s=max(1.0, tuning.time_s - extract_s), extracted=extracted)
+        workspace.reload_database()
+        records = _tuning_records(workspace)
+        say(f"tuned {report.tasks_tuned} of {report.tasks_total} kernels ({report.trials_run} trials, "
+            f"{report.time_s / 60:.1f} min); {records - records_before} new records")
+        if records != records_before:
+            remeasure_front(handle, evaluator, repeats=repeats, progress=say, tuning_records=records)
+            _show_front(handle, summary, front, workdir)
+        search_phase = shared.search_after(tuning)
+        if search_phase is None:
+            return summary
+        summary = search(search_phase.time_s, "searching (tuned kernels)")
+        if tuning.last:
+            return summary
+    rest = shared.rest()
+    if rest is not None:
+        summary = search(rest.time_s, "searching")
+    return summary
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def _tuning_records(workspace) -> int:
+    database = workspace.database
+    return 0 if database is None else len(database)
+
+
+def _show_front(handle: StudyHandle, summary: SearchSummary, front, workdir: Path) -> None:
+    write_study_report(handle.study, workdir)
+    if front is not None:
+        front(summarize_study(handle, summary), handle)
 
 
 def _layer_noise(handle: StudyHandle, workspace, workdir: Path, precision: str = "int8") -> dict[str, float]:

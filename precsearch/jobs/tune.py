@@ -39,33 +39,47 @@ def representative_plans(model: LoadedModel) -> list[Plan]:
     return unique
 
 
+def model_tasks(workspace: Workspace) -> tuple:
+    """The workspace model's tuning tasks (:class:`precsearch.tvm.ExtractedTasks`) and the seconds it took to
+    extract them (tens of seconds on a 100-conv model: a shared budget extracts them once for every round)."""
+    started = time.perf_counter()
+    modules = [workspace.fused_module(plan) for plan in representative_plans(workspace.model)]
+    extracted = extract_tuning_tasks(modules, resolve_target(workspace.options))
+    extract_s = time.perf_counter() - started
+    logger.info("%d distinct kernels to tune in %d representative plans (%.1f s)", len(extracted.tasks),
+                len(modules), extract_s)
+    return extracted, extract_s
+
+
 def tune_model(workspace: Workspace, *, trials_per_task: int = DEFAULT_TRIALS_PER_TASK,
-               timeout_s: float | None = None, progress=None) -> TuningReport:
+               timeout_s: float | None = None, progress=None, extracted=None) -> TuningReport:
     """Tune the workspace model's kernels into ``<workdir>/tuning/<cpu>-<cores>c``; resumes where a killed run stopped.
+
+    Kernels are tuned heaviest first (:func:`precsearch.tvm.rank_heaviest_first`), so a run stopped by
+    ``timeout_s`` has spent its time where the model spends its own.
 
     Parameters
     ----------
     progress : callable, optional
         ``progress(done_tasks, total_tasks, task_name, trials_run, elapsed_s)`` after each kernel.
+    extracted : optional
+        :func:`model_tasks`'s result, when the caller already has it.
     """
     check_trials(trials_per_task)  # before a minute of task extraction
     model, options = workspace.model, workspace.options
     target = resolve_target(options)
     database = TuningDatabase(database_dir(workspace.workdir, target))
-    started = time.perf_counter()
-    modules = [workspace.fused_module(plan) for plan in representative_plans(model)]
-    extracted = extract_tuning_tasks(modules, target)
+    extract_s = 0.0
+    if extracted is None:
+        extracted, extract_s = model_tasks(workspace)
     tasks = extracted.tasks
-    extract_s = time.perf_counter() - started
-    logger.info("%d distinct kernels to tune in %d representative plans (%.1f s)", len(tasks), len(modules),
-                extract_s)
 
     def on_task(done, total, task, trials, elapsed_s):
         if progress is not None:
             progress(done, total, task.name, trials, elapsed_s + extract_s)
 
     report = tune_tasks(tasks, database, target, trials_per_task=trials_per_task, threads=options.threads,
-                        timeout_s=timeout_s, progress=on_task)
+                        timeout_s=None if timeout_s is None else max(0.0, timeout_s - extract_s), progress=on_task)
     report.time_s += extract_s
     report.tasks_elementwise = extracted.elementwise
     _write_summary(database.directory, model, report, trials_per_task, tasks)

@@ -83,6 +83,10 @@ class SearchConfig:
     onednn_int8 : str
         ``"auto"`` (default: int8 convs on oneDNN where the CPU has VNNI), ``"on"`` or ``"off"``; studies
         stored before this setting existed load as ``"auto"``.
+    tune : str
+        ``"auto"`` (default): with ``timeout_s`` and TVM builds that may use the tuning database, tuning and
+        searching share the time (:mod:`precsearch.jobs.shared_budget`); ``"off"``: the search only uses
+        what ``precsearch tune`` left in the workdir.  Not an objective setting: a resumed study may change it.
     bf16 : str
         Whether each conv may also run bf16: ``"auto"`` (default: where the CPU runs bf16 natively and the
         backend is TVM; decided when the study is made and stored with it), ``"on"`` (an error where it
@@ -125,6 +129,7 @@ class SearchConfig:
     guided: bool = True
     bf16: str = "auto"
     activation_layout: str = "auto"
+    tune: str = "auto"
 
     def __post_init__(self):
         if self.eval_batches is not None:
@@ -166,6 +171,8 @@ class SearchConfig:
         if self.activation_layout not in ACTIVATION_LAYOUTS:
             raise ConfigError(f"The 'activation_layout' parameter of search must be one of "
                               f"{', '.join(ACTIVATION_LAYOUTS)}; got {self.activation_layout!r} instead.")
+        if self.tune not in ("auto", "off"):
+            raise ConfigError(f"The 'tune' parameter of search must be 'auto' or 'off'; got {self.tune!r} instead.")
         if self.bf16 not in BF16_SETTINGS:
             raise ConfigError(f"The 'bf16' parameter of search must be 'auto', 'on' or 'off'; "
                               f"got {self.bf16!r} instead.")
@@ -184,6 +191,11 @@ class SearchConfig:
         if self.max_drop is not None:
             return 1.0 - self.max_drop
         return self.goal
+
+    @property
+    def shares_time_with_tuning(self) -> bool:
+        """Whether tuning and searching share ``timeout_s`` (:mod:`precsearch.jobs.shared_budget`)."""
+        return self.tune == "auto" and self.timeout_s is not None and self.backend != "ort" and not self.untuned
 
     @property
     def backends(self) -> tuple[str, ...]:

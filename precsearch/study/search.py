@@ -213,6 +213,7 @@ class SearchProgress:
     front_size: int
     fastest_feasible: FrontPoint | None
     metric: str
+    phase: str = "searching"  # a shared budget's phase (searching untuned, searching tuned)
 
 
 @dataclass(frozen=True)
@@ -370,8 +371,10 @@ class _Worker:
     """One worker's loop over the study: claim, evaluate or follow, record, report."""
 
     def __init__(self, handle: StudyHandle, space: PlanSpace, evaluator: PlanEvaluator, budget: int,
-                 progress: Callable[[SearchProgress], None] | None, guide: GuidedProposals | None = None):
+                 progress: Callable[[SearchProgress], None] | None, guide: GuidedProposals | None = None,
+                 timeout_s: float | None = None):
         self.handle = handle
+        self.timeout_s = timeout_s if timeout_s is not None else handle.config.timeout_s
         self.guide = guide
         self.study = handle.study
         self.space = space
@@ -550,7 +553,7 @@ class _Worker:
         front = front_points(trials, feasible_only=True, higher_is_better=self.handle.higher_is_better,
                              tie_break=TIE_BREAK.get(self.handle.metric))
         elapsed_s = time.perf_counter() - self.started
-        timeout_s = self.handle.config.timeout_s
+        timeout_s = self.timeout_s
         left_s = None
         if self.evaluated_here:
             per_plan_s = elapsed_s / self.evaluated_here
@@ -597,7 +600,7 @@ class _Worker:
             time.sleep(POLL_S)
 
     def run(self) -> str:
-        timeout_s = self.handle.config.timeout_s
+        timeout_s = self.timeout_s
         self.settle(wait_for_running=False)
         catch = (TrialFailed,)
         callbacks = [self._count_evaluation, self.after_trial]
@@ -627,7 +630,8 @@ class _Worker:
 def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator, *,
                progress: Callable[[SearchProgress], None] | None = None,
                seeds: list[tuple[str, Plan]] | None = None, worker_index: int = 0,
-               sampler=None, guide: GuidedProposals | None = None) -> SearchSummary:
+               sampler=None, guide: GuidedProposals | None = None, timeout_s: float | None = None
+               ) -> SearchSummary:
     """Run one worker on an opened study until the budget, the timeout or the space is spent.
 
     Parameters
@@ -645,6 +649,8 @@ def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator
         Used instead of the configured one (experiments compare sampler settings the CLI does not offer).
     guide : GuidedProposals, optional
         Queues the guided estimate's plans between the sampler's (:mod:`precsearch.study.guided`).
+    timeout_s : float, optional
+        This call's time limit instead of the configured one (one search phase of a shared budget).
     """
     import optuna
 
@@ -658,7 +664,7 @@ def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator
         enqueue_seeds(handle, space, seeds)
     # Optuna logs every failed trial with a traceback; the search logs its own one line.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    worker = _Worker(handle, space, evaluator, budget, progress, guide)
+    worker = _Worker(handle, space, evaluator, budget, progress, guide, timeout_s)
     logger.info("worker %s on study %s (%s, %s sampler, budget %d plans)", worker.name, handle.study.study_name,
                 redact_url(handle.storage_url), sampler_name, budget)
     with quiet_experimental(), worker.interrupt:
@@ -691,20 +697,28 @@ def measure_baselines(handle: StudyHandle, evaluator: PlanEvaluator) -> dict | N
     return baselines
 
 
-def remeasure_front(handle: StudyHandle, evaluator: PlanEvaluator, *, repeats: int, progress: Callable[[str], None] | None = None
+def remeasure_front(handle: StudyHandle, evaluator: PlanEvaluator, *, repeats: int,
+                    progress: Callable[[str], None] | None = None, tuning_records: int | None = None
                     ) -> dict[int, dict]:
     """Build and time every front plan again with ``repeats`` runs; stored in the study's ``remeasured`` attribute.
 
     A front picked from single measurements favours plans that were timed on a
     lucky run; the report shows these figures (median and IQR) beside the
-    search's own.  Plans already re-measured with as many runs are skipped.
+    search's own.  Plans already re-measured with as many runs are skipped,
+    unless ``tuning_records`` (the tuning database's size now) differs from the
+    size their figure was measured with: their kernels may have better records.
     """
     attrs = StudyAttrs(handle.study)
     stored = attrs.remeasured
     points = front_points(handle.study.get_trials(deepcopy=False), higher_is_better=handle.higher_is_better,
                           tie_break=TIE_BREAK.get(handle.metric))
-    todo = [(done, point) for done, point in enumerate(points, start=1)
-            if stored.get(point.trial, {}).get("runs", 0) < repeats]
+    def stale(point) -> bool:
+        entry = stored.get(point.trial, {})
+        retuned = tuning_records is not None and point.backend == TVM \
+            and entry.get("tuning_records", 0) != tuning_records
+        return entry.get("runs", 0) < repeats or retuned
+
+    todo = [(done, point) for done, point in enumerate(points, start=1) if stale(point)]
     if not todo:
         return stored
     # The machine's speed drifts over an overnight run: the baselines measured when the study began are timed
@@ -716,7 +730,8 @@ def remeasure_front(handle: StudyHandle, evaluator: PlanEvaluator, *, repeats: i
         latency = evaluator.remeasure(point.to_plan(), repeats)
         if latency is None:
             return stored  # a backend that cannot time a plan again
-        stored[point.trial] = {"median_ms": latency.median_ms, "iqr_ms": latency.iqr_ms, "runs": latency.runs}
+        stored[point.trial] = {"median_ms": latency.median_ms, "iqr_ms": latency.iqr_ms, "runs": latency.runs,
+                               **({"tuning_records": tuning_records} if tuning_records is not None else {})}
         attrs.set_remeasured(stored)
     after = evaluator.remeasure_baselines(repeats)
     if before and after:

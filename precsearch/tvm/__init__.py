@@ -31,11 +31,12 @@ from ._profile import KernelTime, profile_kernels
 from ._rpc import RpcTarget, check_tracker, measure_remote, parse_tracker, run_remote
 from ._timing import measure_library
 from ._tune_database import TuningDatabase, database_dir, open_database
-from ._tune_tasks import TuningReport, TuningTask, check_trials, extract_tuning_tasks, tune_tasks
+from ._tune_tasks import (ExtractedTasks, TuningReport, TuningTask, check_trials, extract_tuning_tasks,
+                          rank_heaviest_first, tune_tasks)
 
 __all__ = ["BuildReport", "BuiltPlan", "CompileOptions", "ONEDNN_INT8_SETTINGS", "ONEDNN_REQUIREMENT", "ImportedModel", "KernelTime", "LayerRow", "LoadedLibrary",
-           "OperatorNote", "RpcTarget", "TuningDatabase", "TuningReport", "TuningTask", "bf16_unsupported_reason",
+           "ExtractedTasks", "OperatorNote", "RpcTarget", "TuningDatabase", "TuningReport", "TuningTask", "bf16_unsupported_reason",
            "build_plan", "check_tracker",
            "check_trials", "database_dir", "extract_tuning_tasks", "fused_module", "host_target", "import_qdq_model",
            "measure_library", "measure_remote", "open_database", "parse_tracker", "pipeline", "profile_kernels",
-           "resolve_target", "run_remote", "tune_tasks", "unsupported_operators"]
+           "rank_heaviest_first", "resolve_target", "run_remote", "tune_tasks", "unsupported_operators"]

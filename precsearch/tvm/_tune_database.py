@@ -23,6 +23,7 @@ RECORD_FILE = "database_tuning_record.json"
 EXACT_WORKLOAD_FILE = "exact_workload.json"
 EXACT_RECORD_FILE = "exact_tuning_record.json"
 FINISHED_FILE = "finished_tasks.json"
+FALLBACK_FILE = "fallback_ms.json"
 LOG_FILE = "tuning.log"
 
 
@@ -76,6 +77,20 @@ class TuningDatabase:
     def _finished(self) -> dict:
         path = self.directory / FINISHED_FILE
         return json.loads(path.read_text()) if path.is_file() else {}
+
+    def fallback_ms(self, mod: tvm.IRModule) -> float | None:
+        """The measured time of this kernel's fallback schedule (its record is in the database), or None."""
+        path = self.directory / FALLBACK_FILE
+        times = json.loads(path.read_text()) if path.is_file() else {}
+        return times.get(_kernel_key(mod))
+
+    def set_fallback_ms(self, mod: tvm.IRModule, time_ms: float) -> None:
+        """Remember the fallback's time: it ranks the kernels of later runs without measuring (or committing) it
+        again."""
+        path = self.directory / FALLBACK_FILE
+        times = json.loads(path.read_text()) if path.is_file() else {}
+        times[_kernel_key(mod)] = time_ms
+        atomic_write(path, json.dumps(times, indent=0, sort_keys=True))
 
     def records_for(self, mod: tvm.IRModule, limit: int) -> int:
         """How many tuning records (at most ``limit``) the database holds for this kernel."""

@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tvm
@@ -72,6 +72,7 @@ class TuningReport:
     time_s: float
     finished: bool
     tasks_elementwise: int = 0  # element-wise kernels left out of the tasks (they keep the fallback schedule)
+    kernel_share_ms: dict = field(default_factory=dict)  # ranked kernel -> fallback ms x calls, heaviest first
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -244,7 +245,7 @@ def runtime_threads() -> int:
 
 def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.target.Target, *,
                trials_per_task: int, threads: int = 2, timeout_s: float | None = None, progress=None,
-               seed: int = 0) -> TuningReport:
+               seed: int = 0, heaviest_first: bool = True) -> TuningReport:
     """Tune, one at a time, every primary kernel with fewer than ``trials_per_task`` records, then every
     other kernel that none of its anchor block's records replays on.
 
@@ -258,6 +259,10 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
         Called as ``progress(done_tasks, total_tasks, task, trials_run, elapsed_s)`` after each task.
     timeout_s : float, optional
         Stop starting new tasks after this long; what was recorded stays.
+    heaviest_first : bool
+        Measure every primary kernel's fallback first (the record it needs anyway) and tune the kernels in
+        order of fallback time × calls per inference, so a run cut short by ``timeout_s`` has spent its time
+        where the model spends its own.
     """
     check_trials(trials_per_task)
     started = time.perf_counter()
@@ -267,9 +272,13 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
     tuned = skipped = covered_count = trials_run = 0
     finished = True
     work_dir = tempfile.mkdtemp(prefix="precsearch-tune-")
+    share_ms: dict[str, float] = {}
+    if heaviest_first:
+        tasks, share_ms = rank_heaviest_first(tasks, database, target, builder, runner, trials_per_task,
+                                              deadline=None if timeout_s is None else started + timeout_s)
     for done, task in enumerate(tasks, start=1):
         # Records are filed by anchor block, so only a primary kernel can count them as its own.
-        existing = database.records_for(task.mod, trials_per_task) if task.primary else 0
+        existing = tuned_records(database, task, trials_per_task)
         done_before = database.finished_budget(task.mod) >= trials_per_task or existing >= trials_per_task
         covered = not done_before and not task.primary and pin_anchor_record(database, task.mod, target)
         if done_before or covered:
@@ -290,8 +299,9 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
         succeeded = _tune_one(task, database, target, trials_per_task - existing, builder=builder, runner=runner,
                               cost_model=cost_model, work_dir=work_dir, seed=seed + done, threads=threads)
         trials = len(database) - before
-        # also when tuning failed: a record that was measured before the failure must still beat the fallback
-        commit_fallback_record(task, database, target, builder, runner)
+        if database.fallback_ms(task.mod) is None:  # not measured while ranking
+            # also when tuning failed: a record that was measured before the failure must still beat the fallback
+            commit_fallback_record(task, database, target, builder, runner)
         if succeeded:
             database.mark_finished(task.mod, trials_per_task)
         trials_run += trials
@@ -300,7 +310,64 @@ def tune_tasks(tasks: list[TuningTask], database: TuningDatabase, target: tvm.ta
             progress(done, len(tasks), task, trials, time.perf_counter() - started)
     return TuningReport(tasks_total=len(tasks), tasks_tuned=tuned, tasks_skipped=skipped,
                         tasks_covered=covered_count, trials_run=trials_run,
-                        records=len(database), time_s=time.perf_counter() - started, finished=finished)
+                        records=len(database), time_s=time.perf_counter() - started, finished=finished,
+                        kernel_share_ms=share_ms)
+
+
+def rank_heaviest_first(tasks: list[TuningTask], database: TuningDatabase, target: tvm.target.Target, builder,
+                        runner, trials_per_task: int, *, deadline: float | None = None
+                        ) -> tuple[list[TuningTask], dict[str, float]]:
+    """``tasks`` in the order to tune them, and each ranked kernel's fallback time × calls (ms per inference).
+
+    Kernels already tuned to ``trials_per_task`` come first (they are skipped at once); then the primary
+    kernels, heaviest first, by their fallback schedule's time measured as MetaSchedule measures candidates
+    (committed as the kernel's fallback record, and remembered, so a later run ranks without measuring); then
+    the kernels that share an anchor block with a primary one, in their order (they are tuned only when none of
+    its records replays on them). Why the fallback's time and not a profile of a built model: it is the
+    kernel's time exactly as extracted (a profile names the fused functions of one build, which a task's name
+    does not match across plans), and its record is needed anyway. Past ``deadline`` nothing more is measured:
+    the kernels not yet ranked keep their order after the ranked ones.
+    """
+    done, ranked, unranked, others = [], [], [], []
+    shares: list[float] = []
+    for task in tasks:
+        if database.finished_budget(task.mod) >= trials_per_task or \
+                tuned_records(database, task, trials_per_task) >= trials_per_task:
+            done.append(task)
+            continue
+        if not task.primary:
+            others.append(task)
+            continue
+        fallback_ms = database.fallback_ms(task.mod)
+        if fallback_ms is None and (deadline is None or time.perf_counter() < deadline):
+            run_secs = commit_fallback_record(task, database, target, builder, runner)
+            if run_secs:
+                fallback_ms = 1e3 * sum(run_secs) / len(run_secs)
+                database.set_fallback_ms(task.mod, fallback_ms)
+        if fallback_ms is None:
+            unranked.append(task)
+            continue
+        shares.append(fallback_ms * max(task.weight, 1))
+        ranked.append(task)
+    order = sorted(range(len(ranked)), key=lambda index: -shares[index])
+    share_ms = {}
+    for index in order:  # two kernels may share a name (extracted from different plans): the heavier is shown
+        share_ms.setdefault(ranked[index].name, shares[index])
+    if order:
+        logger.info("tuning heaviest first: %s", ", ".join(f"{ranked[i].name} {shares[i]:.3f} ms" for i in order[:5]))
+    return done + [ranked[index] for index in order] + unranked + others, share_ms
+
+
+def tuned_records(database: TuningDatabase, task: TuningTask, limit: int) -> int:
+    """How many of a primary kernel's records (at most ``limit``) are MetaSchedule's, not its fallback's.
+
+    Only a fallback measured by :func:`rank_heaviest_first` is known to be among them (its time is
+    remembered); one filed by an older run counts as a trial, as it always did.
+    """
+    if not task.primary:
+        return 0
+    fallback = database.fallback_ms(task.mod) is not None
+    return max(0, database.records_for(task.mod, limit + fallback) - fallback)
 
 
 def _tune_one(task: TuningTask, database: TuningDatabase, target: tvm.target.Target, budget: int, *, builder,
