@@ -7,6 +7,7 @@ import pytest
 import tvm
 
 import models
+from precsearch.cli.render import front_lines
 from precsearch.jobs import shared_budget
 from precsearch.jobs.search import run_search
 from precsearch.jobs.shared_budget import SharedBudget
@@ -121,7 +122,15 @@ def test_a_search_with_a_timeout_tunes_between_phases_and_measures_its_front_aga
     trials = [t for t in run.handle.study.get_trials() if t.state.name == "COMPLETE"
               and t.user_attrs.get("duplicate_of") is None]
     assert run.summary.completed == 6
+    assert run.summary.elapsed_s > 20  # the whole job's time (tuning included), not its last phase's
     tuned = [t.user_attrs["tuned_kernels"] for t in sorted(trials, key=lambda t: t.number)]
     # plans built before the round ran untuned kernels, those after it applied the new records
     assert tuned[0] == 0 and tuned[-1] > 0, tuned
 
+    # what the command prints: the front with the re-measured figures beside the search's, and ORT's baselines
+    printed = front_lines(run.summary, run.handle)
+    assert "re-measured" in printed[0]
+    first = run.summary.front[0]
+    assert f"{remeasured[first.trial]['median_ms']:.3f}" in next(line for line in printed[1:]
+                                                                 if line.split()[0] == str(first.trial))
+    assert any(line.startswith("ONNX Runtime: float ") and "int8 (quantize_static)" in line for line in printed)

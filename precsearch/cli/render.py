@@ -66,7 +66,11 @@ def front_lines(summary, handle) -> list[str]:
 
     goal = handle.config.fidelity_goal(summary.metric)
     three = any(point.bf16_layers for point in summary.front)
-    lines = [f"{'trial':>5} {'backend':>7} {'latency ms':>10} {summary.metric:>10} {'95% interval':>14} {'float':>5}  "
+    # the front timed again (after a tuning round, or at the end) with more runs: shown beside the search's figure
+    again = StudyAttrs(handle.study).remeasured
+    shown_again = any(point.trial in again for point in summary.front)
+    lines = [f"{'trial':>5} {'backend':>7} {'latency ms':>10} " + (f"{'re-measured':>11} " if shown_again else "")
+             + f"{summary.metric:>10} {'95% interval':>14} {'float':>5}  "
              + (f"{'bf16':>5}  float layers (bf16 ones marked *)" if three else "float layers")]
     for point in summary.front:
         bf16 = set(point.bf16_layers)
@@ -74,7 +78,9 @@ def front_lines(summary, handle) -> list[str]:
         interval = point.interval(summary.metric)
         shown = f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "-"
         counts = f"{len(point.float_layers) - len(bf16):>5}  " + (f"{len(bf16):>5}  " if three else "")
-        lines.append(f"{point.trial:>5} {point.backend:>7} {point.latency_ms:>10.3f} {point.fidelity:>10.4g} "
+        remeasured = f"{again[point.trial]['median_ms']:>11.3f} " if point.trial in again else f"{'-':>11} "
+        lines.append(f"{point.trial:>5} {point.backend:>7} {point.latency_ms:>10.3f} {remeasured if shown_again else ''}"
+                     f"{point.fidelity:>10.4g} "
                      f"{shown:>14} {counts}{layers if len(layers) <= 60 else layers[:57] + '...'}")
     baselines = StudyAttrs(handle.study).baselines or {}
     if "ort_float_ms" in baselines:

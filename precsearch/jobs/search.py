@@ -147,8 +147,10 @@ def run_search(config: SearchConfig, model: LoadedModel, preset: str | None, *, 
 
     def search(timeout_s: float | None = None, name: str = "searching") -> SearchSummary:
         phase["name"] = name
-        return run_worker(handle, model, evaluator, seeds=seeds, progress=on_trial, guide=guide,
-                          timeout_s=timeout_s)
+        summary = run_worker(handle, model, evaluator, seeds=seeds, progress=on_trial, guide=guide,
+                             timeout_s=timeout_s)
+        # a shared budget's phases are one search: its time counts from the budget's start, tuning included
+        return summary if shared is None else dataclasses.replace(summary, elapsed_s=shared.elapsed_s())
 
     try:
         if shared is None:

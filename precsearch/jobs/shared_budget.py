@@ -61,8 +61,11 @@ class SharedBudget:
         self.clock = clock
         self.started = clock()
 
+    def elapsed_s(self) -> float:
+        return self.clock() - self.started
+
     def left_s(self) -> float:
-        return max(0.0, self.timeout_s - (self.clock() - self.started))
+        return max(0.0, self.timeout_s - self.elapsed_s())
 
     def first_front(self) -> Phase:
         return Phase("search", min(FIRST_FRONT_SHARE * self.timeout_s, FIRST_FRONT_MAX_S))

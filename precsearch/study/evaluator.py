@@ -64,9 +64,9 @@ class TvmEvaluator:
         """The search's workspace (calibration, evaluation inputs, reference, tuning database; cached) and settings."""
         workspace = workspace or Workspace.from_config(config, model, workdir, preset)
         workspace.prepare()
-        if workspace.database is None and not config.untuned:
-            logger.warning("no tuning database in %s: plans run untuned kernels, so latencies are far from what a "
-                           "tuned build reaches (run 'precsearch tune' first)", workdir)
+        if workspace.database is None and not config.untuned and not config.shares_time_with_tuning:
+            logger.warning("no tuning database in %s: the TIR kernels around the convs run their fallback schedules "
+                           "('precsearch tune', or a search with --timeout, tunes them)", workdir)
         return cls(workspace=workspace, metric=metric, goal=config.fidelity_goal(metric),
                    goal_on=config.goal_on, warmup=config.warmup,
                    repeats=config.repeats, check_batches=config.check_batches)
