@@ -23,7 +23,8 @@ from precsearch.model import LoadedModel
 from precsearch.model.data import batch_size_of, load_batches, split_batches
 from precsearch.model.quantize import CalibrationRanges, build_qdq_model, calibrate, output_steps, user_int8_model
 from precsearch.model.plan import Plan
-from precsearch.tvm import ONEDNN_INT8_SETTINGS, BuiltPlan, CompileOptions, build_plan, fused_module, open_database
+from precsearch.tvm import (ONEDNN_INT8_SETTINGS, BuiltPlan, CompileOptions, build_plan, database_stamp, fused_module,
+                            open_database)
 
 CACHE_DIR = "cache"
 
@@ -154,14 +155,20 @@ class Workspace:
         """The user's ORT int8 model (``quantize_static`` defaults, per channel): the int8 baseline."""
         return user_int8_model(self.model, self.calibration_batches, cache_dir=self.cache_dir)
 
-    @cached_property
+    @property
     def database(self):
-        """The tuning database of this CPU in the workdir (None when untuned or nothing was tuned there)."""
-        return None if self.untuned else open_database(self.workdir, self.options)
+        """The tuning database of this CPU in the workdir (None when untuned or nothing was tuned there).
 
-    def reload_database(self) -> None:
-        """Read the tuning database again at the next build (tuning has added records since it was opened)."""
-        self.__dict__.pop("database", None)
+        Read again whenever its files changed since: a search that tunes between its phases, or another
+        worker's tuning round, adds records that every later build of this process must apply.
+        """
+        if self.untuned:
+            return None
+        stamp = database_stamp(self.workdir, self.options)
+        if stamp != self.__dict__.get("_database_stamp", False):
+            self._database = open_database(self.workdir, self.options)
+            self._database_stamp = stamp
+        return self._database
 
     def prepare(self, *, reference: bool = True, ort_int8: bool = True, tvm: bool = True) -> Workspace:
         """Compute (or load from the cache) now what the first plan would: calibration, reference, ORT int8 model.

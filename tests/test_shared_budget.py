@@ -134,3 +134,23 @@ def test_a_search_with_a_timeout_tunes_between_phases_and_measures_its_front_aga
     assert f"{remeasured[first.trial]['median_ms']:.3f}" in next(line for line in printed[1:]
                                                                  if line.split()[0] == str(first.trial))
     assert any(line.startswith("ONNX Runtime: float ") and "int8 (quantize_static)" in line for line in printed)
+
+
+def test_a_workspace_reads_the_database_again_when_records_are_filed(tmp_path):
+    # What lets a search's other workers build with records a tuning round filed after they opened the database.
+    from precsearch.tvm import database_dir, resolve_target
+    from precsearch.tvm._tune_tasks import commit_fallback_record
+    from precsearch.workspace import Workspace
+
+    model = load_model(models.save(models.chain_model(channels=(8, 8), size=8), tmp_path, "one"))
+    workspace = Workspace(model, tmp_path / "work")
+    assert workspace.database is None
+    target = resolve_target(workspace.options)
+    tuning = TuningDatabase(database_dir(tmp_path / "work", target))
+    builder, runner = InProcessBuilder(), local_runner(1)
+    assert commit_fallback_record(_sum_task("a", 256), tuning, target, builder, runner)
+    first = workspace.database
+    assert first is not None and len(first) == 1
+    assert workspace.database is first  # unchanged files: the opened database is kept
+    assert commit_fallback_record(_sum_task("b", 512), tuning, target, builder, runner)
+    assert len(workspace.database) == 2 and workspace.database is not first

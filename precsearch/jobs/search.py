@@ -205,7 +205,6 @@ def _search_and_tune(shared: SharedBudget, handle: StudyHandle, evaluator, searc
         with CpuLock().exclusive():
             report = tune_model(workspace, trials_per_task=tuning.trials_per_kernel,
                                 timeout_s=max(1.0, tuning.time_s - extract_s), extracted=extracted)
-        workspace.reload_database()
         records = _tuning_records(workspace)
         say(f"tuned {report.tasks_tuned} of {report.tasks_total} kernels ({report.trials_run} trials, "
             f"{report.time_s / 60:.1f} min); {records - records_before} new records")

@@ -30,13 +30,13 @@ from ._pipeline import bf16_unsupported_reason, pipeline
 from ._profile import KernelTime, profile_kernels
 from ._rpc import RpcTarget, check_tracker, measure_remote, parse_tracker, run_remote
 from ._timing import measure_library
-from ._tune_database import TuningDatabase, database_dir, open_database
+from ._tune_database import TuningDatabase, database_dir, database_stamp, open_database
 from ._tune_tasks import (ExtractedTasks, TuningReport, TuningTask, check_trials, extract_tuning_tasks,
                           rank_heaviest_first, tune_tasks)
 
 __all__ = ["BuildReport", "BuiltPlan", "CompileOptions", "ONEDNN_INT8_SETTINGS", "ONEDNN_REQUIREMENT", "ImportedModel", "KernelTime", "LayerRow", "LoadedLibrary",
            "ExtractedTasks", "OperatorNote", "RpcTarget", "TuningDatabase", "TuningReport", "TuningTask", "bf16_unsupported_reason",
            "build_plan", "check_tracker",
-           "check_trials", "database_dir", "extract_tuning_tasks", "fused_module", "host_target", "import_qdq_model",
+           "check_trials", "database_dir", "database_stamp", "extract_tuning_tasks", "fused_module", "host_target", "import_qdq_model",
            "measure_library", "measure_remote", "open_database", "parse_tracker", "pipeline", "profile_kernels",
            "rank_heaviest_first", "resolve_target", "run_remote", "tune_tasks", "unsupported_operators"]

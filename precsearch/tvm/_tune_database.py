@@ -119,3 +119,18 @@ def open_database(workdir: str | Path, options) -> TuningDatabase | None:
     if not (directory / RECORD_FILE).is_file():
         return None
     return TuningDatabase(directory)
+
+
+def database_stamp(workdir: str | Path, options) -> tuple:
+    """(size, mtime) of each record file of the tuning database in ``workdir`` (None where missing): it changes
+    whenever a record is filed, so a holder of an opened database knows when to read it again."""
+    directory = database_dir(workdir, resolve_target(options))
+    stamps = []
+    for name in (RECORD_FILE, EXACT_RECORD_FILE):
+        try:
+            status = (directory / name).stat()
+        except FileNotFoundError:
+            stamps.append(None)
+            continue
+        stamps.append((status.st_size, status.st_mtime_ns))
+    return tuple(stamps)
