@@ -357,6 +357,19 @@ def activations_model(size: int = 8, seed: int = 15):
     return b.model("activations", [_input(16, size)], [_output([1, 16, size, size])])
 
 
+def clip_model(size: int = 8, seed: int = 21):
+    """Clip with its bounds as inputs (opset >= 11, as PyTorch exports ReLU6) between convs: (0, 6), only a
+    minimum of 0 (a relu), and (-1, 1)."""
+    b = _Builder(seed)
+    zero, six, minus_one, one = (b.tensor(name, np.array(value)) for name, value in
+                                 (("zero", 0.0), ("six", 6.0), ("minus_one", -1.0), ("one", 1.0)))
+    x = b.op("Clip", [b.conv("conv0", "input", 16, 16), zero, six], "relu6_0")
+    x = b.op("Clip", [b.conv("conv1", x, 16, 16), zero], "relu1")
+    x = b.op("Clip", [b.conv("conv2", x, 16, 16), minus_one, one], "clip2")
+    b.conv("conv3", x, 16, 16, out="output")
+    return b.model("clips", [_input(16, size)], [_output([1, 16, size, size])])
+
+
 def dfl_model(size: int = 4, bins: int = 16, seed: int = 16):
     """YOLOv8's DFL head: conv to 4*bins channels, Reshape (1,4,bins,HW), Transpose, Softmax, 1x1 conv, Reshape."""
     b = _Builder(seed)

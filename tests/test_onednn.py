@@ -124,6 +124,24 @@ def test_the_pass_fuses_bias_and_the_activations_onednn_has(activations):
         np.testing.assert_array_equal(call.args[1].fields[2].value.numpy(), bias_of[model.layers[spec.layer].id])
 
 
+def test_the_pass_fuses_a_clip_with_its_bounds_as_inputs_and_gives_onnx_runtimes_outputs(tmp_path):
+    # ONNX's Clip since opset 11 imports as a maximum and a minimum (ReLU6 in PyTorch exports), not relax.clip.
+    model = load_model(models.save(models.clip_model(), tmp_path, "clips"))
+    ranges = calibrate(model, image_batches(model, None, count=2))
+    plan = parse_plan("all", model)
+    qdq = build_qdq_model(model, ranges, plan)
+    mod = _front(model, import_qdq_model(qdq, model), plan.int8_ids(model), ONEDNN)
+    specs = [_onednn.spec_from_config(call.args[1].fields[3].value.numpy(), call.args[1].fields[4].value.numpy())
+             for call in _calls(mod, "relax.call_dps_packed")]
+    assert {s.layer: (s.post_op, s.post_alpha, s.post_beta) for s in specs} == {
+        0: ("clip", 0.0, 6.0), 1: ("relu", 0.0, 0.0), 2: ("clip", -1.0, 1.0), 3: ("none", 0.0, 0.0)}
+    assert _calls(mod, "relax.maximum") == [] and _calls(mod, "relax.minimum") == []
+    built = build_plan(model, qdq, plan.int8_ids(model), options=ONEDNN)
+    batch = next(iter(image_batches(model, None, count=1)))
+    expected = ort.InferenceSession(model.proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, batch)[0]
+    np.testing.assert_allclose(built.run(batch)["output"], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_the_pass_leaves_a_module_without_chosen_layers_unchanged(activations):
     model, qdq, int8_ids = activations
     imported = import_qdq_model(qdq, model)
