@@ -46,12 +46,16 @@ TOP1_GOAL = 0.99
 REPORT_FILES = ("pareto.csv", "trials.csv")
 
 
+def search_arguments(name: str, model: str, timeout_min: float, trials: int) -> list[str]:
+    """``precsearch search``'s arguments for ``model`` (the workdir apart)."""
+    arguments = ["search", model, "--timeout", f"{timeout_min:g}m", "--trials", str(trials)]
+    return arguments + (["--goal", f"{GOALS[name]:g}"] if name in GOALS else [])
+
+
 def run_search(name: str, model: str, workdir: Path, timeout_min: float, trials: int, out: Path) -> float:
     """The README's main command on ``model``, its output saved to ``out``; the wall time in minutes."""
-    command = [sys.executable, "-m", "precsearch", "search", model, "--timeout", f"{timeout_min:g}m",
-               "--trials", str(trials), "--workdir", str(workdir)]
-    if name in GOALS:
-        command += ["--goal", f"{GOALS[name]:g}"]
+    command = [sys.executable, "-m", "precsearch", *search_arguments(name, model, timeout_min, trials),
+               "--workdir", str(workdir)]
     started = time.perf_counter()
     with out.open("a") as log:
         log.write("$ " + " ".join(command[1:]).replace(str(workdir), "W") + "\n")
@@ -243,8 +247,8 @@ def main() -> None:
                 wall_min = run_search(name, model, work, args.timeout_min, args.trials, out / "search-output.txt")
             for file in REPORT_FILES:
                 shutil.copy(work / "report" / file, out / file)
-            command = f"precsearch search {model if not path else name + '.onnx'} --timeout {args.timeout_min:g}m " \
-                      f"--trials {args.trials}" + (f" --goal {GOALS[name]:g}" if name in GOALS else "")
+            shown = name + ".onnx" if path else model  # the exported file's name, not this machine's path
+            command = " ".join(["precsearch", *search_arguments(name, shown, args.timeout_min, args.trials)])
             (out / "summary.json").write_text(json.dumps(study_summary(work, command), indent=1) + "\n")
             row = headline_row(name, out, wall_min, args.timeout_min, args.trials)
             (out / "headline.json").write_text(json.dumps(row, indent=1) + "\n")

@@ -75,6 +75,8 @@ class Workspace:
         self.data = data or DataSettings()
         self.options = options or CompileOptions()
         self.untuned = untuned or workdir is None
+        # The opened tuning database and the stamp of its files when it was read (see ``database``).
+        self._database, self._database_stamp = None, None
 
     @classmethod
     def from_config(cls, config, model: LoadedModel, workdir: str | Path, preset: str | None = None) -> Workspace:
@@ -165,7 +167,7 @@ class Workspace:
         if self.untuned:
             return None
         stamp = database_stamp(self.workdir, self.options)
-        if stamp != self.__dict__.get("_database_stamp", False):
+        if stamp != self._database_stamp:
             self._database = open_database(self.workdir, self.options)
             self._database_stamp = stamp
         return self._database
