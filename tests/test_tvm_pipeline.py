@@ -64,7 +64,8 @@ def test_the_pipeline_lists_its_passes_and_stops_after_fusion_when_asked(chain):
     ours = [name for name in names if name.startswith("precsearch.")]
     assert ours == ["precsearch.Int8ConvRewrite", "precsearch.LowerQDQ", "precsearch.SeparableMaxPool",
                     "precsearch.InspectLayout",
-                    "precsearch.OffloadOneDNN", "precsearch.FastSigmoid", "precsearch.InjectiveTake",
+                    "precsearch.OffloadOneDNN", "precsearch.OffloadDenseOneDNN", "precsearch.FastSigmoid",
+                    "precsearch.InjectiveTake",
                     "precsearch.VerifyPlan",
                     "precsearch.ApplyTuning"]
     # an NHWC build turns ConvertLayout's permutes into layout transforms right after it

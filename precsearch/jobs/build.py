@@ -72,7 +72,7 @@ def build_and_export(workspace: Workspace, plan: Plan, out_dir: str | Path, *, c
         say("timing every kernel (20 runs)...")
         summary["kernels"] = profile_layers(model, built, workspace.timing_input, summary["layers"],
                                             threads=workspace.options.threads)
-    if built.onednn_kernels:
+    if built.onednn_kernels or built.onednn_dense:
         summary["requires"] = ONEDNN_REQUIREMENT
     if dump_ir_dir:
         summary["dump_ir"] = {"dir": str(dump_ir_dir), "files": len(built.dump_files)}

@@ -161,7 +161,7 @@ def export_trial(study, trial_number: int, out_dir: str | Path, workdir: str | P
                "onednn_convs": sorted(built.onednn_kernels),
                "note": "layer names are node names of the model as precsearch prepared it (BatchNorm folded); "
                        "unnamed nodes got Conv_<k> names"}
-    if built.onednn_kernels:
+    if built.onednn_kernels or built.onednn_dense:
         summary["requires"] = ONEDNN_REQUIREMENT
     atomic_write(out / "plan.json", json.dumps(summary, indent=1))
     logger.info("exported trial %d of %s to %s", trial_number, study.study_name, out)

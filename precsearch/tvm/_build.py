@@ -56,6 +56,7 @@ class BuiltPlan:
     layout_fallback: str = ""  # why every conv was built NCHW (the blocked graph failed ConvertLayout)
     onednn_kernels: dict[str, str] = field(default_factory=dict)  # layer id → oneDNN implementation it runs
     onednn_skipped: dict[str, str] = field(default_factory=dict)  # float convs kept on TIR, and why
+    onednn_dense: dict[str, str] = field(default_factory=dict)  # dense layer "<K>x<M>" → oneDNN implementation
     bf16_layers: tuple[str, ...] = ()  # float layers whose conv runs in bf16 (on oneDNN)
     bf16_chained: tuple[str, ...] = ()  # bf16 convs that read their input in bf16, as another bf16 conv wrote it
     activation_layout: str = ""  # "NHWC", or "NCHW<b>c" where a conv's shape allows (options.activation_layout)
@@ -231,6 +232,7 @@ def _build_plan(model, qdq_model, int8_ids, options: CompileOptions, dump_ir_dir
         untuned_convs=report.untuned_convs,
         onednn_kernels={layer: report.onednn_kernels[layer] for layer in report.onednn_layers},
         onednn_skipped=dict(report.onednn_skipped),
+        onednn_dense=dict(report.onednn_dense),
         bf16_layers=report.bf16_layers,
         bf16_chained=tuple(report.bf16_chained),
         activation_layout=report.activation_layout,

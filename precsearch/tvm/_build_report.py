@@ -61,6 +61,8 @@ class BuildReport:
     onednn_kernels: dict[str, str] = field(default_factory=dict)
     onednn_skipped: dict[str, str] = field(default_factory=dict)
     bf16_chained: list[str] = field(default_factory=list)  # bf16 convs reading another bf16 conv's bf16 output
+    # OffloadDenseOneDNN: dense layers ("<K>x<M>") run as oneDNN primitives, with oneDNN's kernel name
+    onednn_dense: dict[str, str] = field(default_factory=dict)
     # VerifyPlan: the unpacked OIHW weights each conv kernel received, by layer id
     kernel_weights: dict[str, np.ndarray] = field(default_factory=dict)
     # ApplyTuning: kernel name → scheduled from the database; why a record did not apply;

@@ -28,8 +28,11 @@ CONV_FUNCTION = "precsearch.onednn.conv2d"
 #: The same conv with a float32 tensor added after its post-op (a residual connection): one more argument.
 CONV_ADD_FUNCTION = "precsearch.onednn.conv2d_add"
 CONV_FUNCTIONS = (CONV_FUNCTION, CONV_ADD_FUNCTION)
+#: A dense layer (matmul with constant weights) run as the same primitive: a 1×1 conv on a 1×1 image.  Its own
+#: name keeps it apart from the plan's convs (VerifyPlan checks those against the plan).
+DENSE_FUNCTION = "precsearch.onednn.dense"
 #: What an exported library with oneDNN convs needs at run time (plan.json says it).
-ONEDNN_REQUIREMENT = ("its oneDNN convs call precsearch.onednn.conv2d (and conv2d_add): load it with "
+ONEDNN_REQUIREMENT = ("its oneDNN convs call precsearch.onednn.conv2d (and conv2d_add, dense): load it with "
                       "precsearch.tvm.LoadedLibrary (which compiles and registers the oneDNN bridge) in an environment "
                       "with precsearch installed")
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
@@ -132,6 +135,7 @@ def load():
             raise RuntimeError(f"oneDNN convs unavailable: {_unavailable}") from exc
         tvm_ffi.register_global_func(CONV_FUNCTION, module.conv2d, override=True)
         tvm_ffi.register_global_func(CONV_ADD_FUNCTION, module.conv2d_add, override=True)
+        tvm_ffi.register_global_func(DENSE_FUNCTION, module.conv2d, override=True)
         _module = module
         return module
 

@@ -86,6 +86,10 @@ class CompileOptions:
     fallback_partition_selects : bool
         The fallback schedule cuts a concat's vector loop where its inputs meet, so each piece vectorizes
         (True, default); off, the loop picks its source per element (for the ablation).
+    onednn_dense : bool
+        A float32 dense layer (matmul with constant weights, at least ``MIN_DENSE_MACS`` multiply-adds) runs as a
+        oneDNN primitive (True, default) instead of a TIR matmul, whose reduction-innermost loop only tuning makes
+        fast.  Only with ``conv_backend="onednn"``.
     """
 
     target: dict | str | None = None
@@ -106,6 +110,7 @@ class CompileOptions:
     onednn_residual_add: bool = True
     activation_layout: str = "auto"
     onednn_fold_zero_points: bool = True
+    onednn_dense: bool = True
     fallback_partition_selects: bool = True
 
     def __post_init__(self):

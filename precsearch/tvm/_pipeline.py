@@ -18,6 +18,7 @@ from ._max_pool import SeparableMaxPool
 from . import _onednn
 from ._nhwc import NHWCTransforms
 from ._layout import choose_block_size, decide_layouts, layout_callback, make_conv_legalizer
+from ._onednn_dense import OffloadDenseOneDNN
 from ._onednn_offload import OffloadOneDNN
 from ._options import CompileOptions, resolve_target
 from ._qdq_lower import LowerQDQ
@@ -163,6 +164,7 @@ def pipeline(model: LoadedModel, imported: ImportedModel, int8_ids, options: Com
                       report=report, int8_layers=onednn_int8, bf16_layers=bf16_indices,
                       int8_activation=options.onednn_int8_activation, bf16_chains=options.onednn_bf16_chains,
                       residual_add=options.onednn_residual_add, fold_zero_points=options.onednn_fold_zero_points),
+        *([OffloadDenseOneDNN(options.threads, report=report)] if offload and options.onednn_dense else []),
         *([FastSigmoid()] if options.fast_sigmoid else []),
         *cpu_pipeline.library_dispatch_passes(target),
         relax.transform.LegalizeOps({"relax.nn.conv2d": make_conv_legalizer(layer_ids, decisions, report=report)}),

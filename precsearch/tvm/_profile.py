@@ -51,6 +51,11 @@ def _onednn_symbol(config) -> str:
     return ONEDNN_PREFIX + conv_kernel_name(int(fields[_LAYER_FIELD]), precision, layout)
 
 
+def _dense_symbol(config) -> str:
+    fields = dict(zip(_onednn.CONFIG_FIELDS, (int(v) for v in config.numpy())))
+    return f"{ONEDNN_PREFIX}dense_{fields['ic']}x{fields['oc']}"
+
+
 def profile_kernels(library, inputs: dict[str, np.ndarray], *, threads: int = 2, runs: int = 20) -> list[KernelTime]:
     """Per-kernel time of ``library`` (a BuiltPlan or LoadedLibrary), slowest first.
 
@@ -77,6 +82,8 @@ def _profile(library, inputs, runs: int) -> list[KernelTime]:
     def instrument(func, symbol, before_run, ret_value, *call_args):
         if symbol in _onednn.CONV_FUNCTIONS:
             symbol = _onednn_symbol(call_args[3])
+        elif symbol == _onednn.DENSE_FUNCTION:
+            symbol = _dense_symbol(call_args[3])
         if before_run:
             started[symbol] = time.perf_counter()
         else:
