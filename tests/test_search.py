@@ -120,10 +120,10 @@ def test_guided_search_beats_tpe_in_a_tenth_of_the_plans(eight_convs, tmp_path):
     mean = {name: float(np.mean(r)) for name, r in ratios.items()}
     # The target is 0.98.  This model's fidelity is far from additive (floating conv0 alone makes the
     # output worse; conv0-5 float gives 52.9 dB, adding conv7 46.2), so the estimate's error is several dB; the
-    # proposals by expected hypervolume gain under that error, half of them one-conv steps from the measured
-    # front, reach 0.971 (0.966-0.976 over the seeds), the additive estimate alone 0.906, TPE alone 0.84.
-    assert mean["guided"] >= 0.96, ratios
-    assert min(ratios["guided"]) >= 0.95, ratios
+    # proposals by expected hypervolume gain under that error, every other one a one-conv step from the measured
+    # front, reach 0.975 (0.973-0.976 over the seeds), the additive estimate alone 0.906, TPE alone 0.84.
+    assert mean["guided"] >= 0.97, ratios
+    assert min(ratios["guided"]) >= 0.965, ratios
     assert mean["guided"] >= mean["tpe"] + 0.08, ratios
     # Half the trials after the seeds were proposals; each recorded what the estimate expected of it.
     proposed = [t for t in guided.study.get_trials() if t.user_attrs.get("seed") == GUIDED_SEED]
