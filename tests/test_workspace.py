@@ -313,3 +313,52 @@ def test_workspace_and_evaluator_build_the_same_library(model, tmp_path, monkeyp
     assert through.qdq.SerializeToString() == direct.qdq.SerializeToString()
     batch = workspace.eval_batches[0]
     _assert_outputs_equal(through.built.run(batch), direct.built.run(batch))
+
+
+def test_bench_times_and_profiles_only_holding_the_machines_cpu_lock(model, tmp_path, monkeypatch):
+    # A search on the same machine builds holding the lock shared: bench's timings (and its profile) must wait
+    # for it, and a search's builds for them, as the search's own timings do.
+    import contextlib
+    import threading
+    import time
+
+    from precsearch.jobs import bench as bench_module
+
+    lock = CpuLock(tmp_path / "lock")
+    events = []
+    real_measure = bench_module.measure_library
+
+    def measure(*args, **kwargs):
+        events.append("timed")
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(bench_module, "measure_library", measure)
+
+    @contextlib.contextmanager
+    def recording_exclusive():
+        with lock.exclusive():
+            events.append("locked")
+            yield
+            events.append("unlocked")
+
+    class Recording:
+        exclusive = staticmethod(recording_exclusive)
+
+    # another process's build holds the lock shared for a while: bench waits for it before the first timing
+    holding = threading.Event()
+
+    def build_elsewhere():
+        with lock.shared():
+            holding.set()
+            time.sleep(1.0)
+            events.append("built elsewhere")
+
+    other = threading.Thread(target=build_elsewhere)
+    other.start()
+    holding.wait()
+    result = bench_module.bench(_workspace(model, tmp_path / "work"), repeats=3, warmup=1, lock=Recording(),
+                                profile=True)
+    other.join()
+    assert events.index("built elsewhere") < events.index("locked") < events.index("timed")
+    assert events[-1] == "unlocked" and events.count("locked") == 1
+    assert result.profiles  # the profile ran inside the same exclusive hold

@@ -13,6 +13,7 @@ With ``profile``, each TVM build run here is then profiled kernel by kernel (as 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
@@ -27,7 +28,7 @@ from precsearch.fidelity.metrics import compute_metrics
 from precsearch.fidelity.reference import run_ort
 from precsearch.errors import check_int
 from precsearch.jobs.build import layer_table, profile_layers
-from precsearch.measure import (Latency, measure_openvino_builds, onnxruntime_session, openvino_missing_reason,
+from precsearch.measure import (CpuLock, Latency, measure_openvino_builds, onnxruntime_session, openvino_missing_reason,
                                time_session)
 from precsearch.model.plan import Plan
 from precsearch.study.ort_backend import DISABLED_OPTIMIZERS, check_ort_plan
@@ -101,7 +102,7 @@ def json_safe(records: list[dict]) -> list[dict]:
 def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: int = 2, warmup: int = 10,
           repeats: int = 50, rpc: RpcTarget | None = None, progress=None,
           backends: tuple[str, ...] = ("tvm",), conv_backends: tuple[str, ...] | None = None,
-          rounds: int = 1, profile: bool = False) -> BenchResult:
+          rounds: int = 1, profile: bool = False, lock: CpuLock | None = None) -> BenchResult:
     """Measure ORT float, ORT int8, OpenVINO (where installed), TVM float, TVM all-int8 and ``plans`` (name, plan) on
     the workspace's timing input.
 
@@ -212,14 +213,19 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
             add(name, timer, plan.key(), len(int8_ids), built.build_time_s, conv_backend, len(built.onednn_kernels),
                 built=built if rpc is None else None)
         measured: list[list[Latency]] = [[] for _ in rows]
-        for round_index in range(rounds):
-            order = list(range(len(rows)))
-            order = order[round_index % len(order):] + order[:round_index % len(order)]
-            say(f"timing round {round_index + 1}/{rounds}: {len(rows)} rows, {per_round['repeats']} runs each...")
-            for row_index in order:
-                measured[row_index].append(rows[row_index]["timer"]())
-    # Only now, every round done: profiling between rounds would put its runs into the drift the rounds share.
-    profiles = _profile_rows(workspace, rows, measured, threads, say) if profile else {}
+        # The machine's CPU lock, as the search takes it to time: a search building on this machine waits, and
+        # this waits for its builds (a profile taken beside another process read 4 ms per kernel, a time slice).
+        exclusive = (lock or CpuLock()).exclusive if rpc is None else contextlib.nullcontext
+        with exclusive():
+            for round_index in range(rounds):
+                order = list(range(len(rows)))
+                order = order[round_index % len(order):] + order[:round_index % len(order)]
+                say(f"timing round {round_index + 1}/{rounds}: {len(rows)} rows, {per_round['repeats']} runs each...")
+                for row_index in order:
+                    measured[row_index].append(rows[row_index]["timer"]())
+            # Only now, every round done: profiling between rounds would put its runs into the drift the rounds
+            # share.
+            profiles = _profile_rows(workspace, rows, measured, threads, say) if profile else {}
     results = [BenchRow(**row["fields"], **_combine(latencies)) for row, latencies in zip(rows, measured)]
     ort_float, ort_int8 = results[0].median_ms, results[1].median_ms  # ORT float, the user's ORT int8
     results = [replace(row, vs_ort_float=row.median_ms / ort_float, vs_ort_int8=row.median_ms / ort_int8)
