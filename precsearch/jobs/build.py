@@ -135,5 +135,6 @@ def profile_layers(model, built, inputs: dict, layers: list[dict], *, threads: i
         spent = by_layer.get(row["index"])
         if spent:
             row["kernel_us"] = round(spent, 1)
-            row["gmac_s"] = round(macs[row["index"]] / spent / 1e3, 1)
+            # three significant digits: one decimal printed a tiny conv slowed by a busy machine as 0.0 GMAC/s
+            row["gmac_s"] = float(f"{macs[row['index']] / spent / 1e3:.3g}")
     return {name: round(value, 1) for name, value in parts.items()}
