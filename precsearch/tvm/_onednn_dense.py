@@ -13,8 +13,6 @@ them, and the profile reports them as ``onednn_dense_<K>x<M>``.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import tvm
 from tvm import relax
@@ -24,8 +22,6 @@ from . import _onednn
 from ._build_report import ReportingPass
 from ._importer import emit_like
 from ._onednn_offload import _Graph, _op
-
-logger = logging.getLogger(__name__)
 
 PASS_NAME = "precsearch.OffloadDenseOneDNN"
 
@@ -87,7 +83,8 @@ class OffloadDenseOneDNN(ReportingPass):
             if rows * depth * columns < self.min_macs:
                 continue
             spec = _dense_spec(rows, depth, columns, self.threads)
-            if _onednn.implementation(spec).startswith("ref"):
+            kernel = _onednn.implementation(spec)
+            if kernel.startswith("ref"):
                 continue
             end, bias = var, np.zeros(columns, dtype="float32")
             user = graph.only_user(var)
@@ -98,7 +95,7 @@ class OffloadDenseOneDNN(ReportingPass):
                     if constant.size == columns and constant.shape[-1] == columns:
                         end, bias = user, constant.reshape(columns).astype("float32")
             dense[end] = (var, data, np.ascontiguousarray(weights.T), bias, spec)
-            self.report.onednn_dense[f"{depth}x{columns}"] = _onednn.implementation(spec)
+            self.report.onednn_dense[f"{depth}x{columns}"] = kernel
         if not dense:
             return mod
         absorbed = {matmul for end, (matmul, *_rest) in dense.items() if end is not matmul}
