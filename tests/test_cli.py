@@ -75,7 +75,7 @@ def test_build_accepts_none_and_all(chain_path, tmp_path, spec, n_int8):
     assert len(json.loads(result.stdout)["int8_layers"]) == n_int8
 
 
-def test_build_profile_gives_each_conv_its_time_and_gmacs(chain_path, tmp_path):
+def test_build_profile_gives_each_conv_its_time_and_gmacs(chain_path, tmp_path, capsys):
     result = run("build", chain_path, "--float", "conv1", "--out", tmp_path / "out", "--workdir", tmp_path,
                  "--profile", "--json")
     assert result.returncode == 0, result.stderr
@@ -92,6 +92,14 @@ def test_build_profile_gives_each_conv_its_time_and_gmacs(chain_path, tmp_path):
     text = run("build", chain_path, "--float", "conv1", "--out", tmp_path / "out2", "--workdir", tmp_path,
                "--profile")
     assert "GMAC/s" in text.stdout.splitlines()[0] and "kernel time per inference: oneDNN convs" in text.stdout
+    # Other processes' load during the profile is measured; from half a core up the table says so.
+    from precsearch.cli.render import print_build
+
+    assert summary["profile_others_busy_cores"] >= 0
+    for busy, warned in ((1.3, True), (0.1, False)):
+        print_build({**summary, "profile_others_busy_cores": busy})
+        assert ("warning: other processes kept 1.3 of the machine's cores busy while profiling" in
+                capsys.readouterr().out) == warned
 
 
 def test_build_prints_per_layer_table(chain_path, tmp_path):

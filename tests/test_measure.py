@@ -71,3 +71,61 @@ def test_cpu_lock_measures_alone(tmp_path):
         waited_s = time.monotonic() - t0  # the compile held the lock for 1 s after it started
     compiler.join()
     assert waited_s > 0.5
+
+
+def test_cpu_load_counts_other_processes_not_this_one():
+    import time
+
+    from precsearch.measure import CpuLoad
+
+    others, everyone = CpuLoad(), CpuLoad(pids=())
+    deadline = time.perf_counter() + 0.6
+    while time.perf_counter() < deadline:  # this process keeps one core busy
+        pass
+    excluded, included = others.others_busy_cores(), everyone.others_busy_cores()
+    # Whatever else runs on the machine is in both; this process's busy core only where it is not excluded.
+    assert included - excluded > 0.6, (included, excluded)
+
+
+def test_cpu_load_sees_a_busy_child_process():
+    import subprocess
+    import sys
+
+    from precsearch.measure import CpuLoad
+
+    load = CpuLoad()
+    subprocess.run([sys.executable, "-c", "import time\nt = time.perf_counter()\nwhile time.perf_counter() - t < 1: pass"],
+                   check=True)
+    assert load.others_busy_cores() > 0.6
+
+
+class _FakeLoad:
+    """CpuLoad whose successive measurements see the loads in ``LOADS``."""
+
+    LOADS: list = []
+
+    def __init__(self, pids=None):
+        pass
+
+    def others_busy_cores(self):
+        return self.LOADS.pop(0)
+
+
+def test_a_timing_another_process_overlapped_is_taken_again(monkeypatch):
+    from precsearch.measure import _load, time_unloaded
+
+    monkeypatch.setattr(_load, "CpuLoad", _FakeLoad)
+    calls = []
+
+    def measure():
+        calls.append(len(calls))
+        return f"timing {len(calls)}"
+
+    _FakeLoad.LOADS = [0.1]
+    assert time_unloaded(measure) == ("timing 1", 0.1) and len(calls) == 1  # quiet: once
+    calls.clear()
+    _FakeLoad.LOADS = [1.4, 0.2]
+    assert time_unloaded(measure) == ("timing 2", 0.2) and len(calls) == 2  # loaded, then quiet
+    calls.clear()
+    _FakeLoad.LOADS = [0.9, 1.6]
+    assert time_unloaded(measure) == ("timing 1", 0.9) and len(calls) == 2  # loaded twice: the less loaded one

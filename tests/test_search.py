@@ -5,6 +5,7 @@ float reference); latency comes from a deterministic stand-in measurer, in this
 file only, so the front does not move with machine noise.
 """
 
+import contextlib
 import itertools
 import math
 
@@ -272,12 +273,81 @@ def test_a_given_sampler_replaces_the_configured_one(eight_convs, tmp_path):
 
     nsga = optuna.samplers.NSGAIISampler(seed=3, population_size=4)
     summary, handle, evaluator = _search(tmp_path, eight_convs, sampler="tpe", trials=10, sampler_object=nsga)
-    assert handle.study.sampler is nsga
+    assert handle.study.sampler.sampler is nsga  # inside the CPU-lock wrapper
     assert summary.completed == 10 == len(set(evaluator.calls))
     # With a population of 4, the plans after the seeds and the first generation come from NSGA-II's
     # generations: the study records them.
     generations = {t.system_attrs.get("NSGAIISampler:generation") for t in handle.study.get_trials()}
     assert {0, 1} <= generations
+
+
+class _RecordingLock:
+    """A CpuLock stand-in that counts how many holders it has."""
+
+    def __init__(self):
+        self.holders = 0
+
+    @contextlib.contextmanager
+    def shared(self):
+        self.holders += 1
+        try:
+            yield
+        finally:
+            self.holders -= 1
+
+
+def test_with_an_evaluator_that_times_the_sampler_and_the_guided_refit_hold_its_cpu_lock(eight_convs, tmp_path,
+                                                                                            monkeypatch):
+    """With --workers N, a GP fit or the guided refit of one worker must not overlap another worker's timing:
+    both run holding the evaluator's CPU lock shared, as a build does."""
+    import optuna
+
+    evaluator = StandInEvaluator(*eight_convs)
+    evaluator.lock = _RecordingLock()
+    held = {"sampler": [], "refit": []}
+
+    class Watched(optuna.samplers.TPESampler):
+        def sample_relative(self, study, trial, search_space):
+            held["sampler"].append(evaluator.lock.holders)
+            return super().sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, name, distribution):
+            held["sampler"].append(evaluator.lock.holders)
+            return super().sample_independent(study, trial, name, distribution)
+
+    refit = GuidedProposals.refit
+
+    def watched_refit(self, observations):
+        held["refit"].append(evaluator.lock.holders)
+        return refit(self, observations)
+
+    monkeypatch.setattr(GuidedProposals, "refit", watched_refit)
+    model = eight_convs[0]
+    guide = GuidedProposals(model, _standin_noise(model, evaluator), backends=("tvm",), higher_is_better=True,
+                            metric="sqnr_db")
+    summary, handle, _ = _search(tmp_path, eight_convs, evaluator, sampler="tpe", trials=14, guide=guide,
+                                 sampler_object=Watched(seed=0, multivariate=True, n_startup_trials=4))
+    assert summary.completed == 14
+    assert held["sampler"] and set(held["sampler"]) == {1}, held
+    assert held["refit"] and set(held["refit"]) == {1}, held
+    assert evaluator.lock.holders == 0
+
+
+def test_the_cpu_locked_sampler_proposes_what_its_sampler_would(eight_convs, tmp_path):
+    import optuna
+
+    from precsearch.study.locked_sampler import CpuLockedSampler
+
+    def params(sampler):
+        study = optuna.create_study(directions=["minimize", "maximize"], sampler=sampler)
+        for _ in range(12):
+            trial = study.ask()
+            x = [trial.suggest_categorical(f"c{i}", ["int8", "float"]) for i in range(6)]
+            study.tell(trial, [x.count("float"), -x.count("int8") + 0.1 * trial.number])
+        return [t.params for t in study.trials]
+
+    make = lambda: optuna.samplers.TPESampler(seed=5, multivariate=True, n_startup_trials=4)  # noqa: E731
+    assert params(CpuLockedSampler(make(), _RecordingLock())) == params(make())
 
 
 def test_max_drop_is_a_constraint_and_the_front_is_feasible_only(eight_convs, tmp_path):

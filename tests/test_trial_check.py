@@ -97,6 +97,29 @@ def test_every_trial_records_its_cross_check_verdict_without_running_the_library
     assert "verdict" in pd.read_csv(tmp_path / "report" / "pareto.csv")
 
 
+def test_a_plan_timed_while_another_process_was_busy_is_timed_again_and_its_load_recorded(chain, tmp_path,
+                                                                                        monkeypatch):
+    from precsearch.measure import _load
+    from precsearch.study import evaluator as evaluator_module
+
+    loads = iter([1.3, 0.1, 0.2, 1.7, 1.8])  # all-int8 loaded then quiet; all-float quiet; the third loaded twice
+    monkeypatch.setattr(_load.CpuLoad, "others_busy_cores", lambda self: next(loads))
+    timed = []
+    real_measure = evaluator_module.measure_library
+
+    def measure(*args, **kwargs):
+        timed.append(1)
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "measure_library", measure)
+    summary, seeds, handle = _search(chain, _evaluator(chain, tmp_path), tmp_path, trials=3)
+    assert summary.completed == 3 and len(timed) == 5
+    recorded = {name: trial.user_attrs["timing_others_busy_cores"] for name, trial in seeds.items()}
+    assert recorded == {"all-int8": 0.1, "all-float": 0.2, "first-and-last-float": 1.7}
+    table = pd.read_csv(write_report(collect(handle.study), tmp_path / "report")["trials.csv"])
+    assert sorted(table["timing_others_busy_cores"]) == [0.1, 0.2, 1.7]
+
+
 def test_a_miscompiled_int8_build_is_a_compiler_problem_and_a_failed_trial(chain, tmp_path, monkeypatch):
     original_scalar = _int8_rewrite._scalar
 

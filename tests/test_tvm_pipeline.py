@@ -57,6 +57,24 @@ def test_the_pipeline_is_the_module_build_plan_compiles(chain, monkeypatch):
     tvm.ir.assert_structural_equal(lowered, compiled_mod)
 
 
+def test_value_info_without_a_type_is_dropped_before_tvm_checks_the_model(chain):
+    """Such entries (EfficientNet-Lite0's QDQ models have them) made TVM's frontend print a UserWarning per
+    entry into the search's output; dropped, the import is the same module and warns nothing."""
+    import warnings
+
+    import onnx
+
+    untyped = onnx.ModelProto()
+    untyped.CopyFrom(chain.qdq)
+    untyped.graph.value_info.add().name = untyped.graph.node[0].output[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        imported = import_qdq_model(untyped, chain.model)
+    assert not [w for w in caught if "Unrecognized type value case" in str(w.message)]
+    tvm.ir.assert_structural_equal(imported.mod, import_qdq_model(chain.qdq, chain.model).mod)
+    assert len(untyped.graph.value_info) == len(chain.qdq.graph.value_info) + 1  # the caller's model untouched
+
+
 def test_the_pipeline_lists_its_passes_and_stops_after_fusion_when_asked(chain):
     imported = import_qdq_model(chain.qdq, chain.model)
     blocked = CompileOptions(activation_layout="blocked")

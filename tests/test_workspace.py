@@ -356,9 +356,16 @@ def test_bench_times_and_profiles_only_holding_the_machines_cpu_lock(model, tmp_
     other = threading.Thread(target=build_elsewhere)
     other.start()
     holding.wait()
+
+    class Loaded:  # another process kept 1.2 cores busy while bench timed: the result says so
+        def others_busy_cores(self):
+            return 1.2
+
+    monkeypatch.setattr(bench_module, "CpuLoad", Loaded)
     result = bench_module.bench(_workspace(model, tmp_path / "work"), repeats=3, warmup=1, lock=Recording(),
                                 profile=True)
     other.join()
+    assert result.others_busy_cores == 1.2 == result.to_dict()["others_busy_cores"]
     assert events.index("built elsewhere") < events.index("locked") < events.index("timed")
     assert events[-1] == "unlocked" and events.count("locked") == 1
     assert result.profiles  # the profile ran inside the same exclusive hold

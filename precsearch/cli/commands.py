@@ -220,6 +220,7 @@ def _cmd_tune(args) -> int:
 
 def _cmd_bench(args) -> int:
     from precsearch.jobs.bench import bench
+    from precsearch.measure import LOADED_CORES
     from precsearch.model.plan import parse_plan
     from precsearch.tvm import RpcTarget, check_tracker, parse_tracker
 
@@ -259,6 +260,9 @@ def _cmd_bench(args) -> int:
     print(f"batch 1, {result.threads} threads, {timing}; {where}; "
           f"{'tuned' if result.tuned else 'untuned'} TVM kernels")
     print_bench_profiles(result.profiles)
+    if result.others_busy_cores is not None and result.others_busy_cores >= LOADED_CORES:
+        print(f"warning: other processes kept {result.others_busy_cores:.1f} of the machine's cores busy while "
+              "timing: every figure above carries their load; time again on a quiet machine")
     return 0
 
 

@@ -110,6 +110,12 @@ def print_build(summary: dict) -> None:
               f"{row['note']}")
     if profiled:
         print(_kernel_parts(summary["kernels"]) + " (per-call timing: for ranking; bench gives the latency)")
+        from precsearch.measure import LOADED_CORES
+
+        busy = summary.get("profile_others_busy_cores")
+        if busy is not None and busy >= LOADED_CORES:
+            print(f"warning: other processes kept {busy:.1f} of the machine's cores busy while profiling: each "
+                  "2-thread kernel may have waited for a time slice; profile again on a quiet machine")
     bf16 = len(summary.get("bf16_layers", []))
     layout = "layout NHWC" if summary.get("activation_layout") == "NHWC" else f"block {summary['block_size']}"
     print(f"{len(summary['int8_layers'])} int8, {f'{bf16} bf16, ' if bf16 else ''}"

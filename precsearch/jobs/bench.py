@@ -28,8 +28,8 @@ from precsearch.fidelity.metrics import compute_metrics
 from precsearch.fidelity.reference import run_ort
 from precsearch.errors import check_int
 from precsearch.jobs.build import layer_table, profile_layers
-from precsearch.measure import (CpuLock, Latency, measure_openvino_builds, onnxruntime_session, openvino_missing_reason,
-                               time_session)
+from precsearch.measure import (CpuLoad, CpuLock, Latency, measure_openvino_builds, onnxruntime_session,
+                               openvino_missing_reason, time_session)
 from precsearch.model.plan import Plan
 from precsearch.study.ort_backend import DISABLED_OPTIMIZERS, check_ort_plan
 from precsearch.tvm import RpcTarget, measure_library, measure_remote
@@ -76,6 +76,9 @@ class BenchResult:
     remote: str | None
     rounds: int = 1
     profiles: dict[str, dict] = field(default_factory=dict)  # TVM row name → its ``kernels`` and ``layers``
+    # Cores other processes kept busy on average while the rounds and the profile ran (the CPU lock keeps out
+    # only precsearch's own): from LOADED_CORES up, the figures carry their load.
+    others_busy_cores: float | None = None
 
     def row(self, name: str) -> BenchRow:
         return next(row for row in self.rows if row.name == name)
@@ -90,7 +93,8 @@ class BenchResult:
         records = json_safe(self.to_frame().to_dict(orient="records"))
         for record in records:
             record.update(self.profiles.get(record["name"], {}))
-        summary.update(threads=self.threads, tuned=self.tuned, remote=self.remote, rounds=self.rounds, rows=records)
+        summary.update(threads=self.threads, tuned=self.tuned, remote=self.remote, rounds=self.rounds,
+                       others_busy_cores=self.others_busy_cores, rows=records)
         return summary
 
 
@@ -217,6 +221,7 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
         # this waits for its builds (a profile taken beside another process read 4 ms per kernel, a time slice).
         exclusive = (lock or CpuLock()).exclusive if rpc is None else contextlib.nullcontext
         with exclusive():
+            load = CpuLoad()
             for round_index in range(rounds):
                 order = list(range(len(rows)))
                 order = order[round_index % len(order):] + order[:round_index % len(order)]
@@ -226,12 +231,14 @@ def bench(workspace: Workspace, *, plans: list[tuple[str, Plan]] = (), threads: 
             # Only now, every round done: profiling between rounds would put its runs into the drift the rounds
             # share.
             profiles = _profile_rows(workspace, rows, measured, threads, say) if profile else {}
+            others_busy_cores = round(load.others_busy_cores(), 2)
     results = [BenchRow(**row["fields"], **_combine(latencies)) for row, latencies in zip(rows, measured)]
     ort_float, ort_int8 = results[0].median_ms, results[1].median_ms  # ORT float, the user's ORT int8
     results = [replace(row, vs_ort_float=row.median_ms / ort_float, vs_ort_int8=row.median_ms / ort_int8)
                for row in results]
     return BenchResult(rows=results, threads=threads, tuned=workspace.database is not None,
-                       remote=rpc.address if rpc is not None else None, rounds=rounds, profiles=profiles)
+                       remote=rpc.address if rpc is not None else None, rounds=rounds, profiles=profiles,
+                       others_busy_cores=others_busy_cores)
 
 
 def _profile_rows(workspace: Workspace, rows: list[dict], measured: list[list[Latency]], threads: int,

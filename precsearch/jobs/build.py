@@ -8,7 +8,7 @@ from pathlib import Path
 
 from precsearch.fidelity.crosscheck import check_build
 from precsearch.files import atomic_write
-from precsearch.measure import CpuLock
+from precsearch.measure import CpuLoad, CpuLock
 from precsearch.model.plan import Plan
 from precsearch.tvm import ONEDNN_REQUIREMENT, LoadedLibrary, profile_kernels
 from precsearch.workspace import Workspace
@@ -72,8 +72,10 @@ def build_and_export(workspace: Workspace, plan: Plan, out_dir: str | Path, *, c
     if profile:
         say("timing every kernel (20 runs)...")
         with CpuLock().exclusive():  # as every timing: never beside a search's builds on this machine
+            load = CpuLoad()  # the lock keeps out precsearch only: say when another process was busy
             summary["kernels"] = profile_layers(model, built, workspace.timing_input, summary["layers"],
                                                 threads=workspace.options.threads)
+            summary["profile_others_busy_cores"] = round(load.others_busy_cores(), 2)
     if built.onednn_kernels or built.onednn_dense:
         summary["requires"] = ONEDNN_REQUIREMENT
     if dump_ir_dir:

@@ -28,6 +28,9 @@ class Latency:
     # (a build whose convs run on oneDNN can be faster with TVM's pool smaller
     # than ``threads``: the two pools hand the cores back and forth).
     tvm_pool_threads: int | None = None
+    # Cores that processes outside this one kept busy during the timing (None: not watched); see
+    # :func:`precsearch.measure.time_unloaded`.
+    others_busy_cores: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -79,6 +79,8 @@ def _trial_row(trial) -> dict:
     row["check_time_s"] = result.details.get("check_time_s") if result else None
     row["int8_convs"] = record.int8_convs
     row["tuned_kernels"] = result.details.get("tuned_kernels") if result else None
+    # Other processes' load while the plan was timed (after one retake): high means its latency is theirs too.
+    row["timing_others_busy_cores"] = result.details.get("timing_others_busy_cores") if result else None
     row["verdict"] = result.verdict if result else None
     row["verdict_detail"] = (result.verdict_detail or None) if result and result.verdict else None
     for name in ("duplicate_of", "reruns", "seed", "worker", "fail_reason", "skipped"):

@@ -19,7 +19,7 @@ from pathlib import Path
 from precsearch.errors import ConfigError
 from precsearch.fidelity.crosscheck import check_build
 from precsearch.fidelity.early_stop import evaluate_plan
-from precsearch.measure import CpuLock, Latency
+from precsearch.measure import CpuLock, Latency, time_unloaded
 from precsearch.model.plan import ORT, TVM, Plan
 from precsearch.study.config import SearchConfig
 from precsearch.study.ort_backend import OrtEvaluator, measure_ort_baselines, require_backend, retime_ort_baselines
@@ -115,7 +115,8 @@ class TvmEvaluator:
         latency = self._time(built, self.repeats)
         measure_time_s = time.perf_counter() - started
         return dataclasses.replace(result, latency_ms=latency.median_ms, latency_iqr_ms=latency.iqr_ms,
-                                   measure_time_s=round(measure_time_s, 3))
+                                   measure_time_s=round(measure_time_s, 3),
+                                   details={**result.details, "timing_others_busy_cores": latency.others_busy_cores})
 
     def check(self, plan: Plan, qdq, outputs) -> tuple[str, str]:
         """The verdict on a build's ``outputs`` for the first ``len(outputs)`` evaluation batches, and its summary.
@@ -142,9 +143,12 @@ class TvmEvaluator:
         return self.workspace.build(plan)
 
     def _time(self, built, repeats: int) -> Latency:
+        # The lock stops precsearch's own builds; a timing another process overlapped is taken once more.
         with self.lock.exclusive():
-            return measure_library(built, self.workspace.timing_input, threads=self.options.threads, warmup=self.warmup,
-                                   repeats=repeats)
+            latency, busy = time_unloaded(lambda: measure_library(
+                built, self.workspace.timing_input, threads=self.options.threads, warmup=self.warmup,
+                repeats=repeats))
+        return dataclasses.replace(latency, others_busy_cores=round(busy, 2))
 
     def remeasure(self, plan: Plan, repeats: int) -> Latency:
         """Build ``plan`` again and time it with ``repeats`` runs (the front is re-checked before the final report)."""

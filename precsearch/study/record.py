@@ -80,8 +80,8 @@ class PlanEvaluator(Protocol):
 
 # --------------------------------------------------------------------------- one trial
 
-# Fields of PlanResult.details that the TVM backend fills and the report shows.
-DETAIL_KEYS = ("tuned_kernels", "total_kernels", "boundary_transforms", "check_time_s")
+# Fields of PlanResult.details that the backends fill and the report shows.
+DETAIL_KEYS = ("tuned_kernels", "total_kernels", "boundary_transforms", "check_time_s", "timing_others_busy_cores")
 _RESULT_SCALARS = ("latency_iqr_ms", "build_time_s", "eval_time_s", "measure_time_s", "fidelity_batches",
                    "stopped_early")
 _METRIC_PREFIX = "metric."

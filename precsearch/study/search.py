@@ -22,6 +22,7 @@ What the loop adds to Optuna:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -527,9 +528,12 @@ class _Worker:
         records = [TrialRecord.from_trial(t) for t in trials]
         if not self.guide.due(records):
             return
-        self.guide.refit([(r, t.values[0], t.values[1]) for r, t in zip(records, trials)
-                          if t.state == TrialState.COMPLETE and t.values is not None])
-        proposal = self.guide.next_plan(self.goal, [r.plan for r in records if r.plan_key is not None])
+        # Held shared, as a build is: the refit and the integer programs must not overlap another worker's timing.
+        lock = _cpu_lock(self.evaluator)
+        with lock.shared() if lock is not None else contextlib.nullcontext():
+            self.guide.refit([(r, t.values[0], t.values[1]) for r, t in zip(records, trials)
+                              if t.state == TrialState.COMPLETE and t.values is not None])
+            proposal = self.guide.next_plan(self.goal, [r.plan for r in records if r.plan_key is not None])
         if proposal is None:
             return
         plan, latency_ms, fidelity = proposal
@@ -627,6 +631,11 @@ class _Worker:
             self.evaluated_here += 1
 
 
+def _cpu_lock(evaluator):
+    """The evaluator's :class:`~precsearch.measure.CpuLock` (None for an evaluator that times nothing)."""
+    return getattr(evaluator, "lock", None)
+
+
 def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator, *,
                progress: Callable[[SearchProgress], None] | None = None,
                seeds: list[tuple[str, Plan]] | None = None, worker_index: int = 0,
@@ -658,8 +667,11 @@ def run_worker(handle: StudyHandle, model: LoadedModel, evaluator: PlanEvaluator
     space = PlanSpace(model, config.backends, handle.precisions)
     budget = trial_budget(config, space.size)
     sampler_name = config.sampler or default_sampler(space.size)
+    from precsearch.study.locked_sampler import CpuLockedSampler
+
     with quiet_experimental():
-        handle.study.sampler = sampler or make_sampler(sampler_name, config.seed + worker_index, space.size)
+        handle.study.sampler = CpuLockedSampler(
+            sampler or make_sampler(sampler_name, config.seed + worker_index, space.size), _cpu_lock(evaluator))
     if seeds:
         enqueue_seeds(handle, space, seeds)
     # Optuna logs every failed trial with a traceback; the search logs its own one line.

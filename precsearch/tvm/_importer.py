@@ -119,6 +119,23 @@ def _explicit_pads(node: onnx.NodeProto, pads: tuple[int, ...]) -> None:
             return
 
 
+def _without_untyped_value_info(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` without ``value_info`` entries that have no type.
+
+    Some exported models carry them (EfficientNet-Lite0's Clip outputs); they say
+    nothing, but TVM's frontend runs ``onnx.checker`` first and prints a
+    ``UserWarning`` for each, into the search's output.
+    """
+    if all(info.type.WhichOneof("value") is not None for info in proto.graph.value_info):
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    kept = [info for info in copy.graph.value_info if info.type.WhichOneof("value") is not None]
+    del copy.graph.value_info[:]
+    copy.graph.value_info.extend(kept)
+    return copy
+
+
 def import_qdq_model(qdq: onnx.ModelProto, model: LoadedModel) -> ImportedModel:
     """Import a (mixed) QDQ model into Relax with layer-identifying parameter names.
 
@@ -139,6 +156,7 @@ def import_qdq_model(qdq: onnx.ModelProto, model: LoadedModel) -> ImportedModel:
                            pass_name=PASS_NAME, layer_id=unsupported[0][0])
     rewritten, notes = rewrite_for_tvm(qdq)
     renamed, int8_weights, float_weights = _rename_weights(rewritten, model)
+    renamed = _without_untyped_value_info(renamed)
     shape_dict = {name: list(shape) for name, shape in model.input_shapes.items()}
     try:
         mod = from_onnx(renamed, shape_dict=shape_dict, keep_params_in_input=True)
