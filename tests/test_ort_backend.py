@@ -164,6 +164,43 @@ class _StandInOrt(OrtEvaluator):
                        runs=repeats, warmup=0, threads=1)
 
 
+def test_with_ort_model_conv_qdq_an_ort_plan_is_precsearchs_own_qdq_model(chain):
+    """--ort-model conv-qdq: ORT runs the plan's Conv-only QDQ model (the one TVM compiles), its float convs float
+    in the graph ORT runs, scored and timed in the same optimized session."""
+    from dataclasses import replace
+
+    model, workspace = chain
+    conv_qdq = Workspace.in_memory(model, None, workspace.calibration_batches, workspace.eval_batches,
+                                   ranges=workspace.ranges, reference=workspace.reference)
+    conv_qdq.data = replace(conv_qdq.data, ort_model="conv-qdq")
+    plan = Plan(frozenset({"conv1"}), "ort")
+    ours = conv_qdq.ort_model(plan)
+    assert ours.SerializeToString() == conv_qdq.qdq_model(Plan(frozenset({"conv1"}))).SerializeToString()
+    assert ours.SerializeToString() != workspace.ort_model(plan).SerializeToString()  # not quantize_static's
+    assert _graph_float_convs(ours) == {"conv1"}
+    evaluator = OrtEvaluator(conv_qdq, "sqnr_db", None, warmup=1, repeats=5)
+    result = evaluator.evaluate(plan)
+    direct = compute_metrics(workspace.reference, _run(ours, workspace.eval_batches)).values
+    assert result.metrics["sqnr_db"] == direct["sqnr_db"] and 10 < result.metrics["sqnr_db"] < 80
+    assert result.latency_ms > 0
+    # The all-float plan is still the float model itself.
+    assert conv_qdq.ort_model(Plan(frozenset(model.capable_ids()), "ort")) is model.proto
+    with pytest.raises(ValueError, match="'ort_model' parameter of search must be one of"):
+        SearchConfig(model="m.onnx", ort_model="qdq")
+    assert SearchConfig.from_dict({"model": "m.onnx"}).ort_model == "quantize_static"  # older studies
+    # The report: its all-int8 ORT plan is not the user's quantize_static model, and what it ships says so.
+    from precsearch.report.writer import _baseline_plans, ship_line
+
+    front = pd.DataFrame({"backend": ["ort", "ort"], "float_count": [0, 4]})
+    assert set(_baseline_plans(front, 4, SearchConfig(model="m.onnx", ort_model="conv-qdq"))) == {
+        "ONNX Runtime float"}
+    assert set(_baseline_plans(front, 4, SearchConfig(model="m.onnx"))) == {
+        "ONNX Runtime float", "ONNX Runtime int8 (quantize_static)"}
+    assert ship_line({"trial": 3, "float_layers": '["conv1"]', "backend": "ort", "ort_model": "conv-qdq"}) == (
+        "Ship trial 3 with ONNX Runtime: precsearch's Conv-only QDQ model with float convs [\"conv1\"] "
+        "(export writes model.int8.onnx)")
+
+
 def test_a_search_over_both_backends_finishes_with_both_on_its_front(chain, tmp_path):
     model, workspace = chain
     tvm = StandInEvaluator(model, workspace.ranges, workspace.eval_batches, workspace.reference)
@@ -298,6 +335,36 @@ def test_export_of_an_ort_trial_is_the_model_that_was_scored(ort_search, tmp_pat
     for ours, theirs in zip(outputs, _run(remade, workspace.eval_batches)):
         for name in ours:
             np.testing.assert_array_equal(ours[name], theirs[name])
+
+
+def test_a_conv_qdq_search_exports_the_qdq_model_it_scored_and_resumes_only_as_conv_qdq(tmp_path):
+    path = models.save(models.chain_model(channels=(8, 16, 16, 16, 16), size=8, seed=21), tmp_path, "chain4")
+    workdir = tmp_path / "work"
+    settings = ["--backend", "ort", "--workdir", workdir, "--eval-batches", "4", "--calibration-batches", "4",
+                "--repeats", "5", "--warmup", "1", "--remeasure-repeats", "5", "--metric", "sqnr_db"]
+    result = run("search", path, "--trials", "4", "--ort-model", "conv-qdq", *settings, "--json")
+    assert result.returncode == 0, result.stderr
+    assert "--ort-model conv-qdq" in (workdir / "report" / "report.html").read_text()  # the reproduce command
+    other = run("search", path, "--trials", "5", *settings)  # the same study with quantize_static's models
+    assert other.returncode == 2 and "ort_model: 'quantize_static' != 'conv-qdq'" in other.stderr
+    trials = pd.read_csv(workdir / "report" / "trials.csv")
+    row = trials[(trials["state"] == "COMPLETE") & (trials["float_count"] > 0) & (trials["float_count"] < 4)].iloc[0]
+    out = tmp_path / "export"
+    exported = run("export", "--workdir", workdir, "--trial", int(row["trial"]), "--out", out, "--json")
+    assert exported.returncode == 0, exported.stderr
+    summary = json.loads(exported.stdout)
+    assert summary["ort_model"] == "conv-qdq" and summary["snippet"].endswith("session.py")
+    assert not (out / "quantize_static.py").exists()
+    model = load_model(path)
+    workspace = Workspace.from_config(SearchConfig(model=str(path), eval_batches=4, calibration_batches=4,
+                                                   ort_model="conv-qdq"), model, workdir)
+    plan = parse_plan(row["plan"], model)
+    assert onnx.load(str(out / "model.int8.onnx")).SerializeToString() == \
+        workspace.qdq_model(Plan(plan.float_ids)).SerializeToString()
+    session = runpy.run_path(str(out / "session.py"))["session"](str(out / "model.int8.onnx"))
+    names = [o.name for o in session.get_outputs()]
+    outputs = [dict(zip(names, session.run(names, batch))) for batch in workspace.eval_batches]
+    assert compute_metrics(workspace.reference, outputs).values["sqnr_db"] == row["sqnr_db"]
 
 
 def test_bench_with_backend_ort_adds_ort_rows(ort_search):

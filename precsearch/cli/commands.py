@@ -38,7 +38,8 @@ def _workspace(args, model, preset, *, eval_batches: int = 0, **option_overrides
     from precsearch.workspace import DataSettings, Workspace
 
     data = DataSettings(data=args.data, preset=args.preset or preset, calibration=args.calibration,
-                        calibration_batches=args.calibration_batches, eval_batches=eval_batches)
+                        calibration_batches=args.calibration_batches, eval_batches=eval_batches,
+                        ort_model=getattr(args, "ort_model", DataSettings.ort_model))  # only where --backend is
     _writable_dir(args.workdir / "cache", "workdir")
     return Workspace(model, args.workdir, data, _compile_options(args, **option_overrides), untuned=args.untuned)
 
@@ -293,7 +294,7 @@ def _cmd_search(args) -> int:
                           requant=args.requant, block_size=args.block_size, float_layout=args.float_layout,
                           conv_backend=args.conv_backend, onednn_int8=args.onednn_int8,
                           activation_layout=args.activation_layout, check_batches=args.check_batches, warmup=args.warmup, repeats=args.repeats,
-                          untuned=args.untuned, backend=args.backend, tune=args.tune,
+                          untuned=args.untuned, backend=args.backend, ort_model=args.ort_model, tune=args.tune,
                           heartbeat_interval_s=args.heartbeat_interval, grace_period_s=args.grace_period)
     model, preset = _load(args)
 

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="the runtime plans are built for: tvm (precsearch's TVM builds, default), ort "
                                       "(ONNX Runtime: quantize_static with the plan's float convs in "
                                       "nodes_to_exclude, timed in an optimized session) or both")
+    backend_options.add_argument("--ort-model", choices=["quantize_static", "conv-qdq"], default="quantize_static",
+                                 help="ONNX Runtime's model of a plan: quantize_static (default; its defaults, the "
+                                      "plan's float convs excluded) or conv-qdq (precsearch's Conv-only QDQ model, "
+                                      "the one TVM builds, which ORT may run faster)")
 
     def command(name, help_text, *parents):
         sub = commands.add_parser(name, help=help_text, parents=list(parents))

@@ -25,6 +25,10 @@ TWO_STATES, THREE_STATES = (INT8, FLOAT), (INT8, BF16, FLOAT)
 #: The runtimes a plan can be built for: TVM (precsearch's own build) and ONNX Runtime (``quantize_static``).
 TVM, ORT = "tvm", "ort"
 BACKENDS = (TVM, ORT)
+#: What an ONNX Runtime plan's model is: ``quantize_static`` with its defaults and the plan's float convs excluded
+#: (the user's int8 model made partial), or precsearch's Conv-only QDQ model (the one TVM builds), run by ORT.
+QUANTIZE_STATIC, CONV_QDQ = "quantize_static", "conv-qdq"
+ORT_MODELS = (QUANTIZE_STATIC, CONV_QDQ)
 
 
 @dataclass(frozen=True)

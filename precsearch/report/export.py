@@ -22,7 +22,7 @@ from pathlib import Path
 
 from precsearch.study.config import SearchConfig
 from precsearch.errors import ConfigError
-from precsearch.model.plan import ORT
+from precsearch.model.plan import CONV_QDQ, ORT
 from precsearch.files import atomic_write
 from precsearch.study.record import StudyAttrs, TrialRecord
 from precsearch.workspace import Workspace
@@ -82,7 +82,9 @@ def quantize(calibration_data_reader, model_input="model.onnx", model_output="mo
                     calibrate_method=CalibrationMethod.{method})
 
 
-def session(model_path="model.int8.onnx", threads={threads}):
+{session}'''
+# Both ONNX Runtime snippets load the model as the search measured it.
+_SESSION_FUNCTION = '''def session(model_path="model.int8.onnx", threads={threads}):
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
@@ -90,6 +92,21 @@ def session(model_path="model.int8.onnx", threads={threads}):
     return onnxruntime.InferenceSession(model_path, options, providers=["CPUExecutionProvider"],
                                         disabled_optimizers=list(DISABLED_OPTIMIZERS))
 '''
+CONV_QDQ_SESSION_SNIPPET = '''"""Trial {trial}'s ONNX Runtime model and the session it was measured in.
+
+model.int8.onnx is precsearch's Conv-only QDQ model of the plan (the model its TVM backend compiles, searched with
+--ort-model conv-qdq): QuantizeLinear/DequantizeLinear around the int8 convs only, with precsearch's calibration.
+No quantize_static call makes it; precsearch export writes it again from the same study.
+
+Load it with session(): ONNX Runtime's WeightBiasQuantization optimizer would otherwise re-quantize, at load
+time, every float conv whose input is dequantized, and the convs kept float would run int8 after all.
+"""
+import onnxruntime
+
+DISABLED_OPTIMIZERS = {disabled}
+
+
+{session}'''
 _CALIBRATE_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
@@ -185,11 +202,18 @@ def _export_ort(study, trial, record: TrialRecord, config: SearchConfig, workspa
         check_ort_plan(model, quantized, plan)
         atomic_write(out / "model.int8.onnx", quantized.SerializeToString())
         files["int8_model"] = str(out / "model.int8.onnx")
-        atomic_write(out / "quantize_static.py", QUANTIZE_STATIC_SNIPPET.format(
-            trial=trial.number, names=json.dumps(every_float), ort_version=onnxruntime.__version__,
-            method=_CALIBRATE_METHODS[config.calibration], disabled=json.dumps(list(DISABLED_OPTIMIZERS)),
-            threads=config.threads))
-        files["snippet"] = str(out / "quantize_static.py")
+        if config.ort_model == CONV_QDQ:  # precsearch's own QDQ model: no quantize_static call makes it
+            snippet = out / "session.py"
+            atomic_write(snippet, CONV_QDQ_SESSION_SNIPPET.format(
+                trial=trial.number, disabled=json.dumps(list(DISABLED_OPTIMIZERS)),
+                session=_SESSION_FUNCTION.format(threads=config.threads)))
+        else:
+            snippet = out / "quantize_static.py"
+            atomic_write(snippet, QUANTIZE_STATIC_SNIPPET.format(
+                trial=trial.number, names=json.dumps(every_float), ort_version=onnxruntime.__version__,
+                method=_CALIBRATE_METHODS[config.calibration], disabled=json.dumps(list(DISABLED_OPTIMIZERS)),
+                session=_SESSION_FUNCTION.format(threads=config.threads)))
+        files["snippet"] = str(snippet)
     summary = {"study": study.study_name, "trial": trial.number, "backend": ORT, "model": config.model,
                "plan": plan.key(), "float_layers": every_float, "int8_layers": list(int8_ids),
                "latency_ms": trial.values[0], config.metric: trial.values[1],
@@ -199,9 +223,12 @@ def _export_ort(study, trial, record: TrialRecord, config: SearchConfig, workspa
                "nodes_to_exclude": every_float,
                "session": {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": config.threads,
                            "inter_op_num_threads": 1, "disabled_optimizers": list(DISABLED_OPTIMIZERS)},
-               "note": ("load model.int8.onnx with quantize_static.py's session() (graph optimizations on, "
-                        "WeightBiasQuantization off, as measured); quantize() makes it from model.onnx" if int8_ids else
-                        "every conv is float: this plan is the float model itself (model.onnx)")}
+               "ort_model": config.ort_model,
+               "note": (f"load model.int8.onnx with {Path(files['snippet']).name}'s session() (graph optimizations "
+                        "on, WeightBiasQuantization off, as measured); " +
+                        ("it is precsearch's Conv-only QDQ model of the plan (precsearch export writes it again)"
+                         if config.ort_model == CONV_QDQ else "quantize() makes it from model.onnx")
+                        if int8_ids else "every conv is float: this plan is the float model itself (model.onnx)")}
     atomic_write(out / "plan.json", json.dumps(summary, indent=1))
     logger.info("exported ONNX Runtime trial %d of %s to %s", trial.number, study.study_name, out)
     return summary

@@ -25,6 +25,7 @@ import pandas as pd
 from precsearch.study.pareto import finite_objective, front_points, hypervolume
 from precsearch.study.record import AGREES, COMPILER_PROBLEM, NEAR_TIES, StudyAttrs, TrialRecord
 from precsearch.files import atomic_write
+from precsearch.model.plan import CONV_QDQ, QUANTIZE_STATIC
 
 logger = logging.getLogger(__name__)
 # ORT int8 is the user's model (quantize_static defaults, per channel), not precsearch's Conv-only QDQ.
@@ -185,6 +186,7 @@ def collect(study, *, workdir: str | Path | None = None, layer_ids=(), command_p
         index = knee_point(candidates["latency_ms"].to_numpy(float), candidates[metric].to_numpy(float),
                            higher_is_better)
         recommended = dict(candidates.iloc[index])
+        recommended["ort_model"] = config.ort_model  # what an ONNX Runtime plan's model is
     commands = _commands(config, study.study_name, workdir, recommended, command_prefix)
     return ReportData(study_name=study.study_name, model=config.model, metric=metric,
                       higher_is_better=higher_is_better, goal=config.fidelity_goal(metric), trials=frame, front=front,
@@ -198,13 +200,14 @@ _OPENVINO_BASELINE, _OPENVINO_F32_BASELINE = "OpenVINO (its default build)", "Op
 
 def _baseline_plans(front: pd.DataFrame, layer_count: int, config) -> dict[str, np.ndarray]:
     """Front plans that are a baseline itself: ONNX Runtime's all-float plan is ORT float, and its all-int8 plan
-    (MinMax calibration, ``quantize_static``'s default) is the user's ``quantize_static`` model."""
+    (MinMax calibration, ``quantize_static``'s default) is the user's ``quantize_static`` model, unless the ORT
+    plans are precsearch's Conv-only QDQ models (``--ort-model conv-qdq``)."""
     if not len(front) or "backend" not in front:
         return {}
     ort = (front["backend"] == "ort").to_numpy(bool)
     floats = front["float_count"].to_numpy(int)
     same = {_FLOAT_BASELINE: ort & (floats == layer_count)}
-    if config.calibration == "minmax":
+    if config.calibration == "minmax" and config.ort_model == QUANTIZE_STATIC:
         same[_INT8_BASELINE] = ort & (floats == 0)
     return same
 
@@ -257,6 +260,8 @@ def _commands(config, study_name: str, workdir, recommended, prefix: str) -> dic
     search = [prefix, "search", config.model, *where, "--study", study_name, "--metric", config.metric]
     if config.backend != "tvm":
         search += ["--backend", config.backend]
+    if config.backend != "tvm" and config.ort_model != "quantize_static":
+        search += ["--ort-model", config.ort_model]
     if config.goal_on != "value":
         search += ["--goal-on", config.goal_on.replace("_", "-")]
     for flag, value in (("--max-drop", config.max_drop), ("--goal", config.goal), ("--trials", config.trials),
@@ -510,6 +515,9 @@ def ship_line(recommended: dict) -> str:
     """What to ship, naming the runtime: the TVM library or the ``quantize_static`` model for ONNX Runtime."""
     trial = int(recommended["trial"])
     floats = json.loads(recommended["float_layers"])
+    if recommended.get("backend", "tvm") == "ort" and recommended.get("ort_model") == CONV_QDQ:
+        return (f"Ship trial {trial} with ONNX Runtime: precsearch's Conv-only QDQ model with float convs "
+                f"{json.dumps(floats)} (export writes model.int8.onnx)")
     if recommended.get("backend", "tvm") == "ort":
         return (f"Ship trial {trial} with ONNX Runtime: quantize_static with nodes_to_exclude={json.dumps(floats)} "
                 "(export writes model.int8.onnx)")

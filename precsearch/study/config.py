@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from precsearch.errors import ConfigError, check_int
 from precsearch.fidelity.early_stop import check_goal_on
+from precsearch.model.plan import ORT_MODELS
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "exhaustive")
 #: The exhaustive sampler is offered (and is the default) up to this many plans.
@@ -27,7 +28,7 @@ SEARCH_BACKENDS = ("tvm", "ort", "both")
 OBJECTIVE_FIELDS = ("model", "input_shapes", "data", "preset", "calibration", "calibration_batches", "eval_batches",
                     "metric", "max_drop", "goal", "threads", "requant", "block_size", "float_layout", "warmup",
                     "repeats", "untuned", "check_batches", "backend", "conv_backend", "goal_on",
-                    "onednn_int8", "bf16", "activation_layout")
+                    "onednn_int8", "bf16", "activation_layout", "ort_model")
 #: What ``bf16`` may say: search bf16 convs where the CPU has them, always (an error elsewhere), never.
 BF16_SETTINGS = ("auto", "on", "off")
 #: The activation layouts a build may run in (precsearch.tvm.CompileOptions.activation_layout).
@@ -77,6 +78,11 @@ class SearchConfig:
         timed and scored in an optimized ONNX Runtime session) or ``"both"``
         (the backend is one more parameter of the plan space).  Studies stored
         before this setting existed load as ``"tvm"``.
+    ort_model : str
+        The ONNX Runtime backend's model of a plan: ``"quantize_static"`` (default; its defaults with the plan's
+        float convs in ``nodes_to_exclude``) or ``"conv-qdq"`` (precsearch's Conv-only QDQ model of the plan,
+        the one the TVM backend compiles, run by ORT).  Studies stored before this setting existed load as
+        ``"quantize_static"``.
     conv_backend : str
         Where a TVM build's float convs run: ``"tir"`` or ``"onednn"`` (see
         :class:`~precsearch.tvm.CompileOptions`; default ``"onednn"``).
@@ -123,6 +129,7 @@ class SearchConfig:
     max_retry: int = 2
     check_batches: int = 1
     backend: str = "tvm"
+    ort_model: str = "quantize_static"
     conv_backend: str = "onednn"
     goal_on: str = "value"
     onednn_int8: str = "auto"
@@ -162,6 +169,9 @@ class SearchConfig:
         if self.backend not in SEARCH_BACKENDS:
             raise ConfigError(f"The 'backend' parameter of search must be one of {list(SEARCH_BACKENDS)}; "
                               f"got {self.backend!r} instead.")
+        if self.ort_model not in ORT_MODELS:
+            raise ConfigError(f"The 'ort_model' parameter of search must be one of {list(ORT_MODELS)}; "
+                              f"got {self.ort_model!r} instead.")
         if self.requant not in ("float64", "float32"):
             raise ConfigError(f"The 'requant' parameter of search must be 'float64' or 'float32'; "
                               f"got {self.requant!r} instead.")
