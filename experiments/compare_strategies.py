@@ -14,11 +14,12 @@ model); each resumes from its ``--workdir`` if it is killed:
 
 Strategies, each run once per seed with the largest budget; its curve gives every smaller budget:
 
-- ``guided``: the tool's default search (``precsearch search``): multivariate TPE with the guided estimate's
-  proposals every other trial (:class:`precsearch.study.guided.GuidedProposals`, prior from each conv's noise
+- ``guided``: the tool's default search where PyTorch is not installed (``precsearch search``): multivariate TPE
+  with the guided estimate's proposals every other trial (:class:`precsearch.study.guided.GuidedProposals`, prior from each conv's noise
   alone, measured once with ONNX Runtime as the search measures it; on the tiny model, where 256 plans would make
   ``exhaustive`` the default sampler, with TPE, as ``tests/test_search.py`` runs it);
-- ``guided-gp``: the same proposals between Gaussian-process trials (``precsearch search --sampler gp``);
+- ``guided-gp``: the same proposals between Gaussian-process trials (``precsearch search --sampler gp``, the
+  default where PyTorch is installed);
 - ``tpe``, ``nsga2``, ``gp``, ``random``: ``precsearch search --no-guided --sampler S`` (the tool's own sampler
   settings: TPE multivariate with 10 startup trials, NSGA-II population 16);
 - ``greedy-revert`` (deterministic, one run): NNCF accuracy control's scheme. Start all-int8, rank the convs by the

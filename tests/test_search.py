@@ -268,6 +268,20 @@ def test_identical_plans_are_evaluated_once(tmp_path):
         assert trial.values == trials[trial.user_attrs["duplicate_of"]].values
 
 
+def test_the_default_sampler_is_gp_between_guided_proposals_only_where_torch_is_installed(monkeypatch):
+    import importlib.util
+
+    from precsearch.study.search import default_sampler
+
+    real_find_spec = importlib.util.find_spec
+    for installed in (True, False):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest, installed=installed: (
+            object() if installed else None) if name == "torch" else real_find_spec(name, *rest))
+        assert default_sampler(256, guided=True) == "exhaustive"  # a small space is enumerated either way
+        assert default_sampler(2 ** 40, guided=True) == ("gp" if installed else "tpe")
+        assert default_sampler(2 ** 40, guided=False) == "tpe"
+
+
 def test_a_given_sampler_replaces_the_configured_one(eight_convs, tmp_path):
     import optuna
 

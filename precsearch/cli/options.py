@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "machines (also read from $PRECSEARCH_STORAGE)")
     search.add_argument("--study", default=None, help="study name (default: precsearch-<model>-<metric>)")
     search.add_argument("--sampler", default=None,
-                        help="tpe, nsga2, gp, random or exhaustive (default: exhaustive up to 1024 plans, else tpe)")
+                        help="tpe, nsga2, gp, random or exhaustive (default: exhaustive up to 1024 plans, else gp "
+                             "between the guided proposals where PyTorch is installed, else tpe)")
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--workers", type=int, default=1,
                         help="worker processes on this machine: they compile in parallel and measure one at a time")
