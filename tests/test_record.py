@@ -123,7 +123,8 @@ def test_from_attrs_reads_only_the_known_detail_keys():
     assert TrialRecord.from_attrs(attrs).result.details == {"tuned_kernels": 1}
     shadow = result_attrs(_full_result(details={"plan": "float:", "tuned_kernels": 2}))
     assert "plan" not in shadow and shadow["tuned_kernels"] == 2
-    assert DETAIL_KEYS == ("tuned_kernels", "total_kernels", "boundary_transforms", "check_time_s")
+    assert DETAIL_KEYS == ("tuned_kernels", "total_kernels", "boundary_transforms", "check_time_s",
+                           "timing_others_busy_cores")
 
 
 def test_result_without_verdict_writes_no_verdict_keys():
