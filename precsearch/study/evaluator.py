@@ -184,6 +184,11 @@ class BackendDispatch:
         """The one workspace the backends share."""
         return next(iter(self.evaluators.values())).workspace
 
+    @property
+    def lock(self) -> CpuLock:
+        """The machine's CPU lock (every backend's evaluator holds the same one: it is the machine's)."""
+        return next(iter(self.evaluators.values())).lock
+
     def _for(self, plan: Plan):
         if plan.backend not in self.evaluators:
             raise ConfigError(f"The study evaluates plans for {sorted(self.evaluators)}; got plan {plan.key()!r} "
