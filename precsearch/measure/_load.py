@@ -10,10 +10,13 @@ happened, and be taken again.  The CPU times come from psutil.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable
 
 import psutil
+
+from ._latency import Latency
 
 #: Other processes keeping at least this many cores busy during a timing make it "loaded".
 LOADED_CORES = 0.5
@@ -63,3 +66,9 @@ def time_unloaded(measure: Callable[[], object], retakes: int = 1) -> tuple[obje
         if busy < LOADED_CORES:
             break
     return best
+
+
+def latency_unloaded(measure: Callable[[], Latency]) -> Latency:
+    """:func:`time_unloaded` of a timing: the kept :class:`Latency` with the load it was taken under."""
+    latency, busy = time_unloaded(measure)
+    return dataclasses.replace(latency, others_busy_cores=round(busy, 2))

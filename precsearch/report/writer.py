@@ -260,7 +260,7 @@ def _commands(config, study_name: str, workdir, recommended, prefix: str) -> dic
     search = [prefix, "search", config.model, *where, "--study", study_name, "--metric", config.metric]
     if config.backend != "tvm":
         search += ["--backend", config.backend]
-    if config.backend != "tvm" and config.ort_model != "quantize_static":
+    if config.backend != "tvm" and config.ort_model != QUANTIZE_STATIC:
         search += ["--ort-model", config.ort_model]
     if config.goal_on != "value":
         search += ["--goal-on", config.goal_on.replace("_", "-")]

@@ -19,7 +19,7 @@ from pathlib import Path
 from precsearch.errors import ConfigError
 from precsearch.fidelity.crosscheck import check_build
 from precsearch.fidelity.early_stop import evaluate_plan
-from precsearch.measure import CpuLock, Latency, time_unloaded
+from precsearch.measure import CpuLock, Latency, latency_unloaded
 from precsearch.model.plan import ORT, TVM, Plan
 from precsearch.study.config import SearchConfig
 from precsearch.study.ort_backend import OrtEvaluator, measure_ort_baselines, require_backend, retime_ort_baselines
@@ -145,10 +145,9 @@ class TvmEvaluator:
     def _time(self, built, repeats: int) -> Latency:
         # The lock stops precsearch's own builds; a timing another process overlapped is taken once more.
         with self.lock.exclusive():
-            latency, busy = time_unloaded(lambda: measure_library(
+            return latency_unloaded(lambda: measure_library(
                 built, self.workspace.timing_input, threads=self.options.threads, warmup=self.warmup,
                 repeats=repeats))
-        return dataclasses.replace(latency, others_busy_cores=round(busy, 2))
 
     def remeasure(self, plan: Plan, repeats: int) -> Latency:
         """Build ``plan`` again and time it with ``repeats`` runs (the front is re-checked before the final report)."""

@@ -28,7 +28,6 @@ export writes the session settings beside the model.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import tempfile
@@ -43,7 +42,7 @@ from precsearch.fidelity.early_stop import evaluate_plan
 from precsearch.fidelity.metrics import compute_metrics
 from precsearch.fidelity.reference import run_ort
 from precsearch.measure import (CpuLock, Latency, measure_onnxruntime, measure_openvino_builds, onnxruntime_session,
-                                openvino_missing_reason, time_session, time_unloaded)
+                                latency_unloaded, openvino_missing_reason, time_session)
 from precsearch.model.plan import ORT, Plan
 from precsearch.study.record import PlanResult
 from precsearch.workspace import Workspace
@@ -175,10 +174,9 @@ class OrtEvaluator:
     def _time(self, plan: Plan, session, repeats: int) -> Latency:
         # As TvmEvaluator._time: a timing another process overlapped is taken once more.
         with self.lock.exclusive():
-            latency, busy = time_unloaded(lambda: time_session(
+            return latency_unloaded(lambda: time_session(
                 session, self.workspace.timing_input, threads=self.threads, warmup=self.warmup, repeats=repeats,
                 backend="ort"))
-        return dataclasses.replace(latency, others_busy_cores=round(busy, 2))
 
     def remeasure(self, plan: Plan, repeats: int) -> Latency:
         """Open the plan's session again and time it with ``repeats`` runs."""
