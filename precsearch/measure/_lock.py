@@ -63,3 +63,9 @@ class CpuLock:
     def exclusive(self):
         """Held while timing: alone on the machine."""
         return self._hold(fcntl.LOCK_EX)
+
+
+def held_shared(lock: CpuLock | None):
+    """``lock.shared()``, or a context that holds nothing where there is no lock (an evaluator that times
+    nothing)."""
+    return lock.shared() if lock is not None else contextlib.nullcontext()

@@ -11,9 +11,9 @@ base sampler: every call is passed on unchanged.
 
 from __future__ import annotations
 
-import contextlib
-
 import optuna
+
+from precsearch.measure import held_shared
 
 
 class CpuLockedSampler(optuna.samplers.BaseSampler):
@@ -29,18 +29,15 @@ class CpuLockedSampler(optuna.samplers.BaseSampler):
         self.sampler = sampler
         self.lock = lock
 
-    def _held(self):
-        return self.lock.shared() if self.lock is not None else contextlib.nullcontext()
-
     def infer_relative_search_space(self, study, trial):
         return self.sampler.infer_relative_search_space(study, trial)
 
     def sample_relative(self, study, trial, search_space):
-        with self._held():
+        with held_shared(self.lock):
             return self.sampler.sample_relative(study, trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        with self._held():
+        with held_shared(self.lock):
             return self.sampler.sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study, trial) -> None:

@@ -22,7 +22,6 @@ What the loop adds to Optuna:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -39,6 +38,7 @@ from precsearch.errors import ConfigError, PrecsearchError, first_line
 from precsearch.fidelity.early_stop import goal_value
 from precsearch.fidelity.metrics import METRICS, TIE_BREAK
 from precsearch.study.guided import GUIDED_SEED, GuidedProposals
+from precsearch.measure import held_shared
 from precsearch.model import LoadedModel
 from precsearch.study.pareto import FrontPoint, finite_objective, front_points
 from precsearch.model.plan import BACKENDS, BF16, INT8, THREE_STATES, TVM, TWO_STATES, Plan
@@ -543,8 +543,7 @@ class _Worker:
         if not self.guide.due(records):
             return
         # Held shared, as a build is: the refit and the integer programs must not overlap another worker's timing.
-        lock = _cpu_lock(self.evaluator)
-        with lock.shared() if lock is not None else contextlib.nullcontext():
+        with held_shared(_cpu_lock(self.evaluator)):
             self.guide.refit([(r, t.values[0], t.values[1]) for r, t in zip(records, trials)
                               if t.state == TrialState.COMPLETE and t.values is not None])
             proposal = self.guide.next_plan(self.goal, [r.plan for r in records if r.plan_key is not None])
