@@ -12,5 +12,5 @@ from ._lock import CpuLock, held_shared
 from ._openvino import OPENVINO_BUILDS, OpenVinoModel, measure_openvino_builds, openvino_missing_reason
 
 __all__ = ["CpuLoad", "CpuLock", "LOADED_CORES", "Latency", "OPENVINO_BUILDS", "OpenVinoModel", "check_settings",
-           "latency_unloaded", "measure_onnxruntime", "measure_openvino_builds", "onnxruntime_session",
-           "held_shared", "openvino_missing_reason", "summarize", "time_session", "time_unloaded"]
+           "held_shared", "latency_unloaded", "measure_onnxruntime", "measure_openvino_builds", "onnxruntime_session",
+           "openvino_missing_reason", "summarize", "time_session", "time_unloaded"]
