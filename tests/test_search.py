@@ -95,16 +95,22 @@ def _standin_noise(model, evaluator):
     return {i: evaluator.fidelity(Plan(every - {i}))["nmse"] for i in model.capable_ids()}
 
 
+def _exhaustive(model, evaluator):
+    """Every plan's stand-in ``(latency_ms, sqnr_db)`` by key, the hypervolume's reference point and the
+    exhaustive front's hypervolume."""
+    every = [Plan(frozenset(ids)) for r in range(9) for ids in itertools.combinations(model.capable_ids(), r)]
+    values = {plan.key(): (evaluator.latency_ms(plan), evaluator.fidelity(plan)["sqnr_db"]) for plan in every}
+    reference = (max(v[0] for v in values.values()), min(v[1] for v in values.values()))
+    brute = [v for v in values.values()
+             if not any(o[0] <= v[0] and o[1] >= v[1] and (o[0] < v[0] or o[1] > v[1]) for o in values.values())]
+    return values, reference, hypervolume(brute, reference)
+
+
 @pytest.mark.slow
 def test_guided_search_beats_tpe_in_a_tenth_of_the_plans(eight_convs, tmp_path):
     model = eight_convs[0]
     shared = StandInEvaluator(*eight_convs)
-    every = [Plan(frozenset(ids)) for r in range(9) for ids in itertools.combinations(model.capable_ids(), r)]
-    values = {plan.key(): (shared.latency_ms(plan), shared.fidelity(plan)["sqnr_db"]) for plan in every}
-    reference = (max(v[0] for v in values.values()), min(v[1] for v in values.values()))
-    brute = [v for v in values.values()
-             if not any(o[0] <= v[0] and o[1] >= v[1] and (o[0] < v[0] or o[1] > v[1]) for o in values.values())]
-    best_hv = hypervolume(brute, reference)
+    values, reference, best_hv = _exhaustive(model, shared)
     noise = _standin_noise(model, shared)
     budget = 26  # a tenth of the 256 plans
     ratios = {"guided": [], "tpe": []}
@@ -133,6 +139,29 @@ def test_guided_search_beats_tpe_in_a_tenth_of_the_plans(eight_convs, tmp_path):
     assert errors["latency_rel_error"] < 0.05 and errors["plans"] >= budget - 2  # stand-in latency is additive
 
 
+@pytest.mark.slow
+def test_with_a_goal_the_guided_search_still_covers_the_front_and_finds_a_fast_plan_at_the_goal(eight_convs,
+                                                                                               tmp_path):
+    model = eight_convs[0]
+    shared = StandInEvaluator(*eight_convs)
+    values, reference, best_hv = _exhaustive(model, shared)
+    goal_db = 45.0  # 30 of the 256 plans meet it
+    target_ms = min(lat for lat, fid in values.values() if fid >= goal_db)
+    ratios, fastest_ms = [], []
+    for seed in range(5):
+        guide = GuidedProposals(model, _standin_noise(model, shared), backends=("tvm",), higher_is_better=True,
+                                metric="sqnr_db")
+        _, handle, _ = _search(tmp_path / f"goal-{seed}", eight_convs, shared, sampler="tpe", trials=26, seed=seed,
+                               guide=guide, goal=goal_db)
+        points = _points(handle.study.get_trials())
+        ratios.append(hypervolume(points, reference) / best_hv)
+        fastest_ms.append(min(lat for lat, fid in points if fid >= goal_db))
+    # Every proposal at the goal's budget gave 0.888 (0.842-0.910) and the fastest plan at the goal 1.07x the
+    # best; every other one: 0.948 (0.884-0.979) and 1.05x.
+    assert np.mean(ratios) >= 0.93, ratios
+    assert np.mean(fastest_ms) <= 1.06 * target_ms, (fastest_ms, target_ms)
+
+
 def test_the_estimate_solves_its_front_exactly_on_a_small_model(eight_convs):
     model = eight_convs[0]
     shared = StandInEvaluator(*eight_convs)
@@ -154,6 +183,15 @@ def test_the_estimate_solves_its_front_exactly_on_a_small_model(eight_convs):
     first = estimate.propose(None, [], count=3)
     again = estimate.propose(None, first, count=3)
     assert len({p.key() for p in first + again}) == 6
+    # With a goal, every other call starts with the fastest plan under the goal's budget; the calls between
+    # go by expected hypervolume gain, so not every proposal is the goal's.
+    goal_db, measured, goal_calls = 45.0, list(seeds), []
+    for _ in range(4):
+        at_goal = estimate.plan(estimate.solve(estimate.goal_budget(goal_db), [estimate.mask(p) for p in measured]))
+        proposal = estimate.propose(goal_db, measured)[0]
+        goal_calls.append(proposal == at_goal)
+        measured.append(proposal)
+    assert goal_calls[0] and goal_calls[2] and not all(goal_calls), goal_calls
 
 
 def test_the_three_state_estimate_solves_its_front_exactly_and_never_puts_a_conv_in_two_states(tmp_path):

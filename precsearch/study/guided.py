@@ -30,7 +30,8 @@ float32, so its own casts are in its ``t_i``.
 :meth:`PlanEstimate.propose` solves the estimate's front exactly as an integer
 program (HAWQ-V3 does the same for bit widths): minimum latency subject to a
 noise budget, over a sweep of budgets, with the boundaries as variables, via
-SciPy's HiGHS MILP.  The budget that meets the search's goal is solved first.
+SciPy's HiGHS MILP.  Every other proposal is the solution at the budget that
+meets the search's goal (the plan a user ships).
 Plans already measured are cut off, so every proposal is new.
 
 The additive noise model misses how layers interact, so the metric it
@@ -78,6 +79,8 @@ MIN_FIDELITY_ERROR = 0.02
 ERROR_DRAWS = 64
 # Scored plans before the residual model is fitted.
 MIN_RESIDUAL_PLANS = 4
+# One proposal in this many is the goal's budget solved outright; the rest go by expected hypervolume gain.
+GOAL_EVERY = 2
 
 
 def _normal_draws() -> np.ndarray:
@@ -162,6 +165,7 @@ class PlanEstimate:
     bf16_noise: np.ndarray | None = None
     _residual: object = field(default=None, repr=False)  # the residual model (see fidelity_with_error)
     candidate_draws: int = 0  # how often _candidates ran: odd draws are local steps
+    propose_calls: int = 0  # how often propose ran: every GOAL_EVERY-th call starts with the goal's budget
 
     def __post_init__(self):
         self.layer_ids = tuple(self.layer_ids)
@@ -440,7 +444,8 @@ class PlanEstimate:
     def propose(self, goal: float | None, measured: Sequence[Plan], count: int = 1) -> list[Plan]:
         """Up to ``count`` new plans.
 
-        The goal's budget comes first (the plan a user ships lies there).  Then
+        Every :data:`GOAL_EVERY`-th call, the goal's budget comes first (the plan
+        a user ships lies there).  Otherwise, and for the rest of ``count``,
         the candidate with the largest *expected* hypervolume gain over the
         measured front, the expectation taken over the estimate's own error
         (:meth:`error_scales`): a plan the estimate puts just behind the front
@@ -454,7 +459,15 @@ class PlanEstimate:
         excluded = [self.mask(p) for p in measured if p.backend == self.backend]
         proposals: list[Plan] = []
         target = self.goal_budget(goal)
-        if target is not None:
+        # The search asks for one plan at a time, so "the goal's budget first" at every call made every proposal
+        # the goal's (the expected-gain scoring below never ran on a study with a goal), and the front away from
+        # the goal was left to the sampler: on the tiny model with its 45 dB goal, 0.887 of the exhaustive
+        # hypervolume at 26 plans (mean of 10 seeds); the goal's budget every 2nd call: 0.945, every 3rd: 0.956,
+        # never: 0.969 (5 seeds), while the fastest plan at the goal came out 0.752 / 0.746 / 0.746 / 0.824 ms.
+        # Every 2nd keeps half the proposals on the plan a user ships.
+        goal_turn = self.propose_calls % GOAL_EVERY == 0
+        self.propose_calls += 1
+        if target is not None and goal_turn:
             mask = self.solve(target, excluded)
             if mask is not None:
                 excluded.append(mask)
