@@ -24,7 +24,8 @@ from precsearch.model.plan import Plan
 from precsearch.model.quantize import calibrate
 from precsearch.report.writer import collect, write_report
 from precsearch.study.record import COMPILER_PROBLEM, PlanRejected, StudyAttrs
-from precsearch.study.guided import GUIDED_SEED, GuidedProposals, Observation
+from precsearch.study.guided import (GOAL_GROW, GOAL_SCALE_MAX, GOAL_SHRINK, GUIDED_SEED, GuidedProposals,
+                                     Observation)
 from precsearch.study.search import (THREE_STATES, TWO_STATES, PlanSpace, make_sampler, open_study, run_worker,
                                      seed_plans)
 from precsearch.study.storage import default_storage_url, open_storage
@@ -146,8 +147,8 @@ def test_with_a_goal_the_guided_search_still_covers_the_front_and_finds_a_fast_p
     shared = StandInEvaluator(*eight_convs)
     values, reference, best_hv = _exhaustive(model, shared)
     goal_db = 45.0  # 30 of the 256 plans meet it
-    target_ms = min(lat for lat, fid in values.values() if fid >= goal_db)
-    ratios, fastest_ms = [], []
+    two_fastest_ms = sorted(lat for lat, fid in values.values() if fid >= goal_db)[:2]  # 0.698 and 0.758 ms
+    ratios, fastest_ms, goal_met, goal_turns = [], [], 0, 0
     for seed in range(5):
         guide = GuidedProposals(model, _standin_noise(model, shared), backends=("tvm",), higher_is_better=True,
                                 metric="sqnr_db")
@@ -156,10 +157,16 @@ def test_with_a_goal_the_guided_search_still_covers_the_front_and_finds_a_fast_p
         points = _points(handle.study.get_trials())
         ratios.append(hypervolume(points, reference) / best_hv)
         fastest_ms.append(min(lat for lat, fid in points if fid >= goal_db))
-    # Every proposal at the goal's budget gave 0.888 (0.842-0.910) and the fastest plan at the goal 1.07x the
-    # best; every other one: 0.948 (0.884-0.968) and 1.05x.
+        estimate = guide.estimates["tvm"]
+        goal_turns += len(estimate.goal_proposals)
+        goal_met += sum(values[estimate.plan(np.array(mask)).key()][1] >= goal_db for mask in estimate.goal_proposals)
+    # Every proposal at the goal's budget gave 0.888 (0.842-0.910); every other one, the budget fixed: 0.948
+    # (0.884-0.968); with the budget shrunk after a miss: 0.949 (0.882-0.974).
     assert np.mean(ratios) >= 0.93, ratios
-    assert np.mean(fastest_ms) <= 1.06 * target_ms, (fastest_ms, target_ms)
+    # Each run finds one of the two fastest of the 30 plans at the goal (the best in 1 or 2 runs of 5).
+    assert max(fastest_ms) <= two_fastest_ms[1], (fastest_ms, two_fastest_ms)
+    # With the budget fixed, 13 of the 35 goal proposals met the goal; shrunk after each miss, 17 of 31.
+    assert goal_met >= 0.45 * goal_turns, (goal_met, goal_turns)
 
 
 def test_the_estimate_solves_its_front_exactly_on_a_small_model(eight_convs):
@@ -192,6 +199,42 @@ def test_the_estimate_solves_its_front_exactly_on_a_small_model(eight_convs):
         goal_calls.append(proposal == at_goal)
         measured.append(proposal)
     assert goal_calls[0] and goal_calls[2] and not all(goal_calls), goal_calls
+
+
+def test_a_goal_proposal_that_misses_shrinks_the_goals_budget_and_one_that_meets_it_relaxes_it(eight_convs):
+    model = eight_convs[0]
+    shared = StandInEvaluator(*eight_convs)
+    estimate = GuidedProposals(model, _standin_noise(model, shared), backends=("tvm",), metric="sqnr_db",
+                               higher_is_better=True).estimates["tvm"]
+    goal_db = 45.0
+
+    def observed(plan, sqnr_db=None):
+        fidelity = shared.fidelity(plan)
+        return Observation(estimate.mask(plan), shared.latency_ms(plan),
+                           fidelity["sqnr_db"] if sqnr_db is None else sqnr_db, fidelity["nmse"])
+
+    seeds = [Plan(frozenset()), Plan(frozenset(model.capable_ids()))]
+    estimate.observe([observed(p) for p in seeds])
+    first = estimate.propose(goal_db, seeds)[0]  # a goal turn
+    assert estimate.goal_budget_scale(goal_db) == 1.0  # not measured yet
+    # Measured below the goal: the next goal turn solves at half the budget, so its plan is less noisy.
+    observations = [observed(p) for p in seeds] + [observed(first, goal_db - 3.0)]
+    estimate.observe(observations)
+    assert estimate.goal_budget_scale(goal_db) == pytest.approx(GOAL_SHRINK)
+    between = estimate.propose(goal_db, seeds + [first])[0]  # expected hypervolume gain's turn
+    second = estimate.propose(goal_db, seeds + [first, between])[0]
+    assert second == estimate.plan(estimate.solve(GOAL_SHRINK * estimate.goal_budget(goal_db),
+                                                  [estimate.mask(p) for p in seeds + [first, between]]))
+    assert estimate.noise(second) <= GOAL_SHRINK * estimate.goal_budget(goal_db) * (1 + 1e-9)
+    assert estimate.noise(second) < estimate.noise(first)
+    # Met: the budget grows again, never beyond GOAL_SCALE_MAX however many meet it.
+    estimate.observe(observations + [observed(between), observed(second, goal_db + 1.0)])
+    assert estimate.goal_budget_scale(goal_db) == pytest.approx(GOAL_SHRINK * GOAL_GROW)
+    estimate.goal_proposals.extend([tuple(estimate.mask(second))] * 20)
+    assert estimate.goal_budget_scale(goal_db) == pytest.approx(GOAL_SCALE_MAX)
+    # Where lower is better the same outcomes count the other way round: the first met, the other 21 missed.
+    estimate.higher_is_better = False
+    assert estimate.goal_budget_scale(goal_db) == pytest.approx(GOAL_GROW * GOAL_SHRINK ** 21)
 
 
 def test_the_three_state_estimate_solves_its_front_exactly_and_never_puts_a_conv_in_two_states(tmp_path):
