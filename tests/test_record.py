@@ -45,7 +45,7 @@ def _full_result(**changes) -> PlanResult:
 def _full_record(**changes) -> TrialRecord:
     values = dict(plan_key="float:conv0,conv2", float_layers=("conv0", "conv2"), int8_convs=1, result=_full_result(),
                   feasible=True, seed="first+last float", worker="host:123", reruns=2, estimate_latency_ms=1.5,
-                  estimate_fidelity=0.75)
+                  estimate_fidelity=0.75, proposal_kind="goal")
     values.update(changes)
     return TrialRecord(**values)
 
@@ -69,6 +69,7 @@ def test_to_attrs_of_a_full_record_is_exact():
         "reruns": 2,
         "estimate_latency_ms": 1.5,
         "estimate_fidelity": 0.75,
+        "proposal_kind": "goal",
         "latency_ms": 1.25,
         "latency_iqr_ms": 0.05,
         "build_time_s": 3.5,
@@ -274,7 +275,7 @@ def test_copy_result_copies_every_attribute_but_the_trials_own():
               seed="my seed")
     copy_result(follower, frozen_owner)
     assert OWN_ATTRS == ("seed", "worker", "plan", "float_layers", "bf16_layers", "reruns", "duplicate_of",
-                         "estimate_latency_ms", "estimate_fidelity")
+                         "estimate_latency_ms", "estimate_fidelity", "proposal_kind")
     assert frozen_owner.user_attrs["reruns"] == 4 and "reruns" not in follower.user_attrs  # the owner's, not its
     expected = {k: v for k, v in frozen_owner.user_attrs.items() if k not in OWN_ATTRS}
     assert {k: v for k, v in follower.user_attrs.items() if k not in OWN_ATTRS} == expected

@@ -23,9 +23,9 @@ from precsearch.study.pareto import front_points, hypervolume
 from precsearch.model.plan import Plan
 from precsearch.model.quantize import calibrate
 from precsearch.report.writer import collect, write_report
-from precsearch.study.record import COMPILER_PROBLEM, PlanRejected, StudyAttrs
-from precsearch.study.guided import (GOAL_GROW, GOAL_SCALE_MAX, GOAL_SHRINK, GUIDED_SEED, GuidedProposals,
-                                     Observation)
+from precsearch.study.record import COMPILER_PROBLEM, PlanRejected, StudyAttrs, TrialRecord
+from precsearch.study.guided import (FRONT_PROPOSAL, GOAL_GROW, GOAL_PROPOSAL, GOAL_SCALE_MAX, GOAL_SHRINK,
+                                     GUIDED_SEED, GuidedProposals, Observation)
 from precsearch.study.search import (THREE_STATES, TWO_STATES, PlanSpace, make_sampler, open_study, run_worker,
                                      seed_plans)
 from precsearch.study.storage import default_storage_url, open_storage
@@ -136,6 +136,7 @@ def test_guided_search_beats_tpe_in_a_tenth_of_the_plans(eight_convs, tmp_path):
     # Half the trials after the seeds were proposals; each recorded what the estimate expected of it.
     proposed = [t for t in guided.study.get_trials() if t.user_attrs.get("seed") == GUIDED_SEED]
     assert len(proposed) >= (budget - 3) // 2 - 1 and all("estimate_latency_ms" in t.user_attrs for t in proposed)
+    assert {t.user_attrs["proposal_kind"] for t in proposed} == {FRONT_PROPOSAL}  # no goal, no goal turn
     errors = guided.study.user_attrs[StudyAttrs.GUIDED_ESTIMATE]["tvm"]
     assert errors["latency_rel_error"] < 0.05 and errors["plans"] >= budget - 2  # stand-in latency is additive
 
@@ -157,9 +158,19 @@ def test_with_a_goal_the_guided_search_still_covers_the_front_and_finds_a_fast_p
         points = _points(handle.study.get_trials())
         ratios.append(hypervolume(points, reference) / best_hv)
         fastest_ms.append(min(lat for lat, fid in points if fid >= goal_db))
-        estimate = guide.estimates["tvm"]
-        goal_turns += len(estimate.goal_proposals)
-        goal_met += sum(values[estimate.plan(np.array(mask)).key()][1] >= goal_db for mask in estimate.goal_proposals)
+        at_goal = [t for t in handle.study.get_trials() if t.user_attrs.get("proposal_kind") == GOAL_PROPOSAL]
+        goal_turns += len(at_goal)
+        goal_met += sum(t.values[1] >= goal_db for t in at_goal)
+        # A resumed search (a new process) reads the goal proposals, and so the goal's budget, from the study.
+        resumed = GuidedProposals(model, _standin_noise(model, shared), backends=("tvm",), higher_is_better=True,
+                                  metric="sqnr_db")
+        records = [(TrialRecord.from_trial(t), t.values[0], t.values[1]) for t in handle.study.get_trials()
+                   if t.values is not None]
+        resumed.refit(records)
+        guide.refit(records)  # the last trial's result too
+        assert len(resumed.estimates["tvm"].goal_proposals) == len(at_goal)
+        assert resumed.estimates["tvm"].goal_proposals == guide.estimates["tvm"].goal_proposals
+        assert resumed.estimates["tvm"].goal_budget_scale(goal_db) == guide.estimates["tvm"].goal_budget_scale(goal_db)
     # Every proposal at the goal's budget gave 0.888 (0.842-0.910); every other one, the budget fixed: 0.948
     # (0.884-0.968); with the budget shrunk after a miss: 0.949 (0.882-0.974).
     assert np.mean(ratios) >= 0.93, ratios

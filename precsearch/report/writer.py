@@ -84,7 +84,7 @@ def _trial_row(trial) -> dict:
     row["timing_others_busy_cores"] = result.details.get("timing_others_busy_cores") if result else None
     row["verdict"] = result.verdict if result else None
     row["verdict_detail"] = (result.verdict_detail or None) if result and result.verdict else None
-    for name in ("duplicate_of", "reruns", "seed", "worker", "fail_reason", "skipped"):
+    for name in ("duplicate_of", "reruns", "seed", "proposal_kind", "worker", "fail_reason", "skipped"):
         row[name] = getattr(record, name)
     row["started"] = trial.datetime_start
     row["finished"] = trial.datetime_complete

@@ -55,6 +55,7 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -642,6 +643,16 @@ class PlanEstimate:
 # --------------------------------------------------------------------------- in a search
 
 GUIDED_SEED = "guided"  # the ``seed`` attribute of a proposed trial
+GOAL_PROPOSAL, FRONT_PROPOSAL = "goal", "front"  # its ``proposal_kind``
+
+
+class Proposal(NamedTuple):
+    """A plan the estimate proposes, what it expects of it, and which turn it was."""
+
+    plan: Plan
+    latency_ms: float
+    fidelity: float
+    kind: str  # GOAL_PROPOSAL or FRONT_PROPOSAL
 
 
 class GuidedProposals:
@@ -679,6 +690,10 @@ class GuidedProposals:
                 observations.append(Observation(estimate.mask(record.plan), latency_ms, fidelity,
                                                 record.metrics.get("nmse", math.nan)))
             estimate.observe(observations)
+            # From the study, not this process's memory: a resumed run or another worker's goal proposals count.
+            estimate.goal_proposals = [tuple(estimate.mask(record.plan)) for record, _, _ in records
+                                       if record.backend == backend and record.proposal_kind == GOAL_PROPOSAL
+                                       and record.plan_key is not None]
 
     def due(self, records: Sequence) -> bool:
         """Whether the proposals are behind their share of the sampler's trials (``TrialRecord``s of the study)."""
@@ -688,15 +703,17 @@ class GuidedProposals:
             return True
         return guided <= self.share / (1 - self.share) * sampled
 
-    def next_plan(self, goal: float | None, known: Sequence[Plan]) -> tuple[Plan, float, float] | None:
-        """The next proposal (plan, expected latency, expected fidelity), from the backend proposed least."""
+    def next_plan(self, goal: float | None, known: Sequence[Plan]) -> Proposal | None:
+        """The next proposal, from the backend proposed least."""
         for backend in sorted(self.estimates, key=lambda b: self._proposed.get(b, 0)):
             estimate = self.estimates[backend]
             plans = estimate.propose(goal, known, count=1)
             if plans:
                 self._proposed[backend] = self._proposed.get(backend, 0) + 1
                 plan = plans[0]
-                return plan, estimate.latency_ms(plan), estimate.fidelity(plan)
+                at_goal = bool(estimate.goal_proposals) and estimate.goal_proposals[-1] == tuple(estimate.mask(plan))
+                return Proposal(plan, estimate.latency_ms(plan), estimate.fidelity(plan),
+                                GOAL_PROPOSAL if at_goal else FRONT_PROPOSAL)
         return None
 
     def errors(self) -> dict[str, dict]:

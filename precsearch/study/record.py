@@ -114,6 +114,9 @@ class TrialRecord:
     skipped: str | None = None  # why the trial was pruned without a plan (the budget was spent)
     estimate_latency_ms: float | None = None  # what the guided estimate expected of a proposed plan
     estimate_fidelity: float | None = None
+    # a proposal's turn: "goal" (the fastest plan under the goal's noise budget) or "front" (expected hypervolume
+    # gain); the goal's budget is rescaled from the measured goal proposals, so it outlives a restart
+    proposal_kind: str | None = None
     number: int | None = None  # read from the trial; not an attribute
     state: str | None = None  # Optuna's TrialState name; not an attribute
 
@@ -130,7 +133,7 @@ class TrialRecord:
         if self.backend != TVM:
             attrs["backend"] = self.backend
         for name in ("int8_convs", "feasible", "fail_reason", "seed", "worker", "duplicate_of", "reruns", "skipped",
-                     "estimate_latency_ms", "estimate_fidelity"):
+                     "estimate_latency_ms", "estimate_fidelity", "proposal_kind"):
             if getattr(self, name) is not None:
                 attrs[name] = getattr(self, name)
         if self.result is not None:
@@ -148,7 +151,7 @@ class TrialRecord:
                    fail_reason=attrs.get("fail_reason"), seed=attrs.get("seed"), worker=attrs.get("worker"),
                    duplicate_of=attrs.get("duplicate_of"), reruns=attrs.get("reruns"), skipped=attrs.get("skipped"),
                    estimate_latency_ms=attrs.get("estimate_latency_ms"), estimate_fidelity=attrs.get("estimate_fidelity"),
-                   number=number, state=state)
+                   proposal_kind=attrs.get("proposal_kind"), number=number, state=state)
 
     @classmethod
     def from_trial(cls, trial) -> TrialRecord:
@@ -194,7 +197,7 @@ def _result_of(attrs: dict) -> PlanResult | None:
 
 # Attributes a duplicate does not copy from the trial it follows: they describe the trial, not the plan's result.
 OWN_ATTRS = ("seed", "worker", "plan", "float_layers", "bf16_layers", "reruns", "duplicate_of", "estimate_latency_ms",
-             "estimate_fidelity")
+             "estimate_fidelity", "proposal_kind")
 
 
 # --------------------------------------------------------------------------- the study

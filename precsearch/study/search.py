@@ -549,10 +549,11 @@ class _Worker:
             proposal = self.guide.next_plan(self.goal, [r.plan for r in records if r.plan_key is not None])
         if proposal is None:
             return
-        plan, latency_ms, fidelity = proposal
+        plan, latency_ms, fidelity, kind = proposal
         finite = [value if math.isfinite(value) else None for value in (latency_ms, fidelity)]
         self.study.enqueue_trial(self.space.params(plan), user_attrs=TrialRecord(
-            seed=GUIDED_SEED, estimate_latency_ms=finite[0], estimate_fidelity=finite[1]).to_attrs())
+            seed=GUIDED_SEED, estimate_latency_ms=finite[0], estimate_fidelity=finite[1],
+            proposal_kind=kind).to_attrs())
         StudyAttrs(self.study).set(StudyAttrs.GUIDED_ESTIMATE, self.guide.errors())
         logger.info("guided proposal: %s plan with %d float convs, expected %.3f ms, %s %.4g", plan.backend,
                     len(plan.float_ids), latency_ms, self.handle.metric, fidelity)
