@@ -248,6 +248,34 @@ def test_a_goal_proposal_that_misses_shrinks_the_goals_budget_and_one_that_meets
     assert estimate.goal_budget_scale(goal_db) == pytest.approx(GOAL_GROW * GOAL_SHRINK ** 21)
 
 
+def test_while_no_mix_meets_a_top1_goal_the_goals_budget_aims_below_the_least_noisy_mix(eight_convs):
+    model = eight_convs[0]
+    shared = StandInEvaluator(*eight_convs)
+    estimate = GuidedProposals(model, _standin_noise(model, shared), backends=("tvm",), metric="top1",
+                               higher_is_better=True).estimates["tvm"]
+    ids = model.capable_ids()
+    all_float, all_int8, mix, quieter = (Plan(frozenset(ids)), Plan(frozenset()), Plan(frozenset(ids[:4])),
+                                         Plan(frozenset(ids[:6])))
+
+    def observed(plan, top1):
+        return Observation(estimate.mask(plan), shared.latency_ms(plan), top1, shared.fidelity(plan)["nmse"])
+
+    # The map of noise to top-1 is fitted on the mixes (all-float's exact output is left out), and neither
+    # reaches 0.99: the budget is half the least noisy mix's estimated noise, and the goal's turn proposes a plan.
+    estimate.observe([observed(all_float, 1.0), observed(all_int8, 0.70), observed(mix, 0.95)])
+    assert estimate.noise(mix) < estimate.noise(all_int8)
+    assert estimate.goal_budget(0.99) == pytest.approx(GOAL_SHRINK * estimate.noise(mix))
+    proposal = estimate.propose(0.99, [all_float, all_int8, mix])[0]
+    assert estimate.noise(proposal) <= GOAL_SHRINK * estimate.noise(mix) * (1 + 1e-9)
+    assert estimate.goal_proposals == [tuple(estimate.mask(proposal))]
+    # Once a mix meets the goal, the budget comes from the map again, and reaches that mix's noise.
+    estimate.observe([observed(all_float, 1.0), observed(all_int8, 0.70), observed(mix, 0.95),
+                      observed(quieter, 0.995)])
+    assert estimate.noise(quieter) < estimate.noise(mix)
+    assert estimate.goal_budget(0.99) >= estimate.noise(quieter)
+    assert estimate.goal_budget(0.99) < estimate.noise(mix)
+
+
 def test_the_three_state_estimate_solves_its_front_exactly_and_never_puts_a_conv_in_two_states(tmp_path):
     path = models.save(models.chain_model(channels=(8, 16, 16, 16, 16), size=8, seed=4), tmp_path, "four")
     model = load_model(path)
