@@ -32,7 +32,9 @@ program (HAWQ-V3 does the same for bit widths): minimum latency subject to a
 noise budget, over a sweep of budgets, with the boundaries as variables, via
 SciPy's HiGHS MILP.  Every other proposal is the solution at the budget that
 meets the search's goal (the plan a user ships), the budget shrunk after each
-such proposal that missed the goal and relaxed after each that met it.
+such proposal that missed the goal and relaxed after each that met it, as long
+as the estimate expects that plan faster than the fastest plan measured at the
+goal (else the turn goes to the front).
 Plans already measured are cut off, so every proposal is new.
 
 The additive noise model misses how layers interact, so the metric it
