@@ -382,7 +382,7 @@ class PlanEstimate:
             return None
         grid = np.geomspace(max(self._single_noise().min(), NOISE_FLOOR) / 10, max(self.noise(self.full()), NOISE_FLOOR) * 10, 400)
         metric = self._metric_of_noise(grid)
-        meets = metric >= goal if self.higher_is_better else metric <= goal
+        meets = self._meets(metric, goal)
         if meets.any():
             return float(grid[meets].max())
         # No measured mix meets the goal, so the map fitted on them never reaches it (all-float's exact output is
@@ -534,9 +534,12 @@ class PlanEstimate:
         return proposals
 
     def _fastest_at_goal_ms(self, goal: float) -> float:
-        met = [o.latency_ms for o in self.observations if math.isfinite(o.fidelity)
-               and (o.fidelity >= goal if self.higher_is_better else o.fidelity <= goal)]
+        met = [o.latency_ms for o in self.observations if math.isfinite(o.fidelity) and self._meets(o.fidelity, goal)]
         return min(met, default=math.inf)
+
+    def _meets(self, metric, goal: float):
+        """Whether ``metric`` (a number or an array) meets ``goal`` in this estimate's direction."""
+        return metric >= goal if self.higher_is_better else metric <= goal
 
     def goal_budget_scale(self, goal: float) -> float:
         """The factor on the goal's noise budget, from the goal proposals measured so far, in order: each one
@@ -555,8 +558,7 @@ class PlanEstimate:
         for key in self.goal_proposals:
             if key not in measured:
                 continue
-            met = measured[key] >= goal if self.higher_is_better else measured[key] <= goal
-            scale = min(scale * GOAL_GROW, GOAL_SCALE_MAX) if met else scale * GOAL_SHRINK
+            scale = min(scale * GOAL_GROW, GOAL_SCALE_MAX) if self._meets(measured[key], goal) else scale * GOAL_SHRINK
         return scale
 
     def _candidates(self, budgets: Sequence[float], excluded: Sequence[np.ndarray]) -> dict[tuple, np.ndarray]:
